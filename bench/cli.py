@@ -1,0 +1,24 @@
+"""`salmonn-live bench ...`: speed and memory benchmarks (results go in BENCHMARKS.md).
+
+Each benchmark is a module in `bench/` with `add_arguments(parser)` and `run(args) -> int`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+_BENCHMARKS = {
+    "model": ("bench.model", "load time, encoder, Q-Former, prefill and decode speed, peak RSS"),
+    "segment": ("bench.segment", "segmenter throughput (x real time per core) and quality on generated scenes"),
+}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("bench", help="run a benchmark", description=__doc__)
+    kinds = parser.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
+    for name, (module_name, help_text) in _BENCHMARKS.items():
+        sub = kinds.add_parser(name, help=help_text, description=help_text)
+        module = importlib.import_module(module_name)
+        module.add_arguments(sub)
+        sub.set_defaults(func=module.run)
