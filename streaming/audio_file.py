@@ -1,0 +1,145 @@
+"""Read a whole audio file as 16 kHz mono float32, with clear errors for bad input.
+
+This is the one-shot loader used by ``salmonn-live ask`` and the model. For streaming a long
+file block by block, use :class:`streaming.sources.FileSource` instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import soundfile
+
+from streaming.errors import AudioInputError
+from streaming.resample import TARGET_SAMPLE_RATE_HZ, resample
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["check_wav_complete", "load_audio", "open_sound_file"]
+
+
+def check_wav_complete(path: Path) -> None:
+    """Raise if a RIFF/WAVE file's ``data`` chunk is shorter than its header says.
+
+    libsndfile silently reads what is there from a truncated WAV file; a cut-off upload or an
+    interrupted copy should be an error instead. Files whose header holds a placeholder size
+    (0 or 0xFFFFFFFF, as written by some streaming recorders) are accepted. Non-WAV files are
+    not checked here.
+
+    Args:
+        path: The file to check.
+
+    Raises:
+        AudioInputError: If the ``data`` chunk runs past the end of the file.
+    """
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            header = f.read(12)
+            if len(header) < 12 or header[:4] != b"RIFF" or header[8:12] != b"WAVE":
+                return
+            position = 12
+            while position + 8 <= size:
+                f.seek(position)
+                chunk = f.read(8)
+                if len(chunk) < 8:
+                    return
+                chunk_id, chunk_size = chunk[:4], struct.unpack("<I", chunk[4:])[0]
+                if chunk_id == b"data":
+                    if chunk_size in (0, 0xFFFFFFFF):
+                        return
+                    available = size - position - 8
+                    if available < chunk_size:
+                        raise AudioInputError(
+                            f"{path}: truncated WAV file: header promises {chunk_size} bytes of"
+                            f" audio, file holds {available}; re-copy or re-record it"
+                        )
+                    return
+                position += 8 + chunk_size + (chunk_size & 1)
+    except OSError as exc:
+        raise AudioInputError(f"{path}: cannot read file: {exc.strerror or exc}") from exc
+
+
+def open_sound_file(path: str | Path) -> soundfile.SoundFile:
+    """Open an audio file for reading, translating every failure to :class:`AudioInputError`.
+
+    Args:
+        path: A wav, flac, ogg (or any other libsndfile format) file.
+
+    Returns:
+        An open ``soundfile.SoundFile``; the caller closes it.
+
+    Raises:
+        AudioInputError: Missing file, a directory, unknown format, unreadable header,
+            truncated WAV data or zero length.
+    """
+    file_path = Path(path)
+    if not file_path.exists():
+        raise AudioInputError(f"{file_path}: no such file")
+    if not file_path.is_file():
+        raise AudioInputError(f"{file_path}: not a regular file")
+    check_wav_complete(file_path)
+    try:
+        sound = soundfile.SoundFile(str(file_path))
+    except soundfile.LibsndfileError as exc:
+        message = str(exc).split(":", 1)[-1].strip() if "opening" in str(exc) else str(exc)
+        raise AudioInputError(
+            f"{file_path}: cannot decode audio ({message}); expected wav, flac or ogg"
+        ) from exc
+    except (OSError, RuntimeError) as exc:
+        raise AudioInputError(f"{file_path}: cannot open audio file: {exc}") from exc
+    if sound.frames == 0:
+        sound.close()
+        raise AudioInputError(f"{file_path}: zero-length audio (empty or truncated file)")
+    return sound
+
+
+def load_audio(
+    path: str | Path, sample_rate_hz: int = TARGET_SAMPLE_RATE_HZ
+) -> npt.NDArray[np.float32]:
+    """Load a whole audio file as mono float32 at ``sample_rate_hz``.
+
+    Several channels are **averaged** to mono. Other rates are converted with
+    :func:`streaming.resample.resample`. One INFO line is logged when the file is downmixed or
+    resampled.
+
+    Args:
+        path: A wav, flac or ogg file (any format libsndfile reads).
+        sample_rate_hz: Output sample rate in Hz (default 16 kHz).
+
+    Returns:
+        float32 samples in [-1, 1], shape ``(samples,)``.
+
+    Raises:
+        AudioInputError: Missing file, unknown format, unreadable, corrupt or truncated file,
+            zero length, or NaN/inf samples.
+    """
+    with open_sound_file(path) as sound:
+        rate_hz, channels, declared_frames = sound.samplerate, sound.channels, sound.frames
+        try:
+            data = sound.read(dtype="float32", always_2d=True)
+        except (soundfile.LibsndfileError, RuntimeError) as exc:
+            raise AudioInputError(f"{path}: corrupt audio data ({exc})") from exc
+    if data.shape[0] == 0:
+        raise AudioInputError(f"{path}: zero-length audio (empty or truncated file)")
+    if data.shape[0] < declared_frames:
+        raise AudioInputError(
+            f"{path}: truncated audio: header declares {declared_frames} frames, only"
+            f" {data.shape[0]} could be decoded"
+        )
+    if not np.isfinite(data).all():
+        bad = int(np.count_nonzero(~np.isfinite(data)))
+        raise AudioInputError(f"{path}: {bad} NaN or infinite samples; expected finite audio")
+    if channels > 1 or rate_hz != sample_rate_hz:
+        logger.info(
+            "%s: %d channel(s) at %d Hz -> mono at %d Hz (channels averaged)",
+            path,
+            channels,
+            rate_hz,
+            sample_rate_hz,
+        )
+    return resample(data, rate_hz, sample_rate_hz)
