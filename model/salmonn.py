@@ -1,0 +1,841 @@
+"""SALMONN: a Whisper speech encoder and a BEATs audio encoder, fused frame by frame, read by a
+window-level Q-Former whose query tokens are projected into an LLM that answers instructions.
+
+Paper: "SALMONN: Towards Generic Hearing Abilities for Large Language Models" (arXiv 2310.13289).
+Module attribute names follow the official checkpoints (`ln_speech`, `speech_Qformer`,
+`speech_query_tokens`, `speech_llama_proj`, `llama_model`), so an official `salmonn_v1.pth`
+loads key for key. Numbers and the key layout: `shared/SALMONN.md` sections 2-6.
+
+Data flow for B clips (official mode, 13B sizes):
+
+    audio (B, <=480000 samples @ 16 kHz)
+      -> Whisper encoder            (B, 1500, 1280)  -> ln_speech
+      -> BEATs encoder               (B, <=1496, 768) -> ln_audio -> zero-pad to 1500
+      -> concat                      (B, 1500, 2048)
+      -> 17-frame windows, stride 17 (B*88, 17, 2048)
+      -> window-level Q-Former       (B*88, 1, 768)   one query per window
+      -> speech_llama_proj           (B, 88, 5120)    spliced into the prompt between text pieces
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import pickle
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.errors import ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+InputMode = Literal["official", "trimmed"]
+PromptStyle = Literal["vicuna", "chat"]
+
+SAMPLE_RATE_HZ = 16000
+MAX_AUDIO_S = 30.0
+
+# The official prompt (SALMONN.md section 4). `<Speech>`/`</Speech>` are plain text, not tokens.
+VICUNA_TEMPLATE = "USER: {}\nASSISTANT:"
+SPEECH_PLACEHOLDER = "<Speech><SpeechHere></Speech>"
+
+
+@dataclass(frozen=True)
+class SalmonnConfig:
+    """Everything needed to build a SALMONN model. Widths of the encoders and the LLM are read
+    from the loaded components, never repeated here.
+
+    Weight sources are strings: a local path, or ``package:<distribution>`` for weights that an
+    installed package ships (see `model/whisper.py` and `model/llm.py`).
+    """
+
+    name: str = "custom"
+    whisper: str = ""  # Whisper: HF dir | OpenAI .pt | CTranslate2 dir | package:<dist>
+    beats: str | None = None  # official BEATs .pt; None runs Whisper only (encoder width 1280)
+    llm: str = ""  # causal LM: HF dir | .gguf file | package:<dist>
+    checkpoint: str | None = None  # official salmonn_*.pth, or our own trained directory
+    # Window-level Q-Former (paper section 3.1; official sizes are bert-base with 2 layers).
+    qformer_hidden: int = 768
+    qformer_layers: int = 2
+    qformer_heads: int = 12
+    qformer_intermediate: int = 3072
+    qformer_dropout: float = 0.1
+    speech_query_tokens: int = 1  # N query tokens per window
+    window_frames: int = 17  # round(1500 * 0.333333 / 30): 0.34 s of 20 ms encoder frames
+    stride_frames: int = 17  # non-overlapping windows
+    # LoRA on the LLM (peft): scaling = alpha / r = 4.0 at training time.
+    lora_r: int = 8
+    lora_alpha: int = 32
+    lora_dropout: float = 0.1
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    prompt_style: PromptStyle = "vicuna"  # "vicuna": the official template; "chat": the LLM's own
+    # "official": pad every clip to 30 s (1500 frames, 88 windows); "trimmed": real length only.
+    input_mode: InputMode = "official"
+
+    def replace(self, **changes: Any) -> SalmonnConfig:
+        """A copy with some fields changed (unknown field names raise `TypeError`)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SalmonnConfig:
+        """Build from a dict (e.g. a saved `config.json`), rejecting unknown keys."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ModelLoadError(f"unknown SalmonnConfig keys {unknown}; known keys: {sorted(known)}")
+        values = dict(data)
+        if "lora_targets" in values:
+            values["lora_targets"] = tuple(values["lora_targets"])
+        return cls(**values)
+
+
+# ---------------------------------------------------------------------------------------------
+# Window-level Q-Former. BLIP-2's query path of a BERT layer (self-attention over the queries,
+# cross-attention into the window's frames, a query-only FFN); the text path is never built
+# because SALMONN never uses it. Attribute names match `speech_Qformer.bert.*` in the checkpoints.
+# ---------------------------------------------------------------------------------------------
+
+
+class QformerMultiHeadAttention(nn.Module):
+    """BERT attention projections (`query`, `key`, `value`); keys and values may be wider."""
+
+    def __init__(self, hidden: int, heads: int, kv_width: int, dropout: float) -> None:
+        super().__init__()
+        if hidden % heads:
+            raise ValueError(f"qformer_hidden {hidden} is not divisible by qformer_heads {heads}")
+        self.heads = heads
+        self.dropout = dropout
+        self.query = nn.Linear(hidden, hidden)
+        self.key = nn.Linear(kv_width, hidden)
+        self.value = nn.Linear(kv_width, hidden)
+
+    def forward(self, hidden_states: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """(W, Q, hidden) queries attend to (W, K, kv_width) context -> (W, Q, hidden)."""
+
+        def split(x: torch.Tensor) -> torch.Tensor:  # (W, S, hidden) -> (W, heads, S, hidden/heads)
+            return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+
+        q, k, v = split(self.query(hidden_states)), split(self.key(context)), split(self.value(context))
+        # The official cross-attention mask is all ones (padding is not masked), so no mask here.
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        return out.transpose(1, 2).flatten(-2)
+
+
+class QformerResidualOutput(nn.Module):
+    """`dense` -> dropout -> residual add -> `LayerNorm` (BERT's post-norm)."""
+
+    def __init__(self, in_width: int, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.dense = nn.Linear(in_width, hidden)
+        self.LayerNorm = nn.LayerNorm(hidden, eps=1e-12)  # noqa: N815 (checkpoint key name)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + residual)
+
+
+class QformerAttention(nn.Module):
+    def __init__(self, hidden: int, heads: int, kv_width: int, dropout: float) -> None:
+        super().__init__()
+        self.self = QformerMultiHeadAttention(hidden, heads, kv_width, dropout)
+        self.output = QformerResidualOutput(hidden, hidden, dropout)
+
+    def forward(self, hidden_states: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return self.output(self.self(hidden_states, context), hidden_states)
+
+
+class QformerIntermediate(nn.Module):
+    def __init__(self, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        self.dense = nn.Linear(hidden, intermediate)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.dense(hidden_states))
+
+
+class QformerLayer(nn.Module):
+    """Self-attention over the queries, cross-attention into the frames (in every layer)."""
+
+    def __init__(self, config: SalmonnConfig, encoder_width: int) -> None:
+        super().__init__()
+        h, p = config.qformer_hidden, config.qformer_dropout
+        self.attention = QformerAttention(h, config.qformer_heads, h, p)
+        self.crossattention = QformerAttention(h, config.qformer_heads, encoder_width, p)
+        self.intermediate_query = QformerIntermediate(h, config.qformer_intermediate)
+        self.output_query = QformerResidualOutput(config.qformer_intermediate, h, p)
+
+    def forward(self, queries: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+        queries = self.attention(queries, queries)
+        queries = self.crossattention(queries, frames)
+        return self.output_query(self.intermediate_query(queries), queries)
+
+
+class QformerEmbeddings(nn.Module):
+    """The query embeddings are only normalised: SALMONN's queries have no positions."""
+
+    def __init__(self, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.LayerNorm = nn.LayerNorm(hidden, eps=1e-12)  # noqa: N815 (checkpoint key name)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, queries: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.LayerNorm(queries))
+
+
+class QformerEncoder(nn.Module):
+    def __init__(self, config: SalmonnConfig, encoder_width: int) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList(QformerLayer(config, encoder_width) for _ in range(config.qformer_layers))
+
+
+class QformerBert(nn.Module):
+    def __init__(self, config: SalmonnConfig, encoder_width: int) -> None:
+        super().__init__()
+        self.embeddings = QformerEmbeddings(config.qformer_hidden, config.qformer_dropout)
+        self.encoder = QformerEncoder(config, encoder_width)
+
+    def forward(self, queries: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+        hidden = self.embeddings(queries)
+        for layer in self.encoder.layer:
+            hidden = layer(hidden, frames)
+        return hidden
+
+
+class WindowLevelQformer(nn.Module):
+    """The paper's window-level Q-Former (section 3.1): each window of encoder frames is read
+    by the same N trainable queries, giving N tokens per window (N = 1 officially)."""
+
+    def __init__(self, config: SalmonnConfig, encoder_width: int) -> None:
+        super().__init__()
+        self.bert = QformerBert(config, encoder_width)
+
+    def forward(self, query_tokens: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
+        """(1, N, hidden) queries and (W, frames, width) windows -> (W, N, hidden)."""
+        return self.bert(query_tokens.expand(windows.shape[0], -1, -1), windows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Results and checkpoint reports
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AudioTokens:
+    """Audio embeddings for B clips, ready to splice into prompts.
+
+    `embeds` is (B, max_tokens, llm_hidden); row i's first `counts[i]` tokens are valid.
+    """
+
+    embeds: torch.Tensor
+    counts: list[int]
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    def row(self, i: int) -> torch.Tensor:
+        return self.embeds[i, : self.counts[i]]
+
+
+@dataclass
+class Generation:
+    """One generated answer."""
+
+    text: str
+    token_ids: list[int]
+    audio_tokens: int
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class LoadReport:
+    """What loading a checkpoint into the trainable parts did."""
+
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # trainable parameters the file lacks
+    unexpected: list[str] = field(default_factory=list)  # keys that fit nothing here
+    ignored: list[str] = field(default_factory=list)  # known-harmless extras (see _IGNORED_KEYS)
+
+    def summary(self) -> str:
+        return (
+            f"{len(self.loaded)} loaded, {len(self.missing)} missing, "
+            f"{len(self.unexpected)} unexpected, {len(self.ignored)} ignored"
+        )
+
+
+# Keys an official checkpoint holds that are not trainable parameters here, and harmless:
+# an unused BERT position-id buffer, BEATs' shared relative-attention-bias copies (layers
+# 1-11 point at layer 0's), and rotary inv_freq buffers that transformers 4.28 saved.
+_IGNORED_KEYS = (
+    re.compile(r"^speech_Qformer\.bert\.embeddings\.position_ids$"),
+    re.compile(r"^beats\.encoder\.layers\.\d+\.self_attn\.relative_attention_bias\.weight$"),
+    re.compile(r"^llama_model\..*rotary_emb\.inv_freq$"),
+)
+
+
+class _TokenCallbackStreamer:
+    """Adapter from transformers' streamer protocol (`put(tokens)` per step for the whole
+    batch, `end()`) to a per-row callback that stops reporting a row after its EOS."""
+
+    def __init__(self, callback: Callable[[int, int], None], eos_ids: set[int], rows: int) -> None:
+        self.callback = callback
+        self.eos_ids = eos_ids
+        self.done = [False] * rows
+        self.first_token_time: float | None = None
+
+    def put(self, value: torch.Tensor) -> None:
+        if value.dim() == 2:  # the prompt's input_ids (empty with inputs_embeds): not generated
+            return
+        if self.first_token_time is None:
+            self.first_token_time = time.perf_counter()
+        for row, token in enumerate(value.tolist()):
+            if self.done[row]:
+                continue
+            if token in self.eos_ids:
+                self.done[row] = True
+                continue
+            self.callback(row, token)
+
+    def end(self) -> None:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+
+
+class Salmonn(nn.Module):
+    """SALMONN around already-built components. Use `Salmonn.from_config` to load weights.
+
+    Args:
+        config: the model configuration.
+        whisper: a transformers `WhisperForConditionalGeneration` (its encoder is the speech
+            encoder; its decoder stays available for plain Whisper transcription).
+        beats: a `model.beats.Beats`, or None for a Whisper-only model.
+        llm: a transformers causal LM; LoRA is added here.
+        tokenizer: the LLM's tokenizer.
+        sentencepiece: for `prompt_style="vicuna"`, the raw sentencepiece processor, which
+            tokenizes prompt pieces exactly as the official code did (SALMONN.md section 4).
+        whisper_tokenizer: Whisper's tokenizer, for plain Whisper transcription.
+    """
+
+    def __init__(
+        self,
+        config: SalmonnConfig,
+        *,
+        whisper: nn.Module,
+        beats: nn.Module | None,
+        llm: nn.Module,
+        tokenizer: Any,
+        sentencepiece: Any | None = None,
+        whisper_tokenizer: Any | None = None,
+    ) -> None:
+        super().__init__()
+        from model.llm import add_lora
+
+        self.config = config
+        self.tokenizer = tokenizer
+        self.sentencepiece = sentencepiece
+        self.whisper_tokenizer = whisper_tokenizer
+        # The whole Whisper model is kept (frozen): its encoder is the speech encoder and its
+        # decoder gives plain Whisper transcripts from the same encoder weights.
+        self.whisper = whisper
+        self.beats = beats
+        speech_width = whisper.config.d_model
+        audio_width = beats.cfg.encoder_embed_dim if beats is not None else 0
+        llm_hidden = llm.config.hidden_size
+
+        self.ln_speech = nn.LayerNorm(speech_width)
+        self.ln_audio = nn.LayerNorm(audio_width) if beats is not None else None
+        self.speech_Qformer = WindowLevelQformer(config, speech_width + audio_width)
+        self.speech_query_tokens = nn.Parameter(torch.zeros(1, config.speech_query_tokens, config.qformer_hidden))
+        self.speech_llama_proj = nn.Linear(config.qformer_hidden, llm_hidden)
+        self._init_trainable()
+
+        for module in (whisper, beats, llm):
+            if module is not None:
+                module.requires_grad_(False)
+                module.eval()
+        self.llama_model = add_lora(
+            llm, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
+            target_modules=config.lora_targets,
+        )
+
+    def _init_trainable(self) -> None:
+        # BERT's initialisation (normal std 0.02, zero bias, LayerNorm 1/0), as the official
+        # randomly initialised Q-Former.
+        for module in (self.speech_Qformer, self.speech_llama_proj):
+            for sub in module.modules():
+                if isinstance(sub, nn.Linear):
+                    nn.init.normal_(sub.weight, std=0.02)
+                    nn.init.zeros_(sub.bias)
+        nn.init.normal_(self.speech_query_tokens, std=0.02)
+
+    @property
+    def speech_encoder(self) -> nn.Module:
+        """Whisper's encoder (frozen)."""
+        return self.whisper.get_encoder()
+
+    # -- construction ---------------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, config: SalmonnConfig, *, dtype: torch.dtype = torch.float32) -> Salmonn:
+        """Load every component from the config's sources, then the trainable checkpoint.
+
+        Raises:
+            ModelLoadError: a source is missing or does not fit (the message names it).
+        """
+        from model.llm import load_llm, sentencepiece_model
+        from model.whisper import load_whisper
+
+        if not config.whisper:
+            raise ModelLoadError(f"model {config.name!r} needs a Whisper encoder: pass --whisper PATH")
+        if not config.llm:
+            raise ModelLoadError(f"model {config.name!r} needs an LLM: pass --llm PATH")
+        started = time.perf_counter()
+        whisper, whisper_tokenizer = load_whisper(config.whisper, dtype=dtype)
+        beats = None
+        if config.beats:
+            from model.beats import load_beats
+
+            beats = load_beats(config.beats).to(dtype)
+        llm, tokenizer = load_llm(config.llm, dtype=dtype)
+        sp = sentencepiece_model(config.llm) if config.prompt_style == "vicuna" else None
+        model = cls(
+            config, whisper=whisper, beats=beats, llm=llm, tokenizer=tokenizer,
+            sentencepiece=sp, whisper_tokenizer=whisper_tokenizer,
+        )
+        if config.checkpoint:
+            report = model.load_checkpoint(config.checkpoint)
+            logger.info("checkpoint %s: %s", config.checkpoint, report.summary())
+        else:
+            logger.warning(
+                "model %r has no trained checkpoint: the Q-Former, projection and LoRA are random, "
+                "so its answers are meaningless", config.name,
+            )
+        model.eval()
+        logger.info("loaded model %r in %.1f s", config.name, time.perf_counter() - started)
+        return model
+
+    # -- trainable parts ------------------------------------------------------------------
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Only the parameters that require grad, under their official key names."""
+        return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor], *, source: str = "checkpoint") -> LoadReport:
+        """Copy trainable tensors in, key for key, checking every shape.
+
+        Raises:
+            ModelLoadError: a tensor's shape differs; the message names the key, both shapes and
+                the likely cause.
+        """
+        own = {name: p for name, p in self.named_parameters() if p.requires_grad}
+        report = LoadReport()
+        with torch.no_grad():
+            for key, tensor in state.items():
+                if key in own:
+                    target = own[key]
+                    if tuple(target.shape) != tuple(tensor.shape):
+                        raise ModelLoadError(_shape_mismatch_message(source, key, tuple(tensor.shape), tuple(target.shape)))
+                    target.copy_(tensor.to(target.dtype))
+                    report.loaded.append(key)
+                elif any(p.match(key) for p in _IGNORED_KEYS):
+                    report.ignored.append(key)
+                else:
+                    report.unexpected.append(key)
+        report.missing = sorted(set(own) - set(report.loaded))
+        if report.missing:
+            logger.warning("%s lacks %d trainable tensors, e.g. %s", source, len(report.missing), report.missing[:3])
+        if report.unexpected:
+            logger.warning("%s has %d unexpected tensors, e.g. %s", source, len(report.unexpected), report.unexpected[:3])
+        return report
+
+    def load_checkpoint(self, path: str | Path) -> LoadReport:
+        """Load an official `salmonn_*.pth` (its `model` dict) or our own checkpoint directory
+        (`model.safetensors` + `config.json`, as written by `save_checkpoint`)."""
+        path = Path(path)
+        if path.is_dir():
+            from safetensors.torch import load_file
+
+            weights = path / "model.safetensors"
+            if not weights.is_file():
+                raise ModelLoadError(f"checkpoint directory {path} has no model.safetensors")
+            return self.load_trainable_state_dict(load_file(str(weights)), source=str(path))
+        return self.load_trainable_state_dict(read_official_checkpoint(path), source=str(path))
+
+    def save_checkpoint(self, directory: str | Path, *, extra: dict[str, Any] | None = None) -> Path:
+        """Write the trainable parts as `model.safetensors` and the config as `config.json`."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.contiguous().cpu() for k, v in self.trainable_state_dict().items()}
+        save_file(tensors, str(directory / "model.safetensors"))
+        meta = {"salmonn": self.config.to_dict(), **(extra or {})}
+        (directory / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+        return directory
+
+    # -- audio -> tokens ------------------------------------------------------------------
+
+    def _device(self) -> torch.device:
+        return self.speech_query_tokens.device
+
+    def encode_audio(self, audio: Sequence[np.ndarray]) -> AudioTokens:
+        """16 kHz mono float32 clips -> audio embeddings for the LLM.
+
+        Official mode pads every clip to 30 s (88 windows each); trimmed mode encodes the real
+        length only (floor(frames / 17) windows). Both pad clips under 1 s to 1 s, as SALMONN.
+
+        Raises:
+            AudioTooLongError: a clip is longer than 30 s.
+        """
+        from model.whisper import encode, whisper_features
+
+        trimmed = self.config.input_mode == "trimmed"
+        device = self._device()
+        dtype = self.speech_llama_proj.weight.dtype
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            n_mels = self.speech_encoder.config.num_mel_bins
+            if trimmed:
+                # Whisper's attention has no padding mask, so a batch of different lengths would
+                # leak padding into the shorter clips: encode each clip alone instead.
+                speech_rows = []
+                for clip in audio:
+                    feats, valid = whisper_features([clip], trimmed=True, n_mels=n_mels)
+                    speech_rows.append(encode(self.speech_encoder, feats.to(device, dtype))[0, : valid[0]])
+                frames = [row.shape[0] for row in speech_rows]
+                speech = nn.utils.rnn.pad_sequence(speech_rows, batch_first=True)
+            else:
+                feats, frames = whisper_features(list(audio), trimmed=False, n_mels=n_mels)
+                speech = encode(self.speech_encoder, feats.to(device, dtype))
+            timings["whisper_ms"] = (time.perf_counter() - t0) * 1000
+            fused = self.ln_speech(speech)  # (B, T, speech_width)
+            if self.beats is not None:
+                t1 = time.perf_counter()
+                fused = torch.cat([fused, self._beats_features(audio, fused.shape[1], frames)], dim=-1)
+                timings["beats_ms"] = (time.perf_counter() - t1) * 1000
+            timings["encoder_ms"] = (time.perf_counter() - t0) * 1000
+
+        t2 = time.perf_counter()
+        embeds, counts = self.audio_tokens_from_features(fused, frames)
+        timings["qformer_ms"] = (time.perf_counter() - t2) * 1000
+        return AudioTokens(embeds=embeds, counts=counts, timings_ms=timings)
+
+    def _beats_features(self, audio: Sequence[np.ndarray], length: int, frames: list[int]) -> torch.Tensor:
+        """BEATs features (B, length, 768) after `ln_audio`, zero-padded in time to the speech
+        features' length (SALMONN pads the shorter stream; BEATs gives 1496 frames for 30 s)."""
+        assert self.beats is not None and self.ln_audio is not None
+        device, dtype = self._device(), self.speech_llama_proj.weight.dtype
+        rows = []
+        # One clip at a time, like the official single-clip inference (all-False padding
+        # mask), so a clip's features never depend on its batch mates.
+        for clip in audio:
+            wav = torch.from_numpy(_pad_to_one_second(clip)).to(device, dtype)[None]
+            features, _ = self.beats.extract_features(wav, None)
+            rows.append(self.ln_audio(features[0]))
+        out = torch.zeros(len(rows), length, rows[0].shape[-1], device=device, dtype=dtype)
+        for i, row in enumerate(rows):
+            keep = min(row.shape[0], length, frames[i])
+            out[i, :keep] = row[:keep]
+        return out
+
+    def audio_tokens_from_features(self, fused: torch.Tensor, frames: Sequence[int]) -> tuple[torch.Tensor, list[int]]:
+        """Fused encoder features (B, T, width) with `frames[i]` valid frames per row -> audio
+        embeddings (B, max_tokens, llm_hidden) and each row's token count. This is the part
+        training runs on cached encoder outputs."""
+        window, stride = self.config.window_frames, self.config.stride_frames
+        n_windows = [0 if f < window else (f - window) // stride + 1 for f in frames]
+        if min(n_windows) == 0:
+            raise ValueError(f"a clip has fewer than {window} encoder frames; pad clips to 1 s first")
+        longest = max(n_windows)
+        # (B, T, C) -> (B, L, C, window) -> (B*L, window, C); the official code's unfold drops
+        # frames after the last whole window (1496..1499 at 30 s) and pads nothing.
+        windows = fused[:, : (longest - 1) * stride + window].unfold(1, window, stride)
+        batch, length = windows.shape[:2]
+        windows = windows.permute(0, 1, 3, 2).reshape(batch * length, window, -1)
+        queries = self.speech_Qformer(self.speech_query_tokens, windows)  # (B*L, N, hidden)
+        embeds = self.speech_llama_proj(queries).reshape(batch, length * self.config.speech_query_tokens, -1)
+        counts = [n * self.config.speech_query_tokens for n in n_windows]
+        return embeds, counts
+
+    # -- prompts --------------------------------------------------------------------------
+
+    def prompt_pieces(self, instruction: str) -> tuple[list[int], list[int]]:
+        """Token ids before and after the audio for one instruction.
+
+        Vicuna style is the official template, `USER: <Speech><SpeechHere></Speech> {instruction}
+        \\nASSISTANT:` with a BOS in front; other LLMs use their own chat template with the same
+        placeholder in the user turn.
+        """
+        user = f"{SPEECH_PLACEHOLDER} {instruction.strip()}"
+        if self.config.prompt_style == "vicuna":
+            before, after = VICUNA_TEMPLATE.format(user).split("<SpeechHere>")
+            bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
+            if self.sentencepiece is not None:
+                return bos + list(self.sentencepiece.encode(before)), list(self.sentencepiece.encode(after))
+            return bos + self._encode(before), self._encode(after)
+        text = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
+        )
+        before, after = text.split("<SpeechHere>")
+        return self._encode(before), self._encode(after)
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _eos_ids(self) -> list[int]:
+        ids = {self.tokenizer.eos_token_id}
+        if self.config.prompt_style == "chat":
+            # ChatML-style templates end a turn with their own token, which may differ from EOS.
+            end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+            if isinstance(end, int) and end != self.tokenizer.unk_token_id:
+                ids.add(end)
+        return sorted(i for i in ids if i is not None)
+
+    def build_inputs(
+        self,
+        audio_rows: Sequence[torch.Tensor],
+        instructions: Sequence[str],
+        targets: Sequence[str] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Splice audio embeddings into prompts; left-pad the batch.
+
+        Args:
+            audio_rows: per row, its audio embeddings (n_tokens, llm_hidden).
+            instructions: per row, the instruction text.
+            targets: per row, the answer to train on (followed by EOS); loss falls on these
+                tokens only, every other position is -100.
+
+        Returns:
+            `inputs_embeds` (B, S, H), `attention_mask` (B, S), `position_ids` (B, S) and, with
+            targets, `labels` (B, S).
+        """
+        embed = self.llama_model.get_input_embeddings()
+        device = embed.weight.device
+        rows, labels = [], []
+        for i, (audio, instruction) in enumerate(zip(audio_rows, instructions, strict=True)):
+            before, after = self.prompt_pieces(instruction)
+            answer: list[int] = []
+            if targets is not None:
+                answer = self._encode(targets[i]) + [self._eos_ids()[0]]
+            ids_before = torch.tensor(before, dtype=torch.long, device=device)
+            ids_after = torch.tensor(after + answer, dtype=torch.long, device=device)
+            rows.append(torch.cat([embed(ids_before), audio.to(embed.weight.dtype), embed(ids_after)]))
+            labels.append([-100] * (len(before) + audio.shape[0] + len(after)) + answer)
+        longest = max(r.shape[0] for r in rows)
+        batch = len(rows)
+        inputs = torch.zeros(batch, longest, rows[0].shape[-1], dtype=rows[0].dtype, device=device)
+        mask = torch.zeros(batch, longest, dtype=torch.long, device=device)
+        label_tensor = torch.full((batch, longest), -100, dtype=torch.long, device=device)
+        for i, row in enumerate(rows):
+            inputs[i, longest - row.shape[0]:] = row
+            mask[i, longest - row.shape[0]:] = 1
+            label_tensor[i, longest - row.shape[0]:] = torch.tensor(labels[i], device=device)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = {"inputs_embeds": inputs, "attention_mask": mask, "position_ids": position_ids}
+        if targets is not None:
+            out["labels"] = label_tensor
+        return out
+
+    # -- training and generation --------------------------------------------------------
+
+    def forward(
+        self,
+        audio_rows: Sequence[torch.Tensor],
+        instructions: Sequence[str],
+        targets: Sequence[str],
+        *,
+        lora_scale: float | None = None,
+    ) -> torch.Tensor:
+        """Teacher-forced cross-entropy on the answer tokens only (a scalar)."""
+        inputs = self.build_inputs(audio_rows, instructions, targets)
+        with self.lora_scale(lora_scale):
+            return self.llama_model(**inputs).loss
+
+    def lora_scale(self, scale: float | None) -> contextlib.AbstractContextManager[None]:
+        """Temporarily set the LoRA scaling factor (alpha / r = 4.0 when trained). The paper's
+        activation knob: lower it to follow instructions the model was not trained on."""
+        from model.llm import lora_scale
+
+        return lora_scale(self.llama_model, scale)
+
+    @torch.no_grad()
+    def generate_from_tokens(
+        self,
+        audio_rows: Sequence[torch.Tensor],
+        instructions: Sequence[str],
+        *,
+        lora_scale: float | None = None,
+        num_beams: int = 1,
+        max_new_tokens: int = 200,
+        do_sample: bool = False,
+        top_p: float = 0.9,
+        temperature: float = 1.0,
+        repetition_penalty: float = 1.0,
+        on_token: Callable[[int, int], None] | None = None,
+    ) -> list[Generation]:
+        """Answer one instruction per row about that row's audio embeddings, batched.
+
+        Rows are left-padded with a matching attention mask, so each row's answer equals the
+        answer it gets alone; each row stops at its own EOS.
+
+        Args:
+            audio_rows: per row, (n_tokens, llm_hidden) audio embeddings (`AudioTokens.row`).
+            instructions: per row, the instruction.
+            lora_scale: LoRA scaling for this call; None keeps alpha / r.
+            num_beams: 1 for greedy (or sampling), more for beam search.
+            on_token: called as `on_token(row, token_id)` for every generated token, in order,
+                for streaming text. Not available with beam search, whose beams are only final
+                at the end.
+
+        Returns:
+            One `Generation` per row.
+        """
+        if on_token is not None and num_beams > 1:
+            raise ValueError("on_token streaming needs num_beams=1: beam hypotheses change until the end")
+        inputs = self.build_inputs(audio_rows, instructions)
+        inputs.pop("position_ids")  # generate() derives positions from the attention mask
+        eos_ids = self._eos_ids()
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos_ids[0]
+        streamer = _TokenCallbackStreamer(on_token, set(eos_ids), len(instructions)) if on_token else None
+        started = time.perf_counter()
+        with self.lora_scale(lora_scale):
+            output = self.llama_model.generate(
+                **inputs,
+                max_new_tokens=max_new_tokens,
+                num_beams=num_beams,
+                do_sample=do_sample,
+                top_p=top_p if do_sample else None,
+                temperature=temperature if do_sample else None,
+                top_k=None,
+                repetition_penalty=repetition_penalty,
+                eos_token_id=eos_ids,
+                pad_token_id=pad_id,
+                streamer=streamer,
+            )
+        generate_ms = (time.perf_counter() - started) * 1000
+        results = []
+        for i, row in enumerate(output.tolist()):
+            ids = _strip_after_eos(row, set(eos_ids), pad_id)
+            timings = {"generate_ms": generate_ms}
+            if streamer is not None and streamer.first_token_time is not None:
+                timings["first_token_ms"] = (streamer.first_token_time - started) * 1000
+            results.append(
+                Generation(
+                    text=self.tokenizer.decode(ids, skip_special_tokens=True).strip(),
+                    token_ids=ids,
+                    audio_tokens=int(audio_rows[i].shape[0]),
+                    timings_ms=timings,
+                )
+            )
+        return results
+
+    def generate(
+        self, audio: Sequence[np.ndarray], instructions: Sequence[str] | str, **kwargs: Any
+    ) -> list[Generation]:
+        """Encode the clips and answer one instruction per clip (a single string is asked of
+        every clip). Keyword arguments are those of `generate_from_tokens`."""
+        if isinstance(instructions, str):
+            instructions = [instructions] * len(audio)
+        if len(instructions) != len(audio):
+            raise ValueError(f"got {len(audio)} clips but {len(instructions)} instructions")
+        tokens = self.encode_audio(audio)
+        results = self.generate_from_tokens([tokens.row(i) for i in range(len(audio))], instructions, **kwargs)
+        for result in results:
+            result.timings_ms = {**tokens.timings_ms, **result.timings_ms}
+        return results
+
+    def transcribe_with_whisper(self, audio: Sequence[np.ndarray], **kwargs: Any) -> list[str]:
+        """Plain Whisper transcription (its own decoder on the same encoder weights)."""
+        from model.whisper import transcribe
+
+        return transcribe(self.whisper, self.whisper_tokenizer, list(audio), **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _pad_to_one_second(clip: np.ndarray) -> np.ndarray:
+    if clip.shape[0] >= SAMPLE_RATE_HZ:
+        return clip.astype(np.float32, copy=False)
+    return np.pad(clip.astype(np.float32, copy=False), (0, SAMPLE_RATE_HZ - clip.shape[0]))
+
+
+def _strip_after_eos(ids: list[int], eos_ids: set[int], pad_id: int) -> list[int]:
+    out = []
+    for token in ids:
+        if token in eos_ids:
+            break
+        out.append(token)
+    # Rows that ended early are padded; a pad that is not EOS never appears inside an answer.
+    while out and out[-1] == pad_id and pad_id not in eos_ids:
+        out.pop()
+    return out
+
+
+def _shape_mismatch_message(source: str, key: str, got: tuple[int, ...], want: tuple[int, ...]) -> str:
+    message = f"{source}: tensor {key!r} has shape {list(got)} but this model expects {list(want)}"
+    if key.startswith("speech_llama_proj") or ".lora_" in key:
+        hidden = got[0] if key.startswith("speech_llama_proj") or "lora_B" in key else got[-1]
+        message += (
+            f". The checkpoint was trained for an LLM of hidden size {hidden}: salmonn-13b needs "
+            "Vicuna-13B v1.1 (5120), salmonn-7b needs Vicuna-7B v1.5 (4096); check --llm"
+        )
+    elif "crossattention.self.key" in key or "crossattention.self.value" in key or key.startswith("ln_"):
+        message += (
+            ". The encoder width differs: the checkpoint expects speech + audio features of width "
+            f"{got[-1]}; check --whisper (large-v2 is 1280 wide) and whether --beats (768) is given"
+        )
+    elif key.startswith("speech_Qformer") or key == "speech_query_tokens":
+        message += ". The Q-Former sizes differ from the checkpoint's; use the preset it was trained with"
+    return message
+
+
+def read_official_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """The `model` state dict of an official `salmonn_*.pth` (or a bare state dict).
+
+    Loaded with `weights_only=True` (no code runs from the file) and memory-mapped, so the
+    optimizer state that the released files carry is never read into memory.
+
+    Raises:
+        ModelLoadError: the file is missing, truncated, not a torch checkpoint, or holds
+            objects other than tensors and plain containers.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"checkpoint {path} does not exist")
+    try:
+        data = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as exc:
+        raise ModelLoadError(
+            f"checkpoint {path} holds objects other than tensors, which we refuse to unpickle: {exc}"
+        ) from exc
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise ModelLoadError(f"checkpoint {path} is not a readable torch checkpoint (truncated?): {exc}") from exc
+    state = data.get("model", data) if isinstance(data, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelLoadError(f"checkpoint {path} has no 'model' state dict of tensors")
+    return state
+
+
+def count_parameters(module: nn.Module, *, trainable_only: bool = True) -> int:
+    """Number of (trainable) parameters; works on the meta device."""
+    return sum(math.prod(p.shape) for p in module.parameters() if p.requires_grad or not trainable_only)
