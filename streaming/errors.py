@@ -11,3 +11,11 @@ class AudioInputError(StreamingError):
 
 class AudioDeviceError(StreamingError):
     """No usable capture device (none present, unknown name or index, PortAudio failure)."""
+
+
+class UnsupportedRateError(AudioInputError):
+    """A sample rate the chosen VAD backend cannot take (resample to 16 kHz first)."""
+
+
+class SegmenterConfigError(StreamingError):
+    """Segmenter settings out of range (for example a frame length webrtcvad cannot use)."""

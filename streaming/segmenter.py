@@ -1,0 +1,563 @@
+"""Segmentation: turn a 16 kHz stream into speech and sound segments with exact offsets.
+
+:class:`Segmenter` is the pure core: ``push(chunk) -> list[Event]``, ``flush()``, ``reset()``.
+Per frame it combines
+
+- a speech detector (webrtcvad, or Silero with ``vad="silero"``), gated by the noise floor so
+  loud steady noise cannot hold a segment open;
+- a :class:`~streaming.detectors.SoundActivityDetector` (adaptive noise floor, band energy,
+  spectral flux) for alarms, knocks and other non-speech sound;
+- :class:`~streaming.features.FrameFeatures` to tell voiced speech from tones and noise,
+
+into one hysteresis state machine:
+
+1. *Idle*: a segment opens when at least ``start_active_ms`` of the last ``start_window_ms``
+   are active. It starts ``pre_roll_ms`` before its first active frame.
+2. *Pending*: once ``min_active_ms`` of active frames are seen, :class:`SegmentStarted` is
+   emitted (shorter blips are dropped silently).
+3. *Active*: the segment ends when at most ``end_active_ratio`` of the last
+   ``end_silence_ms`` is active; it ends ``post_roll_ms`` after its last active frame.
+   A segment reaching ``max_segment_ms`` is cut at its quietest frame within the last
+   ``split_search_ms`` and a new one continues from there.
+
+A finished segment's kind is ``speech`` when enough of its active frames are speech-like and few
+are clearly non-speech (tonal, or sound without voice), ``mixed`` when both are substantial,
+else ``sound``. ``mode="speech"`` (a VAD-only segmenter) and ``mode="sound"`` use one detector.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from streaming.detectors import (
+    WEBRTC_FRAME_MS,
+    WEBRTC_RATES_HZ,
+    SoundActivityDetector,
+    SpeechDetector,
+    WebrtcVadDetector,
+)
+from streaming.errors import SegmenterConfigError, UnsupportedRateError
+from streaming.events import AmbientWindow, Event, SegmentEnded, SegmentKind, SegmentStarted
+from streaming.features import FrameAnalyzer
+from streaming.reframer import Reframer
+
+logger = logging.getLogger(__name__)
+
+FloatArray = npt.NDArray[np.float32]
+
+#: Frame length the Silero backend imposes (512 samples at 16 kHz).
+SILERO_FRAME_MS = 32
+
+
+@dataclass(frozen=True)
+class SegmenterConfig:
+    """All segmentation settings, in named units.
+
+    Attributes:
+        mode: ``"both"`` (speech and sound, kinds speech/sound/mixed), ``"speech"`` (VAD only)
+            or ``"sound"`` (sound-activity only).
+        vad: ``"webrtc"`` or ``"silero"``.
+        sample_rate_hz: Stream rate; webrtc takes 8/16/32/48 kHz, silero 16 kHz only.
+        aggressiveness: webrtcvad aggressiveness, 0-3.
+        frame_ms: webrtcvad frame, 10/20/30 ms (Silero always uses 32 ms).
+        silero_threshold: Silero speech probability threshold (0..1).
+        start_window_ms: Window in which activity must accumulate to open a segment.
+        start_active_ms: Active time within ``start_window_ms`` that opens a segment.
+        min_active_ms: Active time before a segment is confirmed (shorter ones are dropped).
+        end_silence_ms: Trailing window that must be (nearly) inactive to close a segment.
+        end_active_ratio: Largest active share of that window that still closes (0..1).
+        pre_roll_ms: Audio kept before the first active frame.
+        post_roll_ms: Audio kept after the last active frame.
+        max_segment_ms: Longest segment; longer ones are split at their quietest frame.
+        split_search_ms: How far back from the maximum length to look for that frame.
+        sound_on_db: Band-energy excess over the noise floor that makes a frame sound-active.
+        sound_flux_db: Spectral-flux onset strength that counts at half that excess.
+        speech_min_excess_db: A VAD speech frame also needs this excess over the noise floor.
+        speech_ratio: Share of speech-like active frames for kind ``speech``.
+        mixed_ratio: Share of speech-like active frames below which the kind is ``sound``.
+        nonspeech_ratio: Share of clearly non-speech frames that turns ``speech`` into
+            ``mixed``.
+        ambient_every_s: Emit an :class:`AmbientWindow` of this length back to back (0: off).
+    """
+
+    mode: Literal["both", "speech", "sound"] = "both"
+    vad: Literal["webrtc", "silero"] = "webrtc"
+    sample_rate_hz: int = 16000
+    aggressiveness: int = 2
+    frame_ms: int = 20
+    silero_threshold: float = 0.5
+    start_window_ms: int = 100
+    start_active_ms: int = 60
+    min_active_ms: int = 100
+    end_silence_ms: int = 500
+    end_active_ratio: float = 0.1
+    pre_roll_ms: int = 60
+    post_roll_ms: int = 30
+    max_segment_ms: int = 20000
+    split_search_ms: int = 5000
+    sound_on_db: float = 9.0
+    sound_flux_db: float = 4.0
+    speech_min_excess_db: float = 3.0
+    speech_ratio: float = 0.25
+    mixed_ratio: float = 0.12
+    nonspeech_ratio: float = 0.5
+    ambient_every_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("both", "speech", "sound"):
+            raise SegmenterConfigError(f"mode must be both, speech or sound, got {self.mode!r}")
+        if self.vad == "webrtc":
+            if self.sample_rate_hz not in WEBRTC_RATES_HZ:
+                raise UnsupportedRateError(
+                    f"the webrtc VAD takes {WEBRTC_RATES_HZ} Hz, got {self.sample_rate_hz} Hz;"
+                    " resample first"
+                )
+            if self.frame_ms not in WEBRTC_FRAME_MS:
+                raise SegmenterConfigError(
+                    f"webrtc frame_ms must be 10, 20 or 30, got {self.frame_ms}"
+                )
+            if self.aggressiveness not in (0, 1, 2, 3):
+                raise SegmenterConfigError(f"aggressiveness must be 0-3, got {self.aggressiveness}")
+        elif self.vad == "silero":
+            if self.sample_rate_hz != 16000:
+                raise UnsupportedRateError(
+                    f"the silero VAD takes 16000 Hz only, got {self.sample_rate_hz} Hz;"
+                    " resample first"
+                )
+        else:
+            raise SegmenterConfigError(f"vad must be webrtc or silero, got {self.vad!r}")
+        for name in (
+            "start_window_ms",
+            "start_active_ms",
+            "min_active_ms",
+            "end_silence_ms",
+            "max_segment_ms",
+        ):
+            if getattr(self, name) <= 0:
+                raise SegmenterConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("pre_roll_ms", "post_roll_ms", "split_search_ms", "ambient_every_s"):
+            if getattr(self, name) < 0:
+                raise SegmenterConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.start_active_ms > self.start_window_ms:
+            raise SegmenterConfigError(
+                f"start_active_ms ({self.start_active_ms}) exceeds start_window_ms"
+                f" ({self.start_window_ms})"
+            )
+        if self.max_segment_ms <= self.split_search_ms:
+            raise SegmenterConfigError(
+                f"max_segment_ms ({self.max_segment_ms}) must exceed split_search_ms"
+                f" ({self.split_search_ms})"
+            )
+        if not 0.0 <= self.end_active_ratio < 1.0:
+            raise SegmenterConfigError(
+                f"end_active_ratio must be in [0, 1), got {self.end_active_ratio}"
+            )
+
+    @property
+    def effective_frame_ms(self) -> float:
+        """The frame length actually used (32 ms for Silero)."""
+        return SILERO_FRAME_MS if self.vad == "silero" else self.frame_ms
+
+    def as_dict(self) -> dict[str, object]:
+        """The settings as a plain dict (for logging and JSON)."""
+        return asdict(self)
+
+
+class _AudioBuffer:
+    """The recent stream audio as a list of chunks, sliceable by absolute sample offset."""
+
+    def __init__(self) -> None:
+        self._chunks: deque[FloatArray] = deque()
+        self.start = 0  # absolute offset of the first retained sample
+        self.end = 0  # absolute offset one past the last sample
+
+    def append(self, samples: FloatArray) -> None:
+        if samples.size:
+            self._chunks.append(samples)
+            self.end += samples.size
+
+    def discard_before(self, offset: int) -> None:
+        """Drop whole chunks that end at or before ``offset``."""
+        while self._chunks and self.start + self._chunks[0].size <= offset:
+            self.start += self._chunks.popleft().size
+
+    def slice(self, begin: int, end: int) -> FloatArray:
+        """Copy of samples ``[begin, end)``; parts no longer retained read as zeros."""
+        out = np.zeros(max(0, end - begin), np.float32)
+        position = self.start
+        for chunk in self._chunks:
+            lo, hi = max(begin, position), min(end, position + chunk.size)
+            if lo < hi:
+                out[lo - begin : hi - begin] = chunk[lo - position : hi - position]
+            position += chunk.size
+            if position >= end:
+                break
+        return out
+
+
+def _make_speech_detector(config: SegmenterConfig) -> SpeechDetector:
+    if config.vad == "silero":
+        from streaming.silero import SileroVadDetector  # imports torch
+
+        return SileroVadDetector(config.silero_threshold, sample_rate_hz=config.sample_rate_hz)
+    return WebrtcVadDetector(config.aggressiveness, config.frame_ms, config.sample_rate_hz)
+
+
+class Segmenter:
+    """Speech and sound segmenter over a mono float32 stream (see the module docstring).
+
+    Args:
+        config: Settings; defaults to :class:`SegmenterConfig` ().
+        speech_detector: Optional ready detector (for tests or sharing a loaded Silero model);
+            it must match ``config``'s frame length.
+
+    Raises:
+        SegmenterConfigError: Inconsistent settings.
+        UnsupportedRateError: A rate the chosen backend cannot take.
+    """
+
+    def __init__(
+        self,
+        config: SegmenterConfig | None = None,
+        speech_detector: SpeechDetector | None = None,
+    ) -> None:
+        self.config = cfg = config or SegmenterConfig()
+        rate = cfg.sample_rate_hz
+        self._vad: SpeechDetector | None = None
+        if cfg.mode != "sound":
+            self._vad = speech_detector or _make_speech_detector(cfg)
+        frame_samples = (
+            self._vad.frame_samples
+            if self._vad is not None
+            else round(rate * cfg.effective_frame_ms / 1000)
+        )
+        expected = round(rate * cfg.effective_frame_ms / 1000)
+        if frame_samples != expected:
+            raise SegmenterConfigError(
+                f"speech detector frames are {frame_samples} samples, config implies {expected}"
+            )
+        self.frame_samples = frame_samples
+        frame_ms = 1000.0 * frame_samples / rate
+
+        def frames(ms: float) -> int:
+            return max(1, round(ms / frame_ms))
+
+        def samples(ms: float) -> int:
+            return round(ms * rate / 1000)
+
+        self._start_window = frames(cfg.start_window_ms)
+        self._start_active = frames(cfg.start_active_ms)
+        self._min_active = frames(cfg.min_active_ms)
+        self._end_window = frames(cfg.end_silence_ms)
+        self._end_max_active = int(cfg.end_active_ratio * self._end_window)
+        self._pre_roll = samples(cfg.pre_roll_ms)
+        self._post_roll = samples(cfg.post_roll_ms)
+        self._max_segment = samples(cfg.max_segment_ms)
+        self._split_search = samples(cfg.split_search_ms)
+        self._ambient = samples(cfg.ambient_every_s * 1000)
+        self._reframer = Reframer(frame_samples)
+        self._analyzer = FrameAnalyzer(frame_samples, rate)
+        self._sound = SoundActivityDetector(frame_ms, cfg.sound_on_db, cfg.sound_flux_db)
+        logger.debug("segmenter config: %s", cfg.as_dict())
+        self.reset()
+
+    # -- public interface ---------------------------------------------------------------------
+
+    @property
+    def sample_rate_hz(self) -> int:
+        """The stream clock's rate."""
+        return self.config.sample_rate_hz
+
+    @property
+    def samples_pushed(self) -> int:
+        """Samples pushed since the last reset (the stream clock's 'now')."""
+        return self._audio.end
+
+    def reset(self) -> None:
+        """Forget everything; the stream clock restarts at sample 0."""
+        self._reframer.reset()
+        self._analyzer.reset()
+        self._sound.reset()
+        if self._vad is not None:
+            self._vad.reset()
+        self._audio = _AudioBuffer()
+        self._ambient_start = 0
+        self._frame = 0  # index of the next frame to process
+        self._last_end = 0  # end sample of the previous segment (pre-roll never crosses it)
+        self._recent: deque[tuple[bool, bool, bool, bool, float]] = deque(maxlen=self._start_window)
+        self._in_segment = False
+        self._flushed = False
+        self._clear_segment()
+
+    def push(self, chunk: npt.ArrayLike) -> list[Event]:
+        """Feed samples; return the events they complete, in stream order.
+
+        Args:
+            chunk: Mono float32 samples at ``sample_rate_hz``, any length.
+
+        Returns:
+            Zero or more :class:`SegmentStarted`, :class:`SegmentEnded` and
+            :class:`AmbientWindow` events.
+
+        Raises:
+            SegmenterConfigError: After :meth:`flush` without :meth:`reset`.
+        """
+        if self._flushed:
+            raise SegmenterConfigError("push() after flush(); call reset() to start a new stream")
+        samples = np.ascontiguousarray(chunk, dtype=np.float32).reshape(-1)
+        self._audio.append(samples)
+        events: list[Event] = []
+        frames = self._reframer.push(samples)
+        if frames.shape[0]:
+            self._process(frames, events)
+        self._emit_ambient(events, final=False)
+        return events
+
+    def flush(self) -> list[Event]:
+        """End the stream: process the partial last frame and close any open segment.
+
+        Returns:
+            The remaining events.
+        """
+        if self._flushed:
+            return []
+        self._flushed = True
+        events: list[Event] = []
+        frames = self._reframer.flush(pad=True)
+        if frames.shape[0]:
+            self._process(frames, events)
+        if self._in_segment:
+            self._end_segment(events, detected=self._audio.end)
+        self._emit_ambient(events, final=True)
+        return events
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _clear_segment(self) -> None:
+        self._seg_start = 0
+        self._seg_first_frame = 0
+        self._confirmed = False
+        self._active_count = 0
+        self._last_active = -1
+        self._trailing: deque[bool] = deque(maxlen=self._end_window)
+        self._trailing_active = 0
+        self._seg_active: list[bool] = []
+        self._seg_speech_like: list[bool] = []
+        self._seg_nonspeech: list[bool] = []
+        self._seg_vad: list[bool] = []
+        self._seg_energy: list[float] = []
+
+    def _frame_decisions(
+        self, frames: FloatArray
+    ) -> tuple[list[bool], list[bool], list[bool], list[bool], list[float]]:
+        """Per frame: active, speech-like, clearly non-speech, VAD speech, energy (dB)."""
+        cfg = self.config
+        bands = self._analyzer.bands(frames)
+        n = frames.shape[0]
+        if cfg.mode == "speech":
+            sound_active = np.zeros(n, np.bool_)
+            _, excess = self._sound.update(bands.band_db)
+        else:
+            sound_active, excess = self._sound.update(bands.band_db)
+        if self._vad is not None:
+            vad = self._vad.classify(frames) & (excess >= cfg.speech_min_excess_db)
+        else:
+            vad = np.zeros(n, np.bool_)
+        active = vad | sound_active
+        speech_like = np.zeros(n, np.bool_)
+        nonspeech = np.zeros(n, np.bool_)
+        index = np.flatnonzero(active)
+        if index.size and cfg.mode == "both":
+            voice = self._analyzer.voice(bands.windows[index])
+            speech_like[index] = voice.speech_like()
+            nonspeech[index] = voice.tonal() & ~speech_like[index]
+        return (
+            active.tolist(),
+            speech_like.tolist(),
+            nonspeech.tolist(),
+            vad.tolist(),
+            bands.energy_db.tolist(),
+        )
+
+    def _process(self, frames: FloatArray, events: list[Event]) -> None:
+        columns = self._frame_decisions(frames)
+        for row in zip(*columns, strict=True):
+            f = self._frame
+            self._frame += 1
+            if not self._in_segment:
+                self._recent.append(row)
+                if not row[0] or sum(r[0] for r in self._recent) < self._start_active:
+                    continue
+                # Open a segment at the window's first active frame and replay the window.
+                window = list(self._recent)
+                first = next(j for j, r in enumerate(window) if r[0])
+                self._recent.clear()
+                self._clear_segment()
+                self._in_segment = True
+                self._seg_first_frame = f - (len(window) - 1) + first
+                self._seg_start = self._seg_start_sample()
+                for j in range(first, len(window) - 1):
+                    self._add_frame(self._seg_first_frame + j - first, window[j], events)
+            self._add_frame(f, row, events)
+        self._discard_old_audio()
+
+    def _add_frame(
+        self, f: int, row: tuple[bool, bool, bool, bool, float], events: list[Event]
+    ) -> None:
+        is_active, speech_like, nonspeech, vad, energy = row
+        self._seg_active.append(is_active)
+        self._seg_speech_like.append(speech_like)
+        self._seg_nonspeech.append(nonspeech)
+        self._seg_vad.append(vad)
+        self._seg_energy.append(energy)
+        self._push_trailing(is_active)
+        if is_active:
+            self._active_count += 1
+            self._last_active = f
+        now = (f + 1) * self.frame_samples
+        if not self._confirmed and self._active_count >= self._min_active:
+            self._confirmed = True
+            events.append(
+                SegmentStarted(self._seg_start, now, self._start_kind(), self.sample_rate_hz)
+            )
+        if (
+            len(self._seg_active) >= self._end_window
+            and self._trailing_active <= self._end_max_active
+        ):
+            self._end_segment(events, detected=now)
+        elif self._confirmed and now - self._seg_start >= self._max_segment:
+            self._split_segment(events, now)
+
+    def _discard_old_audio(self) -> None:
+        if self._in_segment:
+            keep = self._seg_start
+        else:
+            # Enough for the pre-roll of a segment opening on the next frames.
+            keep = (self._frame - self._start_window - 1) * self.frame_samples - self._pre_roll
+        if self._ambient > 0:
+            keep = min(keep, self._ambient_start)
+        self._audio.discard_before(keep)
+
+    def _push_trailing(self, flag: bool) -> None:
+        if len(self._trailing) == self._trailing.maxlen and self._trailing[0]:
+            self._trailing_active -= 1
+        self._trailing.append(flag)
+        if flag:
+            self._trailing_active += 1
+
+    def _start_kind(self) -> SegmentKind:
+        if self.config.mode == "sound":
+            return SegmentKind.SOUND
+        if self.config.mode == "speech":
+            return SegmentKind.SPEECH
+        vad_frames = sum(self._seg_vad)
+        return SegmentKind.SPEECH if 2 * vad_frames >= self._active_count else SegmentKind.SOUND
+
+    def _kind(self, first: int, last: int) -> tuple[SegmentKind, float]:
+        """Kind and speech-like share of the segment frames ``[first, last)`` (list indices)."""
+        active = sum(self._seg_active[first:last])
+        if active == 0:
+            return SegmentKind.SOUND, 0.0
+        speech_share = sum(self._seg_speech_like[first:last]) / active
+        if self.config.mode == "speech":
+            return SegmentKind.SPEECH, speech_share
+        if self.config.mode == "sound":
+            return SegmentKind.SOUND, speech_share
+        nonspeech_share = sum(self._seg_nonspeech[first:last]) / active
+        cfg = self.config
+        if speech_share >= cfg.speech_ratio:
+            kind = (
+                SegmentKind.MIXED if nonspeech_share >= cfg.nonspeech_ratio else SegmentKind.SPEECH
+            )
+        elif speech_share >= cfg.mixed_ratio:
+            kind = SegmentKind.MIXED
+        else:
+            kind = SegmentKind.SOUND
+        return kind, speech_share
+
+    def _seg_start_sample(self) -> int:
+        start = self._seg_first_frame * self.frame_samples - self._pre_roll
+        return max(start, self._last_end, 0)
+
+    def _end_segment(self, events: list[Event], detected: int) -> None:
+        if self._confirmed:
+            end = min(
+                (self._last_active + 1) * self.frame_samples + self._post_roll,
+                detected,
+                self._audio.end,
+            )
+            kind, share = self._kind(0, len(self._seg_active))
+            events.append(
+                SegmentEnded(
+                    start_sample=self._seg_start,
+                    end_sample=end,
+                    detected_sample=detected,
+                    kind=kind,
+                    audio=self._audio.slice(self._seg_start, end),
+                    sample_rate_hz=self.sample_rate_hz,
+                    speech_ratio=round(share, 3),
+                )
+            )
+            self._last_end = end
+        self._in_segment = False
+        self._clear_segment()
+
+    def _split_segment(self, events: list[Event], now: int) -> None:
+        F = self.frame_samples
+        first_frame = self._seg_first_frame
+        n = len(self._seg_energy)
+        lo = max(1, (now - self._split_search - first_frame * F) // F)
+        energy = np.asarray(self._seg_energy[lo:n], np.float64)
+        smooth = np.convolve(energy, np.ones(3) / 3, mode="same") if energy.size >= 3 else energy
+        cut = lo + int(np.argmin(smooth))  # segment-relative frame index of the split
+        split_sample = (first_frame + cut) * F
+        kind, share = self._kind(0, cut)
+        events.append(
+            SegmentEnded(
+                start_sample=self._seg_start,
+                end_sample=split_sample,
+                detected_sample=now,
+                kind=kind,
+                audio=self._audio.slice(self._seg_start, split_sample),
+                sample_rate_hz=self.sample_rate_hz,
+                split=True,
+                speech_ratio=round(share, 3),
+            )
+        )
+        # The continuation keeps the frames after the cut.
+        self._seg_start = split_sample
+        self._last_end = split_sample
+        self._seg_first_frame = first_frame + cut
+        for name in (
+            "_seg_active",
+            "_seg_speech_like",
+            "_seg_nonspeech",
+            "_seg_vad",
+            "_seg_energy",
+        ):
+            setattr(self, name, getattr(self, name)[cut:])
+        self._active_count = sum(self._seg_active)
+        events.append(SegmentStarted(split_sample, now, self._start_kind(), self.sample_rate_hz))
+
+    def _emit_ambient(self, events: list[Event], final: bool) -> None:
+        if self._ambient <= 0:
+            return
+        while self._audio.end - self._ambient_start >= self._ambient or (
+            final and self._audio.end > self._ambient_start
+        ):
+            end = min(self._ambient_start + self._ambient, self._audio.end)
+            events.append(
+                AmbientWindow(
+                    self._ambient_start,
+                    end,
+                    self._audio.slice(self._ambient_start, end),
+                    self.sample_rate_hz,
+                )
+            )
+            self._ambient_start = end
