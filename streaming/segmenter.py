@@ -456,8 +456,13 @@ class Segmenter:
             return SegmentKind.SOUND
         if self.config.mode == "speech":
             return SegmentKind.SPEECH
-        vad_frames = sum(self._seg_vad)
-        return SegmentKind.SPEECH if 2 * vad_frames >= self._active_count else SegmentKind.SOUND
+        speech_like = sum(self._seg_speech_like)
+        active = max(1, self._active_count)
+        return (
+            SegmentKind.SPEECH
+            if speech_like >= self.config.speech_ratio * active
+            else SegmentKind.SOUND
+        )
 
     def _kind(self, first: int, last: int) -> tuple[SegmentKind, float]:
         """Kind and speech-like share of the segment frames ``[first, last)`` (list indices)."""
