@@ -8,6 +8,7 @@ decisions into segments.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
@@ -119,6 +120,11 @@ class SoundActivityDetector:
         fall_margin_db: Drop below the floor that counts as a quieter background, in dB.
         active_rise_s: Floor time constant while active, in s.
         warmup_s: Initial period of fast tracking, in s (events in it may be missed).
+        band_bins: FFT bins per band. A band estimated from few bins fluctuates more (the log
+            of a chi-square power estimate has a standard deviation of about
+            ``5.6 / sqrt(bins)`` dB), so its excess is reduced by ``margin_sigmas`` times that.
+            None: no reduction.
+        margin_sigmas: See ``band_bins``.
     """
 
     def __init__(
@@ -132,6 +138,8 @@ class SoundActivityDetector:
         fall_margin_db: float = 6.0,
         active_rise_s: float = 20.0,
         warmup_s: float = 0.5,
+        band_bins: Sequence[int] | None = None,
+        margin_sigmas: float = 1.5,
     ) -> None:
         frame_s = frame_ms / 1000.0
 
@@ -147,6 +155,11 @@ class SoundActivityDetector:
         self._active_rise = alpha(active_rise_s)
         self._warmup_alpha = alpha(0.05)
         self._warmup_frames = round(warmup_s / frame_s)
+        self._margins = (
+            None
+            if band_bins is None
+            else [margin_sigmas * 5.6 / float(np.sqrt(max(1, b))) for b in band_bins]
+        )
         self.reset()
 
     def reset(self) -> None:
@@ -175,6 +188,7 @@ class SoundActivityDetector:
         floor = list(rows[0]) if self._floor is None else self._floor
         smoothed = list(rows[0]) if self._smoothed is None else self._smoothed
         k = self.top_bands
+        margins = self._margins
         n_bands = len(floor)
         on_db, half_on, flux_min = self.on_db, self.on_db / 2, self.flux_db * n_bands
         margin = -self.fall_margin_db
@@ -190,7 +204,10 @@ class SoundActivityDetector:
                 new_smoothed.append(value)
             smoothed = new_smoothed
             excess = [v - f for v, f in zip(smoothed, floor, strict=True)]
-            top = sum(sorted(excess)[-k:]) / k
+            scored = (
+                excess if margins is None else [e - m for e, m in zip(excess, margins, strict=True)]
+            )
+            top = sum(sorted(scored)[-k:]) / k
             is_active = top >= on_db or (flux >= flux_min and top >= half_on)
             if is_active:
                 active[i] = True

@@ -123,6 +123,8 @@ class FrameAnalyzer:
         starts = np.maximum.accumulate(np.maximum(starts, np.arange(N_BANDS) + starts[0]))
         self._band_starts = starts.astype(np.intp)
         self._band_sizes = np.diff(np.append(starts, freqs.size)).astype(np.float32)
+        #: FFT bins per band (few bins: a noisier energy estimate).
+        self.band_bins: tuple[int, ...] = tuple(int(b) for b in self._band_sizes)
         voice_freqs = np.fft.rfftfreq(self.voice_fft, 1.0 / sample_rate_hz)
         self._first_80 = int(np.searchsorted(voice_freqs, 80.0))
         self._first_1k = int(np.searchsorted(voice_freqs, 1000.0))

@@ -263,7 +263,9 @@ class Segmenter:
         self._ambient = samples(cfg.ambient_every_s * 1000)
         self._reframer = Reframer(frame_samples)
         self._analyzer = FrameAnalyzer(frame_samples, rate)
-        self._sound = SoundActivityDetector(frame_ms, cfg.sound_on_db, cfg.sound_flux_db)
+        self._sound = SoundActivityDetector(
+            frame_ms, cfg.sound_on_db, cfg.sound_flux_db, band_bins=self._analyzer.band_bins
+        )
         logger.debug("segmenter config: %s", cfg.as_dict())
         self.reset()
 
