@@ -93,7 +93,7 @@ class SegmenterConfig:
     frame_ms: int = 20
     silero_threshold: float = 0.5
     start_window_ms: int = 100
-    start_active_ms: int = 60
+    start_active_ms: int = 40
     min_active_ms: int = 100
     end_silence_ms: int = 500
     end_active_ratio: float = 0.1
