@@ -14,38 +14,74 @@ logger = logging.getLogger(__name__)
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The options that choose and load a model (shared by every command that loads one)."""
     group = parser.add_argument_group("model")
-    group.add_argument("--model", default="nano", help="preset (nano, salmonn-13b, salmonn-7b, tiny-random) or a checkpoint directory (default: nano)")
-    group.add_argument("--whisper", help="Whisper weights: HF directory, OpenAI .pt, CTranslate2 directory or package:NAME")
+    group.add_argument(
+        "--model",
+        default="nano",
+        help="preset (nano, salmonn-13b, salmonn-7b, tiny-random) or a checkpoint directory"
+        " (default: nano)",
+    )
+    group.add_argument(
+        "--whisper",
+        help="Whisper weights: HF directory, OpenAI .pt, CTranslate2 directory or package:NAME",
+    )
     group.add_argument("--beats", help="BEATs .pt (official {'cfg', 'model'} file)")
     group.add_argument("--llm", help="LLM: HF directory, .gguf file or package:NAME")
-    group.add_argument("--checkpoint", help="trained parts: official salmonn_*.pth or a salmonn-live checkpoint directory")
-    group.add_argument("--input-mode", choices=("official", "trimmed"), help="official: pad to 30 s; trimmed: real length (default: the preset's)")
+    group.add_argument(
+        "--checkpoint",
+        help="trained parts: official salmonn_*.pth or a salmonn-live checkpoint directory",
+    )
+    group.add_argument(
+        "--input-mode",
+        choices=("official", "trimmed"),
+        help="official: pad to 30 s; trimmed: real length (default: the preset's)",
+    )
 
 
-def load_model_from_args(args: argparse.Namespace):  # noqa: ANN201 (torch is imported lazily)
+def load_model_from_args(args: argparse.Namespace):
     from model.presets import resolve_model
     from model.salmonn import Salmonn
 
     config = resolve_model(
-        args.model, whisper=args.whisper, beats=args.beats, llm=args.llm,
-        checkpoint=args.checkpoint, input_mode=args.input_mode,
+        args.model,
+        whisper=args.whisper,
+        beats=args.beats,
+        llm=args.llm,
+        checkpoint=args.checkpoint,
+        input_mode=args.input_mode,
     )
     return Salmonn.from_config(config)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "ask", help="ask the model one question about an audio file",
+        "ask",
+        help="ask the model one question about an audio file",
         description="Load a model, read AUDIO (any rate and channel count), answer INSTRUCTION.",
     )
     parser.add_argument("audio", help="audio file (wav, flac, ogg)")
-    parser.add_argument("instruction", help='e.g. "Recognize the speech and give me the transcription."')
+    parser.add_argument(
+        "instruction", help='e.g. "Recognize the speech and give me the transcription."'
+    )
     add_model_arguments(parser)
     gen = parser.add_argument_group("generation")
-    gen.add_argument("--lora-scale", type=float, help="LoRA scaling factor (trained: alpha/r = 4.0; lower it to follow new kinds of instruction)")
-    gen.add_argument("--beams", type=int, default=1, help="beam search width (1: greedy; the official demo used 4)")
+    gen.add_argument(
+        "--lora-scale",
+        type=float,
+        help="LoRA scaling factor (trained: alpha/r = 4.0; lower it to follow new kinds"
+        " of instruction)",
+    )
+    gen.add_argument(
+        "--beams",
+        type=int,
+        default=1,
+        help="beam search width (1: greedy; the official demo used 4)",
+    )
     gen.add_argument("--max-new-tokens", type=int, default=200)
-    parser.add_argument("--json", action="store_true", help="print {text, token_ids, audio_tokens, timings_ms} as JSON")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print {text, token_ids, audio_tokens, timings_ms} as JSON",
+    )
     parser.set_defaults(func=run)
 
 
@@ -55,25 +91,39 @@ def run(args: argparse.Namespace) -> int:
     from streaming.audio_file import load_audio
 
     if args.beams < 1 or args.max_new_tokens < 1:
-        sys.stderr.write("salmonn-live ask: error: --beams and --max-new-tokens must be at least 1\n")
+        sys.stderr.write(
+            "salmonn-live ask: error: --beams and --max-new-tokens must be at least 1\n"
+        )
         return 2
     audio = load_audio(args.audio, SAMPLE_RATE_HZ)
     duration_s = audio.shape[0] / SAMPLE_RATE_HZ
     if duration_s > MAX_AUDIO_S:
         raise AudioTooLongError(
-            f"{args.audio} is {duration_s:.1f} s long; SALMONN hears at most {MAX_AUDIO_S:.0f} s at once: "
+            f"{args.audio} is {duration_s:.1f} s long; SALMONN hears at most "
+            f"{MAX_AUDIO_S:.0f} s at once: "
             "cut it, or stream it with `salmonn-live run` to hear it segment by segment"
         )
     started = time.perf_counter()
     model = load_model_from_args(args)
     load_ms = (time.perf_counter() - started) * 1000
     result = model.generate(
-        [audio], args.instruction, lora_scale=args.lora_scale, num_beams=args.beams,
+        [audio],
+        args.instruction,
+        lora_scale=args.lora_scale,
+        num_beams=args.beams,
         max_new_tokens=args.max_new_tokens,
     )[0]
     if args.json:
-        timings = {"load_ms": round(load_ms, 1), **{k: round(v, 1) for k, v in result.timings_ms.items()}}
-        out = {"text": result.text, "token_ids": result.token_ids, "audio_tokens": result.audio_tokens, "timings_ms": timings}
+        timings = {
+            "load_ms": round(load_ms, 1),
+            **{k: round(v, 1) for k, v in result.timings_ms.items()},
+        }
+        out = {
+            "text": result.text,
+            "token_ids": result.token_ids,
+            "audio_tokens": result.audio_tokens,
+            "timings_ms": timings,
+        }
         sys.stdout.write(json.dumps(out) + "\n")
     else:
         sys.stdout.write(result.text + "\n")

@@ -10,12 +10,20 @@ import importlib
 
 _BENCHMARKS = {
     "model": ("bench.model", "load time, encoder, Q-Former, prefill and decode speed, peak RSS"),
-    "segment": ("bench.segment", "segmenter throughput (x real time per core) and quality on generated scenes"),
+    "segment": (
+        "bench.segment",
+        "segmenter throughput (x real time per core) and quality on generated scenes",
+    ),
 }
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("bench", help="run a benchmark", description=__doc__)
+    parser = subparsers.add_parser(
+        "bench",
+        help="run a benchmark",
+        description="Speed and memory benchmarks. Record what they print in BENCHMARKS.md,"
+        " with the machine, the command and the date.",
+    )
     kinds = parser.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
     for name, (module_name, help_text) in _BENCHMARKS.items():
         sub = kinds.add_parser(name, help=help_text, description=help_text)

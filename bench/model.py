@@ -23,14 +23,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from agent.cmd_ask import add_model_arguments
 
     add_model_arguments(parser)
-    parser.add_argument("--audio", default=str(EXAMPLE_CLIP), help="clip to measure on (default: the bundled 2 s command)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per figure (median reported)")
-    parser.add_argument("--new-tokens", type=int, default=32, help="tokens to decode for the tokens/s figure")
+    parser.add_argument(
+        "--audio",
+        default=str(EXAMPLE_CLIP),
+        help="clip to measure on (default: the bundled 2 s command)",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="timed runs per figure (median reported)"
+    )
+    parser.add_argument(
+        "--new-tokens", type=int, default=32, help="tokens to decode for the tokens/s figure"
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object")
 
 
-def _median_ms(fn, repeats: int) -> float:  # noqa: ANN001
+def _median_ms(fn, repeats: int) -> float:
     fn()  # warm-up: first calls pay for allocation and kernel selection
     samples = []
     for _ in range(repeats):
@@ -54,7 +62,9 @@ def run(args: argparse.Namespace) -> int:
     load_s = time.perf_counter() - started
     base_config = model.config
     figures: dict[str, float | str | int] = {
-        "model": base_config.name, "audio_s": round(len(audio) / 16000, 2), "threads": torch.get_num_threads(),
+        "model": base_config.name,
+        "audio_s": round(len(audio) / 16000, 2),
+        "threads": torch.get_num_threads(),
         "load_s": round(load_s, 2),
     }
     for mode in ("official", "trimmed"):
@@ -74,15 +84,20 @@ def run(args: argparse.Namespace) -> int:
     inputs = model.build_inputs([row], [instruction])
     with torch.no_grad():
         figures["prefill_tokens"] = int(inputs["attention_mask"].sum())
-        figures["prefill_ms"] = round(_median_ms(lambda: model.llama_model(**inputs), args.repeats), 1)
+        figures["prefill_ms"] = round(
+            _median_ms(lambda: model.llama_model(**inputs), args.repeats), 1
+        )
 
     stamps: list[float] = []
     started = time.perf_counter()
     # Suppress EOS for a fixed-length decode, so tokens/s does not depend on the answer.
     with torch.no_grad():
         model.llama_model.generate(
-            **{k: v for k, v in inputs.items() if k != "position_ids"}, max_new_tokens=args.new_tokens,
-            min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=model.tokenizer.eos_token_id,
+            **{k: v for k, v in inputs.items() if k != "position_ids"},
+            max_new_tokens=args.new_tokens,
+            min_new_tokens=args.new_tokens,
+            do_sample=False,
+            pad_token_id=model.tokenizer.eos_token_id,
             streamer=_Stamps(stamps),
         )
     total = time.perf_counter() - started
@@ -91,7 +106,9 @@ def run(args: argparse.Namespace) -> int:
         figures["decode_tokens_per_s"] = round((len(stamps) - 1) / (stamps[-1] - stamps[0]), 1)
     figures["generate_s"] = round(total, 2)
     figures["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-    figures["machine"] = f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    figures["machine"] = (
+        f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    )
     if args.json:
         sys.stdout.write(json.dumps(figures) + "\n")
     else:
@@ -107,7 +124,7 @@ class _Stamps:
     def __init__(self, stamps: list[float]) -> None:
         self.stamps = stamps
 
-    def put(self, value) -> None:  # noqa: ANN001
+    def put(self, value) -> None:
         if value.dim() == 1:  # the first call carries the (empty) prompt ids as a 2-D tensor
             self.stamps.append(time.perf_counter())
 

@@ -73,16 +73,26 @@ def resolve_model(
     else:
         directory = Path(spec)
         if not directory.is_dir():
-            raise ModelLoadError(f"unknown model {spec!r}: use one of {sorted(PRESETS)} or a checkpoint directory")
+            raise ModelLoadError(
+                f"unknown model {spec!r}: use one of {sorted(PRESETS)} or a checkpoint directory"
+            )
         try:
             meta = json.loads((directory / "config.json").read_text())
         except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"{directory} is not a salmonn-live checkpoint: no readable config.json ({exc})") from exc
-        config = SalmonnConfig.from_dict(meta.get("salmonn", meta)).replace(checkpoint=str(directory))
+            raise ModelLoadError(
+                f"{directory} is not a salmonn-live checkpoint: no readable config.json ({exc})"
+            ) from exc
+        config = SalmonnConfig.from_dict(meta.get("salmonn", meta)).replace(
+            checkpoint=str(directory)
+        )
     changes = {
         key: value
         for key, value in {
-            "whisper": whisper, "beats": beats, "llm": llm, "checkpoint": checkpoint, "input_mode": input_mode,
+            "whisper": whisper,
+            "beats": beats,
+            "llm": llm,
+            "checkpoint": checkpoint,
+            "input_mode": input_mode,
         }.items()
         if value is not None
     }

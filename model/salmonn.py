@@ -97,7 +97,9 @@ class SalmonnConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ModelLoadError(f"unknown SalmonnConfig keys {unknown}; known keys: {sorted(known)}")
+            raise ModelLoadError(
+                f"unknown SalmonnConfig keys {unknown}; known keys: {sorted(known)}"
+            )
         values = dict(data)
         if "lora_targets" in values:
             values["lora_targets"] = tuple(values["lora_targets"])
@@ -130,9 +132,15 @@ class QformerMultiHeadAttention(nn.Module):
         def split(x: torch.Tensor) -> torch.Tensor:  # (W, S, hidden) -> (W, heads, S, hidden/heads)
             return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)
 
-        q, k, v = split(self.query(hidden_states)), split(self.key(context)), split(self.value(context))
+        q, k, v = (
+            split(self.query(hidden_states)),
+            split(self.key(context)),
+            split(self.value(context)),
+        )
         # The official cross-attention mask is all ones (padding is not masked), so no mask here.
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        out = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.dropout if self.training else 0.0
+        )
         return out.transpose(1, 2).flatten(-2)
 
 
@@ -142,7 +150,7 @@ class QformerResidualOutput(nn.Module):
     def __init__(self, in_width: int, hidden: int, dropout: float) -> None:
         super().__init__()
         self.dense = nn.Linear(in_width, hidden)
-        self.LayerNorm = nn.LayerNorm(hidden, eps=1e-12)  # noqa: N815 (checkpoint key name)
+        self.LayerNorm = nn.LayerNorm(hidden, eps=1e-12)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -190,7 +198,7 @@ class QformerEmbeddings(nn.Module):
 
     def __init__(self, hidden: int, dropout: float) -> None:
         super().__init__()
-        self.LayerNorm = nn.LayerNorm(hidden, eps=1e-12)  # noqa: N815 (checkpoint key name)
+        self.LayerNorm = nn.LayerNorm(hidden, eps=1e-12)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, queries: torch.Tensor) -> torch.Tensor:
@@ -200,7 +208,9 @@ class QformerEmbeddings(nn.Module):
 class QformerEncoder(nn.Module):
     def __init__(self, config: SalmonnConfig, encoder_width: int) -> None:
         super().__init__()
-        self.layer = nn.ModuleList(QformerLayer(config, encoder_width) for _ in range(config.qformer_layers))
+        self.layer = nn.ModuleList(
+            QformerLayer(config, encoder_width) for _ in range(config.qformer_layers)
+        )
 
 
 class QformerBert(nn.Module):
@@ -361,7 +371,9 @@ class Salmonn(nn.Module):
         self.ln_speech = nn.LayerNorm(speech_width)
         self.ln_audio = nn.LayerNorm(audio_width) if beats is not None else None
         self.speech_Qformer = WindowLevelQformer(config, speech_width + audio_width)
-        self.speech_query_tokens = nn.Parameter(torch.zeros(1, config.speech_query_tokens, config.qformer_hidden))
+        self.speech_query_tokens = nn.Parameter(
+            torch.zeros(1, config.speech_query_tokens, config.qformer_hidden)
+        )
         self.speech_llama_proj = nn.Linear(config.qformer_hidden, llm_hidden)
         self._init_trainable()
 
@@ -370,7 +382,10 @@ class Salmonn(nn.Module):
                 module.requires_grad_(False)
                 module.eval()
         self.llama_model = add_lora(
-            llm, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
+            llm,
+            r=config.lora_r,
+            alpha=config.lora_alpha,
+            dropout=config.lora_dropout,
             target_modules=config.lora_targets,
         )
 
@@ -402,7 +417,9 @@ class Salmonn(nn.Module):
         from model.whisper import load_whisper
 
         if not config.whisper:
-            raise ModelLoadError(f"model {config.name!r} needs a Whisper encoder: pass --whisper PATH")
+            raise ModelLoadError(
+                f"model {config.name!r} needs a Whisper encoder: pass --whisper PATH"
+            )
         if not config.llm:
             raise ModelLoadError(f"model {config.name!r} needs an LLM: pass --llm PATH")
         started = time.perf_counter()
@@ -415,8 +432,13 @@ class Salmonn(nn.Module):
         llm, tokenizer = load_llm(config.llm, dtype=dtype)
         sp = sentencepiece_model(config.llm) if config.prompt_style == "vicuna" else None
         model = cls(
-            config, whisper=whisper, beats=beats, llm=llm, tokenizer=tokenizer,
-            sentencepiece=sp, whisper_tokenizer=whisper_tokenizer,
+            config,
+            whisper=whisper,
+            beats=beats,
+            llm=llm,
+            tokenizer=tokenizer,
+            sentencepiece=sp,
+            whisper_tokenizer=whisper_tokenizer,
         )
         if config.checkpoint:
             report = model.load_checkpoint(config.checkpoint)
@@ -424,7 +446,8 @@ class Salmonn(nn.Module):
         else:
             logger.warning(
                 "model %r has no trained checkpoint: the Q-Former, projection and LoRA are random, "
-                "so its answers are meaningless", config.name,
+                "so its answers are meaningless",
+                config.name,
             )
         model.eval()
         logger.info("loaded model %r in %.1f s", config.name, time.perf_counter() - started)
@@ -436,7 +459,9 @@ class Salmonn(nn.Module):
         """Only the parameters that require grad, under their official key names."""
         return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
 
-    def load_trainable_state_dict(self, state: dict[str, torch.Tensor], *, source: str = "checkpoint") -> LoadReport:
+    def load_trainable_state_dict(
+        self, state: dict[str, torch.Tensor], *, source: str = "checkpoint"
+    ) -> LoadReport:
         """Copy trainable tensors in, key for key, checking every shape.
 
         Raises:
@@ -450,7 +475,11 @@ class Salmonn(nn.Module):
                 if key in own:
                     target = own[key]
                     if tuple(target.shape) != tuple(tensor.shape):
-                        raise ModelLoadError(_shape_mismatch_message(source, key, tuple(tensor.shape), tuple(target.shape)))
+                        raise ModelLoadError(
+                            _shape_mismatch_message(
+                                source, key, tuple(tensor.shape), tuple(target.shape)
+                            )
+                        )
                     target.copy_(tensor.to(target.dtype))
                     report.loaded.append(key)
                 elif any(p.match(key) for p in _IGNORED_KEYS):
@@ -459,9 +488,19 @@ class Salmonn(nn.Module):
                     report.unexpected.append(key)
         report.missing = sorted(set(own) - set(report.loaded))
         if report.missing:
-            logger.warning("%s lacks %d trainable tensors, e.g. %s", source, len(report.missing), report.missing[:3])
+            logger.warning(
+                "%s lacks %d trainable tensors, e.g. %s",
+                source,
+                len(report.missing),
+                report.missing[:3],
+            )
         if report.unexpected:
-            logger.warning("%s has %d unexpected tensors, e.g. %s", source, len(report.unexpected), report.unexpected[:3])
+            logger.warning(
+                "%s has %d unexpected tensors, e.g. %s",
+                source,
+                len(report.unexpected),
+                report.unexpected[:3],
+            )
         return report
 
     def load_checkpoint(self, path: str | Path) -> LoadReport:
@@ -477,7 +516,9 @@ class Salmonn(nn.Module):
             return self.load_trainable_state_dict(load_file(str(weights)), source=str(path))
         return self.load_trainable_state_dict(read_official_checkpoint(path), source=str(path))
 
-    def save_checkpoint(self, directory: str | Path, *, extra: dict[str, Any] | None = None) -> Path:
+    def save_checkpoint(
+        self, directory: str | Path, *, extra: dict[str, Any] | None = None
+    ) -> Path:
         """Write the trainable parts as `model.safetensors` and the config as `config.json`."""
         from safetensors.torch import save_file
 
@@ -518,7 +559,9 @@ class Salmonn(nn.Module):
                 speech_rows = []
                 for clip in audio:
                     feats, valid = whisper_features([clip], trimmed=True, n_mels=n_mels)
-                    speech_rows.append(encode(self.speech_encoder, feats.to(device, dtype))[0, : valid[0]])
+                    speech_rows.append(
+                        encode(self.speech_encoder, feats.to(device, dtype))[0, : valid[0]]
+                    )
                 frames = [row.shape[0] for row in speech_rows]
                 speech = nn.utils.rnn.pad_sequence(speech_rows, batch_first=True)
             else:
@@ -528,7 +571,9 @@ class Salmonn(nn.Module):
             fused = self.ln_speech(speech)  # (B, T, speech_width)
             if self.beats is not None:
                 t1 = time.perf_counter()
-                fused = torch.cat([fused, self._beats_features(audio, fused.shape[1], frames)], dim=-1)
+                fused = torch.cat(
+                    [fused, self._beats_features(audio, fused.shape[1], frames)], dim=-1
+                )
                 timings["beats_ms"] = (time.perf_counter() - t1) * 1000
             timings["encoder_ms"] = (time.perf_counter() - t0) * 1000
 
@@ -537,7 +582,9 @@ class Salmonn(nn.Module):
         timings["qformer_ms"] = (time.perf_counter() - t2) * 1000
         return AudioTokens(embeds=embeds, counts=counts, timings_ms=timings)
 
-    def _beats_features(self, audio: Sequence[np.ndarray], length: int, frames: list[int]) -> torch.Tensor:
+    def _beats_features(
+        self, audio: Sequence[np.ndarray], length: int, frames: list[int]
+    ) -> torch.Tensor:
         """BEATs features (B, length, 768) after `ln_audio`, zero-padded in time to the speech
         features' length (SALMONN pads the shorter stream; BEATs gives 1496 frames for 30 s)."""
         assert self.beats is not None and self.ln_audio is not None
@@ -555,14 +602,18 @@ class Salmonn(nn.Module):
             out[i, :keep] = row[:keep]
         return out
 
-    def audio_tokens_from_features(self, fused: torch.Tensor, frames: Sequence[int]) -> tuple[torch.Tensor, list[int]]:
+    def audio_tokens_from_features(
+        self, fused: torch.Tensor, frames: Sequence[int]
+    ) -> tuple[torch.Tensor, list[int]]:
         """Fused encoder features (B, T, width) with `frames[i]` valid frames per row -> audio
         embeddings (B, max_tokens, llm_hidden) and each row's token count. This is the part
         training runs on cached encoder outputs."""
         window, stride = self.config.window_frames, self.config.stride_frames
         n_windows = [0 if f < window else (f - window) // stride + 1 for f in frames]
         if min(n_windows) == 0:
-            raise ValueError(f"a clip has fewer than {window} encoder frames; pad clips to 1 s first")
+            raise ValueError(
+                f"a clip has fewer than {window} encoder frames; pad clips to 1 s first"
+            )
         longest = max(n_windows)
         # (B, T, C) -> (B, L, C, window) -> (B*L, window, C); the official code's unfold drops
         # frames after the last whole window (1496..1499 at 30 s) and pads nothing.
@@ -570,7 +621,9 @@ class Salmonn(nn.Module):
         batch, length = windows.shape[:2]
         windows = windows.permute(0, 1, 3, 2).reshape(batch * length, window, -1)
         queries = self.speech_Qformer(self.speech_query_tokens, windows)  # (B*L, N, hidden)
-        embeds = self.speech_llama_proj(queries).reshape(batch, length * self.config.speech_query_tokens, -1)
+        embeds = self.speech_llama_proj(queries).reshape(
+            batch, length * self.config.speech_query_tokens, -1
+        )
         counts = [n * self.config.speech_query_tokens for n in n_windows]
         return embeds, counts
 
@@ -588,7 +641,9 @@ class Salmonn(nn.Module):
             before, after = VICUNA_TEMPLATE.format(user).split("<SpeechHere>")
             bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
             if self.sentencepiece is not None:
-                return bos + list(self.sentencepiece.encode(before)), list(self.sentencepiece.encode(after))
+                return bos + list(self.sentencepiece.encode(before)), list(
+                    self.sentencepiece.encode(after)
+                )
             return bos + self._encode(before), self._encode(after)
         text = self.tokenizer.apply_chat_template(
             [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
@@ -633,10 +688,12 @@ class Salmonn(nn.Module):
             before, after = self.prompt_pieces(instruction)
             answer: list[int] = []
             if targets is not None:
-                answer = self._encode(targets[i]) + [self._eos_ids()[0]]
+                answer = [*self._encode(targets[i]), self._eos_ids()[0]]
             ids_before = torch.tensor(before, dtype=torch.long, device=device)
             ids_after = torch.tensor(after + answer, dtype=torch.long, device=device)
-            rows.append(torch.cat([embed(ids_before), audio.to(embed.weight.dtype), embed(ids_after)]))
+            rows.append(
+                torch.cat([embed(ids_before), audio.to(embed.weight.dtype), embed(ids_after)])
+            )
             labels.append([-100] * (len(before) + audio.shape[0] + len(after)) + answer)
         longest = max(r.shape[0] for r in rows)
         batch = len(rows)
@@ -644,9 +701,9 @@ class Salmonn(nn.Module):
         mask = torch.zeros(batch, longest, dtype=torch.long, device=device)
         label_tensor = torch.full((batch, longest), -100, dtype=torch.long, device=device)
         for i, row in enumerate(rows):
-            inputs[i, longest - row.shape[0]:] = row
-            mask[i, longest - row.shape[0]:] = 1
-            label_tensor[i, longest - row.shape[0]:] = torch.tensor(labels[i], device=device)
+            inputs[i, longest - row.shape[0] :] = row
+            mask[i, longest - row.shape[0] :] = 1
+            label_tensor[i, longest - row.shape[0] :] = torch.tensor(labels[i], device=device)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         out = {"inputs_embeds": inputs, "attention_mask": mask, "position_ids": position_ids}
         if targets is not None:
@@ -708,12 +765,18 @@ class Salmonn(nn.Module):
             One `Generation` per row.
         """
         if on_token is not None and num_beams > 1:
-            raise ValueError("on_token streaming needs num_beams=1: beam hypotheses change until the end")
+            raise ValueError(
+                "on_token streaming needs num_beams=1: beam hypotheses change until the end"
+            )
         inputs = self.build_inputs(audio_rows, instructions)
         inputs.pop("position_ids")  # generate() derives positions from the attention mask
         eos_ids = self._eos_ids()
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos_ids[0]
-        streamer = _TokenCallbackStreamer(on_token, set(eos_ids), len(instructions)) if on_token else None
+        pad_id = (
+            self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos_ids[0]
+        )
+        streamer = (
+            _TokenCallbackStreamer(on_token, set(eos_ids), len(instructions)) if on_token else None
+        )
         started = time.perf_counter()
         with self.lora_scale(lora_scale):
             output = self.llama_model.generate(
@@ -756,7 +819,9 @@ class Salmonn(nn.Module):
         if len(instructions) != len(audio):
             raise ValueError(f"got {len(audio)} clips but {len(instructions)} instructions")
         tokens = self.encode_audio(audio)
-        results = self.generate_from_tokens([tokens.row(i) for i in range(len(audio))], instructions, **kwargs)
+        results = self.generate_from_tokens(
+            [tokens.row(i) for i in range(len(audio))], instructions, **kwargs
+        )
         for result in results:
             result.timings_ms = {**tokens.timings_ms, **result.timings_ms}
         return results
@@ -791,7 +856,9 @@ def _strip_after_eos(ids: list[int], eos_ids: set[int], pad_id: int) -> list[int
     return out
 
 
-def _shape_mismatch_message(source: str, key: str, got: tuple[int, ...], want: tuple[int, ...]) -> str:
+def _shape_mismatch_message(
+    source: str, key: str, got: tuple[int, ...], want: tuple[int, ...]
+) -> str:
     message = f"{source}: tensor {key!r} has shape {list(got)} but this model expects {list(want)}"
     if key.startswith("speech_llama_proj") or ".lora_" in key:
         hidden = got[0] if key.startswith("speech_llama_proj") or "lora_B" in key else got[-1]
@@ -799,13 +866,19 @@ def _shape_mismatch_message(source: str, key: str, got: tuple[int, ...], want: t
             f". The checkpoint was trained for an LLM of hidden size {hidden}: salmonn-13b needs "
             "Vicuna-13B v1.1 (5120), salmonn-7b needs Vicuna-7B v1.5 (4096); check --llm"
         )
-    elif "crossattention.self.key" in key or "crossattention.self.value" in key or key.startswith("ln_"):
+    elif (
+        "crossattention.self.key" in key
+        or "crossattention.self.value" in key
+        or key.startswith("ln_")
+    ):
         message += (
             ". The encoder width differs: the checkpoint expects speech + audio features of width "
             f"{got[-1]}; check --whisper (large-v2 is 1280 wide) and whether --beats (768) is given"
         )
     elif key.startswith("speech_Qformer") or key == "speech_query_tokens":
-        message += ". The Q-Former sizes differ from the checkpoint's; use the preset it was trained with"
+        message += (
+            ". The Q-Former sizes differ from the checkpoint's; use the preset it was trained with"
+        )
     return message
 
 
@@ -826,10 +899,13 @@ def read_official_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         data = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as exc:
         raise ModelLoadError(
-            f"checkpoint {path} holds objects other than tensors, which we refuse to unpickle: {exc}"
+            f"checkpoint {path} holds objects other than tensors, which we refuse to "
+            f"unpickle: {exc}"
         ) from exc
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise ModelLoadError(f"checkpoint {path} is not a readable torch checkpoint (truncated?): {exc}") from exc
+        raise ModelLoadError(
+            f"checkpoint {path} is not a readable torch checkpoint (truncated?): {exc}"
+        ) from exc
     state = data.get("model", data) if isinstance(data, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelLoadError(f"checkpoint {path} has no 'model' state dict of tensors")
@@ -838,4 +914,6 @@ def read_official_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
 
 def count_parameters(module: nn.Module, *, trainable_only: bool = True) -> int:
     """Number of (trainable) parameters; works on the meta device."""
-    return sum(math.prod(p.shape) for p in module.parameters() if p.requires_grad or not trainable_only)
+    return sum(
+        math.prod(p.shape) for p in module.parameters() if p.requires_grad or not trainable_only
+    )

@@ -36,9 +36,17 @@ def write_tiny_whisper(directory: Path, *, seed: int = 0) -> None:
 
     torch.manual_seed(seed)
     config = WhisperConfig(
-        d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=80,
-        max_source_positions=1500, max_target_positions=64, vocab_size=51865,
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        num_mel_bins=80,
+        max_source_positions=1500,
+        max_target_positions=64,
+        vocab_size=51865,
     )
     WhisperForConditionalGeneration(config).save_pretrained(directory)
 
@@ -52,21 +60,46 @@ def write_tiny_llama(directory: Path, *, seed: int = 0, hidden: int = 32) -> Non
     corpus = directory / "corpus.txt"
     corpus.write_text(_CORPUS * 8)
     spm.SentencePieceTrainer.train(
-        input=str(corpus), model_prefix=str(directory / "tokenizer"), vocab_size=400, model_type="bpe",
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True, character_coverage=1.0,
-        minloglevel=2, seed_sentencepiece_size=100000, num_threads=1,
+        input=str(corpus),
+        model_prefix=str(directory / "tokenizer"),
+        vocab_size=400,
+        model_type="bpe",
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        byte_fallback=True,
+        character_coverage=1.0,
+        minloglevel=2,
+        seed_sentencepiece_size=100000,
+        num_threads=1,
     )
     corpus.unlink()
     (directory / "tokenizer.vocab").unlink(missing_ok=True)
-    (directory / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-        "add_bos_token": True, "add_eos_token": False,
-    }))
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "LlamaTokenizer",
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+                "add_bos_token": True,
+                "add_eos_token": False,
+            }
+        )
+    )
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=400, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
-        bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+        vocab_size=400,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
     )
     LlamaForCausalLM(config).save_pretrained(directory)
 
@@ -76,7 +109,11 @@ def tiny_random_sources() -> dict[str, str]:
     from model.beats import save_tiny_random_beats
 
     root = cache_dir("tiny-random") / _VERSION
-    sources = {"whisper": str(root / "whisper"), "beats": str(root / "beats.pt"), "llm": str(root / "llm")}
+    sources = {
+        "whisper": str(root / "whisper"),
+        "beats": str(root / "beats.pt"),
+        "llm": str(root / "llm"),
+    }
     if (root / "done").is_file():
         return sources
     # Build in a private directory and rename it into place, so parallel test processes

@@ -30,29 +30,48 @@ def _clips(seed: int, seconds: tuple[float, ...]) -> list[np.ndarray]:
     out = []
     for s in seconds:
         t = np.arange(int(s * SR)) / SR
-        out.append((0.3 * np.sin(2 * np.pi * rng.uniform(200, 2000) * t) + 0.05 * rng.standard_normal(t.shape)).astype(np.float32))
+        out.append(
+            (
+                0.3 * np.sin(2 * np.pi * rng.uniform(200, 2000) * t)
+                + 0.05 * rng.standard_normal(t.shape)
+            ).astype(np.float32)
+        )
     return out
 
 
 # -- the official checkpoint layout (SALMONN.md section 6), written from the spec, not the code --
 
 QFORMER_LAYER_KEYS = {
-    "attention.self.query": ("h", "h"), "attention.self.key": ("h", "h"), "attention.self.value": ("h", "h"),
-    "attention.output.dense": ("h", "h"), "crossattention.self.query": ("h", "h"),
-    "crossattention.self.key": ("h", "enc"), "crossattention.self.value": ("h", "enc"),
-    "crossattention.output.dense": ("h", "h"), "intermediate_query.dense": ("ffn", "h"),
+    "attention.self.query": ("h", "h"),
+    "attention.self.key": ("h", "h"),
+    "attention.self.value": ("h", "h"),
+    "attention.output.dense": ("h", "h"),
+    "crossattention.self.query": ("h", "h"),
+    "crossattention.self.key": ("h", "enc"),
+    "crossattention.self.value": ("h", "enc"),
+    "crossattention.output.dense": ("h", "h"),
+    "intermediate_query.dense": ("ffn", "h"),
     "output_query.dense": ("h", "ffn"),
 }
-LAYER_NORMS = ("attention.output.LayerNorm", "crossattention.output.LayerNorm", "output_query.LayerNorm")
+LAYER_NORMS = (
+    "attention.output.LayerNorm",
+    "crossattention.output.LayerNorm",
+    "output_query.LayerNorm",
+)
 
 
-def official_state_dict(h: int, ffn: int, enc: int, speech: int, audio: int, llm: int, llm_layers: int, layers: int = 2) -> dict[str, torch.Tensor]:
+def official_state_dict(
+    h: int, ffn: int, enc: int, speech: int, audio: int, llm: int, llm_layers: int, layers: int = 2
+) -> dict[str, torch.Tensor]:
     dims = {"h": h, "ffn": ffn, "enc": enc}
     sd: dict[str, torch.Tensor] = {
         "speech_query_tokens": torch.randn(1, 1, h),
-        "ln_speech.weight": torch.ones(speech), "ln_speech.bias": torch.zeros(speech),
-        "ln_audio.weight": torch.ones(audio), "ln_audio.bias": torch.zeros(audio),
-        "speech_llama_proj.weight": torch.randn(llm, h), "speech_llama_proj.bias": torch.randn(llm),
+        "ln_speech.weight": torch.ones(speech),
+        "ln_speech.bias": torch.zeros(speech),
+        "ln_audio.weight": torch.ones(audio),
+        "ln_audio.bias": torch.zeros(audio),
+        "speech_llama_proj.weight": torch.randn(llm, h),
+        "speech_llama_proj.bias": torch.randn(llm),
         "speech_Qformer.bert.embeddings.LayerNorm.weight": torch.ones(h),
         "speech_Qformer.bert.embeddings.LayerNorm.bias": torch.zeros(h),
         # Harmless extras the released files carry.
@@ -75,7 +94,9 @@ def official_state_dict(h: int, ffn: int, enc: int, speech: int, audio: int, llm
     return sd
 
 
-def test_official_layout_checkpoint_loads_with_no_missing_or_unexpected_keys(tiny: Salmonn, tmp_path) -> None:
+def test_official_layout_checkpoint_loads_with_no_missing_or_unexpected_keys(
+    tiny: Salmonn, tmp_path
+) -> None:
     sd = official_state_dict(h=32, ffn=64, enc=32 + 32, speech=32, audio=32, llm=32, llm_layers=2)
     path = tmp_path / "salmonn_tiny.pth"
     torch.save({"model": sd, "epoch": 3}, path)
@@ -139,34 +160,68 @@ def test_audio_over_30_s_is_refused(tiny: Salmonn) -> None:
 
 def test_only_the_connection_modules_and_lora_are_trainable(tiny: Salmonn) -> None:
     trainable = [n for n, p in tiny.named_parameters() if p.requires_grad]
-    allowed = ("speech_Qformer.", "speech_query_tokens", "ln_speech.", "ln_audio.", "speech_llama_proj.")
+    allowed = (
+        "speech_Qformer.",
+        "speech_query_tokens",
+        "ln_speech.",
+        "ln_audio.",
+        "speech_llama_proj.",
+    )
     for name in trainable:
         assert name.startswith(allowed) or ".lora_" in name, name
-    assert any(".lora_A." in n for n in trainable) and any(n.startswith("speech_Qformer.") for n in trainable)
+    assert any(".lora_A." in n for n in trainable) and any(
+        n.startswith("speech_Qformer.") for n in trainable
+    )
     assert not any(p.requires_grad for p in tiny.whisper.parameters())
     assert not any(p.requires_grad for p in tiny.beats.parameters())
 
 
-@pytest.mark.parametrize(("llm_hidden", "layers", "heads", "ffn", "expected"), [
-    (5120, 40, 40, 13824, 33_332_992),  # salmonn-13b: Vicuna-13B v1.1
-    (4096, 32, 32, 11008, 30_186_240),  # salmonn-7b: Vicuna-7B v1.5
-])
-def test_trainable_parameter_count_of_official_configs_on_meta(llm_hidden, layers, heads, ffn, expected) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM, WhisperConfig, WhisperForConditionalGeneration
+@pytest.mark.parametrize(
+    ("llm_hidden", "layers", "heads", "ffn", "expected"),
+    [
+        (5120, 40, 40, 13824, 33_332_992),  # salmonn-13b: Vicuna-13B v1.1
+        (4096, 32, 32, 11008, 30_186_240),  # salmonn-7b: Vicuna-7B v1.5
+    ],
+)
+def test_trainable_parameter_count_of_official_configs_on_meta(
+    llm_hidden, layers, heads, ffn, expected
+) -> None:
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        WhisperConfig,
+        WhisperForConditionalGeneration,
+    )
 
     from model.beats import Beats, BeatsConfig
     from model.presets import PRESETS
 
     large_v2 = WhisperConfig(
-        d_model=1280, encoder_layers=32, decoder_layers=32, encoder_attention_heads=20,
-        decoder_attention_heads=20, encoder_ffn_dim=5120, decoder_ffn_dim=5120, num_mel_bins=80, vocab_size=51865,
+        d_model=1280,
+        encoder_layers=32,
+        decoder_layers=32,
+        encoder_attention_heads=20,
+        decoder_attention_heads=20,
+        encoder_ffn_dim=5120,
+        decoder_ffn_dim=5120,
+        num_mel_bins=80,
+        vocab_size=51865,
     )
-    vicuna = LlamaConfig(hidden_size=llm_hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=ffn, vocab_size=32000)
+    vicuna = LlamaConfig(
+        hidden_size=llm_hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=ffn,
+        vocab_size=32000,
+    )
     name = "salmonn-13b" if llm_hidden == 5120 else "salmonn-7b"
     with torch.device("meta"):
         model = Salmonn(
-            PRESETS[name], whisper=WhisperForConditionalGeneration(large_v2), beats=Beats(BeatsConfig()),
-            llm=LlamaForCausalLM(vicuna), tokenizer=None,
+            PRESETS[name],
+            whisper=WhisperForConditionalGeneration(large_v2),
+            beats=Beats(BeatsConfig()),
+            llm=LlamaForCausalLM(vicuna),
+            tokenizer=None,
         )
     assert count_parameters(model) == expected
 
@@ -193,9 +248,16 @@ def test_batched_greedy_equals_each_clip_alone(tiny: Salmonn, mode: str) -> None
     tiny.config = tiny.config.replace(input_mode=mode)
     try:
         clips = _clips(3, (1.2, 3.0, 2.1))
-        instructions = ["Please describe the audio.", "Recognize the speech.", "What is the capital of France?"]
+        instructions = [
+            "Please describe the audio.",
+            "Recognize the speech.",
+            "What is the capital of France?",
+        ]
         batched = tiny.generate(clips, instructions, max_new_tokens=6)
-        alone = [tiny.generate([c], [q], max_new_tokens=6)[0] for c, q in zip(clips, instructions, strict=True)]
+        alone = [
+            tiny.generate([c], [q], max_new_tokens=6)[0]
+            for c, q in zip(clips, instructions, strict=True)
+        ]
     finally:
         tiny.config = tiny.config.replace(input_mode="official")
     assert [g.token_ids for g in batched] == [g.token_ids for g in alone]
@@ -207,7 +269,12 @@ def test_beam_search_runs_batched_and_streaming_callback_matches_result(tiny: Sa
     beams = tiny.generate(clips, "Please describe the audio.", num_beams=3, max_new_tokens=5)
     assert len(beams) == 2 and all(len(g.token_ids) <= 5 for g in beams)
     seen: dict[int, list[int]] = {0: [], 1: []}
-    greedy = tiny.generate(clips, "Please describe the audio.", max_new_tokens=5, on_token=lambda r, t: seen[r].append(t))
+    greedy = tiny.generate(
+        clips,
+        "Please describe the audio.",
+        max_new_tokens=5,
+        on_token=lambda r, t: seen[r].append(t),
+    )
     assert [seen[0], seen[1]] == [g.token_ids for g in greedy]
     with pytest.raises(ValueError, match="num_beams=1"):
         tiny.generate(clips, "x", num_beams=2, on_token=lambda r, t: None)
@@ -221,16 +288,23 @@ def test_vicuna_prompt_is_bos_then_sentencepiece_pieces(tiny: Salmonn) -> None:
 
 def test_training_loss_falls_on_answer_tokens_only(tiny: Salmonn) -> None:
     tokens = tiny.encode_audio(_clips(5, (1.0,)))
-    inputs = tiny.build_inputs([tokens.row(0)], ["Please describe the audio."], ["a dog is barking"])
+    inputs = tiny.build_inputs(
+        [tokens.row(0)], ["Please describe the audio."], ["a dog is barking"]
+    )
     labels = inputs["labels"][0]
-    answer = tiny._encode("a dog is barking") + [tiny.tokenizer.eos_token_id]
+    answer = [*tiny._encode("a dog is barking"), tiny.tokenizer.eos_token_id]
     assert labels[labels != -100].tolist() == answer
     loss = tiny([tokens.row(0)], ["Please describe the audio."], ["a dog is barking"])
     loss.backward()
     try:
         # Gradients reach the connection modules and LoRA through the spliced audio tokens.
         assert tiny.speech_llama_proj.weight.grad is not None
-        assert tiny.speech_Qformer.bert.encoder.layer[0].crossattention.self.key.weight.grad.abs().sum() > 0
+        assert (
+            tiny.speech_Qformer.bert.encoder.layer[0]
+            .crossattention.self.key.weight.grad.abs()
+            .sum()
+            > 0
+        )
         lora_a = next(p for n, p in tiny.llama_model.named_parameters() if "lora_A" in n)
         assert lora_a.grad is not None
     finally:
@@ -239,6 +313,10 @@ def test_training_loss_falls_on_answer_tokens_only(tiny: Salmonn) -> None:
 
 def test_own_checkpoint_round_trip(tiny: Salmonn, tmp_path) -> None:
     tiny.save_checkpoint(tmp_path / "ckpt")
-    fresh = Salmonn.from_config(resolve_model(str(tmp_path / "ckpt")).replace(**{k: getattr(tiny.config, k) for k in ("whisper", "beats", "llm")}))
+    fresh = Salmonn.from_config(
+        resolve_model(str(tmp_path / "ckpt")).replace(
+            **{k: getattr(tiny.config, k) for k in ("whisper", "beats", "llm")}
+        )
+    )
     for key, value in tiny.trainable_state_dict().items():
         assert torch.equal(fresh.trainable_state_dict()[key], value), key
