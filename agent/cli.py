@@ -16,15 +16,17 @@ import sys
 _COMMAND_MODULES = (
     "agent.cmd_ask",
     "agent.cmd_segment",
+    "agent.cmd_run",
     "bench.cli",
 )
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
+    from agent.errors import AgentError
     from model.errors import ModelError
     from streaming.errors import StreamingError
 
-    return (ModelError, StreamingError)
+    return (AgentError, ModelError, StreamingError)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,252 @@
+"""`salmonn-live run`: the live agent (audio in, understanding out), configured by TOML and flags.
+
+Every option has a TOML key (shown in `--help`); the command line wins over the file, and the
+``SALMONN_LIVE_WS_TOKEN`` environment variable sits between them for the WebSocket token (so it
+never shows in ``ps``). The merged configuration is validated once, before the model loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+TOKEN_ENV = "SALMONN_LIVE_WS_TOKEN"
+
+# (flag dest, TOML path) for every option that maps one to one.
+_OPTION_KEYS: tuple[tuple[str, tuple[str, str]], ...] = (
+    ("model", ("model", "name")),
+    ("whisper", ("model", "whisper")),
+    ("beats", ("model", "beats")),
+    ("llm", ("model", "llm")),
+    ("checkpoint", ("model", "checkpoint")),
+    ("input_mode", ("model", "input_mode")),
+    ("threads", ("model", "threads")),
+    ("max_new_tokens", ("model", "max_new_tokens")),
+    ("transcript", ("model", "transcript")),
+    ("lora_scale", ("model", "lora_scale")),
+    ("max_batch", ("worker", "max_batch")),
+    ("max_wait_ms", ("worker", "max_wait_ms")),
+    ("max_pending", ("worker", "max_pending_windows")),
+    ("ws", ("ws", "listen")),
+    ("ws_token", ("ws", "token")),
+    ("tls_cert", ("ws", "tls_cert")),
+    ("tls_key", ("ws", "tls_key")),
+    ("exit_at_end", ("agent", "exit_at_end")),
+    ("loop", ("agent", "loop")),
+    ("realtime", ("agent", "realtime")),
+    ("print", ("agent", "print")),
+    ("print_partials", ("agent", "print_partials")),
+    ("status_interval", ("agent", "status_interval_s")),
+)
+
+
+def _out(line: str) -> None:
+    """One line of command output (events as they happen) on stdout."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add the ``run`` sub-command."""
+    parser = subparsers.add_parser(
+        "run",
+        help="run the live agent: segment streams, ask the model, publish events",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--config", metavar="FILE.toml", help="TOML configuration (see examples/agent.toml)"
+    )
+    parser.add_argument(
+        "--source",
+        action="append",
+        metavar="[ID=]SPEC",
+        help="a stream: mic, mic:DEVICE, file:PATH or ws (remote clients on /audio); "
+        "repeat for several streams; replaces [[streams]]",
+    )
+    sources = parser.add_argument_group("sources ([agent])")
+    sources.add_argument(
+        "--exit-at-end",
+        action="store_true",
+        default=None,
+        help="exit when every file stream has ended and been answered (agent.exit_at_end)",
+    )
+    sources.add_argument(
+        "--loop", action="store_true", default=None, help="repeat file sources (agent.loop)"
+    )
+    sources.add_argument(
+        "--realtime",
+        action="store_true",
+        default=None,
+        help="pace files at real-time speed, as a microphone would (agent.realtime)",
+    )
+    sources.add_argument(
+        "--print",
+        choices=("text", "json", "none"),
+        default=None,
+        help="console output (agent.print, default text)",
+    )
+    sources.add_argument(
+        "--print-partials",
+        action="store_true",
+        default=None,
+        help="also print partial events (agent.print_partials)",
+    )
+    sources.add_argument(
+        "--status-interval",
+        type=float,
+        metavar="S",
+        help="seconds between stats status events, 0 = off (agent.status_interval_s)",
+    )
+    model = parser.add_argument_group("model ([model])")
+    model.add_argument(
+        "--model",
+        help="preset (nano, tiny-random, salmonn-13b, salmonn-7b) or checkpoint "
+        "directory (model.name, default nano)",
+    )
+    model.add_argument("--whisper", help="Whisper weights (model.whisper)")
+    model.add_argument("--beats", help="BEATs weights (model.beats)")
+    model.add_argument("--llm", help="LLM weights (model.llm)")
+    model.add_argument("--checkpoint", help="trained parts (model.checkpoint)")
+    model.add_argument("--input-mode", choices=("official", "trimmed"), help="model.input_mode")
+    model.add_argument("--threads", type=int, help="torch threads, 0 = default (model.threads)")
+    model.add_argument("--max-new-tokens", type=int, help="model.max_new_tokens (default 40)")
+    model.add_argument(
+        "--transcript",
+        choices=("llm", "whisper"),
+        help="who writes transcripts: the LLM, or Whisper's own decoder (model.transcript)",
+    )
+    model.add_argument("--lora-scale", type=float, help="default LoRA scale (model.lora_scale)")
+    worker = parser.add_argument_group("batching ([worker])")
+    worker.add_argument(
+        "--max-batch", type=int, help="windows per batch (worker.max_batch, default 8)"
+    )
+    worker.add_argument(
+        "--max-wait-ms", type=float, help="batching wait when idle (worker.max_wait_ms, default 20)"
+    )
+    worker.add_argument(
+        "--max-pending",
+        type=int,
+        help="waiting windows per stream before overload (worker.max_pending_windows)",
+    )
+    ws = parser.add_argument_group("WebSocket ([ws])")
+    ws.add_argument(
+        "--ws",
+        metavar="HOST:PORT|off",
+        help="serve /events and /audio (ws.listen, default 127.0.0.1:8765)",
+    )
+    ws.add_argument(
+        "--ws-token",
+        metavar="TOKEN",
+        help=f"required bearer token (ws.token; better: the {TOKEN_ENV} environment variable)",
+    )
+    ws.add_argument("--tls-cert", help="PEM certificate: serve wss:// (ws.tls_cert)")
+    ws.add_argument("--tls-key", help="PEM key of --tls-cert (ws.tls_key)")
+    parser.set_defaults(func=run)
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The command-line options as a nested config dict (options not given are left out)."""
+    from agent.config import parse_source
+
+    out: dict[str, Any] = {}
+    token = os.environ.get(TOKEN_ENV)
+    if token:
+        out.setdefault("ws", {})["token"] = token
+    for dest, (section, key) in _OPTION_KEYS:
+        value = getattr(args, dest, None)
+        if value is not None:
+            out.setdefault(section, {})[key] = value
+    if args.source:
+        out["streams"] = [parse_source(spec, i) for i, spec in enumerate(args.source)]
+    return out
+
+
+def _model_loader(settings: Any) -> Any:
+    def load() -> Any:
+        from model.presets import resolve_model
+        from model.salmonn import Salmonn
+
+        config = resolve_model(
+            settings.name,
+            whisper=settings.whisper,
+            beats=settings.beats,
+            llm=settings.llm,
+            checkpoint=settings.checkpoint,
+            input_mode=settings.input_mode,
+        )
+        return Salmonn.from_config(config)
+
+    return load
+
+
+def format_event(event: dict[str, Any]) -> str:
+    """One console line for an event."""
+    if event["kind"] == "status":
+        return f"{'':13} {event['stream']:<8} status      {event['status']}: {event['message']}"
+    timing = event["timing"]
+    latency = ""
+    if timing.get("emitted") and timing.get("segment_end"):
+        latency = f"  [+{timing['emitted'] - timing['segment_end']:.2f} s]"
+    text = json.dumps(event["intent"]) if event.get("intent") else event["text"]
+    if event.get("question"):
+        text = f"{event['question']} -> {text}"
+    mark = "…" if event["partial"] else " "
+    span = f"{event['start']:6.2f}-{event['end']:6.2f}"
+    return f"{span} {event['stream']:<8} {event['kind']:<10}{mark} {text}{latency}"
+
+
+def _check_sources(config: Any) -> None:
+    from pathlib import Path
+
+    from agent.errors import ConfigError
+
+    for stream in config.streams:
+        if stream.kind == "file" and not Path(stream.argument or "").is_file():
+            raise ConfigError(f"stream {stream.id}: no such file {stream.argument!r}")
+
+
+async def _main(config: Any) -> int:
+    from agent.app import Agent
+
+    agent = Agent(config, _model_loader(config.model))
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for sig in signals:
+        loop.add_signal_handler(sig, agent.request_shutdown, sig.name)
+    printing = config.agent.print
+    if printing != "none":
+        partials = config.agent.print_partials
+
+        def show(event: dict[str, Any]) -> None:
+            _out(json.dumps(event) if printing == "json" else format_event(event))
+
+        agent.add_sink("console", show, accept=lambda e: partials or not e.get("partial", False))
+    try:
+        async with agent:
+            reason = await agent.run()
+            logger.info("stopping: %s", reason)
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+    if agent.pipeline is not None and agent.pipeline.failure is not None:
+        return 1
+    return 2 if agent.source_errors and config.agent.exit_at_end else 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Validate the configuration, load the model, run until the end or a signal."""
+    from agent.config import load_config
+
+    config = load_config(args.config, overrides_from_args(args))
+    _check_sources(config)
+    logger.info("effective configuration: %s", json.dumps(config.redacted()))
+    return asyncio.run(_main(config))

@@ -1,0 +1,217 @@
+"""The agent's output events: typed, frozen, and turned into JSON-ready dicts at the sink boundary.
+
+Inside the pipeline every event is a frozen dataclass. Sinks (WebSocket clients, MQTT, the
+console) receive ``event.to_dict()``: a plain dict that follows the versioned schema documented
+in ``docs/events.md``. Bump :data:`SCHEMA_VERSION` on any incompatible change.
+
+Clocks:
+    * ``start`` / ``end``: seconds on the *stream clock* (0 = the stream's first sample).
+    * ``timing.*``: wall-clock Unix time in seconds, derived from ``time.monotonic()`` through
+      one :class:`WallClock` per agent, so stamps of one agent are mutually monotonic.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+#: Version of the event schema (the ``schema`` field of every event).
+SCHEMA_VERSION = 1
+
+#: The ``stream`` of events that concern the whole agent rather than one stream.
+AGENT_STREAM = "*"
+
+
+class EventKind(enum.StrEnum):
+    """What an event reports."""
+
+    TRANSCRIPT = "transcript"  # speech -> text
+    CAPTION = "caption"  # sound (or mixed/ambient audio) -> description
+    ANSWER = "answer"  # a standing question's answer
+    COMMAND = "command"  # speech -> structured intent (see agent/intents.py)
+    TRIGGER = "trigger"  # a smart-home rule fired (published by the MQTT rules engine)
+    STATUS = "status"  # agent and stream state, overload counters, errors
+
+
+#: Kinds produced by the model (one per task).
+MODEL_KINDS: tuple[EventKind, ...] = (
+    EventKind.TRANSCRIPT,
+    EventKind.CAPTION,
+    EventKind.ANSWER,
+    EventKind.COMMAND,
+)
+
+
+class WallClock:
+    """Converts ``time.monotonic()`` stamps to Unix time with one fixed offset.
+
+    Using one offset (taken at construction) keeps converted stamps exactly as ordered as the
+    monotonic ones, even if the system clock is stepped while the agent runs.
+    """
+
+    def __init__(self) -> None:
+        self._offset_s = time.time() - time.monotonic()
+
+    def wall(self, monotonic_s: float | None) -> float | None:
+        """Unix time in seconds (rounded to 0.1 ms) for a monotonic stamp; None stays None."""
+        if monotonic_s is None:
+            return None
+        return round(monotonic_s + self._offset_s, 4)
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Where the latency of one event went; every stamp is ``time.monotonic()`` seconds.
+
+    Attributes:
+        captured: When the block holding the window's last sample was captured (or received).
+        segment_end: When the segmenter decided the window was complete.
+        model_start: When the inference worker started on the window's batch.
+        first_token: When the first token of this answer arrived; None when the text is not
+            streamed (Whisper transcripts) or no token came.
+        emitted: When the event was handed to the sinks.
+    """
+
+    captured: float | None = None
+    segment_end: float | None = None
+    model_start: float | None = None
+    first_token: float | None = None
+    emitted: float | None = None
+
+    def to_dict(self, clock: WallClock) -> dict[str, float | None]:
+        """The stamps as Unix times (see :class:`WallClock`)."""
+        return {
+            "captured": clock.wall(self.captured),
+            "segment_end": clock.wall(self.segment_end),
+            "model_start": clock.wall(self.model_start),
+            "first_token": clock.wall(self.first_token),
+            "emitted": clock.wall(self.emitted),
+        }
+
+
+@dataclass(frozen=True)
+class ModelEvent:
+    """A transcript, caption, answer or command about one audio window.
+
+    Partial events (``partial=True``) carry the text so far; the final event for the same
+    ``id`` follows and replaces them.
+
+    Attributes:
+        id: ``<window>/<task>``: shared by the partials and the final of one answer.
+        seq: Agent-wide emission counter (strictly increasing over all events).
+        stream: Stream id.
+        kind: transcript, caption, answer or command.
+        window: ``<stream>:<n>``: the audio window all its answers share.
+        text: The text (so far, when partial).
+        partial: True while tokens are still coming.
+        start_s: Window start on the stream clock, seconds.
+        end_s: Window end on the stream clock, seconds.
+        segment: What the segmenter saw: speech, sound, mixed or ambient.
+        model: The model's name.
+        timing: Latency stamps.
+        question: For answers, the standing question.
+        lora_scale: The LoRA scale used (None: the model's trained alpha / r).
+        intent: For final commands, the parsed intent (see ``docs/intents.md``).
+        source: Who produced the text: ``llm`` or ``whisper``.
+    """
+
+    id: str
+    seq: int
+    stream: str
+    kind: EventKind
+    window: str
+    text: str
+    partial: bool
+    start_s: float
+    end_s: float
+    segment: str
+    model: str
+    timing: Timing
+    question: str | None = None
+    lora_scale: float | None = None
+    intent: dict[str, Any] | None = None
+    source: str = "llm"
+
+    def to_dict(self, clock: WallClock) -> dict[str, Any]:
+        """The JSON-ready dict of the schema (see ``docs/events.md``)."""
+        out: dict[str, Any] = {
+            "schema": SCHEMA_VERSION,
+            "id": self.id,
+            "seq": self.seq,
+            "stream": self.stream,
+            "kind": str(self.kind),
+            "window": self.window,
+            "text": self.text,
+            "partial": self.partial,
+            "start": round(self.start_s, 3),
+            "end": round(self.end_s, 3),
+            "segment": self.segment,
+            "model": self.model,
+            "source": self.source,
+            "timing": self.timing.to_dict(clock),
+        }
+        if self.question is not None:
+            out["question"] = self.question
+        if self.lora_scale is not None:
+            out["lora_scale"] = self.lora_scale
+        if self.intent is not None:
+            out["intent"] = self.intent
+        return out
+
+
+@dataclass(frozen=True)
+class StatusEvent:
+    """Agent or stream state: started, stopped, overload counters, errors, client notices.
+
+    Attributes:
+        id: ``status:<seq>``.
+        seq: Agent-wide emission counter.
+        stream: Stream id, or ``"*"`` for the whole agent.
+        status: A short machine-readable word (see ``docs/events.md`` for the list).
+        message: One human-readable line.
+        detail: JSON-ready details (counters, window ids, ...).
+        emitted: ``time.monotonic()`` when emitted.
+    """
+
+    id: str
+    seq: int
+    stream: str
+    status: str
+    message: str
+    emitted: float
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self, clock: WallClock) -> dict[str, Any]:
+        """The JSON-ready dict of the schema (see ``docs/events.md``)."""
+        return {
+            "schema": SCHEMA_VERSION,
+            "id": self.id,
+            "seq": self.seq,
+            "stream": self.stream,
+            "kind": str(EventKind.STATUS),
+            "status": self.status,
+            "message": self.message,
+            "detail": self.detail,
+            "timing": Timing(emitted=self.emitted).to_dict(clock),
+        }
+
+
+def client_notice(
+    status: str, message: str, detail: dict[str, Any], clock: WallClock
+) -> dict[str, Any]:
+    """A status dict addressed to one client (not counted in ``seq``: ``seq`` is -1).
+
+    Used by sinks to tell a client about its own state, e.g. events dropped because it fell
+    behind.
+    """
+    return StatusEvent(
+        id=f"notice:{status}",
+        seq=-1,
+        stream=AGENT_STREAM,
+        status=status,
+        message=message,
+        emitted=time.monotonic(),
+        detail=detail,
+    ).to_dict(clock)

@@ -1,0 +1,712 @@
+"""The real-time pipeline: streams -> segmenters -> batched inference -> typed events -> sinks.
+
+Data flow, all on the event loop except the model:
+
+1. A source (microphone, file, `/audio` client) pushes blocks into its `StreamHandle`, which
+   runs the stream's own segmenter and turns each finished segment (or ambient window) into a
+   `Window` carrying the stream's requests (per-kind tasks and standing questions).
+2. Windows wait in a bounded per-stream queue. When it is full the stream's overload policy
+   applies: ``drop_oldest`` (ambient windows first; counted, reported in ``overload`` status
+   events) or ``backpressure`` (the file source waits for room).
+3. One scheduler task hands the waiting windows of *all* streams, oldest first, to the
+   `InferenceWorker` in batches of up to ``worker.max_batch``; when the worker is idle it
+   waits up to ``worker.max_wait_ms`` for more windows to batch with the first.
+4. Worker outputs become `ModelEvent`s (partials, then a final per request) and status
+   changes become `StatusEvent`s; both are numbered (``seq``), stamped and published as
+   dicts on the `EventBus`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any, Self
+
+import numpy as np
+import numpy.typing as npt
+
+from agent.config import AgentConfig, QuestionConfig, StreamConfig
+from agent.errors import AgentError, ConfigError, ControlError
+from agent.events import (
+    AGENT_STREAM,
+    EventKind,
+    ModelEvent,
+    StatusEvent,
+    Timing,
+    WallClock,
+)
+from agent.fanout import EventBus
+from agent.intents import parse_intent
+from agent.worker import BatchReport, Final, InferenceWorker, Output, Request, Window
+
+logger = logging.getLogger(__name__)
+
+MODEL_RATE_HZ = 16000  # the model's input rate (model.salmonn.SAMPLE_RATE_HZ)
+MAX_WINDOW_S = 30.0  # the model hears at most 30 s at once (model.salmonn.MAX_AUDIO_S)
+_TASK_KIND = {
+    "transcript": EventKind.TRANSCRIPT,
+    "command": EventKind.COMMAND,
+    "caption": EventKind.CAPTION,
+    "answer": EventKind.ANSWER,
+}
+_OVERLOAD_REPORT_EVERY_S = 1.0
+
+
+class StreamHandle:
+    """One live stream: its segmenter, its waiting windows and its counters.
+
+    Created by `Pipeline.open_stream`; the source calls `push` for every block and `end` when
+    it stops. Not thread-safe: call from the event loop.
+
+    Attributes:
+        id: Stream id.
+        overload: ``drop_oldest`` or ``backpressure``.
+        muted: While True, pushed audio is discarded.
+        counters: windows, answered, dropped, failed, muted_blocks.
+    """
+
+    def __init__(
+        self, pipeline: Pipeline, settings: StreamConfig, overload: str, origin: str
+    ) -> None:
+        from streaming.segmenter import Segmenter
+
+        self.id = settings.id
+        self.settings = settings
+        self.origin = origin
+        self.overload = overload
+        self.muted = settings.muted
+        self.lora_scale = settings.lora_scale
+        self.questions: tuple[QuestionConfig, ...] = settings.questions
+        self.counters = {"windows": 0, "answered": 0, "dropped": 0, "failed": 0, "muted_blocks": 0}
+        self.pending: collections.deque[tuple[int, Window]] = collections.deque()
+        self.in_flight = 0
+        self.ended = False
+        self._pipeline = pipeline
+        self._segmenter = Segmenter(settings.vad)
+        self._captures: collections.deque[tuple[int, float]] = collections.deque(maxlen=4096)
+        self._window_numbers = itertools.count()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._done = asyncio.Event()
+        self._last_overload_report = 0.0
+
+    # -- source side ---------------------------------------------------------------------------
+
+    def push(self, samples: npt.NDArray[np.float32], captured_at: float | None = None) -> None:
+        """Feed 16 kHz mono float32 samples captured at ``captured_at`` (``time.monotonic()``,
+        None: now). Ignored after `end`, while muted, and once the pipeline stops intake."""
+        if self.ended or not self._pipeline.accepting:
+            return
+        if self.muted:
+            self.counters["muted_blocks"] += 1
+            return
+        captured = time.monotonic() if captured_at is None else captured_at
+        events = self._segmenter.push(samples)
+        self._captures.append((self._segmenter.samples_pushed, captured))
+        self._handle(events)
+
+    def end(self) -> None:
+        """The source has stopped: close any open segment and answer what is waiting
+        (idempotent). The stream closes once its windows are answered."""
+        if self.ended:
+            return
+        self.ended = True
+        if not self.muted:
+            self._handle(self._segmenter.flush())
+        self._pipeline._stream_ended(self)
+
+    async def wait_room(self) -> None:
+        """For ``backpressure`` sources: wait until fewer than the bound of windows wait."""
+        await self._room.wait()
+
+    async def wait_done(self) -> None:
+        """Wait until the stream has ended and all its windows are answered or dropped."""
+        await self._done.wait()
+
+    @property
+    def done(self) -> bool:
+        """True once ended and nothing of it waits or runs."""
+        return self._done.is_set()
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _captured_at(self, end_sample: int) -> float:
+        for end, captured in self._captures:
+            if end >= end_sample:
+                return captured
+        return self._captures[-1][1] if self._captures else time.monotonic()
+
+    def _handle(self, events: list[Any]) -> None:
+        from streaming.events import AmbientWindow, SegmentEnded
+
+        now = time.monotonic()
+        for event in events:
+            if isinstance(event, SegmentEnded):
+                kind = str(event.kind)
+            elif isinstance(event, AmbientWindow):
+                kind = "ambient"
+            else:
+                continue
+            window = self._window(kind, event, now)
+            if window is not None:
+                self._pipeline._enqueue(self, window)
+
+    def _window(self, kind: str, event: Any, now: float) -> Window | None:
+        rate = event.sample_rate_hz
+        window_id = f"{self.id}:{next(self._window_numbers)}"
+        model = self._pipeline.config.model
+        default_scale = self.lora_scale if self.lora_scale is not None else model.lora_scale
+        requests = []
+        for task in self.settings.prompts.tasks_for(kind):
+            engine = "whisper" if task == "transcript" and model.transcript == "whisper" else "llm"
+            requests.append(
+                Request(
+                    key=f"{window_id}/{task}",
+                    task=task,
+                    instruction=self.settings.prompts.instruction(task),
+                    lora_scale=default_scale if engine == "llm" else None,
+                    engine=engine,
+                )
+            )
+        for i, question in enumerate(self.questions):
+            if kind in question.kinds:
+                scale = question.lora_scale if question.lora_scale is not None else default_scale
+                requests.append(
+                    Request(
+                        key=f"{window_id}/q{i}",
+                        task="answer",
+                        instruction=question.text,
+                        lora_scale=scale,
+                        question=question.text,
+                    )
+                )
+        if not requests:
+            return None
+        audio = event.audio[-int(MAX_WINDOW_S * rate) :]
+        return Window(
+            id=window_id,
+            stream=self.id,
+            kind=kind,
+            audio=audio,
+            start_s=event.end_sample / rate - audio.size / rate,
+            end_s=event.end_sample / rate,
+            captured=min(self._captured_at(event.end_sample), now),
+            segment_end=now,
+            requests=tuple(requests),
+        )
+
+    def _update_room(self, bound: int) -> None:
+        if len(self.pending) < bound:
+            self._room.set()
+        else:
+            self._room.clear()
+        if self.ended and not self.pending and not self.in_flight:
+            self._done.set()
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for status events."""
+        return {
+            **self.counters,
+            "pending": len(self.pending),
+            "in_flight": self.in_flight,
+            "muted": self.muted,
+            "overload": self.overload,
+            "origin": self.origin,
+        }
+
+
+class Pipeline:
+    """Streams, scheduler and event emission; an async context manager.
+
+    Args:
+        config: The validated agent configuration.
+        worker: A started `InferenceWorker`.
+        bus: Where events go.
+        clock: Converts stamps to wall-clock time (one per agent).
+    """
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        worker: InferenceWorker,
+        bus: EventBus,
+        clock: WallClock | None = None,
+    ) -> None:
+        self.config = config
+        self.worker = worker
+        self.bus = bus
+        self.clock = clock or WallClock()
+        self.accepting = False
+        self._streams: dict[str, StreamHandle] = {}
+        self._order = itertools.count()
+        self._seq = itertools.count()
+        self._work: asyncio.Event | None = None
+        self._full: asyncio.Event | None = None
+        self._idle: asyncio.Event | None = None
+        self._in_flight: list[Window] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._scheduler: asyncio.Task[None] | None = None
+        self._closing = False
+        self._closed = asyncio.Event()
+        self.failure: BaseException | None = None
+        self._latencies: collections.deque[float] = collections.deque(maxlen=1000)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        self._work = asyncio.Event()
+        self._full = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.accepting = True
+        self._scheduler = self._spawn(self._schedule(), "scheduler")
+        if self.config.agent.status_interval_s > 0:
+            self._spawn(self._report_stats(), "stats")
+        self.emit_status(
+            {
+                "status": "started",
+                "message": f"pipeline started with model {self.worker.model_name}",
+                "detail": {"model": self.worker.model_name, "worker": self._worker_settings()},
+            }
+        )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(
+            coro, name=f"pipeline-{name}"
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.failure = task.exception()
+            logger.error("pipeline task %s crashed", task.get_name(), exc_info=task.exception())
+            self._closed.set()  # wakes `wait_failed`
+
+    async def wait_failed(self) -> BaseException | None:
+        """Wait until the pipeline stops: returns the exception of a crashed task, or None
+        after a normal `close`."""
+        await self._closed.wait()
+        return self.failure
+
+    async def close(self) -> None:
+        """Shut down (idempotent): stop intake, end every stream (open segments become
+        windows), answer what waits within ``worker.drain_timeout_s``, report the rest as
+        unfinished, then stop the tasks."""
+        if self._closing:
+            await self._closed.wait()
+            return
+        self._closing = True
+        self.accepting = False
+        for handle in list(self._streams.values()):
+            handle.end()
+        waiting = self._pending_total() + len(self._in_flight)
+        if waiting:
+            logger.info("shutting down: answering %d waiting window(s)", waiting)
+        if self._work is not None:
+            self._work.set()
+        unfinished: list[str] = []
+        if self._scheduler is not None:
+            try:
+                async with asyncio.timeout(self.config.worker.drain_timeout_s):
+                    await asyncio.shield(self._scheduler)
+            except TimeoutError:
+                unfinished = [w.id for w in self._in_flight] + [
+                    w.id for h in self._streams.values() for _, w in h.pending
+                ]
+                logger.warning("drain timeout: %d window(s) left unanswered", len(unfinished))
+                self.worker.cancel()
+            except Exception:  # the scheduler crashed; its failure is recorded
+                logger.debug("scheduler ended with an error", exc_info=True)
+        for task in list(self._tasks):
+            task.cancel("pipeline closing")
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        for handle in self._streams.values():
+            handle.pending.clear()
+        self.emit_status(
+            {
+                "status": "stopped",
+                "message": "pipeline stopped"
+                + (f"; {len(unfinished)} window(s) unanswered" if unfinished else ""),
+                "detail": {"unfinished_windows": unfinished, "streams": self._stream_stats()},
+            }
+        )
+        self._closed.set()
+
+    async def wait_closed(self) -> None:
+        """Wait until `close` has finished."""
+        await self._closed.wait()
+
+    async def wait_idle(self) -> None:
+        """Wait until no window waits or runs."""
+        assert self._idle is not None, "Pipeline used outside 'async with'"
+        await self._idle.wait()
+
+    # -- streams -------------------------------------------------------------------------------
+
+    def open_stream(
+        self, settings: StreamConfig, *, origin: str, overload: str | None = None
+    ) -> StreamHandle:
+        """Start a stream with its own segmenter.
+
+        Args:
+            settings: The stream's settings (`AgentConfig.stream_settings`).
+            origin: Who feeds it (``mic``, ``file``, ``ws:HOST:PORT``), for status events.
+            overload: Policy when ``settings.overload`` is None (default ``drop_oldest``).
+
+        Raises:
+            AgentError: the pipeline is not accepting streams.
+            ConfigError: a stream with this id is open.
+        """
+        if not self.accepting:
+            raise AgentError("the pipeline is shutting down: no new streams")
+        if settings.id in self._streams:
+            raise ConfigError(
+                f"stream {settings.id!r} is already open ({self._streams[settings.id].origin})"
+            )
+        overload = settings.overload or overload or "drop_oldest"
+        handle = StreamHandle(self, settings, overload, origin)
+        self._streams[settings.id] = handle
+        self.emit_status(
+            {
+                "status": "stream_opened",
+                "stream": settings.id,
+                "message": f"stream {settings.id} opened ({origin}, {overload})",
+                "detail": {"origin": origin, "overload": overload, "muted": handle.muted},
+            }
+        )
+        return handle
+
+    @property
+    def streams(self) -> dict[str, StreamHandle]:
+        """Open streams by id."""
+        return dict(self._streams)
+
+    def _stream_ended(self, handle: StreamHandle) -> None:
+        handle._update_room(self.config.worker.max_pending_windows)
+        self._maybe_forget(handle)
+
+    def _maybe_forget(self, handle: StreamHandle) -> None:
+        if handle.done and self._streams.get(handle.id) is handle and not self._closing:
+            del self._streams[handle.id]
+            self.emit_status(
+                {
+                    "status": "stream_closed",
+                    "stream": handle.id,
+                    "message": f"stream {handle.id} closed",
+                    "detail": handle.stats(),
+                }
+            )
+
+    def _pending_total(self) -> int:
+        return sum(len(h.pending) for h in self._streams.values())
+
+    def _enqueue(self, handle: StreamHandle, window: Window) -> None:
+        assert self._work is not None and self._full is not None and self._idle is not None
+        bound = self.config.worker.max_pending_windows
+        handle.counters["windows"] += 1
+        if len(handle.pending) >= bound and handle.overload == "drop_oldest":
+            victim_index = next(
+                (i for i, (_, w) in enumerate(handle.pending) if w.kind == "ambient"), 0
+            )
+            _, victim = handle.pending[victim_index]
+            del handle.pending[victim_index]
+            handle.counters["dropped"] += 1
+            now = time.monotonic()
+            logger.warning(
+                "stream %s overloaded: dropped window %s (%d dropped so far)",
+                handle.id,
+                victim.id,
+                handle.counters["dropped"],
+            )
+            if now - handle._last_overload_report >= _OVERLOAD_REPORT_EVERY_S:
+                handle._last_overload_report = now
+                self.emit_status(
+                    {
+                        "status": "overload",
+                        "stream": handle.id,
+                        "message": f"{handle.id}: model behind, dropped the oldest waiting window",
+                        "detail": {
+                            "policy": "drop_oldest",
+                            "dropped_window": victim.id,
+                            "dropped_total": handle.counters["dropped"],
+                            "pending": len(handle.pending),
+                        },
+                    }
+                )
+        handle.pending.append((next(self._order), window))
+        handle._update_room(bound)
+        self._idle.clear()
+        self._work.set()
+        if self._pending_total() >= self.config.worker.max_batch:
+            self._full.set()
+
+    def _take_batch(self) -> list[Window]:
+        batch: list[Window] = []
+        while len(batch) < self.config.worker.max_batch:
+            heads = [h for h in self._streams.values() if h.pending]
+            if not heads:
+                break
+            handle = min(heads, key=lambda h: h.pending[0][0])
+            _, window = handle.pending.popleft()
+            handle.in_flight += 1
+            handle._update_room(self.config.worker.max_pending_windows)
+            batch.append(window)
+        return batch
+
+    # -- scheduling ----------------------------------------------------------------------------
+
+    async def _schedule(self) -> None:
+        assert self._work is not None and self._full is not None and self._idle is not None
+        max_wait_s = self.config.worker.max_wait_ms / 1000
+        while True:
+            if not self._pending_total():
+                self._idle.set()
+                if self._closing:
+                    return
+                self._work.clear()
+                await self._work.wait()
+                continue
+            if (
+                max_wait_s > 0
+                and not self._closing
+                and self._pending_total() < self.config.worker.max_batch
+            ):
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(max_wait_s):
+                        await self._full.wait()
+            self._full.clear()
+            batch = self._take_batch()
+            self._in_flight = batch
+            try:
+                report = await self.worker.run(batch, self._on_output)
+            finally:
+                self._in_flight = []
+            self._after_batch(batch, report)
+
+    def _after_batch(self, batch: list[Window], report: BatchReport) -> None:
+        for window in batch:
+            handle = self._streams.get(window.stream)
+            unfinished = [r.key for r in window.requests if r.key not in report.finished]
+            if handle is not None:
+                handle.in_flight -= 1
+                handle.counters["failed" if unfinished else "answered"] += 1
+            if unfinished:
+                status = "window_failed" if report.error else "window_unfinished"
+                reason = report.error or (
+                    "cancelled at shutdown" if report.cancelled else "no answer"
+                )
+                self.emit_status(
+                    {
+                        "status": status,
+                        "stream": window.stream,
+                        "message": f"window {window.id} ({window.end_s:.2f} s): {reason}",
+                        "detail": {"window": window.id, "requests": unfinished, "error": reason},
+                    }
+                )
+            if handle is not None:
+                handle._update_room(self.config.worker.max_pending_windows)
+                self._maybe_forget(handle)
+
+    def _on_output(self, output: Output) -> None:
+        window, request = output.window, output.request
+        final = isinstance(output, Final)
+        intent = parse_intent(output.text) if final and request.task == "command" else None
+        now = time.monotonic()
+        timing = Timing(
+            captured=window.captured,
+            segment_end=window.segment_end,
+            model_start=output.model_start,
+            first_token=output.first_token,
+            emitted=now,
+        )
+        event = ModelEvent(
+            id=request.key,
+            seq=next(self._seq),
+            stream=window.stream,
+            kind=_TASK_KIND[request.task],
+            window=window.id,
+            text=output.text,
+            partial=not final,
+            start_s=window.start_s,
+            end_s=window.end_s,
+            segment=window.kind,
+            model=self.worker.model_name,
+            timing=timing,
+            question=request.question,
+            lora_scale=request.lora_scale,
+            intent=intent,
+            source=request.engine,
+        )
+        if final:
+            self._latencies.append(now - window.segment_end)
+        self.bus.publish(event.to_dict(self.clock))
+
+    # -- control and status --------------------------------------------------------------------
+
+    def control(self, stream_id: str, command: Mapping[str, Any]) -> None:
+        """Apply a control command to an open stream; all or nothing.
+
+        Args:
+            stream_id: The stream.
+            command: Any of ``{"mute": bool}``, ``{"questions": [{"text": str,
+                "lora_scale": float|null, "kinds": [...]}]}`` (replaces the standing
+                questions), ``{"lora_scale": float|null}`` (the stream's scale).
+
+        Raises:
+            ControlError: (a ``ValueError``) unknown stream, not an object, unknown key or
+                invalid value; nothing is changed.
+        """
+        handle = self._streams.get(stream_id)
+        if handle is None:
+            raise ControlError(
+                f"unknown stream {stream_id!r}; open streams: {sorted(self._streams)}"
+            )
+        if not isinstance(command, Mapping) or not command:
+            raise ControlError(
+                f"control command: expected a non-empty JSON object, got {command!r}"
+            )
+        known = ("mute", "questions", "lora_scale")
+        unknown = sorted(set(command) - set(known))
+        if unknown:
+            raise ControlError(
+                f"control command: unknown key(s) {unknown}; known keys: {list(known)}"
+            )
+        changes: dict[str, Any] = {}
+        if "mute" in command:
+            if not isinstance(command["mute"], bool):
+                raise ControlError(
+                    f"control command: 'mute' expects true or false, got {command['mute']!r}"
+                )
+            changes["muted"] = command["mute"]
+        if "questions" in command:
+            items = command["questions"]
+            if not isinstance(items, list):
+                raise ControlError(
+                    f"control command: 'questions' expects a list of objects, got {items!r}"
+                )
+            try:
+                changes["questions"] = tuple(
+                    QuestionConfig.from_dict(item, f"questions[{i}]")
+                    for i, item in enumerate(items)
+                )
+            except ConfigError as exc:
+                raise ControlError(f"control command: {exc}") from exc
+        if "lora_scale" in command:
+            scale = command["lora_scale"]
+            if scale is not None and (
+                isinstance(scale, bool)
+                or not isinstance(scale, int | float)
+                or not 0.0 <= scale <= 100.0
+            ):
+                raise ControlError(
+                    "control command: 'lora_scale' expects a number in 0..100 or null, "
+                    f"got {scale!r}"
+                )
+            changes["lora_scale"] = None if scale is None else float(scale)
+        for name, value in changes.items():
+            setattr(handle, name, value)
+        detail = {k: ([q.text for q in v] if k == "questions" else v) for k, v in changes.items()}
+        self.emit_status(
+            {
+                "status": "control",
+                "stream": stream_id,
+                "message": f"stream {stream_id}: "
+                + ", ".join(f"{k} = {v}" for k, v in detail.items()),
+                "detail": detail,
+            }
+        )
+
+    def emit_status(self, status: Mapping[str, Any]) -> None:
+        """Publish a status event (also for other components: MQTT connection state, ...).
+
+        Args:
+            status: ``{"status": word, "message": str, "stream"?: id or "*",
+                "detail"?: JSON-ready dict}``.
+
+        Raises:
+            ValueError: missing or mistyped fields.
+        """
+        allowed = {"status", "message", "stream", "detail"}
+        if not isinstance(status, Mapping) or set(status) - allowed:
+            raise ValueError(f"status: expected keys among {sorted(allowed)}, got {status!r}")
+        word, message = status.get("status"), status.get("message", "")
+        stream = status.get("stream", AGENT_STREAM)
+        detail = status.get("detail", {})
+        if (
+            not isinstance(word, str)
+            or not word
+            or not isinstance(message, str)
+            or not isinstance(stream, str)
+            or not isinstance(detail, Mapping)
+        ):
+            raise ValueError(
+                f"status: expected status, message, stream: str and detail: dict; got {status!r}"
+            )
+        seq = next(self._seq)
+        event = StatusEvent(
+            id=f"status:{seq}",
+            seq=seq,
+            stream=stream,
+            status=word,
+            message=message,
+            emitted=time.monotonic(),
+            detail=dict(detail),
+        )
+        logger.info("status %s [%s]: %s", word, stream, message)
+        self.bus.publish(event.to_dict(self.clock))
+
+    def _worker_settings(self) -> dict[str, Any]:
+        w = self.config.worker
+        return {
+            "max_batch": w.max_batch,
+            "max_wait_ms": w.max_wait_ms,
+            "max_pending_windows": w.max_pending_windows,
+        }
+
+    def _stream_stats(self) -> dict[str, Any]:
+        return {sid: h.stats() for sid, h in self._streams.items()}
+
+    def stats(self) -> dict[str, Any]:
+        """Counters: streams, worker, sinks, and final-event latency after the segment end."""
+        latencies = sorted(self._latencies)
+        latency = {}
+        if latencies:
+            latency = {
+                "p50_ms": round(1000 * latencies[len(latencies) // 2], 1),
+                "p95_ms": round(
+                    1000 * latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))], 1
+                ),
+                "count": len(latencies),
+            }
+        return {
+            "streams": self._stream_stats(),
+            "worker": self.worker.stats(),
+            "sinks": {s.name: s.stats() for s in self.bus.subscriptions},
+            "latency_after_segment_end": latency,
+        }
+
+    async def _report_stats(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.agent.status_interval_s)
+            self.emit_status(
+                {"status": "stats", "message": "periodic counters", "detail": self.stats()}
+            )

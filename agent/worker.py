@@ -1,0 +1,421 @@
+"""The inference worker: one thread owns the model and answers batches of windows.
+
+Two layers:
+
+* `BatchRunner` is synchronous and knows nothing of asyncio: given windows (each with its
+  requests: transcript, command, caption, questions) it encodes all their audio in one call,
+  runs Whisper transcripts if configured, then the LLM requests grouped by LoRA scale, each
+  group one batched `generate_from_tokens` call. It reports `Partial` and `Final` outputs
+  through a callback while tokens come. A row's final is reported as soon as that row has
+  stopped (it is absent from a decoding step), not when the whole batch ends.
+* `InferenceWorker` runs the runner on a dedicated single thread (`ThreadPoolExecutor` with one
+  worker), so torch never blocks the event loop, and hands outputs back with
+  `call_soon_threadsafe`, in order, before the batch's await returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Literal, Self
+
+import numpy as np
+import numpy.typing as npt
+
+from agent.errors import AgentError
+
+logger = logging.getLogger(__name__)
+
+FloatArray = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class Request:
+    """One thing asked of a window.
+
+    Attributes:
+        key: The answer's event id, ``<window>/<task>`` (questions: ``<window>/q<i>``).
+        task: ``transcript``, ``command``, ``caption`` or ``answer``.
+        instruction: The prompt text.
+        lora_scale: LoRA scale (None: alpha / r).
+        engine: ``llm``, or ``whisper`` for Whisper's own decoder (transcripts only).
+        question: For answers, the standing question.
+    """
+
+    key: str
+    task: str
+    instruction: str
+    lora_scale: float | None = None
+    engine: Literal["llm", "whisper"] = "llm"
+    question: str | None = None
+
+
+@dataclass(frozen=True)
+class Window:
+    """An audio window waiting for the model.
+
+    Attributes:
+        id: ``<stream>:<n>``.
+        stream: Stream id.
+        kind: ``speech``, ``sound``, ``mixed`` or ``ambient``.
+        audio: 16 kHz mono float32.
+        start_s: Start on the stream clock, seconds.
+        end_s: End on the stream clock, seconds.
+        captured: ``time.monotonic()`` when its last sample was captured.
+        segment_end: ``time.monotonic()`` when the segmenter closed it.
+        requests: What to ask.
+    """
+
+    id: str
+    stream: str
+    kind: str
+    audio: FloatArray = field(repr=False, compare=False)
+    start_s: float
+    end_s: float
+    captured: float
+    segment_end: float
+    requests: tuple[Request, ...]
+
+
+@dataclass(frozen=True)
+class Partial:
+    """Text so far for one request (from the worker thread)."""
+
+    window: Window
+    request: Request
+    text: str
+    model_start: float
+    first_token: float
+
+
+@dataclass(frozen=True)
+class Final:
+    """The finished text for one request.
+
+    Attributes:
+        first_token: None when the text was not streamed (Whisper) or no token came.
+        tokens: Generated tokens (0 for Whisper).
+    """
+
+    window: Window
+    request: Request
+    text: str
+    model_start: float
+    first_token: float | None
+    tokens: int
+
+
+Output = Partial | Final
+
+
+@dataclass
+class BatchReport:
+    """What happened to one batch.
+
+    Attributes:
+        finished: Keys of the requests that got their `Final`.
+        error: The exception's text when the batch failed (the rest is unfinished).
+        cancelled: True when `cancel` stopped it midway.
+        model_start: ``time.monotonic()`` when the batch started.
+        timings_ms: Encoder, Whisper and generation time, in ms.
+    """
+
+    finished: set[str] = field(default_factory=set)
+    error: str | None = None
+    cancelled: bool = False
+    model_start: float = 0.0
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+class BatchCancelled(AgentError):
+    """Raised inside token callbacks to stop generation when the worker is cancelled."""
+
+
+class _RowStreams:
+    """Per-row token bookkeeping for one `generate_from_tokens` call (worker thread)."""
+
+    def __init__(
+        self,
+        items: Sequence[tuple[Window, Request]],
+        tokenizer: Any,
+        emit: Callable[[Output], None],
+        model_start: float,
+        partials: bool,
+        cancel: threading.Event,
+        report: BatchReport,
+    ) -> None:
+        self.items = items
+        self.tokenizer = tokenizer
+        self.emit = emit
+        self.model_start = model_start
+        self.partials = partials
+        self.cancel = cancel
+        self.report = report
+        self.ids: list[list[int]] = [[] for _ in items]
+        self.first_token: list[float | None] = [None] * len(items)
+        self.last_text = [""] * len(items)
+        self.step_rows: set[int] = set()
+        self.last_row = -1
+
+    def _decode(self, row: int) -> str:
+        text: str = self.tokenizer.decode(self.ids[row], skip_special_tokens=True)
+        return text.strip()
+
+    def on_token(self, row: int, token: int) -> None:
+        if self.cancel.is_set():
+            raise BatchCancelled("inference cancelled (agent shutting down)")
+        if row <= self.last_row:  # a new decoding step: rows silent in the last one are done
+            self._finish_silent_rows()
+            self.step_rows = set()
+        self.last_row = row
+        self.step_rows.add(row)
+        now = time.monotonic()
+        if self.first_token[row] is None:
+            self.first_token[row] = now
+        self.ids[row].append(token)
+        window, request = self.items[row]
+        if not self.partials or request.task == "command":
+            return
+        text = self._decode(row)
+        if text and text != self.last_text[row] and not text.endswith("\ufffd"):
+            self.last_text[row] = text
+            self.emit(
+                Partial(window, request, text, self.model_start, self.first_token[row] or now)
+            )
+
+    def _finish_silent_rows(self) -> None:
+        for row, (_window, request) in enumerate(self.items):
+            if row not in self.step_rows and request.key not in self.report.finished:
+                self._final(row, self._decode(row))
+
+    def _final(self, row: int, text: str) -> None:
+        window, request = self.items[row]
+        self.report.finished.add(request.key)
+        self.emit(
+            Final(
+                window, request, text, self.model_start, self.first_token[row], len(self.ids[row])
+            )
+        )
+
+    def finish(self, texts: Sequence[str]) -> None:
+        """The call returned: report every row not reported yet, with the model's own text."""
+        for row, text in enumerate(texts):
+            if self.items[row][1].key not in self.report.finished:
+                self._final(row, text)
+
+
+class BatchRunner:
+    """Answers batches of windows with a loaded `model.salmonn.Salmonn` (synchronous).
+
+    Args:
+        model: The loaded model (``encode_audio``, ``generate_from_tokens``,
+            ``transcribe_with_whisper``, ``tokenizer``).
+        max_new_tokens: Most tokens per answer.
+        partials: Report `Partial` outputs while tokens come.
+    """
+
+    def __init__(self, model: Any, max_new_tokens: int, partials: bool = True) -> None:
+        self.model = model
+        self.max_new_tokens = max_new_tokens
+        self.partials = partials
+
+    def run(
+        self, windows: Sequence[Window], emit: Callable[[Output], None], cancel: threading.Event
+    ) -> BatchReport:
+        """Answer every request of every window, reporting outputs through ``emit``.
+
+        Never raises for model failures: they are returned in `BatchReport.error`, and the
+        requests without a `Final` are the unfinished ones.
+        """
+        report = BatchReport(model_start=time.monotonic())
+        try:
+            self._run(windows, emit, cancel, report)
+        except BatchCancelled:
+            report.cancelled = True
+        except Exception as exc:  # a model failure must not kill the worker
+            logger.error("inference failed on windows %s", [w.id for w in windows], exc_info=True)
+            report.error = f"{type(exc).__name__}: {exc}"
+        return report
+
+    def _run(
+        self,
+        windows: Sequence[Window],
+        emit: Callable[[Output], None],
+        cancel: threading.Event,
+        report: BatchReport,
+    ) -> None:
+        start = report.model_start
+        llm_windows = [w for w in windows if any(r.engine == "llm" for r in w.requests)]
+        whisper_items = [(w, r) for w in windows for r in w.requests if r.engine == "whisper"]
+        if whisper_items:
+            t0 = time.perf_counter()
+            texts = self.model.transcribe_with_whisper([w.audio for w, _ in whisper_items])
+            report.timings_ms["whisper_decode_ms"] = (time.perf_counter() - t0) * 1000
+            for (window, request), text in zip(whisper_items, texts, strict=True):
+                report.finished.add(request.key)
+                emit(Final(window, request, text.strip(), start, None, 0))
+        if not llm_windows or cancel.is_set():
+            if cancel.is_set():
+                report.cancelled = True
+            return
+        t0 = time.perf_counter()
+        tokens = self.model.encode_audio([w.audio for w in llm_windows])
+        report.timings_ms["encode_ms"] = (time.perf_counter() - t0) * 1000
+        rows = {w.id: tokens.row(i) for i, w in enumerate(llm_windows)}
+        groups: dict[float | None, list[tuple[Window, Request]]] = {}
+        for window in llm_windows:
+            for request in window.requests:
+                if request.engine == "llm":
+                    groups.setdefault(request.lora_scale, []).append((window, request))
+        t0 = time.perf_counter()
+        for scale, items in groups.items():
+            streams = _RowStreams(
+                items, self.model.tokenizer, emit, start, self.partials, cancel, report
+            )
+            results = self.model.generate_from_tokens(
+                [rows[w.id] for w, _ in items],
+                [r.instruction for _, r in items],
+                lora_scale=scale,
+                num_beams=1,
+                max_new_tokens=self.max_new_tokens,
+                on_token=streams.on_token,
+            )
+            streams.finish([g.text for g in results])
+        report.timings_ms["generate_ms"] = (time.perf_counter() - t0) * 1000
+
+
+class InferenceWorker:
+    """Owns the model on one dedicated thread; an async context manager.
+
+    Args:
+        load_model: Called once on the worker thread to load (or hand over) the model.
+        max_new_tokens: Most tokens per answer.
+        partials: Report partial outputs.
+        threads: Torch intra-op threads (0: torch's default).
+        warm_up: Run one tiny request at start, so the first real window is not slowed by
+            lazy initialisation.
+    """
+
+    def __init__(
+        self,
+        load_model: Callable[[], Any],
+        *,
+        max_new_tokens: int,
+        partials: bool = True,
+        threads: int = 0,
+        warm_up: bool = True,
+    ) -> None:
+        self._load_model = load_model
+        self.max_new_tokens = max_new_tokens
+        self.partials = partials
+        self.threads = threads
+        self.warm_up = warm_up
+        self.model: Any = None
+        self.runner: BatchRunner | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._cancel = threading.Event()
+        self._closed = asyncio.Event()
+        self.batches = 0
+        self.windows = 0
+        self.busy_s = 0.0
+
+    @property
+    def model_name(self) -> str:
+        """The loaded model's name (``config.name``), or ``unknown``."""
+        config = getattr(self.model, "config", None)
+        return str(getattr(config, "name", "unknown"))
+
+    async def __aenter__(self) -> Self:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="salmonn-infer")
+        loop = asyncio.get_running_loop()
+        try:
+            self.model = await loop.run_in_executor(self._executor, self._load)
+        except BaseException:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            raise
+        self.runner = BatchRunner(self.model, self.max_new_tokens, self.partials)
+        return self
+
+    def _load(self) -> Any:
+        if self.threads:
+            import torch
+
+            torch.set_num_threads(self.threads)
+        model = self._load_model()
+        if self.warm_up:
+            started = time.perf_counter()
+            silence = np.zeros(16000, np.float32)
+            tokens = model.encode_audio([silence])
+            model.generate_from_tokens([tokens.row(0)], ["Describe the audio."], max_new_tokens=2)
+            logger.info("model warmed up in %.0f ms", (time.perf_counter() - started) * 1000)
+        return model
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def run(
+        self, windows: Sequence[Window], on_output: Callable[[Output], None]
+    ) -> BatchReport:
+        """Answer a batch on the worker thread; ``on_output`` is called on the loop, in order,
+        and all calls have happened when this returns.
+
+        Raises:
+            AgentError: the worker is closed.
+        """
+        if self._executor is None or self.runner is None or self._closed.is_set():
+            raise AgentError("the inference worker is closed")
+        loop = asyncio.get_running_loop()
+        runner = self.runner
+
+        def emit(output: Output) -> None:
+            # RuntimeError: the loop closed while an abandoned batch was still running.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(on_output, output)
+
+        started = time.monotonic()
+        report = await asyncio.shield(
+            loop.run_in_executor(self._executor, runner.run, windows, emit, self._cancel)
+        )
+        self.busy_s += time.monotonic() - started
+        self.batches += 1
+        self.windows += len(windows)
+        return report
+
+    def cancel(self) -> None:
+        """Stop the running batch at its next token (its unfinished requests are reported
+        by the caller); later batches are cancelled at once."""
+        self._cancel.set()
+
+    async def close(self) -> None:
+        """Wait for the running batch (if any) and stop the thread (idempotent)."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            await asyncio.to_thread(executor.shutdown, wait=True, cancel_futures=True)
+
+    async def wait_closed(self) -> None:
+        """Wait until `close` has run."""
+        await self._closed.wait()
+
+    def stats(self) -> dict[str, float | int]:
+        """Counters for status events."""
+        return {
+            "batches": self.batches,
+            "windows": self.windows,
+            "mean_batch": round(self.windows / self.batches, 2) if self.batches else 0.0,
+            "busy_s": round(self.busy_s, 3),
+        }
