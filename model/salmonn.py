@@ -602,6 +602,95 @@ class Salmonn(nn.Module):
             out[i, :keep] = row[:keep]
         return out
 
+    # -- training on cached encoder outputs -----------------------------------------------
+
+    def raw_encoder_outputs(
+        self, audio: Sequence[np.ndarray]
+    ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """The frozen encoders' outputs per clip, BEFORE the trainable `ln_speech`/`ln_audio`.
+
+        This is what training caches: everything after it (`audio_tokens_from_raw`) is
+        trainable. Frames are cut exactly as `encode_audio` cuts them (official: 1500 per clip;
+        trimmed: the clip's own valid frames, each clip encoded alone), and the encoders run
+        in eval mode whatever the model's mode.
+
+        Args:
+            audio: 16 kHz mono float32 clips.
+
+        Returns:
+            Per clip, ``(speech, audio)``: Whisper's (T_i, speech_width) frames and BEATs'
+            (T_b, audio_width) frames, or None for a model without BEATs.
+
+        Raises:
+            AudioTooLongError: a clip is longer than 30 s.
+        """
+        from model.whisper import encode, whisper_features
+
+        device, dtype = self._device(), self.speech_llama_proj.weight.dtype
+        encoders = [m for m in (self.whisper, self.beats) if m is not None]
+        modes = [m.training for m in encoders]
+        for module in encoders:
+            module.eval()
+        try:
+            with torch.no_grad():
+                n_mels = self.speech_encoder.config.num_mel_bins
+                if self.config.input_mode == "trimmed":
+                    speech_rows = []
+                    for clip in audio:
+                        feats, valid = whisper_features([clip], trimmed=True, n_mels=n_mels)
+                        speech_rows.append(
+                            encode(self.speech_encoder, feats.to(device, dtype))[0, : valid[0]]
+                        )
+                else:
+                    feats, _ = whisper_features(list(audio), trimmed=False, n_mels=n_mels)
+                    speech = encode(self.speech_encoder, feats.to(device, dtype))
+                    speech_rows = list(speech.unbind(0))
+                audio_rows: list[torch.Tensor | None] = [None] * len(speech_rows)
+                if self.beats is not None:
+                    for i, clip in enumerate(audio):
+                        wav = torch.from_numpy(_pad_to_one_second(clip)).to(device, dtype)[None]
+                        audio_rows[i] = self.beats.extract_features(wav, None)[0][0]
+        finally:
+            for module, mode in zip(encoders, modes, strict=True):
+                module.train(mode)
+        return list(zip(speech_rows, audio_rows, strict=True))
+
+    def audio_tokens_from_raw(
+        self,
+        speech_rows: Sequence[torch.Tensor],
+        audio_rows: Sequence[torch.Tensor | None],
+    ) -> tuple[torch.Tensor, list[int]]:
+        """Raw encoder outputs (from `raw_encoder_outputs`, e.g. via a cache) -> audio
+        embeddings, through the trainable parts only: `ln_speech`, `ln_audio`, the zero-padded
+        fusion, the Q-Former and the projection. Gradients flow into all of them.
+
+        Args:
+            speech_rows: per clip, Whisper's (T_i, speech_width) frames.
+            audio_rows: per clip, BEATs' (T_b, audio_width) frames, or None without BEATs.
+
+        Returns:
+            Embeddings (B, max_tokens, llm_hidden) and each row's token count, equal to
+            `encode_audio(clips)`'s for the same clips.
+        """
+        device, dtype = self._device(), self.speech_llama_proj.weight.dtype
+        frames = [int(row.shape[0]) for row in speech_rows]
+        speech = nn.utils.rnn.pad_sequence(
+            [row.to(device, dtype) for row in speech_rows], batch_first=True
+        )
+        fused = self.ln_speech(speech)  # (B, T, speech_width)
+        if self.beats is not None:
+            assert self.ln_audio is not None
+            length = fused.shape[1]
+            padded = []
+            for i, row in enumerate(audio_rows):
+                if row is None:
+                    raise ValueError(f"clip {i} has no BEATs features but the model has BEATs")
+                normed = self.ln_audio(row.to(device, dtype))
+                keep = min(normed.shape[0], length, frames[i])
+                padded.append(F.pad(normed[:keep], (0, 0, 0, length - keep)))
+            fused = torch.cat([fused, torch.stack(padded)], dim=-1)
+        return self.audio_tokens_from_features(fused, frames)
+
     def audio_tokens_from_features(
         self, fused: torch.Tensor, frames: Sequence[int]
     ) -> tuple[torch.Tensor, list[int]]:

@@ -1,0 +1,106 @@
+"""Task prompts for training and evaluation: several paraphrases per task, one picked at random
+per training sample (as the official `prompts/train_prompt.json`), the first one used for
+evaluation (the official `test_prompt.json` wording where there is one).
+
+Task keys are the official ones (SALMONN.md section 7) plus ``command``, our spoken-command
+intent task. ``QA`` prompts hold ``{}``, filled from the manifest's ``Q`` field.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+# The `command` task's first paraphrase is the agent's runtime instruction
+# (`agent.intents.COMMAND_INSTRUCTION`); tests/agent/test_corpus.py checks they stay equal.
+COMMAND_INTENT_NAMES = (
+    "move, turn, stop, dock, pick, place, lights_on, lights_off, set_temperature, question, none"
+)
+
+PROMPTS: dict[str, tuple[str, ...]] = {
+    "asr": (
+        "Recognize the speech and give me the transcription.",
+        "Transcribe the speech.",
+        "Write down exactly what the speaker says.",
+        "What does the person say? Give the words only.",
+        "Please transcribe this recording.",
+        "Listen to the speech and write it down.",
+        "Give me the transcript of the audio.",
+    ),
+    "audiocaption": (
+        "Please describe the audio.",
+        "Describe what you hear.",
+        "Write a short caption for this audio.",
+        "What can be heard in this recording?",
+        "Caption the sounds in the audio.",
+        "Briefly describe the sounds you hear.",
+    ),
+    "command": (
+        "If the speech is a command, answer with its intent as JSON, one of: "
+        + COMMAND_INTENT_NAMES
+        + ', for example {"intent": "turn", "direction": "left", "angle": 90}. '
+        'Otherwise answer {"intent": "none"}.',
+        "Give the intent of the spoken command as JSON.",
+        "Convert what the speaker asks for into an intent JSON object.",
+        'What does the speaker want the robot or the house to do? Answer as JSON, or {"intent":'
+        ' "none"} if nothing.',
+        "Parse the spoken request into a JSON intent.",
+    ),
+    "QA": (
+        "{}",
+        "Answer the question about the audio: {}",
+        "Listen to the audio and answer. {}",
+    ),
+    "audio_story_telling": (
+        "Based on the audio, write a story in detail. Your story should be highly related to "
+        "the audio.",
+        "Write a story inspired by what you hear.",
+        "Tell a detailed story about the sounds in this recording.",
+    ),
+}
+
+#: Instructions never used in training, for measuring how well the model follows new kinds of
+#: instruction (the paper's task over-fitting, section 5.2).
+UNSEEN_INSTRUCTIONS: tuple[str, ...] = (
+    "Describe the audio in detail, in at least three sentences.",
+    "Write a short poem about what you hear.",
+    "Imagine where this recording was made and explain why.",
+    "How would a person feel hearing this? Explain your answer.",
+    "Suggest what someone should do after hearing this, and why.",
+    "Write a diary entry about the moment in this recording.",
+)
+
+
+def eval_prompt(task: str, question: str = "") -> str:
+    """The fixed instruction for evaluating a task (its first paraphrase).
+
+    Args:
+        task: an official task key, e.g. ``"asr"``.
+        question: for ``QA``, the manifest's ``Q``.
+
+    Raises:
+        KeyError: unknown task.
+    """
+    return _fill(PROMPTS[task][0], question)
+
+
+def sample_prompt(task: str, rng: np.random.Generator, question: str = "") -> str:
+    """A random paraphrase for one training sample.
+
+    Args:
+        task: an official task key.
+        rng: the random source (deterministic per sample in training).
+        question: for ``QA``, the manifest's ``Q``.
+
+    Raises:
+        KeyError: unknown task.
+    """
+    options = PROMPTS[task]
+    return _fill(options[int(rng.integers(len(options)))], question)
+
+
+def _fill(template: str, question: str) -> str:
+    return template.replace("{}", question.strip()) if "{}" in template else template
