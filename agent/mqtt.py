@@ -6,14 +6,36 @@
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import contextlib
 import dataclasses
+import json
 import logging
 import os
+import random
 import re
+import ssl
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
+
+import aiomqtt
+
+from agent.homeassistant import (
+    DEFAULT_COMMAND_EVENT_TYPES,
+    DEFAULT_SOUND_EVENT_TYPES,
+    device_id_for,
+    discovery_message,
+)
+from agent.outbox import Outbox, OutboxEntry
+from agent.rules import Rule, RuleEngine
+
+if TYPE_CHECKING:
+    from agent.broker import EmbeddedBroker
 
 logger = logging.getLogger(__name__)
 
@@ -235,3 +257,586 @@ def _check_type(name: str, value: Any, annotation: Any) -> None:
             f"mqtt.{name}: expected {base}{' or none' if optional else ''}, "
             f"got {type(value).__name__} {value!r}"
         )
+
+
+# --------------------------------------------------------------------------------------
+# The publisher
+# --------------------------------------------------------------------------------------
+
+ControlCallback = Callable[[str, dict[str, Any]], None]
+StatusCallback = Callable[[dict[str, Any]], None]
+
+# Messages published concurrently while waiting for PUBACKs (order is kept on the wire).
+PUBLISH_WINDOW = 32
+# Seconds to wait for a PUBACK (or a SUBACK) before declaring the connection dead.
+OPERATION_TIMEOUT_S = 10.0
+# Keepalive: how fast the broker notices a dead agent (and fires the last will), seconds.
+KEEPALIVE_S = 30
+# Shutdown: how long to keep delivering the outbox before disconnecting, seconds.
+DRAIN_TIMEOUT_S = 2.0
+# Drops are reported through on_status at most this often, seconds.
+DROP_REPORT_INTERVAL_S = 1.0
+# CONNACK codes (MQTT 3.1.1 values and their MQTT 5 reason codes) that retrying cannot fix.
+_LOGIN_REFUSED = (
+    "login refused (bad user name or password, or not authorized): check user:pass in the "
+    "--mqtt URL (mqtt://USER:PASS@HOST:PORT) and the broker's password file and ACL"
+)
+_FATAL_CONNACK = {
+    2: "the broker rejected the client id: set mqtt.client_id",
+    133: "the broker rejected the client id: set mqtt.client_id",
+    4: _LOGIN_REFUSED,
+    134: _LOGIN_REFUSED,
+    5: _LOGIN_REFUSED,
+    135: _LOGIN_REFUSED,
+}
+
+
+class MqttPublisher:
+    """Publishes agent events to MQTT, reliably, in order, through an on-disk outbox.
+
+    Topics (`P` = `config.prefix`):
+
+    - `P/<stream>/<kind>`: every final event as JSON, QoS `config.qos`, not retained.
+    - `P/status`: retained `online`; last will (and clean shutdown) `offline`.
+    - `P/<stream>/set`: subscribed; a JSON object passed to `on_control(stream, dict)`.
+    - `P/<stream>/error`: `{"error": message, "payload": raw}` for a rejected control payload.
+    - `P/<stream>/state`: retained JSON of the control keys applied so far for that stream.
+    - rule topics: whatever the rules say.
+    - `<discovery_prefix>/device/<id>/config`: retained Home Assistant discovery.
+
+    Args:
+        config: the MQTT config; with `url` None an embedded amqtt broker is started on
+            `embedded_host:embedded_port` and stopped with the publisher.
+        rules: smart-home rules run on every final event submitted.
+        on_control: called on the loop with `(stream, payload)` for each valid control
+            message; raise `ValueError` to reject it (the message goes to the error topic).
+        on_status: called on the loop with a dict on connection changes and drops, e.g.
+            `{"mqtt": "connected", "url": ...}`, `{"mqtt": "disconnected", "error": ...,
+            "retry_in_s": ...}`, `{"mqtt": "dropped", "dropped": total, "new": n}`.
+        device_name: device name in Home Assistant.
+        command_event_types: event types of the Home Assistant voice command entity.
+        sound_event_types: event type -> keywords of the Home Assistant sound entity.
+
+    Connection policy: at start, a refused login (bad credentials, not authorized, client
+    id rejected) or a TLS failure raises `MqttConnectError` from `__aenter__`; a broker that
+    cannot be reached is retried in the background (events wait in the outbox). After a
+    successful start every failure is retried with capped exponential backoff and reported
+    through `on_status`.
+    """
+
+    def __init__(
+        self,
+        config: MqttConfig,
+        *,
+        rules: Sequence[Rule] = (),
+        on_control: ControlCallback | None = None,
+        on_status: StatusCallback | None = None,
+        device_name: str = "salmonn-live",
+        command_event_types: Sequence[str] = DEFAULT_COMMAND_EVENT_TYPES,
+        sound_event_types: Mapping[str, Sequence[str]] = DEFAULT_SOUND_EVENT_TYPES,
+    ) -> None:
+        self._config = config
+        self._rules = RuleEngine(list(rules))
+        self._on_control = on_control
+        self._on_status = on_status
+        self._device_name = device_name
+        self._command_types = tuple(command_event_types)
+        self._sound_types = dict(sound_event_types)
+        self._url = config.url
+        self._broker: EmbeddedBroker | None = None
+        self._outbox: Outbox | None = None
+        self._client: aiomqtt.Client | None = None
+        self._run_task: asyncio.Task[None] | None = None
+        self._close_task: asyncio.Task[None] | None = None
+        self._wakeup: asyncio.Event | None = None
+        self._drained: asyncio.Event | None = None
+        self._stopping: asyncio.Event | None = None
+        self._first_attempt: asyncio.Future[None] | None = None
+        self._drop_report: asyncio.TimerHandle | None = None
+        self._reported_drops = 0
+        self._closing = False
+        self._started = False
+        self._connected = False
+        self._control_state: dict[str, dict[str, Any]] = {}
+        self._counters = {
+            "submitted": 0,
+            "published": 0,
+            "skipped_partial": 0,
+            "rule_messages": 0,
+            "control_ok": 0,
+            "control_errors": 0,
+            "connects": 0,
+            "disconnects": 0,
+        }
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str | None:
+        """The broker URL in use (the embedded broker's once started), password redacted."""
+        return None if self._url is None else redact_url(self._url)
+
+    @property
+    def connected(self) -> bool:
+        """True while a broker session is up."""
+        return self._connected
+
+    async def start(self) -> None:
+        """Open the outbox, start the embedded broker if needed, and connect.
+
+        Raises:
+            MqttConnectError: the broker refused the login or TLS failed (fix the config).
+            MqttConfigError: a TLS file cannot be read.
+            EmbeddedBrokerError: the embedded broker cannot listen.
+        """
+        if self._started:
+            raise RuntimeError("MqttPublisher.start() called twice")
+        self._started = True
+        loop = asyncio.get_running_loop()
+        self._wakeup = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._first_attempt = loop.create_future()
+        outbox_dir = self._config.effective_outbox_dir
+        self._outbox = await asyncio.to_thread(Outbox, outbox_dir, self._config.outbox_max_events)
+        logger.info(
+            "MQTT outbox %s (bound %d, %d waiting from a previous run)",
+            outbox_dir,
+            self._config.outbox_max_events,
+            len(self._outbox),
+        )
+        tls_context = await asyncio.to_thread(self._tls_context)
+        try:
+            if self._url is None:
+                from agent.broker import EmbeddedBroker
+
+                self._broker = EmbeddedBroker(
+                    self._config.embedded_host, self._config.embedded_port
+                )
+                await self._broker.start()
+                self._url = self._broker.url
+                logger.info("MQTT: no --mqtt URL given; embedded broker at %s", self._url)
+            self._run_task = loop.create_task(
+                self._run(parse_url(self._url), tls_context), name="mqtt-publisher"
+            )
+            await asyncio.shield(self._first_attempt)
+        except BaseException:
+            self.close()
+            await self.wait_closed()
+            raise
+
+    def _tls_context(self) -> ssl.SSLContext | None:
+        if self._url is None or not parse_url(self._url).tls:
+            return None
+        cfg = self._config
+        try:
+            ctx = ssl.create_default_context(cafile=cfg.ca_file)
+            if cfg.cert_file is not None:
+                ctx.load_cert_chain(cfg.cert_file, cfg.key_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise MqttConfigError(
+                f"mqtt TLS files: cannot load ca_file={cfg.ca_file!r} cert_file="
+                f"{cfg.cert_file!r} key_file={cfg.key_file!r}: {exc}"
+            ) from exc
+        return ctx
+
+    def close(self) -> None:
+        """Begin shutdown (idempotent): stop intake, deliver what the outbox holds for up to
+        2 s, publish `offline`, disconnect, stop the embedded broker, close the outbox.
+        Undelivered messages stay in the outbox for the next start."""
+        if self._closing:
+            return
+        self._closing = True
+        if not self._started:
+            return
+        self._close_task = asyncio.get_running_loop().create_task(
+            self._shutdown(), name="mqtt-publisher-close"
+        )
+
+    async def wait_closed(self) -> None:
+        """Wait until `close()` has finished."""
+        if self._close_task is not None:
+            await asyncio.shield(self._close_task)
+
+    async def __aenter__(self) -> MqttPublisher:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+        await self.wait_closed()
+
+    async def _shutdown(self) -> None:
+        assert self._stopping is not None and self._drained is not None
+        if self._drop_report is not None:
+            self._drop_report.cancel()
+        try:
+            if self._connected and self._outbox is not None and len(self._outbox):
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._drained.wait(), DRAIN_TIMEOUT_S)
+            client = self._client
+            if self._connected and client is not None:
+                try:
+                    await client.publish(
+                        self._status_topic, "offline", qos=1, retain=True, timeout=DRAIN_TIMEOUT_S
+                    )
+                except aiomqtt.MqttError as exc:
+                    logger.info("MQTT: could not publish offline status: %s", exc)
+            self._stopping.set()
+            if self._run_task is not None:
+                self._run_task.cancel("MqttPublisher closed")
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._run_task
+        finally:
+            if self._broker is not None:
+                self._broker.close()
+                await self._broker.wait_closed()
+            if self._outbox is not None:
+                if len(self._outbox):
+                    logger.warning(
+                        "MQTT: %d message(s) not delivered; kept in %s for the next start",
+                        len(self._outbox),
+                        self._outbox.path,
+                    )
+                self._outbox.close()
+
+    # -- intake ---------------------------------------------------------------------------
+
+    def submit(self, event: Mapping[str, Any]) -> None:
+        """Queue an event for publication (sync, never blocks on the network).
+
+        The event goes to the outbox (bounded: beyond `outbox_max_events` the oldest message
+        is dropped and counted), rules run on it, and the sender is woken. Events with
+        `partial: true` are skipped unless `publish_partials` is set.
+
+        Args:
+            event: a JSON-ready dict with at least `stream` and `kind` (topic levels: no
+                `/`, `+` or `#`) and `text`.
+
+        Raises:
+            ValueError: if `stream` or `kind` cannot be a topic level, or the event is not
+                JSON-serialisable.
+            RuntimeError: before `start()` or after `close()`.
+        """
+        if self._outbox is None or self._closing:
+            raise RuntimeError(
+                "MqttPublisher.submit() before start() or after close(); events are dropped"
+            )
+        stream, kind = event.get("stream"), event.get("kind")
+        for name, value in (("stream", stream), ("kind", kind)):
+            if not isinstance(value, str) or not _TOPIC_LEVEL_RE.match(value) or "/" in value:
+                raise ValueError(
+                    f"event {name}: expected a non-empty string without '/', '+' or '#', "
+                    f"got {value!r}"
+                )
+        if event.get("partial") and not self._config.publish_partials:
+            self._counters["skipped_partial"] += 1
+            return
+        try:
+            payload = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"event is not JSON-serialisable: {exc}") from exc
+        self._counters["submitted"] += 1
+        dropped = self._outbox.put(
+            f"{self._config.prefix}/{stream}/{kind}", payload, self._config.qos
+        )
+        for action in self._rules.evaluate(event):
+            self._counters["rule_messages"] += 1
+            logger.info("rule %s fired: %s %s", action.rule, action.topic, action.payload[:200])
+            dropped += self._outbox.put(action.topic, action.payload, action.qos, action.retain)
+        if dropped:
+            self._schedule_drop_report()
+        assert self._wakeup is not None and self._drained is not None
+        self._drained.clear()
+        self._wakeup.set()
+
+    async def drain(self) -> None:
+        """Wait until the outbox is empty (every message acknowledged by the broker).
+
+        Waits forever while the broker is away: wrap it in `asyncio.wait_for`.
+        """
+        assert self._drained is not None and self._outbox is not None, "not started"
+        while len(self._outbox):
+            await self._drained.wait()
+
+    def stats(self) -> dict[str, Any]:
+        """Counters: publisher (`submitted`, `published`, ...), `outbox`, and per-rule `rules`."""
+        return {
+            **self._counters,
+            "connected": self._connected,
+            "outbox": self._outbox.stats() if self._outbox is not None else {},
+            "rules": self._rules.stats(),
+        }
+
+    # -- status reporting -----------------------------------------------------------------
+
+    def _status(self, info: dict[str, Any]) -> None:
+        if self._on_status is None:
+            return
+        try:
+            self._on_status(info)
+        except Exception:
+            logger.exception("MQTT: on_status callback failed for %s", info)
+
+    def _schedule_drop_report(self) -> None:
+        if self._drop_report is None:
+            self._drop_report = asyncio.get_running_loop().call_later(
+                DROP_REPORT_INTERVAL_S, self._report_drops
+            )
+
+    def _report_drops(self) -> None:
+        self._drop_report = None
+        assert self._outbox is not None
+        total = self._outbox.dropped
+        new = total - self._reported_drops
+        self._reported_drops = total
+        logger.warning(
+            "MQTT outbox full (%d): dropped %d oldest message(s), %d in total",
+            self._outbox.max_events,
+            new,
+            total,
+        )
+        self._status({"mqtt": "dropped", "dropped": total, "new": new})
+
+    # -- connection loop ------------------------------------------------------------------
+
+    @property
+    def _status_topic(self) -> str:
+        return f"{self._config.prefix}/status"
+
+    def _make_client(
+        self, addr: BrokerAddress, tls_context: ssl.SSLContext | None
+    ) -> aiomqtt.Client:
+        client = aiomqtt.Client(
+            addr.host,
+            addr.port,
+            username=addr.username,
+            password=addr.password,
+            identifier=self._config.effective_client_id,
+            will=aiomqtt.Will(self._status_topic, "offline", qos=1, retain=True),
+            clean_session=True,
+            keepalive=KEEPALIVE_S,
+            timeout=OPERATION_TIMEOUT_S,
+            tls_context=tls_context,
+            logger=logging.getLogger(__name__ + ".paho"),
+        )
+        # The sender keeps a window of publishes in flight on purpose; don't warn about it.
+        client.pending_calls_threshold = PUBLISH_WINDOW + 16
+        return client
+
+    async def _run(self, addr: BrokerAddress, tls_context: ssl.SSLContext | None) -> None:
+        assert self._first_attempt is not None and self._stopping is not None
+        cfg = self._config
+        failures = 0
+        where = redact_url(self._url or "")
+        while not self._stopping.is_set():
+            try:
+                async with self._make_client(addr, tls_context) as client:
+                    failures = 0
+                    self._client = client
+                    self._connected = True
+                    self._counters["connects"] += 1
+                    logger.info("MQTT connected to %s as %s", where, cfg.effective_client_id)
+                    self._status({"mqtt": "connected", "url": where})
+                    try:
+                        await self._session(client)
+                    finally:
+                        self._connected = False
+                        self._client = None
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                fatal = _fatal_reason(exc)
+                if not self._first_attempt.done():
+                    if fatal is not None:
+                        self._first_attempt.set_exception(
+                            MqttConnectError(f"MQTT broker {where} refused the connection: {fatal}")
+                        )
+                        return
+                    self._first_attempt.set_result(None)
+                failures += 1
+                delay = min(cfg.reconnect_max_s, cfg.reconnect_min_s * 2 ** (failures - 1))
+                delay *= random.uniform(0.8, 1.0)
+                was = "lost connection to" if self._counters["connects"] else "cannot reach"
+                if isinstance(exc, aiomqtt.MqttError | OSError):
+                    logger.warning(
+                        "MQTT %s %s: %s%s; retrying in %.1f s (%d waiting in the outbox)",
+                        was,
+                        where,
+                        exc,
+                        f" ({fatal})" if fatal else "",
+                        delay,
+                        len(self._outbox or ()),
+                    )
+                else:
+                    logger.error("MQTT session crashed; reconnecting", exc_info=True)
+                if self._counters["connects"] or failures == 1:
+                    self._counters["disconnects"] += 1
+                    self._status(
+                        {
+                            "mqtt": "disconnected",
+                            "url": where,
+                            "error": fatal or str(exc),
+                            "retry_in_s": round(delay, 2),
+                        }
+                    )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), delay)
+
+    async def _session(self, client: aiomqtt.Client) -> None:
+        """One connected session: announce, subscribe, then publish and serve control."""
+        assert self._first_attempt is not None
+        cfg = self._config
+        await client.publish(self._status_topic, "online", qos=1, retain=True)
+        await client.subscribe(f"{cfg.prefix}/+/set", qos=1)
+        if cfg.discovery:
+            await client.subscribe(f"{cfg.discovery_prefix}/status", qos=1)
+            await self._publish_discovery(client)
+        if not self._first_attempt.done():
+            self._first_attempt.set_result(None)
+        tasks = [
+            asyncio.create_task(self._sender(client), name="mqtt-sender"),
+            asyncio.create_task(self._receiver(client), name="mqtt-receiver"),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for task in done:
+            if (exc := task.exception()) is not None:
+                raise exc
+        raise aiomqtt.MqttError("MQTT session ended")
+
+    async def _publish_discovery(self, client: aiomqtt.Client) -> None:
+        topic, payload = discovery_message(
+            prefix=self._config.prefix,
+            discovery_prefix=self._config.discovery_prefix,
+            device_id=device_id_for(self._config.effective_client_id),
+            device_name=self._device_name,
+            command_event_types=self._command_types,
+            sound_event_types=self._sound_types,
+        )
+        await client.publish(topic, payload, qos=1, retain=True)
+        logger.info("MQTT: Home Assistant discovery published on %s", topic)
+
+    async def _sender(self, client: aiomqtt.Client) -> None:
+        """Publish the outbox in order, keeping up to PUBLISH_WINDOW messages in flight."""
+        assert self._outbox is not None and self._wakeup is not None
+        assert self._drained is not None
+        outbox = self._outbox
+        in_flight: collections.deque[tuple[OutboxEntry, asyncio.Task[None]]] = collections.deque()
+        first = outbox.first()
+        last_sent = first.seq - 1 if first is not None else 0
+        try:
+            while True:
+                room = PUBLISH_WINDOW - len(in_flight)
+                for entry in outbox.after(last_sent, room) if room > 0 else ():
+                    task = asyncio.create_task(
+                        client.publish(
+                            entry.topic, entry.payload, qos=entry.qos, retain=entry.retain
+                        )
+                    )
+                    in_flight.append((entry, task))
+                    last_sent = entry.seq
+                if not in_flight:
+                    self._drained.set()
+                    self._wakeup.clear()
+                    if outbox.after(last_sent, 1):
+                        continue
+                    await self._wakeup.wait()
+                    continue
+                entry, task = in_flight[0]
+                await asyncio.shield(task)
+                in_flight.popleft()
+                outbox.ack(entry.seq)
+                self._counters["published"] += 1
+        finally:
+            for _, task in in_flight:
+                task.cancel()
+            await asyncio.gather(*(t for _, t in in_flight), return_exceptions=True)
+
+    async def _receiver(self, client: aiomqtt.Client) -> None:
+        """Serve control messages and Home Assistant's birth message."""
+        cfg = self._config
+        ha_status = f"{cfg.discovery_prefix}/status"
+        async for message in client.messages:
+            topic = message.topic.value
+            if cfg.discovery and topic == ha_status:
+                if message.payload in (b"online", "online"):
+                    logger.info("MQTT: Home Assistant came online; re-publishing discovery")
+                    await self._publish_discovery(client)
+                continue
+            head, tail = cfg.prefix + "/", "/set"
+            if topic.startswith(head) and topic.endswith(tail):
+                stream = topic[len(head) : -len(tail)]
+                if stream and "/" not in stream:
+                    await self._handle_control(client, stream, message.payload)
+
+    async def _handle_control(self, client: aiomqtt.Client, stream: str, raw: Any) -> None:
+        raw_bytes = raw if isinstance(raw, bytes | bytearray) else str(raw or "").encode()
+        raw_text = bytes(raw_bytes).decode("utf-8", errors="replace")
+        error: str | None = None
+        payload: Any = None
+        try:
+            payload = json.loads(raw_bytes)
+        except ValueError as exc:
+            error = f"expected a JSON object, got invalid JSON: {exc}"
+        if error is None and not isinstance(payload, dict):
+            error = f"expected a JSON object, got {type(payload).__name__}"
+        if error is None and self._on_control is None:
+            error = "control is not enabled on this agent"
+        if error is None:
+            assert self._on_control is not None
+            try:
+                self._on_control(stream, payload)
+            except ValueError as exc:
+                error = str(exc) or type(exc).__name__
+            except Exception as exc:
+                logger.exception("MQTT: on_control(%r, %r) crashed", stream, payload)
+                error = f"internal error: {type(exc).__name__}"
+        if error is not None:
+            self._counters["control_errors"] += 1
+            logger.warning("MQTT control on %s rejected: %s", stream, error)
+            body = {"error": error, "payload": raw_text[:1000]}
+            await client.publish(
+                f"{self._config.prefix}/{stream}/error", json.dumps(body, ensure_ascii=False), qos=1
+            )
+            return
+        self._counters["control_ok"] += 1
+        state = self._control_state.setdefault(stream, {})
+        state.update(payload)
+        await client.publish(
+            f"{self._config.prefix}/{stream}/state",
+            json.dumps(state, ensure_ascii=False),
+            qos=1,
+            retain=True,
+        )
+
+
+def _fatal_reason(exc: BaseException) -> str | None:
+    """What to fix when `exc` is a connection failure retrying cannot cure, else None."""
+    if isinstance(exc, aiomqtt.MqttCodeError):
+        rc = exc.rc
+        value = getattr(rc, "value", rc)
+        if isinstance(value, int) and value in _FATAL_CONNACK:
+            return _FATAL_CONNACK[value]
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, ssl.SSLCertVerificationError):
+            return (
+                f"TLS certificate verification failed ({cur.verify_message}): "
+                "set mqtt.ca_file to the CA that signed the broker's certificate"
+            )
+        if isinstance(cur, ssl.SSLError):
+            return f"TLS handshake failed ({cur}): check the mqtts:// port and TLS files"
+        cur = cur.__cause__ or cur.__context__
+    return None

@@ -194,7 +194,7 @@ class RuleAction:
 
     rule: str
     topic: str
-    payload: bytes
+    payload: str
     qos: int
     retain: bool
 
@@ -404,9 +404,9 @@ class RuleEngine:
             try:
                 topic = rule.topic.fill(values)
                 payload = (
-                    rule.payload.fill(values).encode()
+                    rule.payload.fill(values)
                     if rule.payload is not None
-                    else json.dumps(dict(event), ensure_ascii=False).encode()
+                    else json.dumps(dict(event), ensure_ascii=False)
                 )
             except KeyError as exc:
                 counters.template_errors += 1

@@ -81,7 +81,7 @@ def test_keyword_rule_does_not_fire_on_non_matching(event: dict[str, Any]) -> No
 def test_regex_rule_named_groups_in_topic_and_payload() -> None:
     eng, _ = engine(LIGHTS)
     [action] = eng.evaluate(ev("transcript", "Please turn OFF the kitchen lights"))
-    assert (action.topic, action.payload) == ("home/kitchen/lights/set", b"OFF")
+    assert (action.topic, action.payload) == ("home/kitchen/lights/set", "OFF")
     assert eng.evaluate(ev("caption", "turn off the kitchen lights")) == []
 
 
@@ -91,7 +91,7 @@ def test_intent_rule_any_of_values_case_insensitive() -> None:
     [action] = eng.evaluate(ev("command", "lights off", intent=intent))
     assert (action.topic, action.payload, action.qos, action.retain) == (
         "home/hall/lights/set",
-        b"OFF",
+        "OFF",
         0,
         True,
     )

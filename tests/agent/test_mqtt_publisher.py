@@ -1,0 +1,400 @@
+"""`agent.mqtt.MqttPublisher` against a real mosquitto on loopback (and the embedded broker).
+
+Every wait is on a message or an event, with a deadline; nothing sleeps and hopes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import pytest
+
+from agent.mqtt import MqttConfig, MqttConnectError, MqttPublisher, parse_url
+from agent.rules import rules_from_config
+from tests.agent.mqtt_fixtures import (
+    Mosquitto,
+    collector,
+    free_port,
+    mosquitto,  # noqa: F401 - fixture
+    mosquitto_auth,  # noqa: F401 - fixture
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def config(url: str | None, tmp_path: Path, **kw: Any) -> MqttConfig:
+    base: dict[str, Any] = {
+        "url": url,
+        "outbox_dir": str(tmp_path / "outbox"),
+        "client_id": "test-agent",
+        "reconnect_min_s": 0.05,
+        "reconnect_max_s": 0.3,
+        "discovery": False,
+    }
+    base.update(kw)
+    return MqttConfig(**base)
+
+
+def ev(i: int, kind: str = "transcript", stream: str = "mic", **kw: Any) -> dict[str, Any]:
+    return {
+        "id": f"e{i}",
+        "stream": stream,
+        "kind": kind,
+        "text": f"event {i}",
+        "partial": False,
+        **kw,
+    }
+
+
+def events_on(messages: list[Any], suffix: str) -> list[dict[str, Any]]:
+    return [json.loads(m.payload) for m in messages if m.topic.endswith(suffix)]
+
+
+async def test_every_event_arrives_with_topic_and_payload(
+    mosquitto: Mosquitto,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Each final event lands on <prefix>/<stream>/<kind> with the event as JSON; partials don't."""
+    sent = [
+        ev(i, kind=("transcript", "caption", "command")[i % 3], stream=("mic", "robot1")[i % 2])
+        for i in range(60)
+    ]
+    async with (
+        collector(mosquitto.port, "salmonn/#") as c,
+        MqttPublisher(config(mosquitto.url, tmp_path)) as pub,
+    ):
+        pub.submit({**ev(999), "partial": True})
+        for e in sent:
+            pub.submit(e)
+        got = await c.wait_for(lambda ms: sum(m.topic != "salmonn/status" for m in ms) >= 60)
+        data = [m for m in got if m.topic != "salmonn/status"]
+        assert [m.topic for m in data] == [f"salmonn/{e['stream']}/{e['kind']}" for e in sent]
+        assert [json.loads(m.payload) for m in data] == sent
+        assert [m.payload for m in c.on("salmonn/status")] == [b"online"]
+        await asyncio.wait_for(pub.drain(), 5)
+        stats = pub.stats()
+        assert stats["skipped_partial"] == 1 and stats["outbox"]["acked"] == 60
+
+
+async def test_broker_restart_mid_stream_delivers_everything_in_order(
+    mosquitto: Mosquitto,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """The broker stops mid-stream and comes back: every event arrives afterwards, in order."""
+    n = 150
+    disconnected = asyncio.Event()
+    reconnected = asyncio.Event()
+
+    def on_status(info: dict[str, Any]) -> None:
+        if info["mqtt"] == "disconnected":
+            disconnected.set()
+        elif info["mqtt"] == "connected" and disconnected.is_set():
+            reconnected.set()
+
+    async with (
+        collector(mosquitto.port, "salmonn/+/transcript", client_id="restart-sub") as c,
+        MqttPublisher(config(mosquitto.url, tmp_path), on_status=on_status) as pub,
+    ):
+
+        async def produce() -> None:
+            for i in range(n):
+                pub.submit(ev(i))
+                await asyncio.sleep(0.004)  # a live source: events keep coming during the outage
+
+        producer = asyncio.create_task(produce())
+        await c.wait_for(lambda ms: len(ms) >= 30)
+        await asyncio.to_thread(mosquitto.stop)
+        await asyncio.wait_for(disconnected.wait(), 10)
+        during_outage = pub.stats()["outbox"]["queued"]
+        await asyncio.to_thread(mosquitto.start)
+        await asyncio.wait_for(reconnected.wait(), 10)
+        await producer
+        got = await c.wait_for(lambda ms: len({m.payload for m in ms}) >= n, within_s=20)
+
+        await asyncio.wait_for(pub.drain(), 5)
+        ids = [json.loads(m.payload)["id"] for m in got]
+        first_seen = list(dict.fromkeys(ids))
+        assert first_seen == [f"e{i}" for i in range(n)]  # all, in order
+        outbox = pub.stats()["outbox"]
+        # The outbox's own accounting: each event put once, acked once, nothing left or lost.
+        assert outbox == {
+            "queued": 0,
+            "put": n,
+            "acked": n,
+            "dropped": 0,
+            "disk_errors": 0,
+            "recovered": 0,
+        }
+        assert during_outage > 0
+        # QoS 1 is at-least-once: a message in flight when the broker died may come twice.
+        assert len(ids) - n <= 32
+
+
+async def test_wrong_credentials_fail_fast_with_a_clear_error(
+    mosquitto_auth: Mosquitto,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    url = f"mqtt://robot:wrong@127.0.0.1:{mosquitto_auth.port}"
+    with pytest.raises(MqttConnectError, match=r"login refused.*check user:pass in the --mqtt URL"):
+        async with MqttPublisher(config(url, tmp_path)):
+            pass
+    with pytest.raises(MqttConnectError, match=r"login refused"):
+        async with MqttPublisher(config(f"mqtt://127.0.0.1:{mosquitto_auth.port}", tmp_path)):
+            pass
+    ok = f"mqtt://robot:s3cret@127.0.0.1:{mosquitto_auth.port}"
+    async with MqttPublisher(config(ok, tmp_path)) as pub:
+        assert pub.connected
+        assert "s3cret" not in (pub.url or "")
+
+
+_CHILD = """
+import asyncio, sys
+from agent.mqtt import MqttConfig, MqttPublisher
+
+async def main():
+    cfg = MqttConfig(url=sys.argv[1], outbox_dir=sys.argv[2], client_id="doomed", discovery=False)
+    async with MqttPublisher(cfg):
+        sys.stdout.write("ready\\n")
+        sys.stdout.flush()
+        await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+async def test_last_will_fires_when_the_process_is_killed(
+    mosquitto: Mosquitto,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    async with collector(mosquitto.port, "salmonn/status") as c:
+        child = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            _CHILD,
+            mosquitto.url,
+            str(tmp_path / "child-outbox"),
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+        try:
+            assert child.stdout is not None
+            line = await asyncio.wait_for(child.stdout.readline(), 30)
+            assert line == b"ready\n"
+            await c.wait_for(lambda ms: any(m.payload == b"online" for m in ms))
+            child.send_signal(signal.SIGKILL)
+            await c.wait_for(lambda ms: ms[-1].payload == b"offline")
+        finally:
+            if child.returncode is None:
+                child.kill()
+            await child.wait()
+    assert [m.payload for m in c.messages] == [b"online", b"offline"]
+
+
+async def test_clean_close_publishes_offline(
+    mosquitto: Mosquitto,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    async with collector(mosquitto.port, "salmonn/status") as c:
+        pub = MqttPublisher(config(mosquitto.url, tmp_path))
+        async with pub:
+            await c.wait_for(lambda ms: any(m.payload == b"online" for m in ms))
+        pub.close()  # idempotent
+        await pub.wait_closed()
+        await c.wait_for(lambda ms: ms[-1].payload == b"offline")
+
+
+RULES = [
+    {
+        "name": "alarm",
+        "kind": ["caption"],
+        "keywords": ["glass breaking", "smoke alarm"],
+        "topic": "home/alarm/trigger",
+        "payload": {"source": "{stream}", "heard": "{text}"},
+        "cooldown_s": 60,
+    },
+    {
+        "name": "kitchen-lights",
+        "kind": ["transcript", "command"],
+        "regex": r"turn off the kitchen lights?",
+        "topic": "home/kitchen/lights/set",
+        "payload": "OFF",
+    },
+]
+
+
+async def test_rules_fire_on_matches_respect_cooldown_and_never_on_others(
+    mosquitto: Mosquitto,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    async with (
+        collector(mosquitto.port, "home/#", "salmonn/+/sentinel") as c,
+        MqttPublisher(config(mosquitto.url, tmp_path), rules=rules_from_config(RULES)) as pub,
+    ):
+        pub.submit({**ev(1, kind="caption"), "text": "a dog barking"})
+        pub.submit({**ev(2, kind="transcript"), "text": "turn on the kitchen lights"})
+        pub.submit({**ev(3, kind="transcript"), "text": "smoke alarm"})  # wrong kind
+        pub.submit({**ev(4, kind="caption"), "text": "smoke alarm", "partial": True})
+        pub.submit({**ev(5, kind="caption"), "text": "Glass breaking in the hall"})
+        pub.submit({**ev(6, kind="caption"), "text": "smoke alarm beeping"})  # cooldown
+        pub.submit({**ev(7, kind="command"), "text": "please turn off the kitchen light"})
+        pub.submit(ev(8, kind="sentinel"))
+        # Delivery is in order, so once the sentinel is here every rule message is too.
+        got = await c.wait_for(lambda ms: any(m.topic.endswith("/sentinel") for m in ms))
+        rule_msgs = [(m.topic, m.payload) for m in got if m.topic.startswith("home/")]
+        assert rule_msgs == [
+            (
+                "home/alarm/trigger",
+                json.dumps({"source": "mic", "heard": "Glass breaking in the hall"}).encode(),
+            ),
+            ("home/kitchen/lights/set", b"OFF"),
+        ]
+        rules = pub.stats()["rules"]
+        assert rules["alarm"] == {
+            "matched": 2,
+            "fired": 1,
+            "cooldown_skipped": 1,
+            "template_errors": 0,
+        }
+        assert rules["kitchen-lights"]["fired"] == 1
+
+
+async def test_control_valid_and_invalid_payloads(
+    mosquitto: Mosquitto,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    state: dict[str, dict[str, Any]] = {}
+
+    def on_control(stream: str, payload: dict[str, Any]) -> None:
+        unknown = set(payload) - {"mute", "lora_scale"}
+        if unknown:
+            raise ValueError(f"unknown control key(s) {sorted(unknown)}; known: lora_scale, mute")
+        if "mute" in payload and not isinstance(payload["mute"], bool):
+            raise ValueError(f"mute: expected true or false, got {payload['mute']!r}")
+        state.setdefault(stream, {}).update(payload)
+
+    async with (
+        collector(mosquitto.port, "salmonn/+/error", "salmonn/+/state", client_id="ctl") as c,
+        MqttPublisher(config(mosquitto.url, tmp_path), on_control=on_control),
+    ):
+        async with aiomqtt.Client("127.0.0.1", mosquitto.port, identifier="remote") as remote:
+            await remote.publish("salmonn/mic/set", b'{"mute": true}', qos=1)
+            await remote.publish("salmonn/mic/set", b"not json", qos=1)
+            await remote.publish("salmonn/mic/set", b"[1, 2]", qos=1)
+            await remote.publish("salmonn/mic/set", b'{"mute": "loud"}', qos=1)
+            await remote.publish("salmonn/mic/set", b'{"volume": 3}', qos=1)
+            await remote.publish("salmonn/mic/set", b"\xff\xfe", qos=1)
+            await remote.publish("salmonn/a/b/set", b'{"mute": false}', qos=1)  # not a stream
+            await remote.publish("salmonn/robot1/set", b'{"mute": false}', qos=1)
+        got = await c.wait_for(
+            lambda ms: len(ms) >= 7 and any(m.topic == "salmonn/robot1/state" for m in ms)
+        )
+    errors = [json.loads(m.payload) for m in got if m.topic == "salmonn/mic/error"]
+    assert [e["payload"] for e in errors] == [
+        "not json",
+        "[1, 2]",
+        '{"mute": "loud"}',
+        '{"volume": 3}',
+        "\ufffd\ufffd",
+    ]
+    assert "invalid JSON" in errors[0]["error"]
+    assert "expected a JSON object, got list" in errors[1]["error"]
+    assert "mute: expected true or false" in errors[2]["error"]
+    assert "unknown control key(s) ['volume']" in errors[3]["error"]
+    # Rejected payloads changed nothing; accepted ones are reflected in the retained state.
+    assert state == {"mic": {"mute": True}, "robot1": {"mute": False}}
+    states = {m.topic: json.loads(m.payload) for m in got if m.topic.endswith("/state")}
+    assert states == {"salmonn/mic/state": {"mute": True}, "salmonn/robot1/state": {"mute": False}}
+
+
+async def test_discovery_is_published_retained_and_again_on_ha_birth(
+    mosquitto: Mosquitto,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    cfg = config(mosquitto.url, tmp_path, discovery=True)
+    # The subscriber comes after the publisher (Home Assistant starting later): retained.
+    async with (
+        MqttPublisher(cfg, device_name="Kitchen ears"),
+        collector(mosquitto.port, "homeassistant/device/#", client_id="ha") as c,
+    ):
+        got = await c.wait_for(lambda ms: len(ms) >= 1)
+        assert got[0].topic == "homeassistant/device/test-agent/config" and got[0].retain
+        payload = json.loads(got[0].payload)
+        assert payload["dev"]["name"] == "Kitchen ears"
+        assert {cmp["p"] for cmp in payload["cmps"].values()} == {"event", "sensor", "switch"}
+        async with aiomqtt.Client("127.0.0.1", mosquitto.port, identifier="ha-core") as ha:
+            await ha.publish("homeassistant/status", b"online", qos=1)
+        await c.wait_for(lambda ms: len(ms) >= 2)
+
+
+async def test_embedded_broker_path(tmp_path: Path) -> None:
+    """No URL: the publisher starts amqtt in-process; an independent client receives events."""
+    cfg = config(None, tmp_path, embedded_port=0, discovery=True)
+    async with MqttPublisher(cfg) as pub:
+        assert pub.url is not None
+        port = parse_url(pub.url).port
+        assert port != 0
+        async with collector(port, "salmonn/+/caption", client_id="embedded-sub") as c:
+            for i in range(20):
+                pub.submit(ev(i, kind="caption"))
+            got = await c.wait_for(lambda ms: len(ms) >= 20)
+            assert [json.loads(m.payload)["id"] for m in got] == [f"e{i}" for i in range(20)]
+
+
+async def test_broker_down_at_start_bounded_outbox_survives_restart(tmp_path: Path) -> None:
+    """Broker unreachable: start anyway, keep the newest `outbox_max_events`, count and report
+    the drops, keep them on disk across a restart of the publisher, deliver when it's up."""
+    broker = Mosquitto(tmp_path / "late-broker", port=free_port())
+    cfg = config(broker.url, tmp_path, outbox_max_events=5)
+    reports: list[dict[str, Any]] = []
+    dropped = asyncio.Event()
+
+    def on_status(info: dict[str, Any]) -> None:
+        reports.append(info)
+        if info["mqtt"] == "dropped":
+            dropped.set()
+
+    async with MqttPublisher(cfg, on_status=on_status) as pub:
+        assert not pub.connected
+        for i in range(8):
+            pub.submit(ev(i))
+        await asyncio.wait_for(dropped.wait(), 5)
+        assert pub.stats()["outbox"]["dropped"] == 3
+    assert reports[0]["mqtt"] == "disconnected" and "retry_in_s" in reports[0]
+    assert {"mqtt": "dropped", "dropped": 3, "new": 3} in reports
+
+    broker.start()
+    try:
+        async with (
+            collector(broker.port, "salmonn/#", client_id="late") as c,
+            MqttPublisher(cfg) as pub2,
+        ):
+            assert pub2.stats()["outbox"]["recovered"] == 5
+            got = await c.wait_for(lambda ms: len(events_on(ms, "/transcript")) >= 5)
+            assert [e["id"] for e in events_on(got, "/transcript")] == [
+                f"e{i}" for i in range(3, 8)
+            ]
+    finally:
+        broker.stop()
+
+
+async def test_submit_validates_topic_levels(tmp_path: Path) -> None:
+    cfg = config(f"mqtt://127.0.0.1:{free_port()}", tmp_path)
+    pub = MqttPublisher(cfg)
+    with pytest.raises(RuntimeError, match="before start"):
+        pub.submit(ev(0))
+    async with pub:
+        with pytest.raises(ValueError, match="stream"):
+            pub.submit(ev(0, stream="a/b"))
+        with pytest.raises(ValueError, match="kind"):
+            pub.submit(ev(0, kind="#"))
+        with pytest.raises(ValueError, match="JSON"):
+            pub.submit({**ev(0), "x": object()})
