@@ -1,0 +1,54 @@
+"""Fixtures for agent tests: one tiny-random model per session, agent configs on port 0."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import soundfile
+
+from agent.config import AgentConfig, merge
+
+DEMO_WAV = Path(__file__).parents[2] / "examples" / "demo_scene.wav"
+#: Scales every timeout in these tests (slow CI machines: SALMONN_TEST_TIMING=3).
+TIMING = float(os.environ.get("SALMONN_TEST_TIMING", "1"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Any:
+    """The tiny-random model in trimmed mode (fast on CPU), loaded once."""
+    from model.presets import resolve_model
+    from model.salmonn import Salmonn
+
+    return Salmonn.from_config(resolve_model("tiny-random", input_mode="trimmed"))
+
+
+@pytest.fixture(scope="session")
+def clip_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The first 13 s of the demo scene (2 speech segments, 2 sounds): enough, and fast."""
+    audio, rate = soundfile.read(DEMO_WAV, dtype="int16")
+    path = tmp_path_factory.mktemp("audio") / "clip.wav"
+    soundfile.write(path, audio[: 13 * rate], rate, subtype="PCM_16")
+    return path
+
+
+def pcm_s16(path: Path) -> bytes:
+    """The file's samples as s16le bytes."""
+    audio, _ = soundfile.read(path, dtype="int16")
+    return np.asarray(audio, dtype="<i2").tobytes()
+
+
+def make_config(**sections: Any) -> AgentConfig:
+    """A test configuration: ws on 127.0.0.1:0, no periodic stats, short tokens, no MQTT."""
+    base: dict[str, Any] = {
+        "agent": {"status_interval_s": 0, "print": "none"},
+        "model": {"name": "tiny-random", "max_new_tokens": 6},
+        "ws": {"listen": "127.0.0.1:0", "hello_timeout_s": 1.0 * TIMING, "close_timeout_s": 1.0},
+        "worker": {"max_wait_ms": 5},
+        "mqtt": {"enabled": False},
+        "streams": [],
+    }
+    return AgentConfig.from_dict(merge(base, sections))

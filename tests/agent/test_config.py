@@ -1,0 +1,106 @@
+"""agent/config.py: one validated configuration from TOML and the command line."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from agent.cli import build_parser
+from agent.cmd_run import overrides_from_args
+from agent.config import AgentConfig, load_config, parse_source
+from agent.errors import ConfigError
+
+EXAMPLE = Path(__file__).parents[2] / "examples" / "agent.toml"
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    return build_parser().parse_args(["run", *argv])
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"wss": {}}, r"unknown key\(s\) \['wss'\]"),
+        ({"ws": {"tokn": "x"}}, r"\[ws\]: unknown key\(s\) \['tokn'\]"),
+        ({"worker": {"max_batch": "8"}}, r"worker.max_batch: expected an integer, got '8'"),
+        ({"worker": {"max_batch": 0}}, r"worker.max_batch: expected 1..256"),
+        (
+            {"model": {"transcript": "gpt"}},
+            r"model.transcript: expected one of \['llm', 'whisper'\]",
+        ),
+        ({"ws": {"listen": "localhost"}}, r"ws.listen: expected HOST:PORT"),
+        ({"ws": {"tls_cert": "a.pem"}}, r"set both"),
+        ({"vad": {"frame_ms": 25}}, r"frame_ms must be 10, 20 or 30"),
+        ({"streams": [{"source": "mic"}]}, r"missing key 'id'"),
+        ({"streams": [{"id": "a b"}]}, r"streams\[0\].id: expected"),
+        (
+            {"streams": [{"id": "a", "source": "tape:x"}]},
+            r"expected mic, mic:DEVICE, file:PATH or ws",
+        ),
+        (
+            {"streams": [{"id": "a", "source": "mic", "overload": "backpressure"}]},
+            r"only works for file",
+        ),
+        ({"streams": [{"id": "a"}, {"id": "a"}]}, r"unique"),
+        ({"streams": [{"id": "a", "prompts": {"speech": ["poem"]}}]}, r"expected tasks among"),
+        ({"questions": [{"text": "Is it raining?", "lora_scale": 500}]}, r"LoRA scale in 0..100"),
+        ({"mqtt": {"brokr": "x"}}, r"unknown key 'brokr'"),
+    ],
+)
+def test_invalid_configurations_are_rejected_with_the_key(
+    data: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        AgentConfig.from_dict(data)
+
+
+def test_command_line_wins_over_toml(tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text(
+        '[ws]\nlisten = "127.0.0.1:9000"\ntoken = "from-file"\n[worker]\nmax_batch = 3\n'
+        '[[streams]]\nid = "kitchen"\nsource = "mic:2"\n'
+    )
+    config = load_config(
+        path, overrides_from_args(_args("--ws", "0.0.0.0:1234", "--max-batch", "5"))
+    )
+    assert config.ws.host_port == ("0.0.0.0", 1234)
+    assert config.ws.token == "from-file"
+    assert config.worker.max_batch == 5
+    assert [(s.id, s.source) for s in config.streams] == [("kitchen", "mic:2")]
+    config = load_config(
+        path, overrides_from_args(_args("--source", "robot=ws", "--source", "file:/x/a b.wav"))
+    )
+    assert [(s.id, s.source) for s in config.streams] == [
+        ("robot", "ws"),
+        ("a_b", "file:/x/a b.wav"),
+    ]
+
+
+def test_token_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SALMONN_LIVE_WS_TOKEN", "env-token")
+    assert load_config(None, overrides_from_args(_args())).ws.token == "env-token"
+    assert load_config(None, overrides_from_args(_args("--ws-token", "cli"))).ws.token == "cli"
+    assert "env-token" not in repr(load_config(None, overrides_from_args(_args())).redacted())
+
+
+def test_every_option_has_a_toml_key() -> None:
+    """Each `run` option maps to a TOML key (or is --config / --source)."""
+    from agent.cmd_run import _OPTION_KEYS
+
+    parser = build_parser()
+    run = next(a for a in parser._subparsers._group_actions[0].choices.items() if a[0] == "run")[1]  # type: ignore[union-attr]
+    dests = {a.dest for a in run._actions} - {"help", "config", "source", "func"}
+    assert dests == {dest for dest, _ in _OPTION_KEYS}
+
+
+def test_example_config_is_valid() -> None:
+    config = load_config(EXAMPLE)
+    assert config.streams and config.questions
+
+
+def test_parse_source_ids() -> None:
+    assert parse_source("mic", 0) == {"id": "mic", "source": "mic"}
+    assert parse_source("mic:3", 1) == {"id": "mic1", "source": "mic:3"}
+    assert parse_source("door=file:a.wav", 0) == {"id": "door", "source": "file:a.wav"}
