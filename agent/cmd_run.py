@@ -19,6 +19,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 TOKEN_ENV = "SALMONN_LIVE_WS_TOKEN"
+MQTT_URL_ENV = "SALMONN_LIVE_MQTT_URL"
 
 # (flag dest, TOML path) for every option that maps one to one.
 _OPTION_KEYS: tuple[tuple[str, tuple[str, str]], ...] = (
@@ -45,6 +46,12 @@ _OPTION_KEYS: tuple[tuple[str, tuple[str, str]], ...] = (
     ("print", ("agent", "print")),
     ("print_partials", ("agent", "print_partials")),
     ("status_interval", ("agent", "status_interval_s")),
+    ("mqtt", ("mqtt", "url")),
+    ("mqtt_enabled", ("mqtt", "enabled")),
+    ("mqtt_prefix", ("mqtt", "prefix")),
+    ("mqtt_ca", ("mqtt", "ca_file")),
+    ("mqtt_cert", ("mqtt", "cert_file")),
+    ("mqtt_key", ("mqtt", "key_file")),
 )
 
 
@@ -150,6 +157,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     ws.add_argument("--tls-cert", help="PEM certificate: serve wss:// (ws.tls_cert)")
     ws.add_argument("--tls-key", help="PEM key of --tls-cert (ws.tls_key)")
+    mqtt = parser.add_argument_group("MQTT ([mqtt], [[rules]]; see docs/mqtt.md)")
+    mqtt.add_argument(
+        "--mqtt",
+        metavar="URL",
+        help="broker mqtt://[USER:PASS@]HOST:PORT or mqtts://... (mqtt.url; better for a "
+        f"password: the {MQTT_URL_ENV} environment variable); default: an embedded broker "
+        "on 127.0.0.1:1883",
+    )
+    mqtt.add_argument(
+        "--no-mqtt",
+        dest="mqtt_enabled",
+        action="store_false",
+        default=None,
+        help="no MQTT at all (mqtt.enabled = false)",
+    )
+    mqtt.add_argument("--mqtt-prefix", help="topic prefix (mqtt.prefix, default salmonn)")
+    mqtt.add_argument("--mqtt-ca", metavar="PEM", help="CA of the mqtts:// broker (mqtt.ca_file)")
+    mqtt.add_argument("--mqtt-cert", metavar="PEM", help="client certificate (mqtt.cert_file)")
+    mqtt.add_argument("--mqtt-key", metavar="PEM", help="key of --mqtt-cert (mqtt.key_file)")
     parser.set_defaults(func=run)
 
 
@@ -161,6 +187,9 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     token = os.environ.get(TOKEN_ENV)
     if token:
         out.setdefault("ws", {})["token"] = token
+    mqtt_url = os.environ.get(MQTT_URL_ENV)
+    if mqtt_url:
+        out.setdefault("mqtt", {})["url"] = mqtt_url
     for dest, (section, key) in _OPTION_KEYS:
         value = getattr(args, dest, None)
         if value is not None:
@@ -216,6 +245,7 @@ def _check_sources(config: Any) -> None:
 
 async def _main(config: Any) -> int:
     from agent.app import Agent
+    from agent.mqtt import with_mqtt
 
     agent = Agent(config, _model_loader(config.model))
     loop = asyncio.get_running_loop()
@@ -231,7 +261,7 @@ async def _main(config: Any) -> int:
 
         agent.add_sink("console", show, accept=lambda e: partials or not e.get("partial", False))
     try:
-        async with agent:
+        async with with_mqtt(agent):
             reason = await agent.run()
             logger.info("stopping: %s", reason)
     finally:

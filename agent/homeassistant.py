@@ -3,16 +3,17 @@
 One retained device-based discovery message on `<discovery_prefix>/device/<device_id>/config`
 (Home Assistant 2024.11+) declares:
 
-- `event` "Voice command": fed by `<prefix>/+/command`; `event_type` is the command intent's
-  `action` when it is one of `command_event_types`, else `command`.
+- `event` "Voice command": fed by `<prefix>/+/command`; `event_type` is the command's
+  `intent.intent` (`turn`, `lights_off`, ... see `agent.intents`) when it is one of
+  `command_event_types`, else `command`; the intent's slots are attributes.
 - `event` "Sound event": fed by `<prefix>/+/caption`; `event_type` is the first of
   `sound_event_types` whose keywords occur in the caption, else `sound`.
 - `sensor` "Last transcript" / "Last caption": the text of the last final transcript or
   caption of any stream (first 255 characters, Home Assistant's limit), with the stream,
   event id and full text as attributes.
-- `switch` "Mute": commands `{"mute": true}` / `{"mute": false}` on `<prefix>/all/set` (the
-  control topic of the pseudo-stream `all`, meaning every stream); state from the retained
-  `<prefix>/all/state` published after a control command succeeds.
+- `switch` "Mute": commands `{"mute": true}` / `{"mute": false}` on `<prefix>/*/set` (the
+  control topic of the agent's pseudo-stream `*`, meaning every open stream); state from the
+  retained `<prefix>/*/state` published after a control command succeeds.
 
 All entities share the availability topic `<prefix>/status` (`online` / `offline`, the
 publisher's retained birth message and last will). The templates are Home Assistant Jinja;
@@ -28,28 +29,18 @@ from collections.abc import Mapping, Sequence
 from importlib import metadata
 from typing import Any
 
+from agent.intents import INTENTS
+
 logger = logging.getLogger(__name__)
 
 ORIGIN_NAME = "salmonn-live"
 # Home Assistant rejects sensor states longer than this.
 HA_MAX_STATE_CHARS = 255
-ALL_STREAMS = "all"
+# The agent's own pseudo-stream (`agent.events.AGENT_STREAM`): control on it means every stream.
+ALL_STREAMS = "*"
 
-DEFAULT_COMMAND_EVENT_TYPES: tuple[str, ...] = (
-    "command",
-    "stop",
-    "go",
-    "forward",
-    "backward",
-    "turn_left",
-    "turn_right",
-    "turn_on",
-    "turn_off",
-    "open",
-    "close",
-    "mute",
-    "unmute",
-)
+#: The intents of `agent.intents`, plus `command` for an intent outside the list.
+DEFAULT_COMMAND_EVENT_TYPES: tuple[str, ...] = ("command", *INTENTS)
 DEFAULT_SOUND_EVENT_TYPES: Mapping[str, Sequence[str]] = {
     "alarm": ("smoke alarm", "fire alarm", "alarm", "siren", "beeping"),
     "glass_breaking": ("glass",),
@@ -78,10 +69,10 @@ def _version() -> str:
 def _command_template(types: Sequence[str]) -> str:
     return (
         "{% set i = value_json.intent if value_json.intent is mapping else {} %}"
-        "{% set a = (i.action | default('command') | string | lower) %}"
+        "{% set a = (i.intent | default('command') | string | lower) %}"
         "{{ {'event_type': a if a in " + json.dumps(list(types)) + " else 'command', "
         "'text': value_json.text | default(''), 'stream': value_json.stream | default(''), "
-        "'id': value_json.id | default('')} | tojson }}"
+        "'id': value_json.id | default(''), 'intent': i} | tojson }}"
     )
 
 

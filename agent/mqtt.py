@@ -16,7 +16,7 @@ import os
 import random
 import re
 import ssl
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -25,7 +25,9 @@ from urllib.parse import unquote, urlsplit
 
 import aiomqtt
 
+from agent.errors import AgentError, ConfigError
 from agent.homeassistant import (
+    ALL_STREAMS,
     DEFAULT_COMMAND_EVENT_TYPES,
     DEFAULT_SOUND_EVENT_TYPES,
     device_id_for,
@@ -44,11 +46,11 @@ DEFAULT_TLS_PORT = 8883
 _TOPIC_LEVEL_RE = re.compile(r"^[^#+\x00]+$")
 
 
-class MqttError(Exception):
+class MqttError(AgentError):
     """Base of every MQTT error raised by salmonn-live."""
 
 
-class MqttConfigError(MqttError, ValueError):
+class MqttConfigError(MqttError, ConfigError):
     """The `[mqtt]` configuration is invalid (unknown key, wrong type, bad URL)."""
 
 
@@ -549,6 +551,20 @@ class MqttPublisher:
             self._counters["rule_messages"] += 1
             logger.info("rule %s fired: %s %s", action.rule, action.topic, action.payload[:200])
             dropped += self._outbox.put(action.topic, action.payload, action.qos, action.retain)
+            trigger = {
+                "kind": "trigger",
+                "stream": stream,
+                "rule": action.rule,
+                "topic": action.topic,
+                "payload": action.payload,
+                "source_id": event.get("id"),
+                "text": event.get("text"),
+            }
+            dropped += self._outbox.put(
+                f"{self._config.prefix}/{stream}/trigger",
+                json.dumps(trigger, ensure_ascii=False, separators=(",", ":")),
+                self._config.qos,
+            )
         if dropped:
             self._schedule_drop_report()
         assert self._wakeup is not None and self._drained is not None
@@ -840,3 +856,63 @@ def _fatal_reason(exc: BaseException) -> str | None:
             return f"TLS handshake failed ({cur}): check the mqtts:// port and TLS files"
         cur = cur.__cause__ or cur.__context__
     return None
+
+
+# --------------------------------------------------------------------------------------
+# Wiring into the agent
+# --------------------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def with_mqtt(agent: Any) -> AsyncIterator[MqttPublisher | None]:
+    """Enter `agent` (an `agent.app.Agent`) with MQTT around it, as `salmonn-live run` does.
+
+    With `agent.config.mqtt.enabled`, the publisher starts first (bad credentials fail before
+    the model loads), every event of the agent goes to it through a sink, control messages
+    go to `agent.pipeline.control` (stream `*` = every open stream), and connection changes
+    and drops become status events. On exit the agent shuts down first (its last events
+    reach the outbox), then the publisher delivers what it can and says `offline`.
+
+    Yields:
+        The publisher, or None when MQTT is off.
+    """
+    cfg = agent.config.mqtt
+    if not isinstance(cfg, MqttConfig) or not cfg.enabled:
+        async with agent:
+            yield None
+        return
+
+    def on_control(stream: str, payload: dict[str, Any]) -> None:
+        pipeline = agent.pipeline
+        if pipeline is None:
+            raise ValueError("the agent is still starting; try again")
+        if stream != ALL_STREAMS:
+            pipeline.control(stream, payload)
+            return
+        streams = sorted(pipeline.streams)
+        if not streams:
+            raise ValueError("no open stream to control")
+        for stream_id in streams:  # the same checks for each: the first one rejects or none
+            pipeline.control(stream_id, payload)
+
+    def on_status(info: dict[str, Any]) -> None:
+        pipeline = agent.pipeline
+        if pipeline is None:
+            return
+        what = str(info.get("mqtt", "state"))
+        if what == "dropped":
+            message = f"MQTT outbox full: dropped {info['new']} oldest ({info['dropped']} total)"
+        elif what == "disconnected":
+            message = f"MQTT broker unreachable: {info.get('error')}"
+        else:
+            message = f"MQTT {what} to {info.get('url')}"
+        pipeline.emit_status({"status": f"mqtt_{what}", "message": message, "detail": info})
+
+    async with (
+        MqttPublisher(
+            cfg, rules=list(agent.config.rules), on_control=on_control, on_status=on_status
+        ) as publisher,
+        agent,
+    ):
+        agent.add_sink("mqtt", publisher.submit)
+        yield publisher
