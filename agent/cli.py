@@ -17,6 +17,7 @@ _COMMAND_MODULES = (
     "agent.cmd_ask",
     "agent.cmd_segment",
     "agent.cmd_run",
+    "agent.cmd_train",
     "bench.cli",
 )
 

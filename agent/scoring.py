@@ -136,8 +136,8 @@ def report(items: list[ScoredItem]) -> dict[str, Any]:
 
 
 def per_class(items: list[ScoredItem]) -> dict[str, dict[str, dict[str, float]]]:
-    """Accuracy per intent (``command``) and per sound class (``audiocaption``), and WER per
-    intent of the utterance is not known here, so ``asr`` is left out.
+    """Accuracy per expected intent (``command``) and per expected sound class
+    (``audiocaption``).
 
     Returns:
         ``{"command": {intent: {"n", "accuracy"}}, "audiocaption": {class: {...}}}``.
