@@ -56,6 +56,17 @@ _TASK_KIND = {
     "answer": EventKind.ANSWER,
 }
 _OVERLOAD_REPORT_EVERY_S = 1.0
+#: After a client stops speaking, windows this close to its speech are still ignored (echo).
+SPEAKING_TAIL_S = 0.25
+_SPEAKING_SPANS = 64
+
+
+def _dbfs(samples: npt.NDArray[np.float32]) -> float | None:
+    """RMS level in dB relative to full scale (None for no samples), rounded to 0.1 dB."""
+    if not samples.size:
+        return None
+    rms = float(np.sqrt(np.mean(np.square(samples, dtype=np.float64))))
+    return round(20.0 * np.log10(max(rms, 1e-10)), 1)
 
 
 class StreamHandle:
@@ -68,7 +79,9 @@ class StreamHandle:
         id: Stream id.
         overload: ``drop_oldest`` or ``backpressure``.
         muted: While True, pushed audio is discarded.
-        counters: windows, answered, dropped, failed, muted_blocks.
+        speaking: While True, a client says it is speaking (see `Pipeline.control`); windows
+            overlapping its speech (plus `SPEAKING_TAIL_S`) are ignored.
+        counters: windows, answered, dropped, failed, muted_blocks, ignored_speaking.
     """
 
     def __init__(
@@ -83,7 +96,19 @@ class StreamHandle:
         self.muted = settings.muted
         self.lora_scale = settings.lora_scale
         self.questions: tuple[QuestionConfig, ...] = settings.questions
-        self.counters = {"windows": 0, "answered": 0, "dropped": 0, "failed": 0, "muted_blocks": 0}
+        self.counters = {
+            "windows": 0,
+            "answered": 0,
+            "dropped": 0,
+            "failed": 0,
+            "muted_blocks": 0,
+            "ignored_speaking": 0,
+        }
+        # [start, end or None while speaking) on the stream clock (samples), newest last.
+        self._speaking_spans: collections.deque[list[int | None]] = collections.deque(
+            maxlen=_SPEAKING_SPANS
+        )
+        self._block_dbfs: float | None = None
         self.pending: collections.deque[tuple[int, Window]] = collections.deque()
         self.in_flight = 0
         self.ended = False
@@ -107,6 +132,7 @@ class StreamHandle:
             self.counters["muted_blocks"] += 1
             return
         captured = time.monotonic() if captured_at is None else captured_at
+        self._block_dbfs = _dbfs(samples)
         events = self._segmenter.push(samples)
         self._captures.append((self._segmenter.samples_pushed, captured))
         self._handle(events)
@@ -134,6 +160,26 @@ class StreamHandle:
         """True once ended and nothing of it waits or runs."""
         return self._done.is_set()
 
+    @property
+    def speaking(self) -> bool:
+        """True between ``{"speaking": true}`` and ``{"speaking": false}`` controls."""
+        return bool(self._speaking_spans) and self._speaking_spans[-1][1] is None
+
+    @speaking.setter
+    def speaking(self, value: bool) -> None:
+        position = self._segmenter.samples_pushed
+        if value and not self.speaking:
+            self._speaking_spans.append([position, None])
+        elif not value and self.speaking:
+            self._speaking_spans[-1][1] = position + int(SPEAKING_TAIL_S * MODEL_RATE_HZ)
+
+    def _overlaps_speaking(self, start_sample: int, end_sample: int) -> bool:
+        return any(
+            start_sample < (end if end is not None else end_sample + 1) and begin < end_sample
+            for begin, end in self._speaking_spans
+            if begin is not None
+        )
+
     # -- internals -----------------------------------------------------------------------------
 
     def _captured_at(self, end_sample: int) -> float:
@@ -143,19 +189,60 @@ class StreamHandle:
         return self._captures[-1][1] if self._captures else time.monotonic()
 
     def _handle(self, events: list[Any]) -> None:
-        from streaming.events import AmbientWindow, SegmentEnded
+        from streaming.events import AmbientWindow, SegmentEnded, SegmentStarted
 
         now = time.monotonic()
         for event in events:
+            if isinstance(event, SegmentStarted):
+                self._segment_status("segment_started", event, self._block_dbfs)
+                continue
             if isinstance(event, SegmentEnded):
                 kind = str(event.kind)
+                self._segment_status("segment_ended", event, _dbfs(event.audio))
             elif isinstance(event, AmbientWindow):
                 kind = "ambient"
             else:
                 continue
+            if self._overlaps_speaking(event.start_sample, event.end_sample):
+                self.counters["ignored_speaking"] += 1
+                self._pipeline.emit_status(
+                    {
+                        "status": "window_ignored",
+                        "stream": self.id,
+                        "message": f"{kind} {event.start_s:.2f}-{event.end_s:.2f} s ignored: "
+                        "captured while a client was speaking",
+                        "detail": {
+                            "reason": "speaking",
+                            "segment": kind,
+                            "start": round(event.start_s, 3),
+                            "end": round(event.end_s, 3),
+                        },
+                    }
+                )
+                continue
             window = self._window(kind, event, now)
             if window is not None:
                 self._pipeline._enqueue(self, window)
+
+    def _segment_status(self, status: str, event: Any, level_dbfs: float | None) -> None:
+        """``segment_started`` / ``segment_ended``: for "listening" indicators and level meters."""
+        detail: dict[str, Any] = {
+            "segment": str(event.kind),
+            "start": round(event.start_s, 3),
+            "level_dbfs": level_dbfs,
+            "speaking": self.speaking,
+        }
+        if status == "segment_ended":
+            detail["end"] = round(event.end_s, 3)
+        where = f"{event.end_s:.2f}" if status == "segment_ended" else f"{event.start_s:.2f}"
+        self._pipeline.emit_status(
+            {
+                "status": status,
+                "stream": self.id,
+                "message": f"{event.kind} {status.split('_')[1]} at {where} s",
+                "detail": detail,
+            }
+        )
 
     def _window(self, kind: str, event: Any, now: float) -> Window | None:
         rate = event.sample_rate_hz
@@ -216,6 +303,7 @@ class StreamHandle:
             "pending": len(self.pending),
             "in_flight": self.in_flight,
             "muted": self.muted,
+            "speaking": self.speaking,
             "overload": self.overload,
             "origin": self.origin,
         }
@@ -569,7 +657,9 @@ class Pipeline:
             stream_id: The stream.
             command: Any of ``{"mute": bool}``, ``{"questions": [{"text": str,
                 "lora_scale": float|null, "kinds": [...]}]}`` (replaces the standing
-                questions), ``{"lora_scale": float|null}`` (the stream's scale).
+                questions), ``{"lora_scale": float|null}`` (the stream's scale),
+                ``{"speaking": bool}`` (a client, e.g. a speaker, is talking: windows that
+                overlap its speech are ignored, see `StreamHandle.speaking`).
 
         Raises:
             ControlError: (a ``ValueError``) unknown stream, not an object, unknown key or
@@ -584,7 +674,7 @@ class Pipeline:
             raise ControlError(
                 f"control command: expected a non-empty JSON object, got {command!r}"
             )
-        known = ("mute", "questions", "lora_scale")
+        known = ("mute", "questions", "lora_scale", "speaking")
         unknown = sorted(set(command) - set(known))
         if unknown:
             raise ControlError(
@@ -597,6 +687,13 @@ class Pipeline:
                     f"control command: 'mute' expects true or false, got {command['mute']!r}"
                 )
             changes["muted"] = command["mute"]
+        if "speaking" in command:
+            if not isinstance(command["speaking"], bool):
+                raise ControlError(
+                    "control command: 'speaking' expects true or false, "
+                    f"got {command['speaking']!r}"
+                )
+            changes["speaking"] = command["speaking"]
         if "questions" in command:
             items = command["questions"]
             if not isinstance(items, list):

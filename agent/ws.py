@@ -13,6 +13,10 @@
 Both paths need the token when one is configured: ``Authorization: Bearer TOKEN`` or
 ``?token=TOKEN``, compared in constant time; failures get HTTP 401 before the upgrade. The token
 is never logged (the protocol logger redacts it). Unknown paths get HTTP 404.
+
+``GET /`` (and ``GET /<file>`` for the files of ``clients/web/static/``) serves the live caption
+page over plain HTTP, without a token: the page is static and holds no data; it opens
+``/events`` itself, passing on the ``?token=`` of its own URL (see ``docs/clients.md``).
 """
 
 from __future__ import annotations
@@ -23,10 +27,12 @@ import hmac
 import http
 import json
 import logging
+import mimetypes
 import re
 import ssl
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 from urllib.parse import parse_qs, urlsplit
@@ -49,6 +55,9 @@ logger = logging.getLogger(__name__)
 AUDIO_FORMATS: dict[str, tuple[str, float]] = {"s16le": ("<i2", 32768.0), "f32le": ("<f4", 1.0)}
 _HELLO_KEYS = {"stream", "sample_rate", "format", "channels"}
 _ALL_KINDS = {str(k) for k in (*MODEL_KINDS, EventKind.TRIGGER, EventKind.STATUS)}
+#: The caption page's files, served at ``/`` (index.html) and ``/<name>``.
+WEB_STATIC_DIR = Path(__file__).resolve().parents[1] / "clients" / "web" / "static"
+_STATIC_NAME_RE = re.compile(r"^/[A-Za-z0-9_-][A-Za-z0-9._-]*$")
 
 
 class CloseCode(enum.IntEnum):
@@ -239,9 +248,7 @@ class WsServer:
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         path = urlsplit(request.path).path
         if path not in ("/events", "/audio"):
-            return connection.respond(
-                http.HTTPStatus.NOT_FOUND, "unknown path: use /events or /audio\n"
-            )
+            return _static_response(connection, request, path)
         if self._closing:
             return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "agent shutting down\n")
         if self._server is not None and len(self._server.connections) > self.ws.max_connections:
@@ -527,6 +534,30 @@ class WsServer:
             tail = resampler.flush()
             if tail.size:
                 handle.push(tail.astype(np.float32, copy=False), time.monotonic())
+
+
+def _static_response(connection: ServerConnection, request: Request, path: str) -> Response:
+    """The caption page's file for ``GET /`` or ``GET /<name>``; 404 for anything else,
+    including WebSocket upgrades to paths other than ``/events`` and ``/audio``."""
+    file = WEB_STATIC_DIR / ("index.html" if path == "/" else path[1:])
+    wants_upgrade = request.headers.get("Upgrade", "").lower() == "websocket"
+    if wants_upgrade or not (path == "/" or _STATIC_NAME_RE.match(path)) or not file.is_file():
+        return connection.respond(
+            http.HTTPStatus.NOT_FOUND, "unknown path: use /events or /audio (or / for the page)\n"
+        )
+    body = file.read_bytes()
+    content_type = mimetypes.guess_type(file.name)[0] or "application/octet-stream"
+    if content_type.startswith("text/") or content_type.endswith("javascript"):
+        content_type += "; charset=utf-8"
+    headers = Headers(
+        [
+            ("Content-Type", content_type),
+            ("Content-Length", str(len(body))),
+            ("Cache-Control", "no-cache"),
+            ("X-Content-Type-Options", "nosniff"),
+        ]
+    )
+    return Response(http.HTTPStatus.OK, "OK", headers, body)
 
 
 def headers_with_token(token: str | None) -> Headers | None:
