@@ -56,6 +56,8 @@ class Mosquitto:
             f"user {getpass.getuser()}",
             f"listener {self.port} 127.0.0.1",
             "persistence true",
+            # Never drop QoS 1 messages queued for a slow test subscriber (default: 1000).
+            "max_queued_messages 0",
             f"persistence_location {workdir}/",
             "log_dest stderr",
             "log_type error",

@@ -189,3 +189,31 @@ def test_rule_is_frozen() -> None:
     [rule] = rules_from_config([ALARM])
     with pytest.raises(AttributeError):
         rule.name = "other"  # type: ignore[misc]
+
+
+def test_shipped_smart_home_example_loads_and_fires() -> None:
+    import tomllib
+    from pathlib import Path
+
+    from agent.config import AgentConfig
+
+    path = Path(__file__).parents[2] / "examples" / "smart_home.toml"
+    data = tomllib.loads(path.read_text())
+    config = AgentConfig.from_dict(data)
+    assert config.mqtt.enabled and [r.name for r in config.rules] == [
+        "alarm",
+        "kitchen-lights-off",
+        "lights-by-intent",
+        "robot-stop",
+    ]
+    eng = RuleEngine(list(config.rules), clock=FakeClock())
+    [alarm] = eng.evaluate(ev("caption", "a smoke alarm is beeping"))
+    assert alarm.topic == "home/alarm/trigger"
+    assert json.loads(alarm.payload)["keyword"] == "smoke alarm"
+    [off] = eng.evaluate(ev("transcript", "Turn off the kitchen lights"))
+    assert (off.topic, off.payload) == ("home/kitchen/lights/set", "OFF")
+    intent = {"intent": "lights_on", "room": "hall"}
+    [on] = eng.evaluate(ev("command", "", intent=intent))
+    assert (on.topic, on.payload) == ("home/hall/lights/set", "lights_on")
+    [stop] = eng.evaluate(ev("command", "stop", intent={"intent": "stop"}))
+    assert stop.topic == "robots/all/stop"
