@@ -87,7 +87,7 @@ _CLASS_RES = {
     for name, keys in SOUND_CLASS_KEYWORDS.items()
 }
 
-_SOUND_CAPTIONS: dict[str, tuple[str, ...]] = {
+SOUND_CAPTIONS: dict[str, tuple[str, ...]] = {
     "alarm_beeping": (
         "An alarm is beeping.",
         "A smoke alarm beeps several times.",
@@ -590,7 +590,7 @@ def annotations(spec: ClipSpec, path: str) -> list[dict[str, Any]]:
         add("asr", phrase.transcript)
         add("command", format_intent(phrase.intent))
     if spec.kind == "sound":
-        options = _SOUND_CAPTIONS[spec.sound]
+        options = SOUND_CAPTIONS[spec.sound]
         add("audiocaption", options[int(rng.integers(len(options)))])
     elif spec.kind == "mix":
         assert phrase is not None
