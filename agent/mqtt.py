@@ -908,11 +908,9 @@ async def with_mqtt(agent: Any) -> AsyncIterator[MqttPublisher | None]:
             message = f"MQTT {what} to {info.get('url')}"
         pipeline.emit_status({"status": f"mqtt_{what}", "message": message, "detail": info})
 
-    async with (
-        MqttPublisher(
-            cfg, rules=list(agent.config.rules), on_control=on_control, on_status=on_status
-        ) as publisher,
-        agent,
-    ):
-        agent.add_sink("mqtt", publisher.submit)
-        yield publisher
+    async with MqttPublisher(
+        cfg, rules=list(agent.config.rules), on_control=on_control, on_status=on_status
+    ) as publisher:
+        agent.add_sink("mqtt", publisher.submit)  # before entering: `started` goes out too
+        async with agent:
+            yield publisher

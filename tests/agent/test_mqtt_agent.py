@@ -53,7 +53,7 @@ async def test_file_source_events_reach_an_independent_subscriber(
     ]
     assert published == [(f"salmonn/demo/{e['kind']}", e) for e in finals]
     statuses = [json.loads(m.payload)["status"] for m in got if m.topic == "salmonn/*/status"]
-    assert "stopped" in statuses
+    assert statuses[0] == "started" and statuses[-1] == "stopped"
     captions = [e for e in finals if e["kind"] == "caption"]
     assert len([m for m in got if m.topic == "home/heard/demo"]) == len(captions)
     assert [m.payload for m in got if m.topic == "salmonn/status"] == [b"online", b"offline"]
