@@ -35,8 +35,10 @@ test: setup
 test-all: setup
 	$(VENV)/bin/pytest -q -m ''
 
+# The live agent on the demo scene, in real time: events print as they happen and are served on
+# ws://127.0.0.1:8765/events. `make demo ARGS=--loop` repeats the scene until Ctrl-C.
 demo: setup
-	$(VENV)/bin/salmonn-live ask examples/turn_left_and_stop.wav "Recognize the speech and give me the transcription." --model nano
+	$(VENV)/bin/salmonn-live run --model nano --source demo=file:examples/demo_scene.wav --realtime --exit-at-end $(ARGS)
 
 bench: setup
 	$(VENV)/bin/salmonn-live bench model --model nano

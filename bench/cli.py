@@ -10,6 +10,10 @@ import importlib
 
 _BENCHMARKS = {
     "model": ("bench.model", "load time, encoder, Q-Former, prefill and decode speed, peak RSS"),
+    "pipeline": (
+        "bench.pipeline",
+        "live pipeline: end-of-utterance latency p50/p95, real-time streams, vs the baseline",
+    ),
     "segment": (
         "bench.segment",
         "segmenter throughput (x real time per core) and quality on generated scenes",

@@ -1,0 +1,322 @@
+"""`salmonn-live bench pipeline --streams N`: live latency and capacity of the agent pipeline.
+
+For N = 1, 2, 4, ... up to ``--streams``, N different generated scenes (speech commands and
+sound events, :mod:`streaming.scenes`) are pushed into the real pipeline at real-time pace, one
+stream each, all answered by the one batching worker. Measured per N:
+
+* end-of-utterance -> event latency: from the moment the segment's last sample was captured
+  (the segment's end on the stream clock, mapped to wall time) to the emission of the final
+  ``command`` event of the window, p50 and p95 (this includes the segmenter's end-of-speech
+  hangover, ``vad.end_silence_ms``), and the same from the segmenter's decision;
+* dropped windows, and the worker's busy time.
+
+N is *sustained* in real time when no window was dropped and the p95 latency stays under
+``--max-p95-s``. The official-style baseline is measured in the same run on the same model
+weights: every window alone, padded to 30 s (``input_mode="official"``), beam search 4.
+Throughput ratio: windows answered per second of worker time, pipeline / baseline.
+
+The figures are printed as a Markdown section for BENCHMARKS.md, with a PNG plot (matplotlib,
+the optional ``bench`` extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+BLOCK_S = 0.05  # the simulated microphone delivers 50 ms blocks
+RATE_HZ = 16000
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the benchmark's options."""
+    parser.add_argument(
+        "--streams", type=int, default=8, help="most streams to try (doubling from 1)"
+    )
+    parser.add_argument("--model", default="nano", help="preset or checkpoint directory")
+    parser.add_argument(
+        "--scene-s", type=float, default=20.0, help="length of each stream's scene, s"
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=16, help="tokens per answer")
+    parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument("--max-wait-ms", type=float, default=20.0)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument(
+        "--max-p95-s",
+        type=float,
+        default=2.0,
+        help="p95 end-of-utterance latency under which N counts as sustained",
+    )
+    parser.add_argument(
+        "--baseline-windows", type=int, default=4, help="windows timed for the baseline"
+    )
+    parser.add_argument(
+        "--plot", default="docs/img/bench_pipeline.png", help="PNG output ('' = none)"
+    )
+
+
+def _scenes(count: int, duration_s: float) -> list[Any]:
+    from streaming.scenes import make_scene
+
+    return [
+        make_scene(100 + i, duration_s, n_speech=2, n_sounds=2, snr_db_range=(15.0, 25.0))
+        for i in range(count)
+    ]
+
+
+def _percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+async def _realtime(model: Any, scenes: list[Any], args: argparse.Namespace) -> dict[str, Any]:
+    from agent.app import Agent
+    from agent.config import AgentConfig
+
+    config = AgentConfig.from_dict(
+        {
+            "agent": {"status_interval_s": 0, "print": "none"},
+            "model": {"name": args.model, "max_new_tokens": args.max_new_tokens},
+            "worker": {
+                "max_batch": args.max_batch,
+                "max_wait_ms": args.max_wait_ms,
+                "max_pending_windows": 8,
+            },
+            "ws": {"listen": "off"},
+            "mqtt": {"enabled": False},
+            "streams": [],
+        }
+    )
+    agent = Agent(config, lambda: model)
+    sub = agent.bus.subscribe("bench", 1_000_000)
+    async with agent:
+        assert agent.pipeline is not None and agent.worker is not None
+        handles = [
+            agent.pipeline.open_stream(config.stream_settings(f"s{i}"), origin="bench")
+            for i in range(len(scenes))
+        ]
+        loop = asyncio.get_running_loop()
+        start_mono = time.monotonic()
+        start_loop = loop.time()
+        block = int(BLOCK_S * RATE_HZ)
+
+        async def feed(handle: Any, audio: np.ndarray) -> None:
+            for k in range(0, audio.size, block):
+                delay = start_loop + (k + block) / RATE_HZ - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)  # pacing a simulated microphone
+                handle.push(audio[k : k + block], time.monotonic())
+            handle.end()
+            await handle.wait_done()
+
+        await asyncio.gather(*(feed(h, s.audio) for h, s in zip(handles, scenes, strict=True)))
+        busy_s = agent.worker.busy_s
+        stats = {h.id: dict(h.counters) for h in handles}
+    events = []
+    while (event := sub.get_nowait()) is not None:
+        events.append(event)
+    wall_offset = agent.clock.wall(start_mono) or 0.0
+    eou, vad = [], []
+    for event in events:
+        if event["kind"] == "command" and not event["partial"]:
+            end_wall = wall_offset + event["end"]  # the segment's last sample, captured
+            eou.append(event["timing"]["emitted"] - end_wall)
+            vad.append(event["timing"]["emitted"] - event["timing"]["segment_end"])
+    answered = sum(s["answered"] for s in stats.values())
+    dropped = sum(s["dropped"] for s in stats.values())
+    return {
+        "streams": len(scenes),
+        "commands": len(eou),
+        "windows": answered,
+        "dropped": dropped,
+        "eou_p50": _percentile(eou, 50),
+        "eou_p95": _percentile(eou, 95),
+        "vad_p50": _percentile(vad, 50),
+        "vad_p95": _percentile(vad, 95),
+        "busy_s": busy_s,
+        "windows_per_busy_s": answered / busy_s if busy_s else float("nan"),
+    }
+
+
+def _baseline(model_name: str, scene: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """Every window alone, padded to 30 s, beam 4, on the same weights."""
+    from agent.config import PromptConfig
+    from model.presets import resolve_model
+    from model.salmonn import Salmonn
+    from streaming.events import SegmentEnded
+    from streaming.segmenter import Segmenter
+
+    model = Salmonn.from_config(resolve_model(model_name, input_mode="official"))
+    segmenter = Segmenter()
+    windows = [
+        e for e in segmenter.push(scene.audio) + segmenter.flush() if isinstance(e, SegmentEnded)
+    ]
+    windows = windows[: args.baseline_windows]
+    prompts = PromptConfig()
+    model.generate([windows[0].audio], prompts.caption, num_beams=4, max_new_tokens=2)  # warm-up
+    times, command_times = [], []
+    for window in windows:
+        started = time.perf_counter()
+        for task in prompts.tasks_for(str(window.kind)):
+            model.generate(
+                [window.audio],
+                prompts.instruction(task),
+                num_beams=4,
+                max_new_tokens=args.max_new_tokens,
+            )
+            if task == "command":
+                command_times.append(time.perf_counter() - started)
+        times.append(time.perf_counter() - started)
+    return {
+        "windows": len(windows),
+        "mean_window_s": float(np.mean(times)),
+        "command_p50": _percentile(command_times, 50),
+        "windows_per_s": len(windows) / sum(times),
+        # One stream's windows take sum(times) for len(windows) of the scene's windows:
+        "max_streams": int(scene.duration_s * len(windows) / len(_all_windows(scene)) / sum(times))
+        if times
+        else 0,
+    }
+
+
+def _all_windows(scene: Any) -> list[Any]:
+    from streaming.events import SegmentEnded
+    from streaming.segmenter import Segmenter
+
+    segmenter = Segmenter()
+    return [
+        e for e in segmenter.push(scene.audio) + segmenter.flush() if isinstance(e, SegmentEnded)
+    ]
+
+
+def _plot(
+    rows: list[dict[str, Any]], baseline: dict[str, Any], vad_ms: int, path: str
+) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed (pip install '.[bench]'): no plot")
+        return None
+    n = [r["streams"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    ax.plot(n, [r["eou_p50"] for r in rows], "o-", label="pipeline p50")
+    ax.plot(n, [r["eou_p95"] for r in rows], "s-", label="pipeline p95")
+    ax.axhline(
+        baseline["command_p50"] + vad_ms / 1000,
+        color="red",
+        linestyle="--",
+        label="baseline, 1 stream, idle (p50)",
+    )
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(n, [str(v) for v in n])
+    ax.set_xlabel("concurrent real-time streams")
+    ax.set_ylabel("end of utterance -> command event (s)")
+    ax.set_title("salmonn-live pipeline latency (nano, 2-core CPU)")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _out(line: str) -> None:
+    print(line, flush=True)  # noqa: T201 (benchmark output)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark and print a Markdown section."""
+    import torch
+
+    from model.presets import resolve_model
+    from model.salmonn import Salmonn
+    from streaming.segmenter import SegmenterConfig
+
+    torch.set_num_threads(args.threads)
+    counts = []
+    n = 1
+    while n < args.streams:
+        counts.append(n)
+        n *= 2
+    counts.append(args.streams)
+    scenes = _scenes(max(counts), args.scene_s)
+    model = Salmonn.from_config(resolve_model(args.model))
+    rows = []
+    for count in counts:
+        started = time.perf_counter()
+        row = asyncio.run(_realtime(model, scenes[:count], args))
+        row["wall_s"] = time.perf_counter() - started
+        row["sustained"] = row["dropped"] == 0 and row["eou_p95"] <= args.max_p95_s
+        logger.info("streams=%d: %s", count, row)
+        rows.append(row)
+    baseline = _baseline(args.model, scenes[0], args)
+    vad_ms = SegmenterConfig().end_silence_ms
+    plot = _plot(rows, baseline, vad_ms, args.plot) if args.plot else None
+    sustained = max((r["streams"] for r in rows if r["sustained"]), default=0)
+    best = max(rows, key=lambda r: r["windows_per_busy_s"])
+    proc = platform.processor() or platform.machine()
+    heading = f"## Pipeline: live latency and capacity (`bench pipeline --streams {args.streams}`)"
+    _out(f"\n{heading}\n")
+    _out(
+        f"Model `{args.model}`, {args.max_new_tokens} new tokens per answer, "
+        f"max batch {args.max_batch}, max wait {args.max_wait_ms:g} ms, "
+        f"{args.threads} torch threads, {proc}, {args.scene_s:g} s scene per stream "
+        "(2 commands, 2 sound events), real-time pace. Latency: end of utterance (segment end, "
+        f"includes the {vad_ms} ms end-of-speech hangover) -> final `command` event emitted; "
+        "'after VAD' starts at the segmenter's decision. "
+        f"Sustained: no window dropped and p95 <= {args.max_p95_s:g} s.\n"
+    )
+    _out(
+        "| streams | commands | windows | dropped | p50 (s) | p95 (s) | p50 after VAD (s) "
+        "| p95 after VAD (s) | windows / worker-s | sustained |"
+    )
+    _out("|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|")
+    for r in rows:
+        cells = [
+            r["streams"],
+            r["commands"],
+            r["windows"],
+            r["dropped"],
+            f"{r['eou_p50']:.2f}",
+            f"{r['eou_p95']:.2f}",
+            f"{r['vad_p50']:.2f}",
+            f"{r['vad_p95']:.2f}",
+            f"{r['windows_per_busy_s']:.2f}",
+            "yes" if r["sustained"] else "no",
+        ]
+        _out("| " + " | ".join(str(c) for c in cells) + " |")
+    base_eou = baseline["command_p50"] + vad_ms / 1000
+    _out(
+        "\nBaseline (official style: each window alone, padded to 30 s, beam 4, same weights), "
+        f"{baseline['windows']} windows: {baseline['mean_window_s']:.2f} s per window "
+        f"(all its tasks); command answered {base_eou:.2f} s after the end of utterance "
+        f"(p50, idle machine, hangover included); {baseline['windows_per_s']:.3f} windows/s; "
+        f"{baseline['max_streams']} real-time stream(s).\n"
+    )
+    base_rate = baseline["windows_per_s"]
+    ratio = best["windows_per_busy_s"] / base_rate if base_rate else float("nan")
+    _out(
+        f"Largest N sustained: **{sustained}** (baseline: {baseline['max_streams']}). "
+        f"Throughput (windows per worker-second at N = {best['streams']}) vs baseline: "
+        f"**{ratio:.1f}x**."
+    )
+    if plot:
+        _out(f"\n![pipeline latency against streams]({plot})")
+    _out(
+        f"\nUntrained `{args.model}` weights (issue 7) give gibberish but the same compute per "
+        f"token; answers that do not stop run to {args.max_new_tokens} tokens, the worst case. "
+        "The machine is shared with other work: treat absolute figures as upper bounds."
+    )
+    return 0
