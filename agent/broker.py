@@ -8,6 +8,7 @@ should run mosquitto and point `--mqtt` at it.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 from types import TracebackType
 from typing import Any
@@ -21,6 +22,10 @@ _LISTENER = "default"
 
 class EmbeddedBrokerError(MqttError):
     """The embedded broker could not start (port in use, bad address)."""
+
+
+class EmbeddedBrokerPortInUse(EmbeddedBrokerError):
+    """The embedded broker's port is taken by another program."""
 
 
 class EmbeddedBroker:
@@ -84,7 +89,8 @@ class EmbeddedBroker:
         try:
             await broker.start()
         except (BrokerError, OSError) as exc:
-            raise EmbeddedBrokerError(
+            error = EmbeddedBrokerPortInUse if _address_in_use(exc) else EmbeddedBrokerError
+            raise error(
                 f"embedded MQTT broker could not listen on {self._host}:{self._requested_port}: "
                 f"{exc}; set mqtt.embedded_port (0 = any free port) or give --mqtt URL"
             ) from exc
@@ -137,3 +143,14 @@ class EmbeddedBroker:
     ) -> None:
         self.close()
         await self.wait_closed()
+
+
+def _address_in_use(exc: BaseException) -> bool:
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.errno == errno.EADDRINUSE:
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False

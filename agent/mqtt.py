@@ -410,12 +410,7 @@ class MqttPublisher:
         tls_context = await asyncio.to_thread(self._tls_context)
         try:
             if self._url is None:
-                from agent.broker import EmbeddedBroker
-
-                self._broker = EmbeddedBroker(
-                    self._config.embedded_host, self._config.embedded_port
-                )
-                await self._broker.start()
+                await self._start_embedded_broker()
                 self._url = self._broker.url
                 logger.info("MQTT: no --mqtt URL given; embedded broker at %s", self._url)
             self._run_task = loop.create_task(
@@ -426,6 +421,26 @@ class MqttPublisher:
             self.close()
             await self.wait_closed()
             raise
+
+    async def _start_embedded_broker(self) -> None:
+        from agent.broker import EmbeddedBroker, EmbeddedBrokerPortInUse
+
+        host, port = self._config.embedded_host, self._config.embedded_port
+        self._broker = EmbeddedBroker(host, port)
+        try:
+            await self._broker.start()
+        except EmbeddedBrokerPortInUse:
+            # The embedded broker is a convenience: rather than fail the agent, take any free
+            # port and say so loudly (clients configured for the usual port won't find it).
+            self._broker = EmbeddedBroker(host, 0)
+            await self._broker.start()
+            logger.warning(
+                "MQTT: port %d on %s is taken by another program; the embedded broker "
+                "listens on %s instead (set mqtt.embedded_port, or --mqtt URL of that broker)",
+                port,
+                host,
+                self._broker.url,
+            )
 
     def _tls_context(self) -> ssl.SSLContext | None:
         if self._url is None or not parse_url(self._url).tls:

@@ -9,6 +9,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -398,3 +399,16 @@ async def test_submit_validates_topic_levels(tmp_path: Path) -> None:
             pub.submit(ev(0, kind="#"))
         with pytest.raises(ValueError, match="JSON"):
             pub.submit({**ev(0), "x": object()})
+
+
+async def test_embedded_broker_falls_back_to_a_free_port_when_its_port_is_taken(
+    tmp_path: Path,
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = config(None, tmp_path, embedded_port=port)
+        async with MqttPublisher(cfg) as pub:
+            assert pub.url is not None and parse_url(pub.url).port not in (0, port)
+            assert pub.connected
