@@ -393,7 +393,7 @@ def phrases_by_split() -> dict[Split, dict[str, list[Phrase]]]:
 SIZES: dict[str, dict[Split, tuple[int, int, int]]] = {
     "tiny": {"train": (16, 16, 8), "dev": (4, 8, 2), "test": (8, 8, 4)},
     "small": {"train": (160, 80, 40), "dev": (24, 16, 8), "test": (48, 32, 16)},
-    "full": {"train": (4000, 1600, 1200), "dev": (120, 64, 32), "test": (400, 240, 120)},
+    "full": {"train": (4000, 1600, 1200), "dev": (120, 64, 32), "test": (300, 160, 80)},
 }
 # Domain weights for speech clips: commands dominate (the agent's job), then questions/chatter.
 _DOMAIN_WEIGHTS = {"robot": 0.4, "home": 0.3, "question": 0.15, "sentence": 0.15}

@@ -260,11 +260,11 @@ class RecipePlan:
 NANO_PLAN = RecipePlan(
     corpus_size="full",
     pretrain=TrainConfig(
-        stage="pretrain", steps=800, batch_size=8, lr=2e-4, warmup_steps=100, min_lr=2e-5,
+        stage="pretrain", steps=700, batch_size=8, lr=2e-4, warmup_steps=100, min_lr=2e-5,
         eval_every=200, dev_limit=128,
     ),
     instruct=TrainConfig(
-        stage="instruct", steps=1200, batch_size=8, lr=1e-4, warmup_steps=50, min_lr=1e-5,
+        stage="instruct", steps=1100, batch_size=8, lr=1e-4, warmup_steps=50, min_lr=1e-5,
         eval_every=200, dev_limit=128,
     ),
     activation=TrainConfig(

@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from agent.corpus import sound_classes_named
+from agent.corpus import number_words, sound_classes_named
 from agent.intents import validate_intent
 
 logger = logging.getLogger(__name__)
@@ -25,8 +25,15 @@ _OBJECT_RE = re.compile(r"\{[^{}]*\}", re.DOTALL)
 
 def normalize_words(text: str) -> list[str]:
     """Lower-case words without punctuation: ``"Turn left, now!"`` -> ``["turn", "left",
-    "now"]``. Apostrophes inside words are kept (``"don't"``)."""
-    return _WORD_RE.findall(text.lower())
+    "now"]``. Apostrophes inside words are kept (``"don't"``); whole numbers under 1000 are
+    spelled out (``"2"`` -> ``"two"``), so Whisper's digits match the corpus's number words."""
+    words: list[str] = []
+    for word in _WORD_RE.findall(text.lower()):
+        if word.isdigit() and len(word) <= 3:
+            words += number_words(int(word)).split()
+        else:
+            words.append(word)
+    return words
 
 
 def word_errors(reference: str, hypothesis: str) -> tuple[int, int]:

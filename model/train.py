@@ -461,6 +461,13 @@ class Trainer:
     ) -> None:
         if not train:
             raise TrainingError("the training manifest has no entries")
+        from model.prompts import PROMPTS
+
+        unknown = sorted({s.task for s in [*train, *dev]} - set(PROMPTS))
+        if unknown:
+            raise TrainingError(
+                f"no prompts for tasks {unknown}; model/prompts.py knows {sorted(PROMPTS)}"
+            )
         self.model = model
         self.config = config
         self.train_samples = list(train)

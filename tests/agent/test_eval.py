@@ -30,6 +30,8 @@ from agent.scoring import (
         ("turn left and stop", "", 4),
         ("", "hello", 1),
         ("a b c d", "b c d e", 2),
+        ("move forward two meters", "Move forward 2 meters.", 0),  # Whisper writes digits
+        ("turn left forty five degrees", "turn left 45 degrees", 0),
     ],
 )
 def test_word_errors(ref: str, hyp: str, errors: int) -> None:

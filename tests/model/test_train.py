@@ -302,3 +302,10 @@ def test_config_validation() -> None:
     with pytest.raises(TrainingError, match="unknown"):
         TrainConfig.from_dict({"stage": "pretrain", "epochs": 3})
     assert math.isclose(TrainConfig.from_dict(TrainConfig().to_dict()).lr, TrainConfig().lr)
+
+
+def test_unknown_task_is_named(manifest: Path, tmp_path: Path) -> None:
+    model = _model()
+    samples = [Sample(path=manifest.parent / "c0.wav", text="x", task="asr_zh")]
+    with pytest.raises(TrainingError, match="asr_zh"):
+        Trainer(model, _config(), samples, [], tmp_path / "r", EncoderCache(model, tmp_path / "c"))
