@@ -15,6 +15,7 @@ import logging
 import os
 import random
 import re
+import socket
 import ssl
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -428,6 +429,8 @@ class MqttPublisher:
         host, port = self._config.embedded_host, self._config.embedded_port
         self._broker = EmbeddedBroker(host, port)
         try:
+            if port and not _port_free(host, port):  # spares us amqtt's traceback in the log
+                raise EmbeddedBrokerPortInUse(f"{host}:{port} in use")
             await self._broker.start()
         except EmbeddedBrokerPortInUse:
             # The embedded broker is a convenience: rather than fail the agent, take any free
@@ -849,6 +852,18 @@ class MqttPublisher:
             qos=1,
             retain=True,
         )
+
+
+def _port_free(host: str, port: int) -> bool:
+    """Whether a TCP listener could bind `host:port` now (as asyncio's server would)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def _fatal_reason(exc: BaseException) -> str | None:
