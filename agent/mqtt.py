@@ -411,8 +411,7 @@ class MqttPublisher:
         tls_context = await asyncio.to_thread(self._tls_context)
         try:
             if self._url is None:
-                await self._start_embedded_broker()
-                self._url = self._broker.url
+                self._url = await self._start_embedded_broker()
                 logger.info("MQTT: no --mqtt URL given; embedded broker at %s", self._url)
             self._run_task = loop.create_task(
                 self._run(parse_url(self._url), tls_context), name="mqtt-publisher"
@@ -423,7 +422,8 @@ class MqttPublisher:
             await self.wait_closed()
             raise
 
-    async def _start_embedded_broker(self) -> None:
+    async def _start_embedded_broker(self) -> str:
+        """Start the embedded broker; returns its URL."""
         from agent.broker import EmbeddedBroker, EmbeddedBrokerPortInUse
 
         host, port = self._config.embedded_host, self._config.embedded_port
@@ -444,6 +444,7 @@ class MqttPublisher:
                 host,
                 self._broker.url,
             )
+        return self._broker.url
 
     def _tls_context(self) -> ssl.SSLContext | None:
         if self._url is None or not parse_url(self._url).tls:
