@@ -34,6 +34,9 @@ PRESETS: dict[str, SalmonnConfig] = {
         window_frames=8,
         stride_frames=8,
         prompt_style="chat",
+        # SmolLM2's default system turn costs 20 tokens per window; a short one keeps the
+        # prompt (and so prefill and training) small.
+        system_prompt="You hear audio.",
         input_mode="trimmed",
     ),
     # Tiny random weights in the official layouts (built on first use, cached): for tests.

@@ -81,6 +81,7 @@ class SalmonnConfig:
     lora_dropout: float = 0.1
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     prompt_style: PromptStyle = "vicuna"  # "vicuna": the official template; "chat": the LLM's own
+    system_prompt: str | None = None  # chat style: the system turn (None: the template's default)
     # "official": pad every clip to 30 s (1500 frames, 88 windows); "trimmed": real length only.
     input_mode: InputMode = "official"
 
@@ -544,75 +545,24 @@ class Salmonn(nn.Module):
         Raises:
             AudioTooLongError: a clip is longer than 30 s.
         """
-        from model.whisper import encode, whisper_features
-
-        trimmed = self.config.input_mode == "trimmed"
-        device = self._device()
-        dtype = self.speech_llama_proj.weight.dtype
-        timings: dict[str, float] = {}
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            n_mels = self.speech_encoder.config.num_mel_bins
-            if trimmed:
-                # Whisper's attention has no padding mask, so a batch of different lengths would
-                # leak padding into the shorter clips: encode each clip alone instead.
-                speech_rows = []
-                for clip in audio:
-                    feats, valid = whisper_features([clip], trimmed=True, n_mels=n_mels)
-                    speech_rows.append(
-                        encode(self.speech_encoder, feats.to(device, dtype))[0, : valid[0]]
-                    )
-                frames = [row.shape[0] for row in speech_rows]
-                speech = nn.utils.rnn.pad_sequence(speech_rows, batch_first=True)
-            else:
-                feats, frames = whisper_features(list(audio), trimmed=False, n_mels=n_mels)
-                speech = encode(self.speech_encoder, feats.to(device, dtype))
-            timings["whisper_ms"] = (time.perf_counter() - t0) * 1000
-            fused = self.ln_speech(speech)  # (B, T, speech_width)
-            if self.beats is not None:
-                t1 = time.perf_counter()
-                fused = torch.cat(
-                    [fused, self._beats_features(audio, fused.shape[1], frames)], dim=-1
-                )
-                timings["beats_ms"] = (time.perf_counter() - t1) * 1000
-            timings["encoder_ms"] = (time.perf_counter() - t0) * 1000
-
-        t2 = time.perf_counter()
-        embeds, counts = self.audio_tokens_from_features(fused, frames)
-        timings["qformer_ms"] = (time.perf_counter() - t2) * 1000
+        started = time.perf_counter()
+        raw = self.raw_encoder_outputs(audio)
+        encoded = time.perf_counter()
+        embeds, counts = self.audio_tokens_from_raw([r[0] for r in raw], [r[1] for r in raw])
+        timings = {
+            "encoder_ms": (encoded - started) * 1000,
+            "qformer_ms": (time.perf_counter() - encoded) * 1000,
+        }
         return AudioTokens(embeds=embeds, counts=counts, timings_ms=timings)
-
-    def _beats_features(
-        self, audio: Sequence[np.ndarray], length: int, frames: list[int]
-    ) -> torch.Tensor:
-        """BEATs features (B, length, 768) after `ln_audio`, zero-padded in time to the speech
-        features' length (SALMONN pads the shorter stream; BEATs gives 1496 frames for 30 s)."""
-        assert self.beats is not None and self.ln_audio is not None
-        device, dtype = self._device(), self.speech_llama_proj.weight.dtype
-        rows = []
-        # One clip at a time, like the official single-clip inference (all-False padding
-        # mask), so a clip's features never depend on its batch mates.
-        for clip in audio:
-            wav = torch.from_numpy(_pad_to_one_second(clip)).to(device, dtype)[None]
-            features, _ = self.beats.extract_features(wav, None)
-            rows.append(self.ln_audio(features[0]))
-        out = torch.zeros(len(rows), length, rows[0].shape[-1], device=device, dtype=dtype)
-        for i, row in enumerate(rows):
-            keep = min(row.shape[0], length, frames[i])
-            out[i, :keep] = row[:keep]
-        return out
-
-    # -- training on cached encoder outputs -----------------------------------------------
 
     def raw_encoder_outputs(
         self, audio: Sequence[np.ndarray]
     ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """The frozen encoders' outputs per clip, BEFORE the trainable `ln_speech`/`ln_audio`.
 
-        This is what training caches: everything after it (`audio_tokens_from_raw`) is
-        trainable. Frames are cut exactly as `encode_audio` cuts them (official: 1500 per clip;
-        trimmed: the clip's own valid frames, each clip encoded alone), and the encoders run
-        in eval mode whatever the model's mode.
+        Everything after this (`audio_tokens_from_raw`) is trainable, so training caches these.
+        Official mode gives 1500 Whisper frames per clip; trimmed mode the clip's own valid
+        frames. The encoders run in eval mode whatever the model's mode.
 
         Args:
             audio: 16 kHz mono float32 clips.
@@ -635,6 +585,8 @@ class Salmonn(nn.Module):
             with torch.no_grad():
                 n_mels = self.speech_encoder.config.num_mel_bins
                 if self.config.input_mode == "trimmed":
+                    # Whisper's attention has no padding mask, so in a batch of different
+                    # lengths padding would leak into the shorter clips: encode each alone.
                     speech_rows = []
                     for clip in audio:
                         feats, valid = whisper_features([clip], trimmed=True, n_mels=n_mels)
@@ -647,6 +599,7 @@ class Salmonn(nn.Module):
                     speech_rows = list(speech.unbind(0))
                 audio_rows: list[torch.Tensor | None] = [None] * len(speech_rows)
                 if self.beats is not None:
+                    # One clip at a time with no padding mask, like the official inference.
                     for i, clip in enumerate(audio):
                         wav = torch.from_numpy(_pad_to_one_second(clip)).to(device, dtype)[None]
                         audio_rows[i] = self.beats.extract_features(wav, None)[0][0]
@@ -689,14 +642,6 @@ class Salmonn(nn.Module):
                 keep = min(normed.shape[0], length, frames[i])
                 padded.append(F.pad(normed[:keep], (0, 0, 0, length - keep)))
             fused = torch.cat([fused, torch.stack(padded)], dim=-1)
-        return self.audio_tokens_from_features(fused, frames)
-
-    def audio_tokens_from_features(
-        self, fused: torch.Tensor, frames: Sequence[int]
-    ) -> tuple[torch.Tensor, list[int]]:
-        """Fused encoder features (B, T, width) with `frames[i]` valid frames per row -> audio
-        embeddings (B, max_tokens, llm_hidden) and each row's token count. This is the part
-        training runs on cached encoder outputs."""
         window, stride = self.config.window_frames, self.config.stride_frames
         n_windows = [0 if f < window else (f - window) // stride + 1 for f in frames]
         if min(n_windows) == 0:
@@ -734,8 +679,11 @@ class Salmonn(nn.Module):
                     self.sentencepiece.encode(after)
                 )
             return bos + self._encode(before), self._encode(after)
+        messages = [{"role": "user", "content": user}]
+        if self.config.system_prompt is not None:
+            messages.insert(0, {"role": "system", "content": self.config.system_prompt})
         text = self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
+            messages, tokenize=False, add_generation_prompt=True
         )
         before, after = text.split("<SpeechHere>")
         return self._encode(before), self._encode(after)
