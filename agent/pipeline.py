@@ -768,7 +768,8 @@ class Pipeline:
             emitted=time.monotonic(),
             detail=dict(detail),
         )
-        logger.info("status %s [%s]: %s", word, stream, message)
+        # DEBUG: the console printer and the sinks already show every status event.
+        logger.debug("status %s [%s]: %s", word, stream, message)
         self.bus.publish(event.to_dict(self.clock))
 
     def _worker_settings(self) -> dict[str, Any]:

@@ -35,6 +35,7 @@ import os
 import shutil
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -294,7 +295,12 @@ def add_lora(
         lora_dropout=dropout,
         target_modules=list(target_modules),
     )
-    peft_model = get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # peft 0.21 calls a transformers method that transformers 5 deprecates; not ours to fix.
+        warnings.filterwarnings(
+            "ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning
+        )
+        peft_model = get_peft_model(model, config)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     logger.info(
         "added LoRA r=%d alpha=%d (scaling %.2f) on %s: %d trainable parameters",
