@@ -97,6 +97,8 @@ class AgentProcess:
             self.proc.kill()
             self.proc.wait()
         self._reader.join(timeout=5)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
         self._stderr.close()
 
 
