@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import os
+import secrets
 import signal
 import sys
 from typing import Any
@@ -38,6 +40,7 @@ _OPTION_KEYS: tuple[tuple[str, tuple[str, str]], ...] = (
     ("max_pending", ("worker", "max_pending_windows")),
     ("ws", ("ws", "listen")),
     ("ws_token", ("ws", "token")),
+    ("ws_auth", ("ws", "auth")),
     ("tls_cert", ("ws", "tls_cert")),
     ("tls_key", ("ws", "tls_key")),
     ("exit_at_end", ("agent", "exit_at_end")),
@@ -154,6 +157,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "--ws-token",
         metavar="TOKEN",
         help=f"required bearer token (ws.token; better: the {TOKEN_ENV} environment variable)",
+    )
+    ws.add_argument(
+        "--ws-no-auth",
+        dest="ws_auth",
+        action="store_false",
+        default=None,
+        help="serve without a token (ws.auth = false; loopback addresses only)",
     )
     ws.add_argument("--tls-cert", help="PEM certificate: serve wss:// (ws.tls_cert)")
     ws.add_argument("--tls-key", help="PEM key of --tls-cert (ws.tls_key)")
@@ -272,11 +282,31 @@ async def _main(config: Any) -> int:
     return 2 if agent.source_errors and config.agent.exit_at_end else 0
 
 
+def _with_session_token(config: Any) -> Any:
+    """Secure by default: with no token configured, make one for this run and show it once on
+    the console (stderr, never through logging, so it stays out of log files and stdout's
+    event stream)."""
+    ws = config.ws
+    if not ws.enabled or not ws.auth or ws.token:
+        return config
+    token = secrets.token_urlsafe(18)
+    host, port = ws.host_port
+    scheme = "https" if ws.tls_cert else "http"
+    sys.stderr.write(
+        f"WebSocket token for this run: {token}\n"
+        f"  caption page: {scheme}://{host}:{port}/?token={token}"
+        f"{'  (port chosen at start: see the listening event)' if port == 0 else ''}\n"
+        f"  fix one with --ws-token or {TOKEN_ENV}; --ws-no-auth serves loopback without one\n"
+    )
+    return dataclasses.replace(config, ws=dataclasses.replace(ws, token=token))
+
+
 def run(args: argparse.Namespace) -> int:
     """Validate the configuration, load the model, run until the end or a signal."""
     from agent.config import load_config
 
     config = load_config(args.config, overrides_from_args(args))
     _check_sources(config)
+    config = _with_session_token(config)
     logger.info("effective configuration: %s", json.dumps(config.redacted()))
     return asyncio.run(_main(config))

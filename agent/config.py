@@ -13,6 +13,7 @@ See `examples/agent.toml` for every key with its default, and `docs/agent.md`.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import logging
 import math
 import re
@@ -225,8 +226,11 @@ class WsConfig:
     Attributes:
         listen: ``HOST:PORT`` (port 0: any free port, logged), or ``off``.
         token: Bearer token required on both paths (header ``Authorization: Bearer`` or query
-            ``?token=``); None: no authentication (only sensible on 127.0.0.1). Also read from
-            the ``SALMONN_LIVE_WS_TOKEN`` environment variable, which keeps it out of ``ps``.
+            ``?token=``). Also read from the ``SALMONN_LIVE_WS_TOKEN`` environment variable,
+            which keeps it out of ``ps``. Unset with `auth` on: `salmonn-live run` generates
+            one per run and shows it on the console.
+        auth: Require the token (default). ``false`` serves anyone who can connect, and is
+            only accepted on a loopback address.
         tls_cert: PEM certificate chain; with `tls_key`, serve ``wss://``.
         tls_key: PEM private key of `tls_cert`.
         max_message_bytes: Largest incoming message (an `/audio` frame); larger: close 1009.
@@ -245,6 +249,7 @@ class WsConfig:
 
     listen: str = "127.0.0.1:8765"
     token: str | None = None
+    auth: bool = True
     tls_cert: str | None = None
     tls_key: str | None = None
     max_message_bytes: int = 1 << 18
@@ -265,6 +270,15 @@ class WsConfig:
             raise ConfigError("ws.tls_cert and ws.tls_key: set both (or neither)")
         if self.token is not None and not self.token:
             raise ConfigError("ws.token: expected a non-empty string, or leave it out")
+        if not self.auth:
+            if self.token is not None:
+                raise ConfigError("ws.auth = false and ws.token: set one or the other")
+            if self.enabled and not _is_loopback(self.host_port[0]):
+                raise ConfigError(
+                    f"ws.auth = false is only allowed on a loopback address, not "
+                    f"{self.host_port[0]!r}: anyone on the network could listen and inject "
+                    "audio; set ws.token (or SALMONN_LIVE_WS_TOKEN) instead"
+                )
         for name in (
             "max_message_bytes",
             "max_connections",
@@ -710,3 +724,13 @@ def load_config(path: str | Path | None, overrides: Mapping[str, Any] | None = N
     if "streams" not in data:
         data["streams"] = [{"id": "mic", "source": "mic"}]
     return AgentConfig.from_dict(data)
+
+
+def _is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 and localhost."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -135,6 +135,11 @@ class WsServer:
         self._server: Server | None = None
         self._audio: set[ServerConnection] = set()
         self._events: set[ServerConnection] = set()
+        if config.ws.auth and not config.ws.token:
+            raise OutputError(
+                "the WebSocket server needs a token (ws.token or SALMONN_LIVE_WS_TOKEN), "
+                "or ws.auth = false on a loopback address"
+            )
         self._token = config.ws.token.encode() if config.ws.token else None
         self._closed = asyncio.Event()
         self._closing = False

@@ -46,7 +46,12 @@ def make_config(**sections: Any) -> AgentConfig:
     base: dict[str, Any] = {
         "agent": {"status_interval_s": 0, "print": "none"},
         "model": {"name": "tiny-random", "max_new_tokens": 6},
-        "ws": {"listen": "127.0.0.1:0", "hello_timeout_s": 1.0 * TIMING, "close_timeout_s": 1.0},
+        "ws": {
+            "listen": "127.0.0.1:0",
+            "auth": False,
+            "hello_timeout_s": 1.0 * TIMING,
+            "close_timeout_s": 1.0,
+        },
         "worker": {"max_wait_ms": 5},
         "mqtt": {"enabled": False},
         "streams": [],

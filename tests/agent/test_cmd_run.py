@@ -48,6 +48,7 @@ async def test_signal_shuts_down_cleanly(sig: signal.Signals, clip_path: Path) -
         "ws",
         "--ws",
         "127.0.0.1:0",
+        "--ws-no-auth",
         "--print",
         "json",
         "--max-new-tokens",
@@ -101,3 +102,40 @@ async def test_signal_shuts_down_cleanly(sig: signal.Signals, clip_path: Path) -
             await proc.wait()
     for bad in ("Traceback", "Task was destroyed", "never retrieved", "Unclosed"):
         assert bad not in stderr
+
+
+async def test_a_token_is_generated_when_none_is_configured(clip_path: Path) -> None:
+    """Secure by default: no token configured -> one is made for the run, shown once on stderr,
+    and /events refuses connections without it."""
+    from websockets.exceptions import InvalidStatus
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agent.cli", "run", "--model", "tiny-random", "--source", "ws",
+        "--ws", "127.0.0.1:0", "--no-mqtt", "--print", "json", "--status-interval", "0",
+        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    try:
+        async with asyncio.timeout(120 * TIMING):
+            token = None
+            while token is None:
+                line = (await proc.stderr.readline()).decode()
+                assert line, "the agent exited before showing its token"
+                if line.startswith("WebSocket token for this run: "):
+                    token = line.split(": ", 1)[1].strip()
+            assert len(token) >= 20
+            listening = await read_event(proc.stdout, lambda e: e.get("status") == "listening")
+            base = listening["detail"]["url"]
+            assert listening["detail"]["token_required"] is True
+            assert token not in json.dumps(listening)
+            with pytest.raises(InvalidStatus) as refused:
+                await connect(f"{base}/events")
+            assert refused.value.response.status_code == 401
+            async with connect(f"{base}/events?token={token}") as events:
+                assert json.loads(await events.recv())["status"] == "subscribed"
+            proc.send_signal(signal.SIGTERM)
+            assert await proc.wait() == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

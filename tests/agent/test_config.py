@@ -32,6 +32,8 @@ def _args(*argv: str) -> argparse.Namespace:
         ),
         ({"ws": {"listen": "localhost"}}, r"ws.listen: expected HOST:PORT"),
         ({"ws": {"tls_cert": "a.pem"}}, r"set both"),
+        ({"ws": {"listen": "0.0.0.0:8765", "auth": False}}, r"only allowed on a loopback"),
+        ({"ws": {"auth": False, "token": "x"}}, r"set one or the other"),
         ({"vad": {"frame_ms": 25}}, r"frame_ms must be 10, 20 or 30"),
         ({"streams": [{"source": "mic"}]}, r"missing key 'id'"),
         ({"streams": [{"id": "a b"}]}, r"streams\[0\].id: expected"),

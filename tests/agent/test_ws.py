@@ -143,7 +143,9 @@ async def test_tokens_header_query_and_rejections(
 ) -> None:
     token = "s3cret-token-value"
     caplog.set_level(logging.DEBUG)
-    async with run_agent(make_config(ws={"token": token}), lambda: tiny_model) as agent:
+    async with run_agent(
+        make_config(ws={"token": token, "auth": True}), lambda: tiny_model
+    ) as agent:
         for path, headers in [
             ("/events", None),
             ("/events?token=wrong", None),

@@ -143,6 +143,7 @@ def agent(broker: Mosquitto, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             "trimmed",
             "--ws",
             "127.0.0.1:0",
+            "--ws-no-auth",
             "--mqtt",
             broker.url,
             "--print",
