@@ -260,12 +260,12 @@ class RecipePlan:
 NANO_PLAN = RecipePlan(
     corpus_size="full",
     pretrain=TrainConfig(
-        stage="pretrain", steps=700, batch_size=8, lr=2e-4, warmup_steps=100, min_lr=2e-5,
-        eval_every=200, dev_limit=128,
+        stage="pretrain", steps=450, batch_size=8, lr=2e-4, warmup_steps=50, min_lr=2e-5,
+        eval_every=150, dev_limit=64,
     ),
     instruct=TrainConfig(
-        stage="instruct", steps=1100, batch_size=8, lr=1e-4, warmup_steps=50, min_lr=1e-5,
-        eval_every=200, dev_limit=128,
+        stage="instruct", steps=650, batch_size=8, lr=1e-4, warmup_steps=30, min_lr=1e-5,
+        eval_every=150, dev_limit=64,
     ),
     activation=TrainConfig(
         stage="activation", steps=12, batch_size=1, lr=2e-5, warmup_steps=0, min_lr=1e-5,
