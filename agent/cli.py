@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 # Sub-command modules, in the order `--help` lists them.
@@ -54,9 +55,11 @@ def main(argv: list[str] | None = None) -> int:
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     if args.verbose < 2:
-        # Third-party chatter (amqtt's state machine logs every transition at INFO).
+        # Third-party chatter: amqtt's state machine logs every transition at INFO, and
+        # transformers warns about its own Whisper generation internals on every batch.
         for name in ("amqtt", "transitions"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
