@@ -686,6 +686,10 @@ class MqttPublisher:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    # aiomqtt's __aexit__ can turn our cancellation into a disconnect timeout.
+                    raise asyncio.CancelledError from exc
                 fatal = _fatal_reason(exc)
                 if not self._first_attempt.done():
                     if fatal is not None:

@@ -5,6 +5,7 @@ Kept tiny on purpose: copy this file along with the client you copy.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import random
 import ssl
@@ -96,13 +97,21 @@ def parse_mqtt_url(url: str) -> MqttUrl:
 @contextlib.asynccontextmanager
 async def mqtt_client(url: MqttUrl, client_id: str) -> AsyncIterator[aiomqtt.Client]:
     """A connected aiomqtt client (raises `aiomqtt.MqttError` when the broker is unreachable)."""
-    async with aiomqtt.Client(
-        url.host,
-        url.port,
-        username=url.username,
-        password=url.password,
-        identifier=client_id,
-        tls_context=ssl.create_default_context() if url.tls else None,
-        timeout=5.0,
-    ) as client:
-        yield client
+    try:
+        async with aiomqtt.Client(
+            url.host,
+            url.port,
+            username=url.username,
+            password=url.password,
+            identifier=client_id,
+            tls_context=ssl.create_default_context() if url.tls else None,
+            timeout=5.0,
+        ) as client:
+            yield client
+    except aiomqtt.MqttError:
+        # A disconnect that times out while we are being cancelled raises MqttError from
+        # aiomqtt's __aexit__, which would hide the cancellation and make the caller reconnect.
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise asyncio.CancelledError from None
+        raise

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -195,7 +196,27 @@ def start_client(module: str, *args: str) -> subprocess.Popen[str]:
         stderr=subprocess.PIPE,
         text=True,
         bufsize=1,
+        # A client that hangs on SIGTERM gets SIGABRT from stop_client: dump its stacks.
+        env={**os.environ, "PYTHONFAULTHANDLER": "1"},
     )
+
+
+def stop_client(proc: subprocess.Popen[str], timeout_s: float = 15.0) -> tuple[str, str]:
+    """SIGTERM a client and return its remaining (stdout, stderr).
+
+    A client that does not exit in time is a bug: it is aborted (Python dumps every thread's
+    stack on stderr) and the test fails with that dump.
+    """
+    proc.terminate()
+    try:
+        return proc.communicate(timeout=timeout_s * TIMING)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        out, err = proc.communicate(timeout=30)
+        raise AssertionError(
+            f"client did not exit within {timeout_s * TIMING} s of SIGTERM:\n{out[-2000:]}\n"
+            f"{err[-6000:]}"
+        ) from None
 
 
 def stream_file(agent: AgentProcess, stream: str, path: Path) -> subprocess.CompletedProcess[str]:

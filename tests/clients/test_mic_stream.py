@@ -19,6 +19,7 @@ from tests.clients.conftest import (
     finals,
     run_client,
     start_client,
+    stop_client,
     stream_file,
 )
 
@@ -100,8 +101,7 @@ def test_unreachable_agent_is_retried_with_backoff_without_traceback(clip: Path)
         assert proc.stderr is not None
         lines = [proc.stderr.readline() for _ in range(3)]
     finally:
-        proc.terminate()
-        _, rest = proc.communicate(timeout=10)
+        _, rest = stop_client(proc)
     assert all("unreachable" in line and "retrying in" in line for line in lines), lines
     delays = [float(line.split("retrying in ")[1].split(" s")[0]) for line in lines]
     assert delays[0] < delays[1] < delays[2]  # 0.5, 1, 2 s (±10 %)

@@ -15,7 +15,7 @@ import aiomqtt
 from clients.robot.png import draw_path
 from clients.robot.robot import check
 from tests.agent.mqtt_fixtures import Mosquitto, collector, free_port
-from tests.clients.conftest import TIMING, AgentProcess, start_client, stream_file
+from tests.clients.conftest import TIMING, AgentProcess, start_client, stop_client, stream_file
 
 
 def command(n: int, intent: dict[str, Any], text: str | None = None) -> dict[str, Any]:
@@ -97,8 +97,7 @@ async def test_executes_preempts_refuses_and_acknowledges(
                 await publish(command(5, {"intent": "move"}, 'ok {"intent": "move"} then'))
                 got = await c.wait_for(lambda ms: len(ms) >= 5, 20 * TIMING)
     finally:
-        robot.terminate()
-        _, err = robot.communicate(timeout=10)
+        _, err = stop_client(robot)
     acks = [json.loads(m.payload) for m in got if m.topic == "salmonn/rb/robot/ack"]
     refused = [json.loads(m.payload) for m in got if m.topic == "salmonn/rb/robot/refused"]
     assert [(a["id"], a["result"]) for a in acks] == [
@@ -143,8 +142,7 @@ async def test_commands_of_the_real_agent_are_all_answered(
                 lambda ms: sum(1 for m in ms if "/robot/" in m.topic) >= n, 20 * TIMING
             )
     finally:
-        robot.terminate()
-        _, err = robot.communicate(timeout=10)
+        _, err = stop_client(robot)
     commands = [json.loads(m.payload) for m in got if m.topic == "salmonn/rb-live/command"]
     answers = [json.loads(m.payload) for m in got if "/robot/" in m.topic]
     assert sorted(a["id"] for a in answers) == sorted(e["id"] for e in commands)
@@ -157,7 +155,6 @@ def test_unreachable_broker_is_retried_without_traceback() -> None:
         assert robot.stderr is not None
         lines = [robot.stderr.readline() for _ in range(2)]
     finally:
-        robot.terminate()
-        _, rest = robot.communicate(timeout=10)
+        _, rest = stop_client(robot)
     assert all("unreachable" in line and "retrying in" in line for line in lines), lines
     assert "Traceback" not in rest
