@@ -18,6 +18,8 @@ _COMMAND_MODULES = (
     "agent.cmd_ask",
     "agent.cmd_segment",
     "agent.cmd_run",
+    "agent.cmd_edge",
+    "agent.cmd_worker",
     "agent.cmd_train",
     "bench.cli",
 )

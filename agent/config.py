@@ -220,6 +220,55 @@ class WorkerConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """`[cluster]`: the edge and worker roles (`salmonn-live edge`, `salmonn-live worker`; see
+    docs/deployment.md).
+
+    Attributes:
+        device: Edge: its name in `<prefix>/windows/<device>`; None: `<hostname>-<pid>`.
+        group: Worker: the shared-subscription group (`$share/<group>/<prefix>/windows/+`).
+        worker_id: Worker: its name (MQTT client id, `<prefix>/workers/<id>`); None:
+            `<hostname>-<pid>`.
+        accept_timeout_s: Edge: republish a window no worker has accepted within this long.
+        result_timeout_s: Edge: republish a window accepted but not answered within this long
+            (a worker that hangs while connected; a lost worker is noticed sooner, by its will).
+        max_attempts: Edge: publications of one window before it is reported failed.
+        max_in_flight: Edge: windows waiting for answers; beyond it the oldest is given up
+            (``drop_oldest`` streams) or the source waits (``backpressure`` streams).
+        keepalive_s: MQTT keepalive of both roles: the broker notices a silently dead peer
+            after 1.5 times this.
+    """
+
+    device: str | None = None
+    group: str = "salmonn"
+    worker_id: str | None = None
+    accept_timeout_s: float = 2.0
+    result_timeout_s: float = 30.0
+    max_attempts: int = 5
+    max_in_flight: int = 64
+    keepalive_s: int = 10
+
+    def __post_init__(self) -> None:
+        for name in ("device", "group", "worker_id"):
+            value = getattr(self, name)
+            if value is not None and not STREAM_ID_RE.fullmatch(value):
+                raise ConfigError(
+                    f"cluster.{name}: expected letters, digits, '_', '.', '-' (up to 64), "
+                    f"got {value!r}"
+                )
+        if not 0 < self.accept_timeout_s <= self.result_timeout_s:
+            raise ConfigError(
+                "cluster.accept_timeout_s/result_timeout_s: expected 0 < accept <= result, "
+                f"got {self.accept_timeout_s} and {self.result_timeout_s}"
+            )
+        if self.max_attempts < 1 or self.max_in_flight < 1 or self.keepalive_s < 1:
+            raise ConfigError(
+                "cluster.max_attempts, max_in_flight, keepalive_s: expected >= 1, got "
+                f"{self.max_attempts}, {self.max_in_flight}, {self.keepalive_s}"
+            )
+
+
+@dataclass(frozen=True)
 class WsConfig:
     """`[ws]`: the WebSocket server (`/events` out, `/audio` in).
 
@@ -493,6 +542,7 @@ class AgentConfig:
         streams: `[[streams]]`.
         mqtt: `[mqtt]`: an `agent.mqtt.MqttConfig` (a dict while that module is absent).
         rules: `[[rules]]`: `agent.rules.Rule` objects (dicts while that module is absent).
+        cluster: `[cluster]`: the edge and worker roles.
     """
 
     agent: AgentSettings = field(default_factory=AgentSettings)
@@ -505,6 +555,7 @@ class AgentConfig:
     streams: tuple[StreamConfig, ...] = ()
     mqtt: Any = None
     rules: tuple[Any, ...] = ()
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AgentConfig:
@@ -542,6 +593,9 @@ class AgentConfig:
             streams=streams,
             mqtt=_mqtt(data.get("mqtt", {})),
             rules=_rules(_table_list(data.get("rules", []), "rules")),
+            cluster=ClusterConfig(
+                **_from_dict(ClusterConfig, data.get("cluster", {}), "cluster")
+            ),
         )
 
     def stream_settings(self, stream_id: str) -> StreamConfig:
@@ -565,6 +619,7 @@ class AgentConfig:
             "model": dataclasses.asdict(self.model),
             "worker": dataclasses.asdict(self.worker),
             "ws": self.ws.redacted(),
+            "cluster": dataclasses.asdict(self.cluster),
             "streams": [
                 {
                     "id": s.id,
