@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -254,8 +253,8 @@ worker_id = "victim"
     async with collector(
         mosquitto.port, f"{PREFIX}/#", presence_topic(PREFIX, "+"), client_id="downstream"
     ) as events:
-        victim = subprocess.Popen(
-            [sys.executable, "-m", "agent.cli", "-q", "worker", "--config", str(config)],
+        victim = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "agent.cli", "-q", "worker", "--config", str(config)),
             cwd=ROOT,
             env={**os.environ, "PYTHONPATH": str(ROOT)},
         )
@@ -289,8 +288,9 @@ worker_id = "victim"
                 edge = await edge_task
                 got = await downstream(events, mosquitto)
         finally:
-            victim.kill()
-            victim.wait(timeout=10)
+            with contextlib.suppress(ProcessLookupError):
+                victim.kill()
+            await asyncio.wait_for(victim.wait(), 10)
     check_exactly_once(got, [edge])
     assert edge.remote is not None
     stats = edge.remote.stats()
