@@ -14,6 +14,10 @@ _BENCHMARKS = {
         "bench.pipeline",
         "live pipeline: end-of-utterance latency p50/p95, real-time streams, vs the baseline",
     ),
+    "cluster": (
+        "bench.cluster",
+        "edge + worker pool over MQTT 5: windows/s and latency with 1..N workers",
+    ),
     "segment": (
         "bench.segment",
         "segmenter throughput (x real time per core) and quality on generated scenes",
