@@ -863,11 +863,19 @@ class Salmonn(nn.Module):
             result.timings_ms = {**tokens.timings_ms, **result.timings_ms}
         return results
 
-    def transcribe_with_whisper(self, audio: Sequence[np.ndarray], **kwargs: Any) -> list[str]:
-        """Plain Whisper transcription (its own decoder on the same encoder weights)."""
+    def transcribe_with_whisper(
+        self, audio: Sequence[np.ndarray], *, short_context: bool = True, **kwargs: Any
+    ) -> list[str]:
+        """Plain Whisper transcription (its own decoder on the same encoder weights).
+
+        ``short_context`` (the default here, for live windows) pads to 8 s instead of 30 s;
+        see `model.whisper.transcribe` for both modes and the other keyword arguments.
+        """
         from model.whisper import transcribe
 
-        return transcribe(self.whisper, self.whisper_tokenizer, list(audio), **kwargs)
+        return transcribe(
+            self.whisper, self.whisper_tokenizer, list(audio), short_context=short_context, **kwargs
+        )
 
 
 # ---------------------------------------------------------------------------------------------

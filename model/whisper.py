@@ -37,7 +37,7 @@ import re
 import shutil
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -990,6 +990,15 @@ def _is_multilingual(model: WhisperForConditionalGeneration) -> bool:
     )
 
 
+#: Short-context transcription pads every clip with silence to at least this long. Whisper
+#: was trained on 30 s windows ending in silence; with no silence after the speech it rarely
+#: emits end-of-text and repeats itself. 8 s (with `SHORT_CONTEXT_TAIL_S` of silence) kept
+#: end-of-text reliable on our speech (BENCHMARKS.md) for a quarter of the encoder's work.
+SHORT_CONTEXT_MIN_S = 8.0
+#: ... and at least this much silence after the longest clip of the batch.
+SHORT_CONTEXT_TAIL_S = 2.0
+
+
 def transcribe(
     model: WhisperForConditionalGeneration,
     tokenizer: WhisperTokenizerFast | None,
@@ -997,15 +1006,21 @@ def transcribe(
     *,
     language: str = "en",
     max_new_tokens: int = 100,
+    short_context: bool = False,
 ) -> list[str]:
     """Transcribe clips with Whisper's own decoder (greedy, batched, no timestamps).
 
     Args:
         model: from `load_whisper`.
         tokenizer: from `load_whisper`; required to turn tokens into text.
-        audio: 16 kHz mono float32 clips, each at most 30 s (official features are used).
+        audio: 16 kHz mono float32 clips, each at most 30 s.
         language: language code for multilingual models; English-only models accept only "en".
         max_new_tokens: token budget per clip.
+        short_context: False: the official 30 s window and transformers' `generate`. True: the
+            batch is padded with silence only to ``max(SHORT_CONTEXT_MIN_S, longest clip +
+            SHORT_CONTEXT_TAIL_S)`` (at most 30 s) and decoded by `_greedy_decode`, with each
+            clip's budget also capped by its length. Several times faster on short commands;
+            its accuracy against the official window is measured in BENCHMARKS.md.
 
     Returns:
         One stripped transcript per clip, special tokens removed.
@@ -1016,16 +1031,136 @@ def transcribe(
     """
     if tokenizer is None:
         raise ModelError("transcribe needs a tokenizer; this Whisper source has none")
+    multilingual = _is_multilingual(model)
+    if not multilingual and language != "en":
+        raise ModelError(f"this Whisper model is English-only; got language={language!r}")
+    if short_context:
+        return _transcribe_short(model, tokenizer, audio, language, max_new_tokens)
     features, _ = whisper_features(audio, trimmed=False, n_mels=model.config.num_mel_bins)
     param = next(model.parameters())
     kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens}
-    if _is_multilingual(model):
+    if multilingual:
         kwargs.update(language=language, task="transcribe")
-    elif language != "en":
-        raise ModelError(f"this Whisper model is English-only; got language={language!r}")
     with torch.inference_mode():
         tokens = model.generate(
             input_features=features.to(device=param.device, dtype=param.dtype), **kwargs
         )
     texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
     return [text.strip() for text in texts]
+
+
+def _transcribe_short(
+    model: WhisperForConditionalGeneration,
+    tokenizer: WhisperTokenizerFast,
+    audio: list[np.ndarray],
+    language: str,
+    max_new_tokens: int,
+) -> list[str]:
+    clips = _prepare_clips(audio, MAX_AUDIO_SAMPLES)
+    longest_s = max(c.shape[0] for c in clips) / SAMPLE_RATE_HZ
+    context_s = min(30.0, max(SHORT_CONTEXT_MIN_S, longest_s + SHORT_CONTEXT_TAIL_S))
+    n = int(context_s * SAMPLE_RATE_HZ)
+    padded = [np.pad(c, (0, n - c.shape[0])) for c in clips]
+    # The clips are already padded, so the trimmed features are the official ones cut at n.
+    features, _ = whisper_features(padded, trimmed=True, n_mels=model.config.num_mel_bins)
+    # A speaker says at most ~4 words (~6 tokens) a second; a longer answer is a repetition loop.
+    budgets = [min(max_new_tokens, 10 + math.ceil(8 * c.shape[0] / SAMPLE_RATE_HZ)) for c in clips]
+    with torch.inference_mode():
+        hidden = encode(model.model.encoder, features)  # (B, T, d_model), silence included
+        tokens = _greedy_decode(
+            model,
+            hidden,
+            _prompt_ids(model, tokenizer, language),
+            budgets,
+            looping=lambda ids: _repeat_start(_words(tokenizer.decode(ids))) is not None,
+        )
+    texts = []
+    for ids in tokens:
+        text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+        cut = _repeat_start(_words(text))
+        if cut is not None:  # keep the first copy: drop tokens until only `cut` words remain
+            while ids and len(_words(tokenizer.decode(ids))) > cut:
+                ids = ids[:-1]
+            text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+        texts.append(text)
+    return texts
+
+
+def _words(text: str) -> list[str]:
+    return re.sub(r"[^\w' ]+", " ", text.lower()).split()
+
+
+#: Shortest run of words whose immediate repetition counts as a decoding loop. Shorter runs
+#: ("stop, stop") are often really said.
+_MIN_REPEAT_WORDS = 3
+
+
+def _repeat_start(words: list[str]) -> int | None:
+    """Where a loop starts: the length of ``words`` without its final run of n >=
+    `_MIN_REPEAT_WORDS` words that repeats the n words before it; None if there is none."""
+    for n in range(_MIN_REPEAT_WORDS, len(words) // 2 + 1):
+        if words[-n:] == words[-2 * n : -n]:
+            return len(words) - n
+    return None
+
+
+def _prompt_ids(
+    model: WhisperForConditionalGeneration, tokenizer: WhisperTokenizerFast, language: str
+) -> list[int]:
+    """<|startoftranscript|> [<|lang|> <|transcribe|>] <|notimestamps|>."""
+    ids = [tokenizer.convert_tokens_to_ids("<|startoftranscript|>")]
+    if _is_multilingual(model):
+        ids += [
+            tokenizer.convert_tokens_to_ids(f"<|{language}|>"),
+            tokenizer.convert_tokens_to_ids("<|transcribe|>"),
+        ]
+    ids.append(tokenizer.convert_tokens_to_ids("<|notimestamps|>"))
+    if any(i is None or i == tokenizer.unk_token_id for i in ids):
+        raise ModelError(f"this Whisper tokenizer has no prompt tokens for language {language!r}")
+    return ids
+
+
+def _greedy_decode(
+    model: WhisperForConditionalGeneration,
+    hidden: torch.Tensor,
+    prompt: list[int],
+    budgets: list[int],
+    looping: Callable[[list[int]], bool] | None = None,
+) -> list[list[int]]:
+    """Greedy decoding of a batch with a KV cache; row i stops at end-of-text, at budgets[i]
+    tokens, or as soon as ``looping(its tokens so far)`` says it repeats itself."""
+    eot = model.generation_config.eos_token_id
+    eot = eot[0] if isinstance(eot, list) else eot
+    vocab = model.config.vocab_size
+    suppress = torch.zeros(vocab, dtype=torch.bool)
+    suppress[eot + 1 :] = True  # language, task and timestamp tokens never appear in the text
+    config = model.generation_config
+    suppress[[t for t in (getattr(config, "suppress_tokens", None) or []) if t < vocab]] = True
+    begin = [t for t in (getattr(config, "begin_suppress_tokens", None) or []) if t < vocab]
+    batch = hidden.shape[0]
+    ids = torch.tensor([prompt] * batch, device=hidden.device)
+    out = model(encoder_outputs=(hidden,), decoder_input_ids=ids, use_cache=True)
+    results: list[list[int]] = [[] for _ in range(batch)]
+    open_rows = set(range(batch))
+    for step in range(max(budgets)):
+        logits = out.logits[:, -1].float().masked_fill(suppress, float("-inf"))
+        if step == 0 and begin:
+            logits[:, begin] = float("-inf")  # no empty transcript, no leading blank
+        chosen = logits.argmax(-1)
+        for row, token in enumerate(chosen.tolist()):
+            if row in open_rows:
+                if token == eot or len(results[row]) >= budgets[row]:
+                    open_rows.discard(row)
+                else:
+                    results[row].append(token)
+                    if looping is not None and looping(results[row]):
+                        open_rows.discard(row)
+        if not open_rows:
+            break
+        out = model(
+            encoder_outputs=(hidden,),
+            decoder_input_ids=chosen[:, None],
+            past_key_values=out.past_key_values,
+            use_cache=True,
+        )
+    return results

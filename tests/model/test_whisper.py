@@ -631,6 +631,48 @@ def test_real_models_transcribe_speech(
             transcribe(model, tokenizer, [speech_clip], language="de")
 
 
+@pytest.mark.parametrize("source", REAL_SOURCES)
+def test_short_context_transcribes_a_batch_of_different_lengths(
+    real_models: dict, speech_clip: np.ndarray, source: str
+) -> None:
+    """The short window (8 s of context, not 30) still ends each transcript at end-of-text:
+    no repetition loop, and a clip preceded by 3 s of silence is transcribed as well."""
+    model, tokenizer = real_models[source]
+    late = np.concatenate([np.zeros(3 * 16000, np.float32), speech_clip])
+    texts = transcribe(model, tokenizer, [speech_clip, late], short_context=True)
+    assert _normalise(texts[0]) == PHRASE, texts
+    # One copy of the phrase, however well heard (tiny.en hears "top" after the silence).
+    assert len(_normalise(texts[1]).split()) == len(PHRASE.split()), texts
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("Turn left and stop. Turn left and stop.", 4),
+        ("turn left and stop turn left and stop turn left and", 7),  # cut at the last copy
+        ("stop, stop, stop", None),  # short repeats are often really said
+        ("go left, go right", None),
+        ("", None),
+    ],
+)
+def test_repeat_start_finds_decoding_loops(text: str, expected: int | None) -> None:
+    assert whisper._repeat_start(whisper._words(text)) == expected
+
+
+def test_short_context_budget_caps_each_row(real_models: dict, speech_clip: np.ndarray) -> None:
+    model, tokenizer = real_models[REAL_SOURCES[1]]
+    features, _ = whisper_features(
+        [np.pad(speech_clip, (0, 8 * 16000 - len(speech_clip)))], trimmed=True
+    )
+    with torch.inference_mode():
+        hidden = whisper.encode(model.model.encoder, features)
+        prompt = whisper._prompt_ids(model, tokenizer, "en")
+        full = whisper._greedy_decode(model, hidden, prompt, [40])[0]
+        cut = whisper._greedy_decode(model, hidden, prompt, [2])[0]
+    assert 3 <= len(full) < 40  # ended by end-of-text, not by the budget
+    assert cut == full[:2]
+
+
 def test_encode_equals_transformers_encoder_on_thirty_seconds(
     real_models: dict, speech_clip: np.ndarray, official_hidden: dict[str, torch.Tensor]
 ) -> None:
