@@ -315,7 +315,10 @@ class MqttPublisher:
             message; raise `ValueError` to reject it (the message goes to the error topic).
         on_status: called on the loop with a dict on connection changes and drops, e.g.
             `{"mqtt": "connected", "url": ...}`, `{"mqtt": "disconnected", "error": ...,
-            "retry_in_s": ...}`, `{"mqtt": "dropped", "dropped": total, "new": n}`.
+            "retry_in_s": ...}`, `{"mqtt": "dropped", "dropped": total, "new": n}`,
+            `{"mqtt": "outbox_error", "error": ..., "disk_errors": n, ...}` when the outbox's
+            journal stops working (disk full or unwritable) and `{"mqtt": "outbox_ok"}` when
+            it works again.
         device_name: device name in Home Assistant.
         command_event_types: event types of the Home Assistant voice command entity.
         sound_event_types: event type -> keywords of the Home Assistant sound entity.
@@ -357,6 +360,7 @@ class MqttPublisher:
         self._first_attempt: asyncio.Future[None] | None = None
         self._drop_report: asyncio.TimerHandle | None = None
         self._reported_drops = 0
+        self._reported_disk_ok = True
         self._closing = False
         self._started = False
         self._connected = False
@@ -586,6 +590,7 @@ class MqttPublisher:
             )
         if dropped:
             self._schedule_drop_report()
+        self._check_disk()
         assert self._wakeup is not None and self._drained is not None
         self._drained.clear()
         self._wakeup.set()
@@ -617,6 +622,30 @@ class MqttPublisher:
             self._on_status(info)
         except Exception:
             logger.exception("MQTT: on_status callback failed for %s", info)
+
+    def _check_disk(self) -> None:
+        """Report the outbox journal failing (``outbox_error``) or working again
+        (``outbox_ok``), once per change. Checked after each put and ack rather than when the
+        outbox opens, so the report reaches an agent that is up."""
+        assert self._outbox is not None
+        ok = self._outbox.disk_ok
+        if ok == self._reported_disk_ok:
+            return
+        self._reported_disk_ok = ok
+        path = str(self._outbox.path)
+        if ok:
+            self._status({"mqtt": "outbox_ok", "path": path})
+            return
+        stats = self._outbox.stats()
+        self._status(
+            {
+                "mqtt": "outbox_error",
+                "path": path,
+                "error": self._outbox.last_disk_error,
+                "disk_errors": stats["disk_errors"],
+                "queued": stats["queued"],
+            }
+        )
 
     def _schedule_drop_report(self) -> None:
         if self._drop_report is None:
@@ -796,6 +825,7 @@ class MqttPublisher:
                 in_flight.popleft()
                 outbox.ack(entry.seq)
                 self._counters["published"] += 1
+                self._check_disk()
         finally:
             for _, task in in_flight:
                 task.cancel()
@@ -937,6 +967,13 @@ async def with_mqtt(agent: Any) -> AsyncIterator[MqttPublisher | None]:
         what = str(info.get("mqtt", "state"))
         if what == "dropped":
             message = f"MQTT outbox full: dropped {info['new']} oldest ({info['dropped']} total)"
+        elif what == "outbox_error":
+            message = (
+                f"MQTT outbox journal unusable ({info.get('error')}): undelivered events are "
+                "kept in memory only (bounded) until the disk works again"
+            )
+        elif what == "outbox_ok":
+            message = f"MQTT outbox journal {info.get('path')} writable again"
         elif what == "disconnected":
             message = f"MQTT broker unreachable: {info.get('error')}"
         else:

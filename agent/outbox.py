@@ -15,25 +15,35 @@ restart of the agent loses nothing up to the bound. The design keeps the loop fa
 - Beyond `max_events` the **oldest** message is dropped (the newest matter most to a live
   agent) and counted in `dropped`.
 - A disk that is full or unwritable never fails `put`: the error is counted in
-  `disk_errors`, logged once, and the message is still queued in memory.
+  `disk_errors`, logged once, and the message is still queued in memory. After a failed
+  write the journal no longer matches the queue (a torn line, missing records), so appending
+  stops; at most every `DISK_RETRY_S`, and whenever the queue empties, the whole live queue is
+  written to a fresh journal that replaces the stale one (which frees the space a full disk
+  needs). `disk_ok` and `last_disk_error` say where things stand.
+- The journal is written unbuffered (bytes, one `write` per record): no buffer can hold a
+  failed record back and replay it later, out of place.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
 JOURNAL_NAME = "outbox.jsonl"
 # Rewrite the journal once it holds this many times more lines than the bound.
 _COMPACT_FACTOR = 4
+#: After a disk error, how often (at most) to try a fresh journal while messages wait, seconds.
+DISK_RETRY_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -73,9 +83,11 @@ class Outbox:
         self._max = max_events
         self._queue: deque[OutboxEntry] = deque()
         self._next_seq = 1
-        self._file: IO[str] | None = None
+        self._file: Any = None  # the journal, opened unbuffered in binary mode
         self._journal_lines = 0
         self._disk_ok = True
+        self._last_disk_error: str | None = None
+        self._next_retry = 0.0
         self._closed = False
         self.put_count = 0
         self.acked = 0
@@ -157,6 +169,16 @@ class Outbox:
         self.acked += 1
         return True
 
+    @property
+    def disk_ok(self) -> bool:
+        """False from a failed journal operation until a fresh journal is written."""
+        return self._disk_ok
+
+    @property
+    def last_disk_error(self) -> str | None:
+        """The text of the last disk error (``OSError``), or None if there never was one."""
+        return self._last_disk_error
+
     def stats(self) -> dict[str, int]:
         """Counters: `queued`, `put`, `acked`, `dropped`, `disk_errors`, `recovered`."""
         return {
@@ -173,12 +195,7 @@ class Outbox:
         if self._closed:
             return
         self._closed = True
-        if self._file is not None:
-            try:
-                self._file.close()
-            except OSError as exc:
-                self._disk_error("closing", exc)
-            self._file = None
+        self._close_file()
 
     # -- internals ------------------------------------------------------------------------
 
@@ -194,7 +211,7 @@ class Outbox:
                 # Start from a compact journal holding the recovered messages only.
                 self._rewrite()
             else:
-                self._file = path.open("w", encoding="utf-8")
+                self._file = path.open("wb", buffering=0)
         except OSError as exc:
             self._disk_error("opening", exc)
 
@@ -250,33 +267,51 @@ class Outbox:
 
     def _append(self, record: dict[str, Any]) -> None:
         if self._file is None:
+            if self._dir is not None and not self._closed and time.monotonic() >= self._next_retry:
+                self._rewrite()  # the queue includes `record` (or `record` removed a prefix)
             return
+        data = (json.dumps(record, ensure_ascii=False) + "\n").encode()
         try:
-            self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
-            self._file.flush()
+            view = memoryview(data)
+            while view:  # a raw write may be short
+                written = self._file.write(view)
+                view = view[written or 0 :]
             self._journal_lines += 1
-            self._disk_recovered()
         except OSError as exc:
+            # The journal may now end in a torn line: stop appending to it (see the module
+            # docstring); a fresh one replaces it when the disk allows.
+            self._close_file()
             self._disk_error("writing", exc)
 
     def _truncate(self) -> None:
         if self._file is None:
             if self._dir is not None and not self._closed:
-                self._reopen()
+                self._rewrite()  # an empty journal replaces the stale one, freeing its space
             return
         try:
             self._file.seek(0)
             self._file.truncate()
             self._journal_lines = 0
         except OSError as exc:
+            self._close_file()
             self._disk_error("truncating", exc)
 
+    def _close_file(self) -> None:
+        file, self._file = self._file, None
+        if file is not None:
+            try:
+                file.close()  # unbuffered: nothing left to flush, so this only frees the fd
+            except OSError as exc:
+                self._disk_error("closing", exc)
+
     def _rewrite(self) -> None:
-        """Write the live messages to a fresh journal and swap it in atomically."""
+        """Write the live messages to a fresh journal and swap it in atomically (also the
+        way back after a disk error)."""
         assert self._dir is not None
         path = self._dir / JOURNAL_NAME
         tmp = path.with_suffix(".tmp")
         try:
+            self._dir.mkdir(parents=True, exist_ok=True)
             with tmp.open("w", encoding="utf-8") as f:
                 for e in self._queue:
                     rec = {
@@ -288,19 +323,20 @@ class Outbox:
                     }
                     f.write(json.dumps(rec, ensure_ascii=False) + "\n")
             os.replace(tmp, path)
-            if self._file is not None:
-                self._file.close()
-            self._file = path.open("a", encoding="utf-8")
+            self._close_file()
+            self._file = path.open("ab", buffering=0)
             self._journal_lines = len(self._queue)
         except OSError as exc:
-            self._disk_error("compacting", exc)
-
-    def _reopen(self) -> None:
-        """After a disk error closed the journal, try to start a fresh one."""
-        self._rewrite()
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)  # give back what the attempt took of a full disk
+            self._disk_error("writing a fresh copy of", exc)
+            return
+        self._disk_recovered()
 
     def _disk_error(self, action: str, exc: OSError) -> None:
         self.disk_errors += 1
+        self._last_disk_error = f"{action} the journal failed: {exc}"
+        self._next_retry = time.monotonic() + DISK_RETRY_S
         if self._disk_ok:
             logger.warning(
                 "outbox %s: %s the journal failed (%s); messages are kept in memory only "

@@ -56,6 +56,9 @@ _TASK_KIND = {
     "answer": EventKind.ANSWER,
 }
 _OVERLOAD_REPORT_EVERY_S = 1.0
+#: At shutdown, after the drain timeout: how long the cancelled batch may take to stop (it
+#: stops at its next token; a long encoder call cannot be interrupted), seconds.
+_CANCEL_GRACE_S = 5.0
 #: After a client stops speaking, windows this close to its speech are still ignored (echo).
 SPEAKING_TAIL_S = 0.25
 _SPEAKING_SPANS = 64
@@ -338,6 +341,7 @@ class Pipeline:
         self._full: asyncio.Event | None = None
         self._idle: asyncio.Event | None = None
         self._in_flight: list[Window] = []
+        self._unfinished: list[str] = []  # windows cut by the shutdown (ids)
         self._tasks: set[asyncio.Task[None]] = set()
         self._scheduler: asyncio.Task[None] | None = None
         self._closing = False
@@ -410,19 +414,20 @@ class Pipeline:
             logger.info("shutting down: answering %d waiting window(s)", waiting)
         if self._work is not None:
             self._work.set()
-        unfinished: list[str] = []
-        if self._scheduler is not None:
-            try:
-                async with asyncio.timeout(self.config.worker.drain_timeout_s):
-                    await asyncio.shield(self._scheduler)
-            except TimeoutError:
-                unfinished = [w.id for w in self._in_flight] + [
+        if self._scheduler is not None and not await self._drain(
+            self.config.worker.drain_timeout_s
+        ):
+            left = len(self._in_flight) + self._pending_total()
+            logger.warning("drain timeout: cancelling %d unanswered window(s)", left)
+            # The running batch stops at its next token; the waiting windows then go through
+            # the scheduler at once, cancelled: each gets its `window_unfinished` event.
+            self.worker.cancel()
+            if not await self._drain(_CANCEL_GRACE_S):
+                logger.warning("the model did not stop within %.0f s of cancel", _CANCEL_GRACE_S)
+                self._unfinished += [w.id for w in self._in_flight] + [
                     w.id for h in self._streams.values() for _, w in h.pending
                 ]
-                logger.warning("drain timeout: %d window(s) left unanswered", len(unfinished))
-                self.worker.cancel()
-            except Exception:  # the scheduler crashed; its failure is recorded
-                logger.debug("scheduler ended with an error", exc_info=True)
+        unfinished = list(dict.fromkeys(self._unfinished))
         for task in list(self._tasks):
             task.cancel("pipeline closing")
         if self._tasks:
@@ -438,6 +443,18 @@ class Pipeline:
             }
         )
         self._closed.set()
+
+    async def _drain(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for the scheduler to run out of windows; False on timeout."""
+        assert self._scheduler is not None
+        try:
+            async with asyncio.timeout(timeout_s):
+                await asyncio.shield(self._scheduler)
+        except TimeoutError:
+            return False
+        except Exception:  # the scheduler crashed; its failure is recorded
+            logger.debug("scheduler ended with an error", exc_info=True)
+        return True
 
     async def wait_closed(self) -> None:
         """Wait until `close` has finished."""
@@ -602,6 +619,8 @@ class Pipeline:
                 reason = report.error or (
                     "cancelled at shutdown" if report.cancelled else "no answer"
                 )
+                if not report.error:
+                    self._unfinished.append(window.id)
                 self.emit_status(
                     {
                         "status": status,

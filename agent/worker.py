@@ -252,6 +252,9 @@ class BatchRunner:
         report: BatchReport,
     ) -> None:
         start = report.model_start
+        if cancel.is_set():  # cancelled before it began (shutdown): answer nothing
+            report.cancelled = True
+            return
         llm_windows = [w for w in windows if any(r.engine == "llm" for r in w.requests)]
         whisper_items = [(w, r) for w in windows for r in w.requests if r.engine == "whisper"]
         if whisper_items:

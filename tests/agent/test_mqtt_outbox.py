@@ -109,18 +109,26 @@ def test_unwritable_directory_counts_errors_and_keeps_messages(tmp_path: Path) -
 
 
 def test_disk_full_counts_errors_and_keeps_messages(tmp_path: Path) -> None:
-    """Writes failing with ENOSPC (simulated with /dev/full) never fail `put`."""
+    """Writes failing with ENOSPC (simulated with /dev/full) never fail `put`; the journal is
+    then left alone (it may end in a torn line) until a fresh one can be written."""
     if not Path("/dev/full").exists():
         pytest.skip("no /dev/full")
     box = Outbox(tmp_path, 10)
     box.put("t/0", "x")
     assert box._file is not None
     box._file.close()
-    box._file = open("/dev/full", "w", encoding="utf-8")  # noqa: SIM115 - replaces the journal
+    box._file = open("/dev/full", "wb", buffering=0)  # noqa: SIM115 - replaces the journal
     for i in range(1, 4):
         box.put(f"t/{i}", "x")
     assert topics(box) == ["t/0", "t/1", "t/2", "t/3"]
-    assert box.stats()["disk_errors"] == 3
+    assert box.stats()["disk_errors"] == 1 and not box.disk_ok
+    assert "No space left on device" in (box.last_disk_error or "")
+    # Drained: a fresh (empty) journal replaces the stale one and is used again.
+    while (first := box.first()) is not None:
+        box.ack(first.seq)
+    assert box.disk_ok and (tmp_path / JOURNAL_NAME).read_text() == ""
+    box.put("t/4", "y")
+    assert '"t/4"' in (tmp_path / JOURNAL_NAME).read_text()
     box.close()
 
 
