@@ -34,6 +34,7 @@ _OPTION_KEYS: tuple[tuple[str, tuple[str, str]], ...] = (
     ("threads", ("model", "threads")),
     ("max_new_tokens", ("model", "max_new_tokens")),
     ("transcript", ("model", "transcript")),
+    ("command", ("model", "command")),
     ("lora_scale", ("model", "lora_scale")),
     ("max_batch", ("worker", "max_batch")),
     ("max_wait_ms", ("worker", "max_wait_ms")),
@@ -133,6 +134,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "--transcript",
         choices=("llm", "whisper"),
         help="who writes transcripts: the LLM, or Whisper's own decoder (model.transcript)",
+    )
+    model.add_argument(
+        "--command",
+        choices=("llm", "whisper"),
+        help="who reads command intents: the LLM (JSON answer), or a grammar on Whisper's"
+        " transcript, much faster (model.command)",
     )
     model.add_argument("--lora-scale", type=float, help="default LoRA scale (model.lora_scale)")
     worker = parser.add_argument_group("batching ([worker])")

@@ -162,6 +162,9 @@ class ModelSettings:
         transcript: ``llm`` asks the LLM for transcripts; ``whisper`` uses Whisper's own
             decoder on the same audio (no partials: Whisper's text comes at once).
         lora_scale: LoRA scale for every task without its own; None keeps alpha / r.
+        command: ``llm`` asks the LLM for the intent as JSON; ``whisper`` reads it from
+            Whisper's transcript with `agent.intents.intent_from_transcript` (the fast path:
+            no LLM tokens; one transcription serves both tasks).
     """
 
     name: str = "nano"
@@ -174,6 +177,7 @@ class ModelSettings:
     max_new_tokens: int = 40
     transcript: Literal["llm", "whisper"] = "llm"
     lora_scale: float | None = None
+    command: Literal["llm", "whisper"] = "llm"
 
     def __post_init__(self) -> None:
         if self.threads < 0:

@@ -42,7 +42,7 @@ from agent.events import (
     WallClock,
 )
 from agent.fanout import EventBus
-from agent.intents import parse_intent
+from agent.intents import intent_from_transcript, parse_intent
 from agent.worker import BatchReport, Final, InferenceWorker, Output, Request, Window
 
 logger = logging.getLogger(__name__)
@@ -254,7 +254,10 @@ class StreamHandle:
         default_scale = self.lora_scale if self.lora_scale is not None else model.lora_scale
         requests = []
         for task in self.settings.prompts.tasks_for(kind):
-            engine = "whisper" if task == "transcript" and model.transcript == "whisper" else "llm"
+            whisper = (task == "transcript" and model.transcript == "whisper") or (
+                task == "command" and model.command == "whisper"
+            )
+            engine = "whisper" if whisper else "llm"
             requests.append(
                 Request(
                     key=f"{window_id}/{task}",
@@ -636,7 +639,11 @@ class Pipeline:
     def _on_output(self, output: Output) -> None:
         window, request = output.window, output.request
         final = isinstance(output, Final)
-        intent = parse_intent(output.text) if final and request.task == "command" else None
+        intent = None
+        if final and request.task == "command":
+            # A Whisper command's text is the transcript, read by the grammar.
+            read = intent_from_transcript if request.engine == "whisper" else parse_intent
+            intent = read(output.text)
         now = time.monotonic()
         timing = Timing(
             captured=window.captured,

@@ -45,7 +45,8 @@ class Request:
         task: ``transcript``, ``command``, ``caption`` or ``answer``.
         instruction: The prompt text.
         lora_scale: LoRA scale (None: alpha / r).
-        engine: ``llm``, or ``whisper`` for Whisper's own decoder (transcripts only).
+        engine: ``llm``, or ``whisper`` for Whisper's own decoder (transcripts; commands get
+            the transcript as their text, read by `agent.intents.intent_from_transcript`).
         question: For answers, the standing question.
     """
 
@@ -259,11 +260,13 @@ class BatchRunner:
         whisper_items = [(w, r) for w in windows for r in w.requests if r.engine == "whisper"]
         if whisper_items:
             t0 = time.perf_counter()
-            texts = self.model.transcribe_with_whisper([w.audio for w, _ in whisper_items])
+            heard = list({w.id: w for w, _ in whisper_items}.values())  # once per window
+            texts = self.model.transcribe_with_whisper([w.audio for w in heard])
+            by_window = {w.id: text.strip() for w, text in zip(heard, texts, strict=True)}
             report.timings_ms["whisper_decode_ms"] = (time.perf_counter() - t0) * 1000
-            for (window, request), text in zip(whisper_items, texts, strict=True):
+            for window, request in whisper_items:
                 report.finished.add(request.key)
-                emit(Final(window, request, text.strip(), start, None, 0))
+                emit(Final(window, request, by_window[window.id], start, None, 0))
         if not llm_windows or cancel.is_set():
             if cancel.is_set():
                 report.cancelled = True
