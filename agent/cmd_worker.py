@@ -69,9 +69,11 @@ def cluster_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """`run`'s options plus the ``[cluster]`` flags, as a nested config dict."""
     from agent.cmd_run import overrides_from_args
 
-    if not hasattr(args, "source"):
-        args.source = None
-    out = overrides_from_args(args)
+    # `args.command` is the sub-command's name here (`run` has a `--command` option).
+    options = argparse.Namespace(**{**vars(args), "command": None})
+    if not hasattr(options, "source"):
+        options.source = None
+    out = overrides_from_args(options)
     for dest, key in (
         ("group", "group"),
         ("worker_id", "worker_id"),
