@@ -47,6 +47,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--scene-s", type=float, default=20.0, help="length of each stream's scene, s"
     )
     parser.add_argument("--max-new-tokens", type=int, default=16, help="tokens per answer")
+    parser.add_argument(
+        "--transcript",
+        choices=("llm", "whisper"),
+        default="whisper",
+        help="who writes transcripts (model.transcript)",
+    )
+    parser.add_argument(
+        "--command",
+        choices=("llm", "whisper"),
+        default="whisper",
+        help="who reads command intents: the LLM, or the grammar on Whisper's transcript"
+        " (model.command)",
+    )
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--max-wait-ms", type=float, default=20.0)
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
@@ -84,7 +97,12 @@ async def _realtime(model: Any, scenes: list[Any], args: argparse.Namespace) -> 
     config = AgentConfig.from_dict(
         {
             "agent": {"status_interval_s": 0, "print": "none"},
-            "model": {"name": args.model, "max_new_tokens": args.max_new_tokens},
+            "model": {
+                "name": args.model,
+                "max_new_tokens": args.max_new_tokens,
+                "transcript": args.transcript,
+                "command": args.command,
+            },
             "worker": {
                 "max_batch": args.max_batch,
                 "max_wait_ms": args.max_wait_ms,
@@ -270,7 +288,9 @@ def run(args: argparse.Namespace) -> int:
     heading = f"## Pipeline: live latency and capacity (`bench pipeline --streams {args.streams}`)"
     _out(f"\n{heading}\n")
     _out(
-        f"Model `{args.model}`, {args.max_new_tokens} new tokens per answer, "
+        f"Model `{args.model}`, transcripts by {args.transcript}, commands by "
+        f"{'the grammar on Whisper' if args.command == 'whisper' else 'the LLM'}, "
+        f"{args.max_new_tokens} new tokens per LLM answer, "
         f"max batch {args.max_batch}, max wait {args.max_wait_ms:g} ms, "
         f"{args.threads} torch threads, {proc}, {args.scene_s:g} s scene per stream "
         "(2 commands, 2 sound events), real-time pace. Latency: end of utterance (segment end, "
