@@ -18,6 +18,10 @@ _BENCHMARKS = {
         "bench.cluster",
         "edge + worker pool over MQTT 5: windows/s and latency with 1..N workers",
     ),
+    "load": (
+        "bench.load",
+        "many /events clients (some slow) and real-time /audio streams: memory, loop lag, losses",
+    ),
     "segment": (
         "bench.segment",
         "segmenter throughput (x real time per core) and quality on generated scenes",

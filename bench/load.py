@@ -1,0 +1,505 @@
+"""`salmonn-live bench load`: the agent under many clients for a while (issue #8, "Load").
+
+The agent runs in a child process (so the clients' own work does not show up in its figures)
+on loopback, serving `/events` and `/audio` as `salmonn-live run` does. This process then
+connects ``--subscribers`` `/events` clients (``--slow`` of them read one message every
+``--slow-read-s`` through a small socket buffer, the rest read as fast as they can) and,
+once all are subscribed, ``--streams`` `/audio` streams that send generated scenes (speech
+commands and sound events, `bench.pipeline._scenes`) at real-time pace, in 50 ms frames, for
+``--seconds``. Then the streams close, their last windows are answered, and the agent gets
+SIGTERM.
+
+Measured inside the agent: resident memory every second (peak, and its slope after the
+warm-up, MiB/min: it must be flat), event-loop lag (a ticker task on the agent's loop that
+sleeps 10 ms and records how late it woke: p99 and max) and the `seq` of every event the bus
+published. Measured by the clients: each fast client's received `seq`s against the published
+ones (every event published after all clients subscribed must reach every fast client, in
+order: anything missing is *lost*), and how the slow clients ended (close code and reason).
+
+``--model tiny-random`` (the default) keeps the model cheap, so the figures are the agent's:
+segmenters, batching, fan-out, WebSockets. ``--model nano`` runs the real small model.
+The machine's load average is reported beside the lag: on a shared machine a loop that is
+not given a CPU looks exactly like a blocked loop. ``SALMONN_BENCH_LOOP_DEBUG=1`` runs the
+agent's loop in asyncio debug mode and prints its log, naming callbacks that took over 50 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import itertools
+import json
+import logging
+import os
+import platform
+import re
+import resource
+import signal
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.pipeline import BLOCK_S, RATE_HZ, _percentile, _scenes
+
+logger = logging.getLogger(__name__)
+
+TICK_S = 0.01  # the lag ticker's period
+SAMPLE_S = 1.0  # memory sampling period
+WARMUP_S = 10.0  # memory samples before this are left out of the slope
+ROOT = Path(__file__).resolve().parents[1]
+_SEQ_RE = re.compile(r'"seq": (-?\d+)')
+_START_TIMEOUT_S = 180.0
+_SETTLE_TIMEOUT_S = 120.0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the benchmark's options."""
+    parser.add_argument("--seconds", type=float, default=60.0, help="how long the streams run")
+    parser.add_argument("--subscribers", type=int, default=50, help="/events clients")
+    parser.add_argument("--slow", type=int, default=5, help="how many subscribers read slowly")
+    parser.add_argument(
+        "--slow-read-s", type=float, default=1.0, help="a slow subscriber reads one message per"
+    )
+    parser.add_argument("--streams", type=int, default=8, help="/audio streams, real-time")
+    parser.add_argument(
+        "--model", default="tiny-random", help="tiny-random (default: measures the agent) or nano"
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=40, help="tokens per answer")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads in the agent")
+    parser.add_argument("--scene-s", type=float, default=20.0, help="scene length (looped), s")
+    parser.add_argument(
+        "--max-slope-mib-min",
+        type=float,
+        default=1.0,
+        help="RSS slope under which memory counts as flat, MiB/min",
+    )
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+# -- the agent side (child process) ---------------------------------------------------------
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+async def _serve(spec: dict[str, Any]) -> None:
+    """Run the agent with a lag ticker, a memory sampler and a recorder of published seqs;
+    write a JSON report to ``spec["report"]`` after SIGTERM's clean shutdown."""
+    from agent.app import Agent
+    from agent.config import AgentConfig
+    from agent.mqtt import with_mqtt
+
+    config = AgentConfig.from_dict(
+        {
+            "agent": {"print": "none"},
+            "model": {
+                "name": spec["model"],
+                "max_new_tokens": spec["max_new_tokens"],
+                "threads": spec["threads"],
+                "input_mode": "trimmed",
+            },
+            "ws": {"listen": "127.0.0.1:0", "auth": False, "max_connections": 256},
+            "mqtt": {"enabled": False},
+            "streams": [],
+        }
+    )
+
+    def load() -> Any:
+        from model.presets import resolve_model
+        from model.salmonn import Salmonn
+
+        return Salmonn.from_config(resolve_model(spec["model"], input_mode="trimmed"))
+
+    agent = Agent(config, load)
+    published: list[int] = []
+    closed: dict[str, dict[str, Any]] = {}
+    first_opened: list[int] = []
+
+    def record(event: dict[str, Any]) -> None:
+        published.append(event["seq"])
+        if event.get("status") == "stream_opened" and not first_opened:
+            first_opened.append(event["seq"])
+        elif event.get("status") == "stream_closed":
+            closed[event["stream"]] = event["detail"]
+
+    lags: list[tuple[float, float]] = []  # (when, how late), loop time
+    rss: list[tuple[float, float]] = []  # (when, MiB), loop time
+    load: list[float] = []  # the machine's 1-minute load average, each second
+    loop = asyncio.get_running_loop()
+
+    async def ticker() -> None:
+        while True:
+            before = loop.time()
+            await asyncio.sleep(TICK_S)
+            now = loop.time()
+            lags.append((now, now - before - TICK_S))
+
+    async def sampler() -> None:
+        while True:
+            rss.append((loop.time(), _rss_mib()))
+            load.append(os.getloadavg()[0])
+            await asyncio.sleep(SAMPLE_S)
+
+    if os.environ.get("SALMONN_BENCH_LOOP_DEBUG"):  # name the callbacks that block the loop
+        loop.set_debug(True)
+        loop.slow_callback_duration = 0.05
+    agent.add_sink("bench-recorder", record, maxsize=1_000_000)
+    loop.add_signal_handler(signal.SIGTERM, agent.request_shutdown, "SIGTERM")
+    probes = [loop.create_task(ticker()), loop.create_task(sampler())]
+    try:
+        async with with_mqtt(agent):
+            assert agent.ws is not None
+            ready = loop.time()  # the model is loaded and the server listens
+            sys.stdout.write(json.dumps({"url": agent.ws.url}) + "\n")
+            sys.stdout.flush()
+            await agent.run()
+            shutdown = loop.time()
+        ws_counters = dict(agent.ws.counters)
+    finally:
+        for task in probes:
+            task.cancel()
+        await asyncio.gather(*probes, return_exceptions=True)
+    report = json.dumps(
+        {
+            "published": published,
+            "first_stream_opened": first_opened[0] if first_opened else None,
+            "streams": closed,
+            "lags_s": [lag for when, lag in lags if ready <= when <= shutdown],
+            "worst_lag_at_s": [
+                [round(when - ready, 2), round(lag * 1000, 1)]
+                for when, lag in sorted(lags, key=lambda x: -x[1])
+                if ready <= when <= shutdown
+            ][:5],
+            "rss": [(when - ready, mib) for when, mib in rss if when >= ready],
+            "load_avg_1min": load,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "ws": ws_counters,
+            "worker": agent.worker.stats() if agent.worker is not None else {},
+        }
+    )
+    await asyncio.to_thread(Path(spec["report"]).write_text, report)
+
+
+# -- the client side (this process) ---------------------------------------------------------
+
+
+class _Subscriber:
+    """One `/events` client: the seqs it received and how it ended."""
+
+    def __init__(self, index: int, slow: bool) -> None:
+        self.index = index
+        self.slow = slow
+        self.seqs: list[int] = []
+        self.dropped_notices = 0
+        self.dropped_reported = 0
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self.streams_closed = 0
+        self.all_streams_closed = asyncio.Event()
+        self.expect_closed = 0
+
+    async def run(self, url: str, subscribed: asyncio.Semaphore, read_s: float) -> None:
+        from websockets.asyncio.client import connect
+        from websockets.exceptions import ConnectionClosed
+
+        kwargs: dict[str, Any] = {}
+        if self.slow:
+            # A reader on a bad link: a small socket buffer, and one message per `read_s`.
+            host, port = url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
+            kwargs = {"sock": sock, "max_queue": 1}
+        ws = await connect(url, max_size=None, open_timeout=60, **kwargs)
+        try:
+            await ws.recv()  # the `subscribed` notice
+            subscribed.release()
+            while True:
+                message = await ws.recv()
+                assert isinstance(message, str)
+                match = _SEQ_RE.search(message)
+                seq = int(match.group(1)) if match else -1
+                if seq >= 0:
+                    self.seqs.append(seq)
+                    if '"status": "stream_closed"' in message:
+                        self.streams_closed += 1
+                        if self.streams_closed >= self.expect_closed:
+                            self.all_streams_closed.set()
+                elif '"status": "dropped"' in message:
+                    self.dropped_notices += 1
+                    self.dropped_reported += json.loads(message)["detail"]["dropped"]
+                if self.slow:
+                    await asyncio.sleep(read_s)  # the slowness being simulated
+        except ConnectionClosed:
+            pass
+        finally:
+            await ws.close()
+            self.close_code = ws.close_code
+            self.close_reason = ws.close_reason or ""
+
+
+async def _stream(url: str, stream_id: str, pcm: bytes, seconds: float) -> int:
+    """Send ``pcm`` (looped) at real-time pace for ``seconds``; returns the frames sent."""
+    from websockets.asyncio.client import connect
+
+    frame = int(BLOCK_S * RATE_HZ) * 2
+    sent = 0
+    async with connect(url, open_timeout=60) as ws:
+        await ws.send(
+            json.dumps(
+                {"stream": stream_id, "sample_rate": RATE_HZ, "format": "s16le", "channels": 1}
+            )
+        )
+        await ws.recv()  # ready
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        total = int(seconds / BLOCK_S)
+        for k in range(total):
+            delay = start + (k + 1) * BLOCK_S - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)  # pacing a live microphone
+            offset = (k * frame) % len(pcm)
+            chunk = pcm[offset : offset + frame]
+            if len(chunk) < frame:
+                chunk += pcm[: frame - len(chunk)]
+            await ws.send(chunk)
+            sent += 1
+    return sent
+
+
+def _slope_mib_per_min(samples: list[tuple[float, float]]) -> float:
+    points = [(t, v) for t, v in samples if t >= WARMUP_S]
+    if len(points) < 3:
+        return float("nan")
+    t = np.array([p[0] for p in points])
+    v = np.array([p[1] for p in points])
+    return float(np.polyfit(t, v, 1)[0] * 60.0)
+
+
+async def _drive(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    report_path = workdir / "agent-report.json"
+    spec = {
+        "model": args.model,
+        "max_new_tokens": args.max_new_tokens,
+        "threads": args.threads,
+        "report": str(report_path),
+    }
+    scenes = _scenes(args.streams, args.scene_s)
+    pcms = [(np.clip(s.audio, -1.0, 1.0) * 32767).astype("<i2").tobytes() for s in scenes]
+    log_path = workdir / "agent.log"
+    with log_path.open("wb") as log:
+        child = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "bench.load",
+            json.dumps(spec),
+            cwd=ROOT,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=log,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+    assert child.stdout is not None
+    try:
+        async with asyncio.timeout(_START_TIMEOUT_S):
+            line = await child.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the agent did not start: {log_path.read_text()[-3000:]}")
+        base = json.loads(line)["url"]
+        subscribed = asyncio.Semaphore(0)
+        subs = [_Subscriber(i, i < args.slow) for i in range(args.subscribers)]
+        for sub in subs:
+            sub.expect_closed = args.streams
+        sub_tasks = [
+            asyncio.create_task(s.run(f"{base}/events", subscribed, args.slow_read_s)) for s in subs
+        ]
+        async with asyncio.timeout(60):
+            for _ in subs:
+                await subscribed.acquire()
+        started = time.monotonic()
+        sent = await asyncio.gather(
+            *(
+                _stream(f"{base}/audio", f"load{i}", pcms[i % len(pcms)], args.seconds)
+                for i in range(args.streams)
+            )
+        )
+        streamed_s = time.monotonic() - started
+        # Let the last windows be answered: wait until a fast client saw every stream close.
+        fast = [s for s in subs if not s.slow]
+        if fast:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(fast[0].all_streams_closed.wait(), _SETTLE_TIMEOUT_S)
+        child.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(120):
+            code = await child.wait()
+        _, pending = await asyncio.wait(sub_tasks, timeout=30)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*sub_tasks, return_exceptions=True)
+    finally:
+        if child.returncode is None:
+            child.kill()
+            await child.wait()
+    agent = json.loads(report_path.read_text())
+    if os.environ.get("SALMONN_BENCH_LOOP_DEBUG"):
+        logger.warning("agent log:\n%s", log_path.read_text(errors="replace")[-20000:])
+    return _summarise(args, agent, subs, sent, streamed_s, code, log_path)
+
+
+_TOO_SLOW_RE = re.compile(r"closing /events client .*?: (too slow: .*)")
+
+
+def _summarise(
+    args: argparse.Namespace,
+    agent: dict[str, Any],
+    subs: list[_Subscriber],
+    sent: list[int],
+    streamed_s: float,
+    exit_code: int,
+    log_path: Path,
+) -> dict[str, Any]:
+    published: list[int] = agent["published"]
+    first = agent["first_stream_opened"]
+    expected = [s for s in published if first is not None and s >= first]
+    expected_set = set(expected)
+    fast = [s for s in subs if not s.slow]
+    slow = [s for s in subs if s.slow]
+    lost_per_fast = []
+    out_of_order = 0
+    for s in fast:
+        got = [q for q in s.seqs if q >= (first or 0)]
+        lost_per_fast.append(len(expected_set - set(got)))
+        out_of_order += sum(1 for a, b in itertools.pairwise(got) if b <= a)
+    closes = collections.Counter(
+        f"{s.close_code} {re.sub(r'[0-9.]+', 'N', s.close_reason)}".strip() for s in slow
+    )
+    lags_ms = [1000 * v for v in agent["lags_s"]]
+    rss = agent["rss"]
+    streams = agent["streams"]
+    windows = {k: sum(int(d.get(k, 0)) for d in streams.values()) for k in (
+        "windows", "answered", "dropped", "failed")}  # fmt: skip
+    slope = _slope_mib_per_min(rss)
+    log_text = log_path.read_text(errors="replace")
+    server_reasons = collections.Counter(
+        re.sub(r"\d+(\.\d+)?", "N", m.group(1)) for m in _TOO_SLOW_RE.finditer(log_text)
+    )
+    return {
+        "model": args.model,
+        "seconds": args.seconds,
+        "streamed_s": round(streamed_s, 1),
+        "subscribers": len(subs),
+        "fast": len(fast),
+        "slow": len(slow),
+        "streams": args.streams,
+        "frames_sent": sum(sent),
+        "windows": windows,
+        "streams_closed": len(streams),
+        "events_published": len(expected),
+        "events_per_s": round(len(expected) / streamed_s, 1) if streamed_s else 0.0,
+        "messages_to_clients": sum(len(s.seqs) for s in subs),
+        "fast_delivered_min": min((len(expected_set & set(s.seqs)) for s in fast), default=0),
+        "fast_lost_total": sum(lost_per_fast),
+        "fast_out_of_order": out_of_order,
+        "fast_dropped_notices": sum(s.dropped_notices for s in fast),
+        "fast_close_codes": dict(collections.Counter(str(s.close_code) for s in fast)),
+        "slow_closed_too_slow": sum(1 for s in slow if s.close_code == 4429),
+        "slow_close": dict(closes),
+        "slow_received": [len(s.seqs) for s in slow],
+        "slow_dropped_reported": [s.dropped_reported for s in slow],
+        "ws_counters": agent["ws"],
+        "too_slow_reasons": dict(server_reasons),
+        "loop_lag_ms": {
+            "p50": round(_percentile(lags_ms, 50), 2),
+            "p99": round(_percentile(lags_ms, 99), 2),
+            "max": round(max(lags_ms, default=float("nan")), 2),
+            "ticks": len(lags_ms),
+            "worst_at_s_ms": agent["worst_lag_at_s"],
+        },
+        "rss_mib": {
+            "peak": round(agent["peak_rss_mib"], 1),
+            "start": round(rss[0][1], 1) if rss else None,
+            "end": round(rss[-1][1], 1) if rss else None,
+            "slope_mib_per_min": round(slope, 2),
+            "flat": bool(abs(slope) <= args.max_slope_mib_min),
+            "samples": len(rss),
+        },
+        "worker": agent["worker"],
+        "machine_load_1min": {
+            "max": round(max(agent["load_avg_1min"], default=float("nan")), 2),
+            "mean": round(float(np.mean(agent["load_avg_1min"] or [float("nan")])), 2),
+        },
+        "agent_exit_code": exit_code,
+        "agent_log_tracebacks": log_text.count("Traceback"),
+    }
+
+
+def _out(line: str) -> None:
+    print(line, flush=True)  # noqa: T201 (benchmark output)
+
+
+def _print_table(r: dict[str, Any]) -> None:
+    lag, rss, w = r["loop_lag_ms"], r["rss_mib"], r["windows"]
+    rows = [
+        ("run", f"{r['streamed_s']:g} s, {r['streams']} real-time /audio streams, "
+         f"{r['subscribers']} /events clients ({r['slow']} slow), model `{r['model']}`"),
+        ("windows", f"{w['windows']} ({w['answered']} answered, {w['dropped']} dropped by "
+         f"overload, {w['failed']} failed)"),
+        ("events published", f"{r['events_published']} ({r['events_per_s']:g}/s); "
+         f"{r['messages_to_clients']} messages to clients"),
+        ("fast clients: delivered", f"{r['fast_delivered_min']} of {r['events_published']} "
+         f"(the least any fast client got), out of order: {r['fast_out_of_order']}"),
+        ("events lost (fast clients)", str(r["fast_lost_total"])),
+        ("fast clients: closed with", ", ".join(f"{k} x{v}" for k, v in
+                                                 r["fast_close_codes"].items())),
+        ("slow clients: dropped", f"{r['ws_counters'].get('events_too_slow', 0)} closed with 4429 "
+         "by the agent (" + "; ".join(f"{k} x{v}" for k, v in r["too_slow_reasons"].items())
+         + "); close codes the slow clients saw: "
+         + ", ".join(f"{k} x{v}" for k, v in r["slow_close"].items())),
+        ("event-loop lag", f"p50 {lag['p50']} ms, p99 {lag['p99']} ms, max {lag['max']} ms "
+         f"({lag['ticks']} ticks of {TICK_S * 1000:g} ms)"),
+        ("RSS", f"peak {rss['peak']} MiB; {rss['start']} -> {rss['end']} MiB; slope "
+         f"{rss['slope_mib_per_min']} MiB/min from {WARMUP_S:g} s after start "
+         f"({'flat' if rss['flat'] else 'GROWING'})"),
+        ("machine load (1 min avg)", f"mean {r['machine_load_1min']['mean']}, max "
+         f"{r['machine_load_1min']['max']} on {os.cpu_count()} CPUs (shared with other work)"),
+        ("agent exit", f"code {r['agent_exit_code']}, {r['agent_log_tracebacks']} tracebacks"),
+    ]  # fmt: skip
+    _out("| measure | result |")
+    _out("|---|---|")
+    for name, value in rows:
+        _out(f"| {name} | {value} |")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the load benchmark; print a Markdown table (or ``--json``)."""
+    if args.slow > args.subscribers:
+        raise SystemExit(f"--slow {args.slow} is more than --subscribers {args.subscribers}")
+    with tempfile.TemporaryDirectory(prefix="salmonn-load-") as tmp:
+        report = asyncio.run(_drive(args, Path(tmp)))
+    report["machine"] = f"{platform.machine()}, {os.cpu_count()} CPUs"
+    if args.json:
+        _out(json.dumps(report, indent=2))
+    else:
+        _print_table(report)
+    ok = (
+        report["fast_lost_total"] == 0
+        and report["rss_mib"]["flat"]
+        and report["agent_exit_code"] == 0
+        and report["agent_log_tracebacks"] == 0
+    )
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":  # the agent side, started by `_drive`
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    asyncio.run(_serve(json.loads(sys.argv[1])))
