@@ -88,15 +88,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from model.errors import AudioTooLongError
     from model.salmonn import MAX_AUDIO_S, SAMPLE_RATE_HZ
-    from streaming.audio_file import load_audio
+    from streaming.audio_file import load_audio, open_sound_file
 
     if args.beams < 1 or args.max_new_tokens < 1:
         sys.stderr.write(
             "salmonn-live ask: error: --beams and --max-new-tokens must be at least 1\n"
         )
         return 2
-    audio = load_audio(args.audio, SAMPLE_RATE_HZ)
-    duration_s = audio.shape[0] / SAMPLE_RATE_HZ
+    with open_sound_file(args.audio) as sound:  # the header's length: refuse before reading
+        duration_s = sound.frames / sound.samplerate
+    if duration_s <= MAX_AUDIO_S:
+        audio = load_audio(args.audio, SAMPLE_RATE_HZ)
+        duration_s = audio.shape[0] / SAMPLE_RATE_HZ
     if duration_s > MAX_AUDIO_S:
         raise AudioTooLongError(
             f"{args.audio} is {duration_s:.1f} s long; SALMONN hears at most "

@@ -34,8 +34,9 @@ logger = logging.getLogger(__name__)
 TASKS: tuple[str, ...] = ("transcript", "command", "caption")
 #: What the segmenter can hand over: segment kinds plus ambient windows.
 WINDOW_KINDS: tuple[str, ...] = ("speech", "sound", "mixed", "ambient")
-#: Stream ids appear in topics and URLs: keep them simple.
-STREAM_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+#: Stream ids appear in topics and URLs: keep them simple (use ``fullmatch``: ``$`` alone would
+#: let a trailing newline through).
+STREAM_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 Overload = Literal["drop_oldest", "backpressure"]
 
@@ -161,10 +162,10 @@ class ModelSettings:
         max_new_tokens: Most tokens generated per answer.
         transcript: ``llm`` asks the LLM for transcripts; ``whisper`` uses Whisper's own
             decoder on the same audio (no partials: Whisper's text comes at once).
-        lora_scale: LoRA scale for every task without its own; None keeps alpha / r.
         command: ``llm`` asks the LLM for the intent as JSON; ``whisper`` reads it from
             Whisper's transcript with `agent.intents.intent_from_transcript` (the fast path:
             no LLM tokens; one transcription serves both tasks).
+        lora_scale: LoRA scale for every task without its own; None keeps alpha / r.
     """
 
     name: str = "nano"
@@ -176,8 +177,8 @@ class ModelSettings:
     threads: int = 0
     max_new_tokens: int = 40
     transcript: Literal["llm", "whisper"] = "llm"
-    lora_scale: float | None = None
     command: Literal["llm", "whisper"] = "llm"
+    lora_scale: float | None = None
 
     def __post_init__(self) -> None:
         if self.threads < 0:
@@ -287,12 +288,22 @@ class WsConfig:
         tls_cert: PEM certificate chain; with `tls_key`, serve ``wss://``.
         tls_key: PEM private key of `tls_cert`.
         max_message_bytes: Largest incoming message (an `/audio` frame); larger: close 1009.
-        max_connections: Most simultaneous connections; more are refused with HTTP 503.
+        max_connections: Most simultaneous connections (both paths, handshakes included);
+            more are refused with HTTP 503.
+        max_streams_per_client: Most simultaneous `/audio` streams from one IP address; more
+            are closed with 1013 (try again later).
+        max_audio_rate: Sustained speed limit of one `/audio` stream, in multiples of real
+            time; a client that stays faster (beyond `audio_burst_s`) is closed with 1008.
+            Every frame counts as at least 10 ms of audio, so a flood of tiny frames is slowed
+            down the same way.
+        audio_burst_s: Seconds of audio a stream may send ahead of `max_audio_rate` (a
+            client's backlog after a reconnection, a short file sent at once).
         client_queue: Per `/events` client, events queued before the oldest are dropped.
         client_max_dropped: A client that has lost this many events since it last caught up
             is closed (code 4429).
         send_timeout_s: A client that takes longer to accept one message is closed (4429).
-        hello_timeout_s: An `/audio` client must send its hello within this time (4408).
+        hello_timeout_s: An `/audio` client must send its hello within this time (4408); a
+            connection must also finish its HTTP opening handshake within it.
         max_sample_rate_hz: Highest `/audio` sample rate accepted.
         max_channels: Most `/audio` channels accepted.
         allow_unknown_streams: Accept `/audio` streams not declared in `[[streams]]`.
@@ -307,6 +318,9 @@ class WsConfig:
     tls_key: str | None = None
     max_message_bytes: int = 1 << 18
     max_connections: int = 64
+    max_streams_per_client: int = 16
+    max_audio_rate: float = 4.0
+    audio_burst_s: float = 30.0
     client_queue: int = 256
     client_max_dropped: int = 1024
     send_timeout_s: float = 10.0
@@ -335,6 +349,7 @@ class WsConfig:
         for name in (
             "max_message_bytes",
             "max_connections",
+            "max_streams_per_client",
             "client_queue",
             "client_max_dropped",
             "max_sample_rate_hz",
@@ -342,9 +357,14 @@ class WsConfig:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"ws.{name}: expected >= 1, got {getattr(self, name)}")
-        for name in ("send_timeout_s", "hello_timeout_s", "close_timeout_s"):
+        for name in ("send_timeout_s", "hello_timeout_s", "close_timeout_s", "audio_burst_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"ws.{name}: expected > 0 s, got {getattr(self, name)}")
+        if self.max_audio_rate < 1.0:
+            raise ConfigError(
+                f"ws.max_audio_rate: expected >= 1.0 (times real time; below it real-time "
+                f"clients would be closed), got {self.max_audio_rate}"
+            )
 
     @property
     def enabled(self) -> bool:
@@ -503,7 +523,7 @@ def check_stream_id(stream_id: Any, where: str = "stream id") -> str:
     Raises:
         ConfigError: not 1-64 characters of letters, digits, ``_``, ``.`` or ``-``.
     """
-    if not isinstance(stream_id, str) or not STREAM_ID_RE.match(stream_id):
+    if not isinstance(stream_id, str) or not STREAM_ID_RE.fullmatch(stream_id):
         raise ConfigError(
             f"{where}: expected 1-64 letters, digits, '_', '.' or '-' (starting with a letter or "
             f"digit), got {stream_id!r}"
@@ -597,9 +617,7 @@ class AgentConfig:
             streams=streams,
             mqtt=_mqtt(data.get("mqtt", {})),
             rules=_rules(_table_list(data.get("rules", []), "rules")),
-            cluster=ClusterConfig(
-                **_from_dict(ClusterConfig, data.get("cluster", {}), "cluster")
-            ),
+            cluster=ClusterConfig(**_from_dict(ClusterConfig, data.get("cluster", {}), "cluster")),
         )
 
     def stream_settings(self, stream_id: str) -> StreamConfig:

@@ -855,7 +855,7 @@ class MqttPublisher:
         payload: Any = None
         try:
             payload = json.loads(raw_bytes)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
             error = f"expected a JSON object, got invalid JSON: {exc}"
         if error is None and not isinstance(payload, dict):
             error = f"expected a JSON object, got {type(payload).__name__}"

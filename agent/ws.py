@@ -11,8 +11,15 @@
   `CloseCode` and a reason; other connections are not affected.
 
 Both paths need the token when one is configured: ``Authorization: Bearer TOKEN`` or
-``?token=TOKEN``, compared in constant time; failures get HTTP 401 before the upgrade. The token
-is never logged (the protocol logger redacts it). Unknown paths get HTTP 404.
+``?token=TOKEN``, compared in constant time (SHA-256 digests of equal length through
+`hmac.compare_digest`); failures get HTTP 401 before the upgrade. The token is never logged (the
+protocol logger redacts ``token=``, ``Bearer`` and the configured value itself). Unknown paths
+get HTTP 404.
+
+Limits (``[ws]``, see ``docs/security.md``): connections (HTTP 503), message size (1009), the
+opening handshake and the hello (``hello_timeout_s``: the TCP connection is dropped / 4408),
+`/audio` streams per IP address (1013) and the audio rate of a stream (a token bucket:
+``max_audio_rate`` times real time sustained, ``audio_burst_s`` ahead; beyond: 1008).
 
 ``GET /`` (and ``GET /<file>`` for the files of ``clients/web/static/``) serves the live caption
 page over plain HTTP, without a token: the page is static and holds no data; it opens
@@ -22,7 +29,9 @@ page over plain HTTP, without a token: the page is static and holds no data; it 
 from __future__ import annotations
 
 import asyncio
+import collections
 import enum
+import hashlib
 import hmac
 import http
 import json
@@ -42,6 +51,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
+from websockets.protocol import State
 
 from agent.config import AgentConfig, ConfigError, check_stream_id
 from agent.errors import AgentError, AudioProtocolError, OutputError
@@ -51,13 +61,16 @@ from agent.pipeline import MODEL_RATE_HZ, Pipeline
 
 logger = logging.getLogger(__name__)
 
+#: Every `/audio` frame counts as at least this much audio against ``ws.max_audio_rate``, so a
+#: flood of tiny frames is limited like a flood of audio.
+MIN_FRAME_CHARGE_S = 0.01
 #: Sample formats `/audio` accepts, with their numpy dtypes and full-scale divisors.
 AUDIO_FORMATS: dict[str, tuple[str, float]] = {"s16le": ("<i2", 32768.0), "f32le": ("<f4", 1.0)}
 _HELLO_KEYS = {"stream", "sample_rate", "format", "channels"}
 _ALL_KINDS = {str(k) for k in (*MODEL_KINDS, EventKind.TRIGGER, EventKind.STATUS)}
 #: The caption page's files, served at ``/`` (index.html) and ``/<name>``.
 WEB_STATIC_DIR = Path(__file__).resolve().parents[1] / "clients" / "web" / "static"
-_STATIC_NAME_RE = re.compile(r"^/[A-Za-z0-9_-][A-Za-z0-9._-]*$")
+_STATIC_NAME_RE = re.compile(r"/[A-Za-z0-9_-][A-Za-z0-9._-]*")
 
 
 class CloseCode(enum.IntEnum):
@@ -65,8 +78,11 @@ class CloseCode(enum.IntEnum):
 
     NORMAL = 1000  # the stream or subscription ended normally
     GOING_AWAY = 1001  # the agent is shutting down
+    INVALID_DATA = 1007  # a text message that is not UTF-8 (sent by websockets itself)
+    TOO_FAST = 1008  # /audio faster than ws.max_audio_rate x real time (after audio_burst_s)
     MESSAGE_TOO_BIG = 1009  # a message over ws.max_message_bytes (sent by websockets itself)
     INTERNAL_ERROR = 1011  # a bug on the server side (logged with its traceback)
+    TRY_AGAIN_LATER = 1013  # ws.max_streams_per_client /audio streams already open from the IP
     BAD_REQUEST = 4400  # malformed hello or query: not JSON, not an object, missing/mistyped keys
     FORBIDDEN_STREAM = 4403  # the stream id is not allowed (undeclared, or a local stream)
     HELLO_TIMEOUT = 4408  # no hello within ws.hello_timeout_s
@@ -83,20 +99,32 @@ def _reason(text: str) -> str:
 
 
 class _RedactTokens(logging.Filter):
-    """Removes tokens (``token=...`` and ``Bearer ...``) from protocol log records."""
+    """Removes tokens from protocol log records: ``token=...`` and ``Bearer ...`` values, and
+    the configured tokens of running servers wherever they appear (a token holding a space or
+    ``&`` would otherwise be cut short)."""
 
     _PATTERN = re.compile(r"(token=|Bearer\s+)[^&\s'\"]+", re.IGNORECASE)
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.secrets: collections.Counter[str] = collections.Counter()
+
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        redacted = self._PATTERN.sub(r"\1***", message)
+        redacted = message
+        for secret in sorted(self.secrets, key=len, reverse=True):
+            redacted = redacted.replace(secret, "***")
+        redacted = self._PATTERN.sub(r"\1***", redacted)
         if redacted != message:
             record.msg, record.args = redacted, None
         return True
 
 
+_redact = _RedactTokens()
+
+
 _protocol_logger = logging.getLogger(__name__ + ".protocol")
-_protocol_logger.addFilter(_RedactTokens())
+_protocol_logger.addFilter(_redact)
 
 
 def _first(params: Mapping[str, list[str]], key: str) -> str | None:
@@ -141,9 +169,18 @@ class WsServer:
                 "or ws.auth = false on a loopback address"
             )
         self._token = config.ws.token.encode() if config.ws.token else None
+        # Compared as digests: equal lengths, so the time taken says nothing about the token.
+        self._token_digest = hashlib.sha256(self._token).digest() if self._token else None
+        self._registered_secret: str | None = None
         self._closed = asyncio.Event()
         self._closing = False
-        self.counters = {"rejected_auth": 0, "audio_closed_with_error": 0, "events_too_slow": 0}
+        self._audio_per_host: collections.Counter[str] = collections.Counter()
+        self.counters = {
+            "rejected_auth": 0,
+            "rejected_connections": 0,
+            "audio_closed_with_error": 0,
+            "events_too_slow": 0,
+        }
 
     @property
     def url(self) -> str:
@@ -155,6 +192,9 @@ class WsServer:
     async def __aenter__(self) -> Self:
         host, port = self.ws.host_port
         ssl_context = self._ssl_context()
+        if self.ws.token:
+            _redact.secrets[self.ws.token] += 1
+            self._registered_secret = self.ws.token
         try:
             self._server = await serve(
                 self._handle,
@@ -162,6 +202,7 @@ class WsServer:
                 port,
                 process_request=self._process_request,
                 max_size=self.ws.max_message_bytes,
+                open_timeout=self.ws.hello_timeout_s,
                 close_timeout=self.ws.close_timeout_s,
                 ssl=ssl_context,
                 logger=_protocol_logger,
@@ -169,6 +210,7 @@ class WsServer:
                 compression=None,
             )
         except OSError as exc:
+            self._forget_secret()
             raise OutputError(
                 f"cannot listen on {host}:{port} for WebSockets: {exc.strerror or exc}; "
                 "choose another port with --ws HOST:PORT"
@@ -242,7 +284,16 @@ class WsServer:
                 )
                 self._server.close(close_connections=True)
                 await self._server.wait_closed()
+        self._forget_secret()
         self._closed.set()
+
+    def _forget_secret(self) -> None:
+        """Stop redacting this server's token (other servers' stay)."""
+        if self._registered_secret is not None:
+            _redact.secrets[self._registered_secret] -= 1
+            if _redact.secrets[self._registered_secret] <= 0:
+                del _redact.secrets[self._registered_secret]
+            self._registered_secret = None
 
     async def wait_closed(self) -> None:
         """Wait until `close` has finished."""
@@ -256,7 +307,16 @@ class WsServer:
             return _static_response(connection, request, path)
         if self._closing:
             return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "agent shutting down\n")
-        if self._server is not None and len(self._server.connections) > self.ws.max_connections:
+        # Every connection has a handler from the moment it is accepted (this one included),
+        # so connections still in their handshake count too.
+        if self._server is not None and len(self._server.handlers) > self.ws.max_connections:
+            self.counters["rejected_connections"] += 1
+            logger.warning(
+                "refused %s from %s: %d connections already open",
+                path,
+                connection.remote_address,
+                self.ws.max_connections,
+            )
             return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "too many connections\n")
         if self._token is not None and not self._authorized(request):
             self.counters["rejected_auth"] += 1
@@ -269,7 +329,7 @@ class WsServer:
         return None
 
     def _authorized(self, request: Request) -> bool:
-        assert self._token is not None
+        assert self._token_digest is not None
         given: str | None = None
         header = request.headers.get("Authorization")
         if header is not None:
@@ -280,7 +340,8 @@ class WsServer:
             given = _first(parse_qs(urlsplit(request.path).query), "token")
         if given is None:
             return False
-        return hmac.compare_digest(given.encode(), self._token)
+        digest = hashlib.sha256(given.encode("utf-8", errors="surrogateescape")).digest()
+        return hmac.compare_digest(digest, self._token_digest)
 
     async def _handle(self, connection: ServerConnection) -> None:
         path = urlsplit(connection.request.path).path if connection.request else ""
@@ -395,9 +456,17 @@ class WsServer:
     # -- /audio --------------------------------------------------------------------------------
 
     async def _serve_audio(self, connection: ServerConnection) -> None:
+        host = str(connection.remote_address[0]) if connection.remote_address else "?"
         self._audio.add(connection)
+        self._audio_per_host[host] += 1
         try:
             try:
+                if self._audio_per_host[host] > self.ws.max_streams_per_client:
+                    raise AudioProtocolError(
+                        CloseCode.TRY_AGAIN_LATER,
+                        f"{self.ws.max_streams_per_client} /audio streams already open from "
+                        f"{host}; close one first",
+                    )
                 await self._audio_session(connection)
             except AudioProtocolError as exc:
                 self.counters["audio_closed_with_error"] += 1
@@ -407,12 +476,17 @@ class WsServer:
                 await connection.close(exc.code, _reason(str(exc)))
         finally:
             self._audio.discard(connection)
+            self._audio_per_host[host] -= 1
+            if self._audio_per_host[host] <= 0:
+                del self._audio_per_host[host]
 
     async def _audio_session(self, connection: ServerConnection) -> None:
         try:
             async with asyncio.timeout(self.ws.hello_timeout_s):
                 hello = await connection.recv()
         except TimeoutError:
+            if connection.state is not State.OPEN:
+                return  # websockets already failed the connection (1007, 1009): not a timeout
             raise AudioProtocolError(
                 CloseCode.HELLO_TIMEOUT, f"no hello within {self.ws.hello_timeout_s:g} s"
             ) from None
@@ -460,7 +534,7 @@ class WsServer:
             raise AudioProtocolError(bad, "expected a JSON text hello first, got a binary frame")
         try:
             data = json.loads(hello)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
             raise AudioProtocolError(bad, "the hello is not valid JSON") from None
         if not isinstance(data, dict):
             raise AudioProtocolError(bad, "the hello must be a JSON object")
@@ -512,6 +586,7 @@ class WsServer:
         dtype = np.dtype(dtype_name)
         frame_bytes = dtype.itemsize * channels
         resampler = StreamResampler(rate, MODEL_RATE_HZ) if rate != MODEL_RATE_HZ else None
+        limit = _AudioRateLimit(self.ws.max_audio_rate, self.ws.audio_burst_s)
         async for message in connection:
             captured = time.monotonic()
             if isinstance(message, str):
@@ -525,6 +600,7 @@ class WsServer:
                     f"{frame_bytes}-byte samples "
                     f"({sample_format}, {channels} channel(s))",
                 )
+            limit.charge(len(message) / (frame_bytes * rate), captured)
             samples = np.frombuffer(message, dtype).reshape(-1, channels).astype(np.float32)
             if not np.isfinite(samples).all():
                 raise AudioProtocolError(CloseCode.BAD_FRAME, "NaN or infinite samples")
@@ -541,12 +617,45 @@ class WsServer:
                 handle.push(tail.astype(np.float32, copy=False), time.monotonic())
 
 
+class _AudioRateLimit:
+    """A token bucket over seconds of audio: it holds up to ``burst_s`` and refills at ``rate``
+    seconds of audio per second; each frame takes its duration (at least `MIN_FRAME_CHARGE_S`).
+
+    Args:
+        rate: Sustained limit, in multiples of real time.
+        burst_s: Seconds of audio a client may send ahead of that rate.
+    """
+
+    def __init__(self, rate: float, burst_s: float) -> None:
+        self.rate = rate
+        self.burst_s = burst_s
+        self.allowance_s = burst_s
+        self._last: float | None = None
+
+    def charge(self, audio_s: float, now: float) -> None:
+        """Take one frame of ``audio_s`` seconds received at ``now`` (monotonic seconds).
+
+        Raises:
+            AudioProtocolError: (`CloseCode.TOO_FAST`) the bucket ran dry.
+        """
+        if self._last is not None:
+            self.allowance_s = min(self.burst_s, self.allowance_s + (now - self._last) * self.rate)
+        self._last = now
+        self.allowance_s -= max(audio_s, MIN_FRAME_CHARGE_S)
+        if self.allowance_s < 0:
+            raise AudioProtocolError(
+                CloseCode.TOO_FAST,
+                f"audio faster than {self.rate:g}x real time for over {self.burst_s:g} s of "
+                f"audio (frames count as >= {MIN_FRAME_CHARGE_S * 1000:g} ms): send in real time",
+            )
+
+
 def _static_response(connection: ServerConnection, request: Request, path: str) -> Response:
     """The caption page's file for ``GET /`` or ``GET /<name>``; 404 for anything else,
     including WebSocket upgrades to paths other than ``/events`` and ``/audio``."""
     file = WEB_STATIC_DIR / ("index.html" if path == "/" else path[1:])
     wants_upgrade = request.headers.get("Upgrade", "").lower() == "websocket"
-    if wants_upgrade or not (path == "/" or _STATIC_NAME_RE.match(path)) or not file.is_file():
+    if wants_upgrade or not (path == "/" or _STATIC_NAME_RE.fullmatch(path)) or not file.is_file():
         return connection.respond(
             http.HTTPStatus.NOT_FOUND, "unknown path: use /events or /audio (or / for the page)\n"
         )

@@ -19,7 +19,18 @@ from streaming.resample import TARGET_SAMPLE_RATE_HZ, resample
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["check_wav_complete", "load_audio", "open_sound_file"]
+__all__ = [
+    "MAX_FILE_RATE_HZ",
+    "MIN_FILE_RATE_HZ",
+    "check_wav_complete",
+    "load_audio",
+    "open_sound_file",
+]
+
+#: Sample rates a file may declare. Outside them a header is corrupt or hostile: a file that
+#: claims 1 Hz would be resampled to 16000 times as many samples (minutes of CPU, gigabytes).
+MIN_FILE_RATE_HZ = 4000
+MAX_FILE_RATE_HZ = 768000
 
 
 def check_wav_complete(path: Path) -> None:
@@ -75,7 +86,8 @@ def open_sound_file(path: str | Path) -> soundfile.SoundFile:
 
     Raises:
         AudioInputError: Missing file, a directory, unknown format, unreadable header,
-            truncated WAV data or zero length.
+            truncated WAV data, zero length, or a sample rate outside
+            `MIN_FILE_RATE_HZ`..`MAX_FILE_RATE_HZ`.
     """
     file_path = Path(path)
     if not file_path.exists():
@@ -95,6 +107,13 @@ def open_sound_file(path: str | Path) -> soundfile.SoundFile:
     if sound.frames == 0:
         sound.close()
         raise AudioInputError(f"{file_path}: zero-length audio (empty or truncated file)")
+    if not MIN_FILE_RATE_HZ <= sound.samplerate <= MAX_FILE_RATE_HZ:
+        rate_hz = sound.samplerate
+        sound.close()
+        raise AudioInputError(
+            f"{file_path}: sample rate {rate_hz} Hz out of range: expected "
+            f"{MIN_FILE_RATE_HZ}..{MAX_FILE_RATE_HZ} Hz (corrupt header?)"
+        )
     return sound
 
 

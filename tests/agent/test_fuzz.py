@@ -1,0 +1,662 @@
+"""Fuzz: malformed input thrown at a running agent while a well-behaved stream is being heard.
+
+Each kind of bad input gets its documented answer (a close code, an HTTP status, an MQTT
+``/error`` message, or one error line and exit code 2 from the command line; see
+docs/security.md), nothing crashes (no 1011, no ERROR log), and the well-behaved `/audio`
+stream that is mid-utterance while the fuzz runs gets exactly the events it gets alone, in
+order (strictly increasing ``seq``), none lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import struct
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import numpy as np
+import pytest
+import soundfile
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from agent.app import Agent, run_agent
+from agent.cli import main
+from agent.config import AgentConfig
+from agent.mqtt import with_mqtt
+from agent.ws import CloseCode, headers_with_token
+from tests.agent.conftest import TIMING, make_config, pcm_s16
+from tests.agent.mqtt_fixtures import Mosquitto, collector, mosquitto  # noqa: F401
+from tests.agent.test_ws import FRAME_BYTES, comparable, recv_json, url
+
+TOKEN = "fuzz-token-Zq8r2Lw"
+AUTH = headers_with_token(TOKEN)
+GOOD = "good"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def hello(stream: str, **changes: Any) -> str:
+    """A valid `/audio` hello, with ``changes`` applied."""
+    return json.dumps(
+        {"stream": stream, "sample_rate": 16000, "format": "s16le", "channels": 1, **changes}
+    )
+
+
+def fuzz_config(**sections: Any) -> AgentConfig:
+    """Token auth on, small frames, deterministic batches (max_batch 1: the same answers
+    whatever else is going on), room for every fuzz connection at once, and a hello timeout
+    long enough that dozens of connections starting together on one loop meet it."""
+    return make_config(
+        ws={
+            "hello_timeout_s": 3.0 * TIMING,
+            "auth": True,
+            "token": TOKEN,
+            "max_message_bytes": 65536,
+            "max_connections": 256,
+            "max_streams_per_client": 256,
+            "audio_burst_s": 15.0,  # the clip (13 s) at once, for the reference
+        },
+        worker={"max_batch": 1},
+        **sections,
+    )
+
+
+# -- the well-behaved stream ------------------------------------------------------------------
+
+
+async def good_stream(
+    agent: Agent, pcm: bytes, halfway: asyncio.Event, go_on: asyncio.Event
+) -> None:
+    """Send the clip on `/audio` as stream `good`: the first half, then (after ``go_on``) the
+    rest, so the fuzz happens mid-stream (and mid-utterance), then close normally."""
+    async with connect(url(agent, "/audio"), additional_headers=AUTH) as audio:
+        await audio.send(hello(GOOD))
+        assert (await recv_json(audio))["status"] == "ready"
+        half = len(pcm) // 2 // FRAME_BYTES * FRAME_BYTES
+        for i in range(0, half, FRAME_BYTES):
+            await audio.send(pcm[i : i + FRAME_BYTES])
+        halfway.set()
+        await go_on.wait()
+        for i in range(half, len(pcm), FRAME_BYTES):
+            await audio.send(pcm[i : i + FRAME_BYTES])
+
+
+async def read_events(events: ClientConnection) -> list[dict[str, Any]]:
+    """Everything an `/events?stream=good` client gets until `good` is closed."""
+    out: list[dict[str, Any]] = []
+    while True:
+        event = await recv_json(events, 60.0)
+        out.append(event)
+        if event.get("status") == "stream_closed" and event["stream"] == GOOD:
+            return out
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model: Any, clip_path: Path) -> list[tuple[Any, ...]]:
+    """The good stream's final events when nothing else happens."""
+
+    async def alone() -> list[tuple[Any, ...]]:
+        async with run_agent(fuzz_config(), lambda: tiny_model) as agent:  # noqa: SIM117 (the inner with needs the agent's port)
+            async with connect(
+                url(agent, f"/events?stream={GOOD}&partial=0"), additional_headers=AUTH
+            ) as events:
+                await recv_json(events)
+                go_on = asyncio.Event()
+                go_on.set()
+                await good_stream(agent, pcm_s16(clip_path), asyncio.Event(), go_on)
+                return comparable(await read_events(events))
+
+    got = asyncio.run(alone())
+    assert len(got) >= 4, "the clip should give a sound, a speech (transcript + command), ..."
+    return got
+
+
+def assert_whole_and_in_order(received: list[dict[str, Any]], reference: list[Any]) -> None:
+    """The same final events as alone, strictly increasing seq, no `dropped` notice."""
+    seqs = [e["seq"] for e in received if e["seq"] >= 0]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs), seqs
+    assert not [e for e in received if e.get("status") == "dropped"]
+    assert comparable(received) == reference
+    closed = received[-1]["detail"]
+    assert closed["dropped"] == 0 and closed["failed"] == 0, closed
+
+
+@contextlib.asynccontextmanager
+async def background() -> AsyncIterator[Callable[[Coroutine[Any, Any, Any]], asyncio.Task[Any]]]:
+    """``start(coro)`` runs a task that is cancelled (and awaited) on exit if still running."""
+    tasks: set[asyncio.Task[Any]] = set()
+
+    def start(coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro)
+        tasks.add(task)
+        return task
+
+    try:
+        yield start
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@contextlib.asynccontextmanager
+async def no_errors_logged(caplog: pytest.LogCaptureFixture) -> Any:
+    """Fails if anything is logged at ERROR (a crashed handler logs there, then closes 1011)."""
+    caplog.set_level(logging.WARNING)
+    yield
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors]
+
+
+# -- WebSocket cases -------------------------------------------------------------------------
+
+#: Marks where the case's own valid hello goes (and its `ready` is awaited).
+HELLO = object()
+
+
+@dataclass(frozen=True)
+class Utf8Raw:
+    """A text frame with these bytes, valid UTF-8 or not (the client does not check)."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Case:
+    """Messages sent on `/audio` (str: text, bytes: binary) and the close code they get."""
+
+    name: str
+    messages: tuple[Any, ...]
+    code: int
+
+
+def _nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+def _hello_with(**changes: Any) -> str:
+    return hello("x", **changes)
+
+
+def _drop(key: str) -> str:
+    data = json.loads(hello("x"))
+    del data[key]
+    return json.dumps(data)
+
+
+BAD, UNSUPPORTED, FRAME = CloseCode.BAD_REQUEST, CloseCode.UNSUPPORTED_FORMAT, CloseCode.BAD_FRAME
+AUDIO_CASES = [
+    # Hellos that are not a JSON object.
+    Case("non-JSON hello", ("{stream",), BAD),
+    Case("empty text hello", ("",), BAD),
+    Case("hello is a list", ("[1, 2]",), BAD),
+    Case("hello is null", ("null",), BAD),
+    Case("hello is a string", ('"hello"',), BAD),
+    Case("deeply nested JSON", (_nested(30_000),), BAD),
+    Case("integer of 5000 digits", ('{"sample_rate": ' + "9" * 5000 + "}",), BAD),
+    # Missing, unknown and mistyped fields.
+    *(Case(f"missing {k}", (_drop(k),), BAD) for k in ("stream", "sample_rate", "format")),
+    Case("unknown key", (_hello_with(codec="opus"),), BAD),
+    Case("rate as text", (_hello_with(sample_rate="16k"),), BAD),
+    Case("rate as float", (_hello_with(sample_rate=16000.0),), BAD),
+    Case(
+        "rate is infinite",
+        ('{"stream": "x", "sample_rate": 1e999, "format": "s16le", "channels": 1}',),
+        BAD,
+    ),
+    Case("channels as bool", (_hello_with(channels=True),), BAD),
+    Case("format as number", (_hello_with(format=16),), BAD),
+    Case("stream as number", (hello(7),), BAD),  # type: ignore[arg-type]
+    Case("stream with slash", (hello("a/b"),), BAD),
+    Case("stream with a trailing newline", (hello("robot\n"),), BAD),
+    Case("stream with NUL", (hello("a\x00b"),), BAD),
+    Case("stream too long", (hello("s" * 65),), BAD),
+    Case("empty stream", (hello(""),), BAD),
+    # Absurd rates, channel counts and formats.
+    *(
+        Case(f"rate {r}", (_hello_with(sample_rate=r),), UNSUPPORTED)
+        for r in (0, -16000, 7999, 48001, 10**18)
+    ),
+    *(Case(f"channels {c}", (_hello_with(channels=c),), UNSUPPORTED) for c in (0, -1, 9, 65536)),
+    Case("format mp3", (_hello_with(format="mp3"),), UNSUPPORTED),
+    Case("format in capitals", (_hello_with(format="S16LE"),), UNSUPPORTED),
+    # Binary where the text hello is expected (audio before the hello).
+    Case("audio before the hello", (b"\x00\x01" * 800,), BAD),
+    # Frames that are not whole samples, empty, or not finite.
+    Case("odd byte count s16le", (HELLO, b"\x00\x01\x02"), FRAME),
+    Case("one byte", (HELLO, b"\x00"), FRAME),
+    Case("empty binary frame", (HELLO, b""), FRAME),
+    Case("good then odd frame", (HELLO, b"\x00\x00" * 160, b"\x00" * 321), FRAME),
+    # Text where binary frames are expected.
+    Case("text after the hello", (HELLO, "more"), FRAME),
+    Case("second hello", (HELLO, HELLO), FRAME),
+    # Too big: the hello itself, and a frame.
+    Case("oversized hello", ("x" * 70_000,), CloseCode.MESSAGE_TOO_BIG),
+    Case("oversized frame", (HELLO, b"\x00" * 70_000), CloseCode.MESSAGE_TOO_BIG),
+    # Not UTF-8.
+    Case("invalid UTF-8 hello", (Utf8Raw(b'{"stream": "\xff\xfe"}'),), CloseCode.INVALID_DATA),
+    Case("invalid UTF-8 after hello", (HELLO, Utf8Raw(b"\xc3\x28")), CloseCode.INVALID_DATA),
+    # A connection that never says hello.
+    Case("no hello", (), CloseCode.HELLO_TIMEOUT),
+]
+F32_CASES = [
+    Case("f32 stereo: 6 bytes", (HELLO, b"\x00" * 6), FRAME),
+    Case("f32 NaN", (HELLO, struct.pack("<2f", float("nan"), 0.0)), FRAME),
+    Case("f32 infinity", (HELLO, struct.pack("<2f", float("inf"), 0.0)), FRAME),
+]
+
+
+async def run_case(agent: Agent, case: Case, stream: str, f32: bool) -> tuple[int | None, str]:
+    """Send a case's messages on a fresh `/audio` connection; the close code and reason."""
+    own_hello = hello(stream, format="f32le", channels=2) if f32 else hello(stream)
+    async with connect(url(agent, "/audio"), additional_headers=AUTH) as audio:
+        with contextlib.suppress(ConnectionClosed):
+            for message in case.messages:
+                if message is HELLO:
+                    await audio.send(own_hello)
+                    assert (await recv_json(audio))["status"] == "ready", case.name
+                elif isinstance(message, Utf8Raw):
+                    await audio.send(message.data, text=True)
+                else:
+                    await audio.send(message)
+        async with asyncio.timeout(10 * TIMING):
+            await audio.wait_closed()
+    return audio.close_code, audio.close_reason or ""
+
+
+async def flood_tiny_frames(agent: Agent) -> tuple[int | None, str]:
+    """One-sample frames as fast as the socket takes them, until the agent closes (1008)."""
+    async with connect(url(agent, "/audio"), additional_headers=AUTH) as audio:
+        await audio.send(hello("flood"))
+        await recv_json(audio)
+        async with asyncio.timeout(60 * TIMING):
+            with contextlib.suppress(ConnectionClosed):
+                while True:
+                    await audio.send(b"\x01\x00")
+                    await asyncio.sleep(0)  # a client of its own would not hold up the others
+            await audio.wait_closed()
+    return audio.close_code, audio.close_reason or ""
+
+
+async def half_open_handshake(agent: Agent) -> bytes:
+    """A TCP connection that starts an HTTP upgrade and never finishes it: dropped after
+    `ws.hello_timeout_s` (websockets' opening handshake timeout)."""
+    assert agent.ws is not None and agent.ws.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", agent.ws.port)
+    try:
+        writer.write(b"GET /audio HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n")
+        await writer.drain()
+        async with asyncio.timeout(10 * TIMING):
+            return await reader.read()  # until EOF
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+async def http_status(agent: Agent, path: str, headers: Any = None) -> int:
+    """The HTTP status of a refused WebSocket handshake (fails if it is accepted)."""
+    with pytest.raises(InvalidStatus) as info:
+        async with connect(url(agent, path), additional_headers=headers):
+            pass
+    return info.value.response.status_code
+
+
+HANDSHAKE_CASES: list[tuple[str, str, Any, int]] = [
+    # Unknown paths (checked before the token: nothing is revealed either way).
+    ("unknown path", "/nowhere", AUTH, 404),
+    ("path in capitals", "/AUDIO", AUTH, 404),
+    ("path with a suffix", "/audio/extra", AUTH, 404),
+    ("dot-dot path", "/../audio", AUTH, 404),
+    ("static file with upgrade", "/index.html", AUTH, 404),
+    # Missing, wrong and misplaced tokens.
+    ("no token", "/audio", None, 401),
+    ("wrong token", "/audio", headers_with_token("wrong"), 401),
+    ("token prefix", "/audio", headers_with_token(TOKEN[:-1]), 401),
+    ("token plus a character", "/events", headers_with_token(TOKEN + "x"), 401),
+    ("token in other case", "/events", headers_with_token(TOKEN.upper()), 401),
+    ("empty query token", "/events?token=", None, 401),
+    ("wrong query token", "/audio?token=nope", None, 401),
+    ("token key in capitals", f"/audio?Token={TOKEN}", None, 401),
+    ("token as Basic auth", "/audio", {"Authorization": f"Basic {TOKEN}"}, 401),
+    ("token in another header", "/audio", {"X-Token": TOKEN}, 401),
+    ("token as subprotocol", "/events", {"Sec-WebSocket-Protocol": TOKEN}, 401),
+    ("token in the path", f"/audio/{TOKEN}", None, 404),
+    ("non-ASCII token", "/events", {"Authorization": "Bearer t\u00f6ken"}, 401),
+]
+
+
+async def junk_events_client(agent: Agent, halfway_events: asyncio.Event) -> ClientConnection:
+    """An `/events` client that sends junk text and binary (ignored, per docs/agent.md)."""
+    events = await connect(url(agent, f"/events?stream={GOOD}&partial=0"), additional_headers=AUTH)
+    await recv_json(events)
+    for junk in ("hello?", '{"kind": "x"}', b"\x00\xff" * 100, hello(GOOD)):
+        await events.send(junk)
+    halfway_events.set()
+    return events
+
+
+async def test_malformed_websocket_input_while_a_good_stream_is_heard(
+    tiny_model: Any,
+    clip_path: Path,
+    reference: list[tuple[Any, ...]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Every kind of bad `/audio` and handshake input at once, mid-way through a good stream:
+    each gets its documented answer; the good stream loses nothing and keeps its order."""
+    async with (
+        no_errors_logged(caplog),
+        run_agent(fuzz_config(), lambda: tiny_model) as agent,
+        background() as start,
+    ):
+        events = await connect(
+            url(agent, f"/events?stream={GOOD}&partial=0"), additional_headers=AUTH
+        )
+        await recv_json(events)
+        reader = start(read_events(events))
+        junk = await junk_events_client(agent, asyncio.Event())
+        junk_reader = start(read_events(junk))
+        halfway, go_on = asyncio.Event(), asyncio.Event()
+        good = start(good_stream(agent, pcm_s16(clip_path), halfway, go_on))
+        async with asyncio.timeout(60 * TIMING):
+            await halfway.wait()
+
+        async def expect(name: str, got: Awaitable[Any], want: Any) -> str | None:
+            value = await got
+            if isinstance(value, tuple):
+                code, reason = value
+                if code != want:
+                    return f"{name}: got {code} {reason!r}, expected {want}"
+                if code not in (CloseCode.MESSAGE_TOO_BIG, CloseCode.INVALID_DATA) and not reason:
+                    return f"{name}: {code} without a reason"
+                return None
+            return None if value == want else f"{name}: got {value!r}, expected {want!r}"
+
+        checks: list[Awaitable[str | None]] = []
+        for i, case in enumerate(AUDIO_CASES):
+            checks.append(expect(case.name, run_case(agent, case, f"fz{i}", False), case.code))
+        for i, case in enumerate(F32_CASES):
+            checks.append(expect(case.name, run_case(agent, case, f"ff{i}", True), case.code))
+        for name, path, headers, status in HANDSHAKE_CASES:
+            checks.append(expect(name, http_status(agent, path, headers), status))
+        checks.append(expect("flood of tiny frames", flood_tiny_frames(agent), CloseCode.TOO_FAST))
+        checks.append(expect("half-open handshake", half_open_handshake(agent), b""))
+        # The stream the good client is feeding cannot be taken over.
+        stolen = Case("good's stream id", (hello(GOOD),), CloseCode.STREAM_IN_USE)
+        checks.append(expect(stolen.name, run_case(agent, stolen, GOOD, False), stolen.code))
+        failures = [f for f in await asyncio.gather(*checks) if f]
+        assert not failures, "\n".join(failures)
+
+        go_on.set()
+        async with asyncio.timeout(60 * TIMING):
+            await good
+            received, junk_received = await reader, await junk_reader
+        await events.close()
+        await junk.close()
+        assert agent.ws is not None
+        counted = len(AUDIO_CASES) + len(F32_CASES) + 2  # + the flood, + the stolen id
+        closed_with_error = agent.ws.counters["audio_closed_with_error"]
+        # websockets itself closes 1007 and 1009 (no AudioProtocolError for those).
+        itself = sum(
+            c.code in (CloseCode.MESSAGE_TOO_BIG, CloseCode.INVALID_DATA) for c in AUDIO_CASES
+        )
+        assert closed_with_error == counted - itself
+        assert agent.ws.counters["rejected_auth"] == sum(s == 401 for *_, s in HANDSHAKE_CASES)
+    assert_whole_and_in_order(received, reference)
+    assert comparable(junk_received) == reference
+
+
+# -- MQTT control ----------------------------------------------------------------------------
+
+#: Malformed `salmonn/<stream>/set` payloads: each gets one `salmonn/<stream>/error` message.
+BAD_CONTROL: list[tuple[str, bytes]] = [
+    ("not JSON", b"{mute"),
+    ("empty payload", b""),
+    ("invalid UTF-8", b'{"mute": "\xff"}'),
+    ("a list", b"[true]"),
+    ("null", b"null"),
+    ("a number", b"42"),
+    ("a string", b'"mute"'),
+    ("empty object", b"{}"),
+    ("deeply nested", _nested(100_000).encode()),
+    ("unknown key", b'{"volume": 11}'),
+    ("mute as a string", b'{"mute": "yes"}'),
+    ("mute as a number", b'{"mute": 1}'),
+    ("speaking as null", b'{"speaking": null}'),
+    ("lora_scale NaN", b'{"lora_scale": NaN}'),
+    ("lora_scale infinite", b'{"lora_scale": 1e999}'),
+    ("lora_scale negative", b'{"lora_scale": -1}'),
+    ("lora_scale as text", b'{"lora_scale": "0.5"}'),
+    ("questions not a list", b'{"questions": "Is it raining?"}'),
+    ("question not an object", b'{"questions": [1]}'),
+    ("question without text", b'{"questions": [{"kinds": ["speech"]}]}'),
+    ("question with empty text", b'{"questions": [{"text": "  "}]}'),
+    ("question with unknown kind", b'{"questions": [{"text": "Rain?", "kinds": ["music"]}]}'),
+    ("valid key plus a bad one", b'{"mute": true, "lora_scale": "x"}'),
+    ("one megabyte", b'{"mute": "' + b"x" * 1_000_000 + b'"}'),
+]
+
+
+async def test_malformed_mqtt_control_while_a_good_stream_is_heard(
+    tiny_model: Any,
+    clip_path: Path,
+    reference: list[tuple[Any, ...]],
+    mosquitto: Mosquitto,  # noqa: F811
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Every bad control payload gets one `/error` message and changes nothing; control of
+    unknown streams and odd topics is refused or ignored; the agent stays connected, a good
+    command still works, and the good stream's events are whole and in order."""
+    config = fuzz_config(
+        mqtt={
+            "enabled": True,
+            "url": mosquitto.url,
+            "outbox_dir": str(tmp_path / "outbox"),
+            "discovery": False,
+            "client_id": "fuzzed-agent",
+        }
+    )
+    agent = Agent(config, lambda: tiny_model)
+    async with (
+        no_errors_logged(caplog),
+        collector(mosquitto.port, "salmonn/+/error", "salmonn/+/state", client_id="fz") as c,
+        with_mqtt(agent) as publisher,
+        background() as start,
+    ):
+        assert publisher is not None
+        events = await connect(
+            url(agent, f"/events?stream={GOOD}&partial=0"), additional_headers=AUTH
+        )
+        await recv_json(events)
+        reader = start(read_events(events))
+        halfway, go_on = asyncio.Event(), asyncio.Event()
+        good = start(good_stream(agent, pcm_s16(clip_path), halfway, go_on))
+        async with asyncio.timeout(60 * TIMING):
+            await halfway.wait()
+        async with aiomqtt.Client("127.0.0.1", mosquitto.port, identifier="fuzzer") as remote:
+            for _name, payload in BAD_CONTROL:
+                await remote.publish(f"salmonn/{GOOD}/set", payload, qos=1)
+            await remote.publish("salmonn/nobody/set", b'{"mute": true}', qos=1)
+            for topic in (f"salmonn/{GOOD}/x/set", "salmonn//set", f"salmonn/{GOOD}/SET"):
+                await remote.publish(topic, b'{"mute": true}', qos=1)  # not control: ignored
+            # Last, a valid command: once its state is published, every earlier one is handled.
+            await remote.publish(f"salmonn/{GOOD}/set", b'{"lora_scale": 2.5}', qos=1)
+            got = await c.wait_for(lambda ms: any(m.topic.endswith("/state") for m in ms), 60)
+        errors = [json.loads(m.payload) for m in got if m.topic == f"salmonn/{GOOD}/error"]
+        assert len(errors) == len(BAD_CONTROL), [e["error"] for e in errors]
+        assert all(e["error"] for e in errors)
+        assert [m.topic for m in got if m.topic.endswith("/error")].count(
+            "salmonn/nobody/error"
+        ) == 1
+        states = [json.loads(m.payload) for m in got if m.topic.endswith("/state")]
+        assert states == [{"lora_scale": 2.5}]  # nothing from the bad payloads got applied
+        assert agent.pipeline is not None
+        handle = agent.pipeline.streams[GOOD]
+        assert not handle.muted and handle.lora_scale == 2.5
+        assert publisher.connected
+        assert publisher.stats()["control_errors"] == len(BAD_CONTROL) + 1
+        go_on.set()
+        async with asyncio.timeout(60 * TIMING):
+            await good
+            received = await reader
+        await events.close()
+    assert_whole_and_in_order(received, reference)
+
+
+# -- the command line: truncated and corrupt audio files --------------------------------------
+
+
+def _tone_wav(path: Path, seconds: float = 1.0, rate: int = 16000) -> Path:
+    t = np.arange(int(seconds * rate)) / rate
+    soundfile.write(path, (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), rate)
+    return path
+
+
+def _wav_header(rate: int, channels: int, data_bytes: int, bits: int = 16) -> bytes:
+    block = channels * bits // 8
+    return (
+        b"RIFF"
+        + struct.pack("<I", 36 + data_bytes)
+        + b"WAVEfmt "
+        + struct.pack("<IHHIIHH", 16, 1, channels, rate, rate * block, block, bits)
+        + b"data"
+        + struct.pack("<I", data_bytes)
+    )
+
+
+def _truncated(tmp: Path) -> Path:
+    data = _tone_wav(tmp / "whole.wav").read_bytes()
+    (tmp / "truncated.wav").write_bytes(data[: len(data) // 2])
+    return tmp / "truncated.wav"
+
+
+def _header_only(tmp: Path) -> Path:
+    (tmp / "header.wav").write_bytes(_wav_header(16000, 1, 32000))
+    return tmp / "header.wav"
+
+
+def _half_header(tmp: Path) -> Path:
+    (tmp / "half.wav").write_bytes(_wav_header(16000, 1, 32000)[:20])
+    return tmp / "half.wav"
+
+
+def _random_bytes(tmp: Path) -> Path:
+    rng = np.random.default_rng(8)
+    (tmp / "noise.wav").write_bytes(rng.integers(0, 256, 20_000, dtype=np.uint8).tobytes())
+    return tmp / "noise.wav"
+
+
+def _corrupt_flac(tmp: Path) -> Path:
+    path = tmp / "bad.flac"
+    t = np.arange(32000) / 16000
+    soundfile.write(path, (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), 16000)
+    data = bytearray(path.read_bytes())
+    rng = np.random.default_rng(3)
+    data[200:] = rng.integers(0, 256, len(data) - 200, dtype=np.uint8).tobytes()
+    path.write_bytes(bytes(data))
+    return path
+
+
+def _text_as_wav(tmp: Path) -> Path:
+    (tmp / "notes.wav").write_text("not audio\n" * 100)
+    return tmp / "notes.wav"
+
+
+def _empty(tmp: Path) -> Path:
+    (tmp / "empty.wav").write_bytes(b"")
+    return tmp / "empty.wav"
+
+
+def _rate_one_hz(tmp: Path) -> Path:
+    """A header claiming 1 Hz: resampled to 16 kHz it would be 16000 times longer."""
+    (tmp / "slow.wav").write_bytes(_wav_header(1, 1, 200_000) + b"\x00\x10" * 100_000)
+    return tmp / "slow.wav"
+
+
+def _zero_channels(tmp: Path) -> Path:
+    (tmp / "nochan.wav").write_bytes(_wav_header(16000, 0, 3200) + b"\x00" * 3200)
+    return tmp / "nochan.wav"
+
+
+def _nan(tmp: Path) -> Path:
+    audio = np.zeros(16000, np.float32)
+    audio[500] = np.nan
+    soundfile.write(tmp / "nan.wav", audio, 16000, subtype="FLOAT")
+    return tmp / "nan.wav"
+
+
+def _missing(tmp: Path) -> Path:
+    return tmp / "missing.wav"
+
+
+def _directory(tmp: Path) -> Path:
+    (tmp / "dir.wav").mkdir()
+    return tmp / "dir.wav"
+
+
+BAD_FILES: list[tuple[Callable[[Path], Path], str]] = [
+    (_truncated, "truncated"),
+    (_header_only, "truncated|zero-length"),
+    (_half_header, "cannot decode|truncated"),
+    (_random_bytes, "cannot decode"),
+    (_corrupt_flac, "corrupt|cannot decode|truncated"),
+    (_text_as_wav, "cannot decode"),
+    (_empty, "cannot decode|zero-length"),
+    (_rate_one_hz, "sample rate"),
+    (_zero_channels, "cannot decode|channels"),
+    (_nan, "NaN or infinite"),
+    (_missing, "no such file"),
+    (_directory, "not a regular file"),
+]
+IDS = [make.__name__.strip("_") for make, _ in BAD_FILES]
+
+
+@pytest.mark.parametrize("command", ["ask", "segment"])
+@pytest.mark.parametrize(("make", "message"), BAD_FILES, ids=IDS)
+def test_bad_audio_files_get_one_error_line_and_exit_code_2(
+    command: str,
+    make: Callable[[Path], Path],
+    message: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    path = make(tmp_path)
+    argv = [command, str(path)] + (
+        ["Describe.", "--model", "tiny-random"] if command == "ask" else []
+    )
+    code = main(argv)
+    out, err = capsys.readouterr()
+    assert code == 2, (out, err)
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert lines and lines[-1].startswith(f"salmonn-live {command}: error: "), err
+    assert re.search(message, lines[-1]), lines[-1]
+    assert "Traceback" not in err
+
+
+def test_a_corrupt_file_through_the_real_command(tmp_path: Path) -> None:
+    """The entry point as a process: exit status 2, one error line, no traceback (`ask` goes
+    through the same `main`, tested in process above: its process would import torch)."""
+    command = "segment"
+    path = _truncated(tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-m", "agent.cli", command, str(path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120 * TIMING,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(f"salmonn-live {command}: error: ")
+    assert "truncated" in done.stderr
