@@ -92,6 +92,21 @@ def _rss_mib() -> float:
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def _open_schedstat() -> int | None:
+    """This thread's scheduler statistics (Linux), kept open for cheap re-reads."""
+    try:
+        return os.open("/proc/thread-self/schedstat", os.O_RDONLY)
+    except OSError:
+        return None
+
+
+def _runqueue_wait_s(fd: int | None) -> float:
+    """Seconds this thread has spent runnable but waiting for a CPU (0 where unknown)."""
+    if fd is None:
+        return 0.0
+    return int(os.pread(fd, 128, 0).split()[1]) / 1e9
+
+
 async def _serve(spec: dict[str, Any]) -> None:
     """Run the agent with a lag ticker, a memory sampler and a recorder of published seqs;
     write a JSON report to ``spec["report"]`` after SIGTERM's clean shutdown."""
@@ -137,12 +152,19 @@ async def _serve(spec: dict[str, Any]) -> None:
     load: list[float] = []  # the machine's 1-minute load average, each second
     loop = asyncio.get_running_loop()
 
+    starved: list[float] = []  # per tick: seconds the loop thread sat runnable, without a CPU
+    schedstat = _open_schedstat()
+
     async def ticker() -> None:
+        waited = _runqueue_wait_s(schedstat)
         while True:
             before = loop.time()
             await asyncio.sleep(TICK_S)
             now = loop.time()
             lags.append((now, now - before - TICK_S))
+            waited_now = _runqueue_wait_s(schedstat)
+            starved.append(waited_now - waited)
+            waited = waited_now
 
     async def sampler() -> None:
         while True:
@@ -175,6 +197,15 @@ async def _serve(spec: dict[str, Any]) -> None:
             "first_stream_opened": first_opened[0] if first_opened else None,
             "streams": closed,
             "lags_s": [lag for when, lag in lags if ready <= when <= shutdown],
+            "lags_not_starved_s": [
+                max(0.0, lag - wait)
+                for (when, lag), wait in zip(lags, starved, strict=False)
+                if ready <= when <= shutdown
+            ],
+            "starved_s": sum(
+                wait for (when, _), wait in zip(lags, starved, strict=False) if ready <= when
+            ),
+            "run_s": shutdown - ready,
             "worst_lag_at_s": [
                 [round(when - ready, 2), round(lag * 1000, 1)]
                 for when, lag in sorted(lags, key=lambda x: -x[1])
@@ -384,6 +415,7 @@ def _summarise(
         f"{s.close_code} {re.sub(r'[0-9.]+', 'N', s.close_reason)}".strip() for s in slow
     )
     lags_ms = [1000 * v for v in agent["lags_s"]]
+    own_ms = [1000 * v for v in agent["lags_not_starved_s"]]
     rss = agent["rss"]
     streams = agent["streams"]
     windows = {k: sum(int(d.get(k, 0)) for d in streams.values()) for k in (
@@ -424,6 +456,10 @@ def _summarise(
             "max": round(max(lags_ms, default=float("nan")), 2),
             "ticks": len(lags_ms),
             "worst_at_s_ms": agent["worst_lag_at_s"],
+            "p99_without_cpu_wait": round(_percentile(own_ms, 99), 2),
+            "max_without_cpu_wait": round(max(own_ms, default=float("nan")), 2),
+            "loop_thread_cpu_wait_s": round(agent["starved_s"], 2),
+            "run_s": round(agent["run_s"], 1),
         },
         "rss_mib": {
             "peak": round(agent["peak_rss_mib"], 1),
@@ -467,6 +503,9 @@ def _print_table(r: dict[str, Any]) -> None:
          + ", ".join(f"{k} x{v}" for k, v in r["slow_close"].items())),
         ("event-loop lag", f"p50 {lag['p50']} ms, p99 {lag['p99']} ms, max {lag['max']} ms "
          f"({lag['ticks']} ticks of {TICK_S * 1000:g} ms)"),
+        ("lag less CPU wait", f"p99 {lag['p99_without_cpu_wait']} ms, max "
+         f"{lag['max_without_cpu_wait']} ms (the loop thread waited {lag['loop_thread_cpu_wait_s']}"
+         f" s of {lag['run_s']} s for a CPU)"),
         ("RSS", f"peak {rss['peak']} MiB; {rss['start']} -> {rss['end']} MiB; slope "
          f"{rss['slope_mib_per_min']} MiB/min from {WARMUP_S:g} s after start "
          f"({'flat' if rss['flat'] else 'GROWING'})"),
