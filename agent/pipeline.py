@@ -560,6 +560,19 @@ class Pipeline:
                         },
                     }
                 )
+        if (
+            self._in_flight
+            and window.requests
+            and all(r.engine == "whisper" for r in window.requests)
+        ):
+            # Whisper-only work (fast-path commands and transcripts) takes a fraction of a
+            # second: answer it between two tokens of the running batch, not after it.
+            handle.in_flight += 1
+            handle._update_room(bound)
+            self.worker.submit_fast(
+                [window], self._on_output, lambda report: self._after_batch([window], report)
+            )
+            return
         handle.pending.append((next(self._order), window))
         handle._update_room(bound)
         self._idle.clear()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -226,6 +227,9 @@ class BatchRunner:
         self.model = model
         self.max_new_tokens = max_new_tokens
         self.partials = partials
+        #: Called on the worker thread after every generated token, so short work that came
+        #: in meanwhile (`InferenceWorker.submit_fast`) need not wait for the whole batch.
+        self.between_tokens: Callable[[], None] | None = None
 
     def run(
         self, windows: Sequence[Window], emit: Callable[[Output], None], cancel: threading.Event
@@ -291,10 +295,24 @@ class BatchRunner:
                 lora_scale=scale,
                 num_beams=1,
                 max_new_tokens=self.max_new_tokens,
-                on_token=streams.on_token,
+                on_token=_then(streams.on_token, self.between_tokens),
             )
             streams.finish([g.text for g in results])
         report.timings_ms["generate_ms"] = (time.perf_counter() - t0) * 1000
+
+
+def _then(
+    on_token: Callable[[int, int], None], hook: Callable[[], None] | None
+) -> Callable[[int, int], None]:
+    """``on_token`` followed by ``hook()`` (if any) on every token."""
+    if hook is None:
+        return on_token
+
+    def both(row: int, token: int) -> None:
+        on_token(row, token)
+        hook()
+
+    return both
 
 
 class InferenceWorker:
@@ -327,6 +345,11 @@ class InferenceWorker:
         self.runner: BatchRunner | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._cancel = threading.Event()
+        # Fast-lane work handed over while a batch runs: (windows, emit, done) items.
+        self._fast: queue.SimpleQueue[
+            tuple[Sequence[Window], Callable[[Output], None], Callable[[BatchReport], None]]
+        ] = queue.SimpleQueue()
+        self.fast_windows = 0
         self._closed = asyncio.Event()
         self.batches = 0
         self.windows = 0
@@ -347,6 +370,7 @@ class InferenceWorker:
             self._executor.shutdown(wait=False, cancel_futures=True)
             raise
         self.runner = BatchRunner(self.model, self.max_new_tokens, self.partials)
+        self.runner.between_tokens = self._run_fast
         return self
 
     def _load(self) -> Any:
@@ -394,10 +418,50 @@ class InferenceWorker:
         report = await asyncio.shield(
             loop.run_in_executor(self._executor, runner.run, windows, emit, self._cancel)
         )
+        # Fast-lane work submitted after the batch's last token still runs before we return:
+        # the caller submits only while a batch is in flight.
+        while not self._fast.empty() and self._executor is not None:
+            await asyncio.shield(loop.run_in_executor(self._executor, self._run_fast))
         self.busy_s += time.monotonic() - started
         self.batches += 1
         self.windows += len(windows)
         return report
+
+    def submit_fast(
+        self,
+        windows: Sequence[Window],
+        on_output: Callable[[Output], None],
+        on_done: Callable[[BatchReport], None],
+    ) -> None:
+        """Answer short windows (Whisper requests only) while a batch is running, between
+        two of its tokens, instead of after it; call only while `run` is in progress.
+
+        ``on_output`` and then ``on_done(report)`` are called on the loop, before `run`
+        returns.
+        """
+        loop = asyncio.get_running_loop()
+
+        def emit(output: Output) -> None:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(on_output, output)
+
+        def done(report: BatchReport) -> None:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(on_done, report)
+
+        self._fast.put((windows, emit, done))
+
+    def _run_fast(self) -> None:
+        """On the worker thread: answer every fast-lane item waiting."""
+        assert self.runner is not None
+        while True:
+            try:
+                windows, emit, done = self._fast.get_nowait()
+            except queue.Empty:
+                return
+            report = self.runner.run(windows, emit, self._cancel)
+            self.fast_windows += len(windows)
+            done(report)
 
     def cancel(self) -> None:
         """Stop the running batch at its next token (its unfinished requests are reported
@@ -423,5 +487,6 @@ class InferenceWorker:
             "batches": self.batches,
             "windows": self.windows,
             "mean_batch": round(self.windows / self.batches, 2) if self.batches else 0.0,
+            "fast_windows": self.fast_windows,
             "busy_s": round(self.busy_s, 3),
         }

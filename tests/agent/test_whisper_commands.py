@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from agent.app import Agent
+from agent.worker import BatchReport, Final, InferenceWorker, Request, Window
 from tests.agent.conftest import TIMING, make_config
 
 
@@ -55,3 +58,108 @@ async def test_whisper_commands_share_one_transcription_per_window(
         assert command["intent"] == {"intent": "turn", "direction": "left", "angle": 90}
     # One transcription per speech window serves both of its requests.
     assert sum(heard.calls) == len({c["window"] for c in commands})
+
+
+class _Tokens:
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def row(self, i: int) -> Any:
+        return np.zeros((1, 4), np.float32)
+
+
+class _Text:
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+class _Tokenizer:
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "x" * len(ids)
+
+
+class SlowLlmModel:
+    """An LLM that pauses after its second token until the test lets it go on."""
+
+    tokenizer = _Tokenizer()
+
+    def __init__(self) -> None:
+        self.paused = threading.Event()
+        self.go_on = threading.Event()
+
+    def encode_audio(self, audio: list[np.ndarray]) -> _Tokens:
+        return _Tokens(len(audio))
+
+    def generate_from_tokens(
+        self,
+        rows: list[Any],
+        instructions: list[str],
+        *,
+        on_token: Any,
+        max_new_tokens: int,
+        **_: Any,
+    ) -> list[_Text]:
+        for step in range(max_new_tokens):
+            for row in range(len(rows)):
+                on_token(row, 7)
+            if step == 1:
+                self.paused.set()
+                assert self.go_on.wait(30)
+        return [_Text("x" * max_new_tokens) for _ in rows]
+
+    def transcribe_with_whisper(self, audio: list[np.ndarray]) -> list[str]:
+        return ["stop"] * len(audio)
+
+
+def _window(n: int, engine: str) -> Window:
+    task = "command" if engine == "whisper" else "caption"
+    request = Request(key=f"s:{n}/{task}", task=task, instruction="?", engine=engine)  # type: ignore[arg-type]
+    now = time.monotonic()
+    return Window(
+        id=f"s:{n}",
+        stream="s",
+        kind="speech" if engine == "whisper" else "sound",
+        audio=np.zeros(16000, np.float32),
+        start_s=float(n),
+        end_s=n + 1.0,
+        captured=now,
+        segment_end=now,
+        requests=(request,),
+    )
+
+
+async def test_fast_lane_answers_whisper_work_between_tokens_of_a_running_batch() -> None:
+    model = SlowLlmModel()
+    outputs: list[Any] = []
+    done: list[BatchReport] = []
+    async with InferenceWorker(lambda: model, max_new_tokens=6, warm_up=False) as worker:
+        batch = asyncio.create_task(worker.run([_window(1, "llm")], outputs.append))
+        assert await asyncio.to_thread(model.paused.wait, 30 * TIMING)
+        worker.submit_fast([_window(2, "whisper")], outputs.append, done.append)
+        model.go_on.set()
+        report = await asyncio.wait_for(batch, 30 * TIMING)
+    finals = [o for o in outputs if isinstance(o, Final)]
+    # The command came in after the caption's second token and was answered before its end.
+    assert [f.request.key for f in finals] == ["s:2/command", "s:1/caption"]
+    assert finals[0].text == "stop" and report.finished == {"s:1/caption"}
+    assert len(done) == 1 and done[0].finished == {"s:2/command"}
+    assert worker.fast_windows == 1
+
+
+async def test_fast_lane_work_submitted_after_the_last_token_still_runs() -> None:
+    model = SlowLlmModel()
+    outputs: list[Any] = []
+    done: list[BatchReport] = []
+    # Two tokens: the model pauses after its last one, so no token hook runs after the submit.
+    async with InferenceWorker(lambda: model, max_new_tokens=2, warm_up=False) as worker:
+        batch = asyncio.create_task(worker.run([_window(1, "llm")], outputs.append))
+        assert await asyncio.to_thread(model.paused.wait, 30 * TIMING)
+        worker.submit_fast([_window(2, "whisper")], outputs.append, done.append)
+        model.go_on.set()
+        await asyncio.wait_for(batch, 30 * TIMING)
+        # run() returned only after the fast-lane item, whose callbacks came first.
+        assert len(done) == 1
+    assert {o.request.key for o in outputs if isinstance(o, Final)} == {
+        "s:1/caption",
+        "s:2/command",
+    }
