@@ -99,11 +99,15 @@ def _reason(text: str) -> str:
 
 
 class _RedactTokens(logging.Filter):
-    """Removes tokens from protocol log records: ``token=...`` and ``Bearer ...`` values, and
-    the configured tokens of running servers wherever they appear (a token holding a space or
-    ``&`` would otherwise be cut short)."""
+    """Removes tokens from protocol log records: whole ``Authorization`` header values (any
+    scheme), ``token=...`` and ``Bearer ...`` values, and the configured tokens of running
+    servers wherever they appear (a token holding a space or ``&`` would otherwise be cut
+    short, one sent in the wrong header missed)."""
 
-    _PATTERN = re.compile(r"(token=|Bearer\s+)[^&\s'\"]+", re.IGNORECASE)
+    _PATTERNS = (
+        re.compile(r"(authorization:\s*)[^\r\n]+", re.IGNORECASE),
+        re.compile(r"(token=|Bearer\s+)[^&\s'\"]+", re.IGNORECASE),
+    )
 
     def __init__(self) -> None:
         super().__init__()
@@ -114,7 +118,8 @@ class _RedactTokens(logging.Filter):
         redacted = message
         for secret in sorted(self.secrets, key=len, reverse=True):
             redacted = redacted.replace(secret, "***")
-        redacted = self._PATTERN.sub(r"\1***", redacted)
+        for pattern in self._PATTERNS:
+            redacted = pattern.sub(r"\1***", redacted)
         if redacted != message:
             record.msg, record.args = redacted, None
         return True
@@ -604,9 +609,11 @@ class WsServer:
             samples = np.frombuffer(message, dtype).reshape(-1, channels).astype(np.float32)
             if not np.isfinite(samples).all():
                 raise AudioProtocolError(CloseCode.BAD_FRAME, "NaN or infinite samples")
-            mono = samples.mean(axis=1) if channels > 1 else samples[:, 0]
             if scale != 1.0:
-                mono = mono / np.float32(scale)
+                samples /= np.float32(scale)
+            else:  # f32le: full scale is +-1; beyond it a mean of channels could overflow to inf
+                np.clip(samples, -1.0, 1.0, out=samples)
+            mono = samples.mean(axis=1) if channels > 1 else samples[:, 0]
             if resampler is not None:
                 mono = resampler.push(mono)
             if mono.size:

@@ -11,11 +11,13 @@ import contextlib
 import getpass
 import shutil
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiomqtt
 import pytest
@@ -33,21 +35,78 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def make_self_signed_cert(directory: Path, name: str = "localhost") -> tuple[Path, Path]:
+    """A self-signed certificate for ``name`` and 127.0.0.1 (and its key), made with the
+    ``openssl`` command line; the certificate is its own CA.
+
+    Returns:
+        (certificate PEM, private key PEM).
+    """
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("the openssl command line is not installed")
+    directory.mkdir(parents=True, exist_ok=True)
+    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
+    subprocess.run(
+        [
+            openssl,
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            f"/CN={name}",
+            "-addext",
+            f"subjectAltName=DNS:{name},IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return cert, key
+
+
+@dataclass(frozen=True)
+class BrokerTls:
+    """A TLS listener: the server certificate and key (PEM), and the CA clients trust."""
+
+    cert: Path
+    key: Path
+    ca: Path
+
+
 class Mosquitto:
     """A mosquitto broker on 127.0.0.1, started and stopped by the test.
 
     Args:
         workdir: directory for the config, password file, persistence and log.
         port: TCP port (0: a free one, kept across restarts).
-        users: user -> password; when given, anonymous access is off.
+        users: user -> password; when given, anonymous access is off (on every listener).
+        tls: also listen with TLS on `tls_port` (a free port) with these files.
     """
 
-    def __init__(self, workdir: Path, port: int = 0, users: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        port: int = 0,
+        users: dict[str, str] | None = None,
+        tls: BrokerTls | None = None,
+    ) -> None:
         if not Path(MOSQUITTO).exists():
             pytest.skip("mosquitto is not installed (make apt installs it)")
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
+        self.tls_port = free_port() if tls else None
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = workdir / "mosquitto.log"
         lines = [
@@ -64,6 +123,13 @@ class Mosquitto:
             "log_type warning",
             "log_type notice",
         ]
+        if tls:
+            lines += [
+                f"listener {self.tls_port} 127.0.0.1",
+                f"certfile {tls.cert}",
+                f"keyfile {tls.key}",
+                f"cafile {tls.ca}",
+            ]
         if users:
             pw = workdir / "passwd"
             for i, (user, password) in enumerate(users.items()):
@@ -82,6 +148,11 @@ class Mosquitto:
     @property
     def url(self) -> str:
         return f"mqtt://127.0.0.1:{self.port}"
+
+    def tls_url(self, userinfo: str = "") -> str:
+        """``mqtts://[USER:PASS@]127.0.0.1:TLS_PORT`` (needs ``tls`` at construction)."""
+        assert self.tls_port is not None, "this broker has no TLS listener"
+        return f"mqtts://{userinfo + '@' if userinfo else ''}127.0.0.1:{self.tls_port}"
 
     def start(self) -> None:
         """Start and wait (bounded) until the port accepts connections."""
@@ -160,10 +231,13 @@ class Collector:
     `pred(messages)` holds.
     """
 
-    def __init__(self, url_port: int, topics: list[str], client_id: str) -> None:
+    def __init__(
+        self, url_port: int, topics: list[str], client_id: str, **client_options: Any
+    ) -> None:
         self.port = url_port
         self.topics = topics
         self.client_id = client_id
+        self.client_options = client_options  # e.g. username, password, tls_context
         self.messages: list[Received] = []
         self.connected = asyncio.Event()
         self._changed = asyncio.Condition()
@@ -173,7 +247,11 @@ class Collector:
         while True:
             try:
                 async with aiomqtt.Client(
-                    "127.0.0.1", self.port, identifier=self.client_id, clean_session=False
+                    "127.0.0.1",
+                    self.port,
+                    identifier=self.client_id,
+                    clean_session=False,
+                    **self.client_options,
                 ) as client:
                     for t in self.topics:
                         await client.subscribe(t, qos=1)
@@ -216,8 +294,14 @@ class Collector:
 
 @contextlib.asynccontextmanager
 async def collector(
-    port: int, *topics: str, client_id: str = "test-collector"
+    port: int, *topics: str, client_id: str = "test-collector", **client_options: Any
 ) -> AsyncIterator[Collector]:
-    """`async with collector(port, "salmonn/#") as c:` — a started `Collector`."""
-    async with Collector(port, list(topics), client_id) as c:
+    """`async with collector(port, "salmonn/#") as c:` — a started `Collector`
+    (``client_options`` go to `aiomqtt.Client`: ``username``, ``password``, ``tls_context``)."""
+    async with Collector(port, list(topics), client_id, **client_options) as c:
         yield c
+
+
+def trusting(ca: Path) -> ssl.SSLContext:
+    """A client TLS context that trusts only ``ca``."""
+    return ssl.create_default_context(cafile=str(ca))

@@ -252,6 +252,9 @@ F32_CASES = [
     Case("f32 stereo: 6 bytes", (HELLO, b"\x00" * 6), FRAME),
     Case("f32 NaN", (HELLO, struct.pack("<2f", float("nan"), 0.0)), FRAME),
     Case("f32 infinity", (HELLO, struct.pack("<2f", float("inf"), 0.0)), FRAME),
+    # Finite but far out of range (the mean of two would overflow to inf): clipped, accepted;
+    # the odd frame after it proves the stream was still being served.
+    Case("f32 huge values", (HELLO, struct.pack("<2f", 3e38, 3e38) * 800, b"\x00"), FRAME),
 ]
 
 
