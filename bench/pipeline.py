@@ -60,6 +60,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="who reads command intents: the LLM, or the grammar on Whisper's transcript"
         " (model.command)",
     )
+    parser.add_argument(
+        "--end-silence-ms",
+        type=int,
+        default=None,
+        help="vad.end_silence_ms: silence that ends a segment (default: the segmenter's, 500)",
+    )
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--max-wait-ms", type=float, default=20.0)
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
@@ -111,6 +117,7 @@ async def _realtime(model: Any, scenes: list[Any], args: argparse.Namespace) -> 
             "ws": {"listen": "off"},
             "mqtt": {"enabled": False},
             "streams": [],
+            "vad": {} if args.end_silence_ms is None else {"end_silence_ms": args.end_silence_ms},
         }
     )
     agent = Agent(config, lambda: model)
@@ -280,7 +287,7 @@ def run(args: argparse.Namespace) -> int:
         logger.info("streams=%d: %s", count, row)
         rows.append(row)
     baseline = _baseline(args.model, scenes[0], args)
-    vad_ms = SegmenterConfig().end_silence_ms
+    vad_ms = args.end_silence_ms or SegmenterConfig().end_silence_ms
     plot = _plot(rows, baseline, vad_ms, args.plot) if args.plot else None
     sustained = max((r["streams"] for r in rows if r["sustained"]), default=0)
     best = max(rows, key=lambda r: r["windows_per_busy_s"])
@@ -335,8 +342,8 @@ def run(args: argparse.Namespace) -> int:
     if plot:
         _out(f"\n![pipeline latency against streams]({plot})")
     _out(
-        f"\nUntrained `{args.model}` weights (issue 7) give gibberish but the same compute per "
-        f"token; answers that do not stop run to {args.max_new_tokens} tokens, the worst case. "
+        f"\nLLM answers (captions; transcripts and commands too with `--transcript llm "
+        f"--command llm`) that do not stop run to {args.max_new_tokens} tokens, the worst case. "
         "The machine is shared with other work: treat absolute figures as upper bounds."
     )
     return 0
