@@ -114,15 +114,32 @@ class _RedactTokens(logging.Filter):
         self.secrets: collections.Counter[str] = collections.Counter()
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == "opening handshake failed" and record.exc_info:
+            # Anything on the network can send a bad request (scanners, TLS to the plain port):
+            # one INFO line, not an ERROR with a traceback quoting the request.
+            exc = record.exc_info[1]
+            cause = exc.__cause__ if exc is not None else None
+            record.msg, record.args = (
+                "opening handshake failed: %s%s",
+                (exc, f" ({cause})" if cause else ""),
+            )
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.INFO, logging.getLevelName(logging.INFO)
+        elif record.exc_info and not record.exc_text:
+            # A traceback may quote a request line or header: redact it too.
+            record.exc_text = self._redact(logging.Formatter().formatException(record.exc_info))
         message = record.getMessage()
-        redacted = message
-        for secret in sorted(self.secrets, key=len, reverse=True):
-            redacted = redacted.replace(secret, "***")
-        for pattern in self._PATTERNS:
-            redacted = pattern.sub(r"\1***", redacted)
+        redacted = self._redact(message)
         if redacted != message:
             record.msg, record.args = redacted, None
         return True
+
+    def _redact(self, text: str) -> str:
+        for secret in sorted(self.secrets, key=len, reverse=True):
+            text = text.replace(secret, "***")
+        for pattern in self._PATTERNS:
+            text = pattern.sub(r"\1***", text)
+        return text
 
 
 _redact = _RedactTokens()

@@ -306,6 +306,43 @@ async def half_open_handshake(agent: Agent) -> bytes:
             await writer.wait_closed()
 
 
+#: Raw bytes that are not a valid WebSocket opening handshake: each gets HTTP 400 or a closed
+#: connection, and one INFO line in the log (not an ERROR with a traceback).
+_UPGRADE = (
+    b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+    b"Authorization: Bearer " + TOKEN.encode() + b"\r\n"
+)
+RAW_HANDSHAKES: list[tuple[str, bytes]] = [
+    ("garbage request line", b"GARBAGE\r\n\r\n"),
+    ("TLS hello to the plain port", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 64),
+    ("HTTP/1.0", b"GET /audio HTTP/1.0\r\n\r\n"),
+    ("POST", b"POST /audio HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"),
+    ("a 10 kB header line", b"GET /audio HTTP/1.1\r\nX: " + b"a" * 10_000 + b"\r\n\r\n"),
+    ("300 headers", b"GET /audio HTTP/1.1\r\n" + b"X: y\r\n" * 300 + b"\r\n"),
+    ("bad key", b"GET /audio HTTP/1.1\r\nHost: x\r\n" + _UPGRADE + b"Sec-WebSocket-Key: !\r\n\r\n"),
+    ("no key", b"GET /audio HTTP/1.1\r\nHost: x\r\n" + _UPGRADE + b"\r\n"),
+    ("NUL in the path", b"GET /au\x00dio HTTP/1.1\r\nHost: x\r\n" + _UPGRADE + b"\r\n"),
+]
+
+
+async def raw_handshake(agent: Agent, data: bytes) -> str:
+    """Send raw bytes; "closed" if the agent closes without a word or answers with HTTP 4xx."""
+    assert agent.ws is not None and agent.ws.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", agent.ws.port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        async with asyncio.timeout(10 * TIMING):
+            answer = await reader.read()
+    except ConnectionResetError:
+        answer = b""
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+    return "closed" if answer == b"" or re.match(rb"HTTP/1\.1 4\d\d ", answer) else repr(answer)
+
+
 async def http_status(agent: Agent, path: str, headers: Any = None) -> int:
     """The HTTP status of a refused WebSocket handshake (fails if it is accepted)."""
     with pytest.raises(InvalidStatus) as info:
@@ -393,6 +430,8 @@ async def test_malformed_websocket_input_while_a_good_stream_is_heard(
             checks.append(expect(name, http_status(agent, path, headers), status))
         checks.append(expect("flood of tiny frames", flood_tiny_frames(agent), CloseCode.TOO_FAST))
         checks.append(expect("half-open handshake", half_open_handshake(agent), b""))
+        for name, data in RAW_HANDSHAKES:
+            checks.append(expect(name, raw_handshake(agent, data), "closed"))
         # The stream the good client is feeding cannot be taken over.
         stolen = Case("good's stream id", (hello(GOOD),), CloseCode.STREAM_IN_USE)
         checks.append(expect(stolen.name, run_case(agent, stolen, GOOD, False), stolen.code))

@@ -77,6 +77,22 @@ async def test_tokens_are_never_logged_nor_sent_to_clients(
                 await connect(url(agent, path), additional_headers=headers)
             assert info.value.response.status_code == 401, path
         assert agent.ws.counters["rejected_auth"] == len(refused)
+        # Requests websockets cannot parse: the request line and headers get quoted in the
+        # error it logs.
+        for raw in [
+            f"GET /events?token={quote(TOKEN)} HTTP/1.0\r\n\r\n",
+            f"GET /events?token={quote(TOKEN)} HTTP/1.1 junk\r\n\r\n",
+            f"GET /audio HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+            "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: !\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n",
+        ]:
+            assert agent.ws.port is not None
+            reader, writer = await asyncio.open_connection("127.0.0.1", agent.ws.port)
+            writer.write(raw.encode())
+            async with asyncio.timeout(10 * TIMING):
+                await reader.read()
+            writer.close()
+            await writer.wait_closed()
         async with connect(url(agent, f"/events?token={quote(TOKEN)}")) as events:
             await recv_json(events)
             async with connect(
@@ -98,6 +114,8 @@ async def test_tokens_are_never_logged_nor_sent_to_clients(
     for secret in [TOKEN, quote(TOKEN), quote(TOKEN, safe=""), *wrong]:
         assert secret not in text, secret
     assert "token=***" in text and "Authorization: ***" in text
+    assert "opening handshake failed" in text
+    assert not [r for r in records if r.levelno >= logging.ERROR], "network noise logged as ERROR"
     assert TOKEN not in json.dumps(config.redacted())
 
 
