@@ -147,10 +147,11 @@ async def test_tokens_are_compared_as_equal_length_digests(
 
 
 async def test_websocket_tls_with_a_self_signed_certificate(
-    tiny_model: Any, tmp_path: Path
+    tiny_model: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """wss:// works for a client that trusts the certificate (both paths); a plain ws://
-    client and a client that does not trust it get nowhere."""
+    client and a client that does not trust it get nowhere (and log no error)."""
+    caplog.set_level(logging.WARNING)
     cert, key = make_self_signed_cert(tmp_path / "tls")
     config = make_config(
         ws={"auth": True, "token": TOKEN, "tls_cert": str(cert), "tls_key": str(key)}
@@ -173,6 +174,7 @@ async def test_websocket_tls_with_a_self_signed_certificate(
         with pytest.raises((InvalidHandshake, OSError, EOFError)):
             async with asyncio.timeout(10 * TIMING):
                 await connect(plain, additional_headers=auth, open_timeout=5 * TIMING)
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 # -- MQTT over TLS with a password file -------------------------------------------------------
