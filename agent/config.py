@@ -40,6 +40,11 @@ STREAM_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 Overload = Literal["drop_oldest", "backpressure"]
 
+#: Standing questions are bounded: each is one more LLM request per window and its text is part
+#: of the prompt, and a remote controller (MQTT ``{"questions": [...]}``) can set them.
+MAX_QUESTIONS = 16
+MAX_QUESTION_CHARS = 1000
+
 
 # ---------------------------------------------------------------------------------------------
 # Generic validation: dataclass fields from a dict, with types checked
@@ -415,6 +420,11 @@ class QuestionConfig:
         values = _from_dict(cls, data, where)
         if "text" not in values or not values["text"].strip():
             raise ConfigError(f"{where}.text: expected a non-empty question")
+        if len(values["text"]) > MAX_QUESTION_CHARS:
+            raise ConfigError(
+                f"{where}.text: expected at most {MAX_QUESTION_CHARS} characters, "
+                f"got {len(values['text'])}"
+            )
         _check_lora_scale(values.get("lora_scale"), f"{where}.lora_scale")
         for kind in values.get("kinds", ()):
             if kind not in WINDOW_KINDS:
@@ -665,10 +675,18 @@ def _table_list(value: Any, where: str) -> list[Mapping[str, Any]]:
 
 
 def _questions(value: Any, where: str) -> tuple[QuestionConfig, ...]:
-    return tuple(
-        QuestionConfig.from_dict(item, f"{where}[{i}]")
-        for i, item in enumerate(_table_list(value, where))
-    )
+    return questions_from_list(_table_list(value, where), where)
+
+
+def questions_from_list(items: list[Any], where: str) -> tuple[QuestionConfig, ...]:
+    """Standing questions from a list of tables (TOML or a control command).
+
+    Raises:
+        ConfigError: more than `MAX_QUESTIONS`, or an invalid question (which one, and why).
+    """
+    if len(items) > MAX_QUESTIONS:
+        raise ConfigError(f"{where}: expected at most {MAX_QUESTIONS} questions, got {len(items)}")
+    return tuple(QuestionConfig.from_dict(item, f"{where}[{i}]") for i, item in enumerate(items))
 
 
 def _stream(

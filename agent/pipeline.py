@@ -31,7 +31,7 @@ from typing import Any, Self
 import numpy as np
 import numpy.typing as npt
 
-from agent.config import AgentConfig, QuestionConfig, StreamConfig
+from agent.config import AgentConfig, QuestionConfig, StreamConfig, questions_from_list
 from agent.errors import AgentError, ConfigError, ControlError
 from agent.events import (
     AGENT_STREAM,
@@ -740,10 +740,7 @@ class Pipeline:
                     f"control command: 'questions' expects a list of objects, got {items!r}"
                 )
             try:
-                changes["questions"] = tuple(
-                    QuestionConfig.from_dict(item, f"questions[{i}]")
-                    for i, item in enumerate(items)
-                )
+                changes["questions"] = questions_from_list(items, "questions")
             except ConfigError as exc:
                 raise ControlError(f"control command: {exc}") from exc
         if "lora_scale" in command:

@@ -485,6 +485,9 @@ BAD_CONTROL: list[tuple[str, bytes]] = [
     ("question with unknown kind", b'{"questions": [{"text": "Rain?", "kinds": ["music"]}]}'),
     ("valid key plus a bad one", b'{"mute": true, "lora_scale": "x"}'),
     ("one megabyte", b'{"mute": "' + b"x" * 1_000_000 + b'"}'),
+    # Each question is one more LLM request per window, its text part of the prompt.
+    ("17 questions", json.dumps({"questions": [{"text": f"Q{i}?"} for i in range(17)]}).encode()),
+    ("a question of 1001 characters", json.dumps({"questions": [{"text": "x" * 1001}]}).encode()),
 ]
 
 

@@ -402,6 +402,25 @@ def test_limits_are_validated(ws: dict[str, Any], message: str) -> None:
         AgentConfig.from_dict({"ws": ws})
 
 
+@pytest.mark.parametrize(
+    ("questions", "message"),
+    [
+        ([{"text": f"Q{i}?"} for i in range(17)], r"questions: expected at most 16 questions"),
+        ([{"text": "x" * 1001}], r"questions\[0\].text: expected at most 1000 characters"),
+    ],
+)
+def test_standing_questions_are_bounded(questions: list[Any], message: str) -> None:
+    """Each question is one more LLM request per window: at most 16, of 1000 characters."""
+    with pytest.raises(ConfigError, match=message):
+        AgentConfig.from_dict({"questions": questions})
+    with pytest.raises(
+        ConfigError, match=message.replace("questions", "streams\\[0\\].questions", 1)
+    ):
+        AgentConfig.from_dict({"streams": [{"id": "a", "questions": questions}]})
+    at_the_limit = [{"text": "x" * 1000} for _ in range(16)]
+    assert len(AgentConfig.from_dict({"questions": at_the_limit}).questions) == 16
+
+
 def test_limits_have_safe_defaults() -> None:
     ws = AgentConfig.from_dict({}).ws
     assert ws.host_port[0] == "127.0.0.1" and ws.auth
