@@ -62,6 +62,9 @@ _CANCEL_GRACE_S = 5.0
 #: After a client stops speaking, windows this close to its speech are still ignored (echo).
 SPEAKING_TAIL_S = 0.25
 _SPEAKING_SPANS = 64
+#: Capture times are kept for this much of the latest audio: a segment's end is looked up
+#: there, and it is never further back than the segmenter's end-of-speech hangover.
+_CAPTURE_HISTORY_S = 10.0
 
 
 def _dbfs(samples: npt.NDArray[np.float32]) -> float | None:
@@ -138,6 +141,9 @@ class StreamHandle:
         self._block_dbfs = _dbfs(samples)
         events = self._segmenter.push(samples)
         self._captures.append((self._segmenter.samples_pushed, captured))
+        oldest = self._segmenter.samples_pushed - int(_CAPTURE_HISTORY_S * MODEL_RATE_HZ)
+        while len(self._captures) > 1 and self._captures[1][0] <= oldest:
+            self._captures.popleft()
         self._handle(events)
 
     def end(self) -> None:

@@ -26,6 +26,7 @@ agent's loop in asyncio debug mode and prints its log, naming callbacks that too
 from __future__ import annotations
 
 import argparse
+import array
 import asyncio
 import collections
 import contextlib
@@ -52,7 +53,7 @@ logger = logging.getLogger(__name__)
 
 TICK_S = 0.01  # the lag ticker's period
 SAMPLE_S = 1.0  # memory sampling period
-WARMUP_S = 10.0  # memory samples before this are left out of the slope
+WARMUP_S = 30.0  # memory samples before this (and before half the run) are not in the slope
 ROOT = Path(__file__).resolve().parents[1]
 _SEQ_RE = re.compile(r'"seq": (-?\d+)')
 _START_TIMEOUT_S = 180.0
@@ -136,7 +137,8 @@ async def _serve(spec: dict[str, Any]) -> None:
         return Salmonn.from_config(resolve_model(spec["model"], input_mode="trimmed"))
 
     agent = Agent(config, load)
-    published: list[int] = []
+    # The probes store into flat arrays, so their own bookkeeping does not look like a leak.
+    published = array.array("q")
     closed: dict[str, dict[str, Any]] = {}
     first_opened: list[int] = []
 
@@ -147,12 +149,14 @@ async def _serve(spec: dict[str, Any]) -> None:
         elif event.get("status") == "stream_closed":
             closed[event["stream"]] = event["detail"]
 
-    lags: list[tuple[float, float]] = []  # (when, how late), loop time
+    lag_at = array.array("d")  # loop time of each tick
+    lags = array.array("d")  # how late each tick woke, s
     rss: list[tuple[float, float]] = []  # (when, MiB), loop time
     load: list[float] = []  # the machine's 1-minute load average, each second
+    blocks: list[int] = []  # Python objects alive (allocated blocks), each second
     loop = asyncio.get_running_loop()
 
-    starved: list[float] = []  # per tick: seconds the loop thread sat runnable, without a CPU
+    starved = array.array("d")  # per tick: seconds the loop thread sat runnable without a CPU
     schedstat = _open_schedstat()
 
     async def ticker() -> None:
@@ -161,7 +165,8 @@ async def _serve(spec: dict[str, Any]) -> None:
             before = loop.time()
             await asyncio.sleep(TICK_S)
             now = loop.time()
-            lags.append((now, now - before - TICK_S))
+            lag_at.append(now)
+            lags.append(now - before - TICK_S)
             waited_now = _runqueue_wait_s(schedstat)
             starved.append(waited_now - waited)
             waited = waited_now
@@ -169,6 +174,7 @@ async def _serve(spec: dict[str, Any]) -> None:
     async def sampler() -> None:
         while True:
             rss.append((loop.time(), _rss_mib()))
+            blocks.append(sys.getallocatedblocks())
             load.append(os.getloadavg()[0])
             await asyncio.sleep(SAMPLE_S)
 
@@ -193,25 +199,30 @@ async def _serve(spec: dict[str, Any]) -> None:
         await asyncio.gather(*probes, return_exceptions=True)
     report = json.dumps(
         {
-            "published": published,
+            "published": published.tolist(),
             "first_stream_opened": first_opened[0] if first_opened else None,
             "streams": closed,
-            "lags_s": [lag for when, lag in lags if ready <= when <= shutdown],
+            "lags_s": [
+                lag for when, lag in zip(lag_at, lags, strict=True) if ready <= when <= shutdown
+            ],
             "lags_not_starved_s": [
                 max(0.0, lag - wait)
-                for (when, lag), wait in zip(lags, starved, strict=False)
+                for when, lag, wait in zip(lag_at, lags, starved, strict=False)
                 if ready <= when <= shutdown
             ],
             "starved_s": sum(
-                wait for (when, _), wait in zip(lags, starved, strict=False) if ready <= when
+                wait for when, wait in zip(lag_at, starved, strict=False) if ready <= when
             ),
             "run_s": shutdown - ready,
             "worst_lag_at_s": [
                 [round(when - ready, 2), round(lag * 1000, 1)]
-                for when, lag in sorted(lags, key=lambda x: -x[1])
+                for when, lag in sorted(zip(lag_at, lags, strict=True), key=lambda x: -x[1])
                 if ready <= when <= shutdown
             ][:5],
             "rss": [(when - ready, mib) for when, mib in rss if when >= ready],
+            "python_blocks": [
+                n for (when, _), n in zip(rss, blocks, strict=False) if when >= ready
+            ],
             "load_avg_1min": load,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "ws": ws_counters,
@@ -310,7 +321,10 @@ async def _stream(url: str, stream_id: str, pcm: bytes, seconds: float) -> int:
 
 
 def _slope_mib_per_min(samples: list[tuple[float, float]]) -> float:
-    points = [(t, v) for t, v in samples if t >= WARMUP_S]
+    # Warm-up: allocator arenas, torch's buffers for each new window length, and the 10 s of
+    # block capture times each stream keeps fill up first (measured: within 30 s).
+    end = samples[-1][0] if samples else 0.0
+    points = [(t, v) for t, v in samples if t >= min(WARMUP_S, end / 2)]
     if len(points) < 3:
         return float("nan")
     t = np.array([p[0] for p in points])
@@ -468,6 +482,11 @@ def _summarise(
             "slope_mib_per_min": round(slope, 2),
             "flat": bool(abs(slope) <= args.max_slope_mib_min),
             "samples": len(rss),
+            "every_s": [round(v, 1) for _, v in rss],
+            "python_blocks_start_end": [
+                agent["python_blocks"][0] if agent["python_blocks"] else None,
+                agent["python_blocks"][-1] if agent["python_blocks"] else None,
+            ],
         },
         "worker": agent["worker"],
         "machine_load_1min": {
@@ -507,7 +526,7 @@ def _print_table(r: dict[str, Any]) -> None:
          f"{lag['max_without_cpu_wait']} ms (the loop thread waited {lag['loop_thread_cpu_wait_s']}"
          f" s of {lag['run_s']} s for a CPU)"),
         ("RSS", f"peak {rss['peak']} MiB; {rss['start']} -> {rss['end']} MiB; slope "
-         f"{rss['slope_mib_per_min']} MiB/min from {WARMUP_S:g} s after start "
+         f"{rss['slope_mib_per_min']} MiB/min after the warm-up ({WARMUP_S:g} s) "
          f"({'flat' if rss['flat'] else 'GROWING'})"),
         ("machine load (1 min avg)", f"mean {r['machine_load_1min']['mean']}, max "
          f"{r['machine_load_1min']['max']} on {os.cpu_count()} CPUs (shared with other work)"),
