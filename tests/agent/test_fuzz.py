@@ -343,6 +343,19 @@ async def raw_handshake(agent: Agent, data: bytes) -> str:
     return "closed" if answer == b"" or re.match(rb"HTTP/1\.1 4\d\d ", answer) else repr(answer)
 
 
+EVENTS_QUERIES = ["/events?kind=poem", "/events?kind=%FF%FE", "/events?kind=caption,,status,x"]
+
+
+async def events_query(agent: Agent, path: str) -> tuple[int | None, str]:
+    """An `/events` subscription with a bad query: its close code and reason."""
+    async with connect(url(agent, path), additional_headers=AUTH) as events:
+        async with asyncio.timeout(10 * TIMING):
+            with contextlib.suppress(ConnectionClosed):
+                while True:
+                    await events.recv()
+    return events.close_code, events.close_reason or ""
+
+
 async def http_status(agent: Agent, path: str, headers: Any = None) -> int:
     """The HTTP status of a refused WebSocket handshake (fails if it is accepted)."""
     with pytest.raises(InvalidStatus) as info:
@@ -432,6 +445,8 @@ async def test_malformed_websocket_input_while_a_good_stream_is_heard(
         checks.append(expect("half-open handshake", half_open_handshake(agent), b""))
         for name, data in RAW_HANDSHAKES:
             checks.append(expect(name, raw_handshake(agent, data), "closed"))
+        for path in EVENTS_QUERIES:
+            checks.append(expect(path, events_query(agent, path), CloseCode.BAD_REQUEST))
         # The stream the good client is feeding cannot be taken over.
         stolen = Case("good's stream id", (hello(GOOD),), CloseCode.STREAM_IN_USE)
         checks.append(expect(stolen.name, run_case(agent, stolen, GOOD, False), stolen.code))
