@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 import time
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def load_model_from_args(args: argparse.Namespace):
+def load_model_from_args(args: argparse.Namespace) -> Any:
+    """The model chosen by the `--model`, `--whisper`, ... options, loaded."""
     from model.presets import resolve_model
     from model.salmonn import Salmonn
 
@@ -52,7 +54,8 @@ def load_model_from_args(args: argparse.Namespace):
     return Salmonn.from_config(config)
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ``ask`` sub-command."""
     parser = subparsers.add_parser(
         "ask",
         help="ask the model one question about an audio file",

@@ -53,8 +53,8 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
-from agent.config import AgentConfig, ConfigError, check_stream_id
-from agent.errors import AgentError, AudioProtocolError, OutputError
+from agent.config import AgentConfig, check_stream_id
+from agent.errors import AgentError, AudioProtocolError, ConfigError, OutputError
 from agent.events import MODEL_KINDS, EventKind, WallClock, client_notice
 from agent.fanout import EventBus, Subscription, SubscriptionClosed
 from agent.pipeline import MODEL_RATE_HZ, Pipeline
@@ -237,7 +237,7 @@ class WsServer:
                 f"cannot listen on {host}:{port} for WebSockets: {exc.strerror or exc}; "
                 "choose another port with --ws HOST:PORT"
             ) from exc
-        self.port = self._server.sockets[0].getsockname()[1]
+        self.port = int(next(iter(self._server.sockets)).getsockname()[1])
         logger.info(
             "serving /events and /audio on %s (token %s)",
             self.url,
