@@ -489,7 +489,7 @@ async def read_json_line(stream: asyncio.StreamReader, until: Any) -> dict[str, 
             return event  # type: ignore[no-any-return]
 
 
-@pytest.mark.slow  # a subprocess that loads torch: about 20 s on the shared 2-core machine
+@pytest.mark.slow  # a subprocess that loads torch: 10-20 s on the shared 2-core machine
 async def test_sigterm_during_inference_shuts_down_cleanly(clip_path: Path, tmp_path: Path) -> None:
     """SIGTERM while a window is being generated (1024 tokens, several seconds) with a short
     drain timeout: the window is cut at its next token and reported (`window_unfinished`, and
