@@ -85,6 +85,7 @@ async def _segment(args: argparse.Namespace) -> list[Any]:
     segmenter = Segmenter(_config(args))  # validates settings before any input is read
     source: FileSource | RawPcmSource
     if args.audio == "-":
+        _check_raw_format(args.rate, args.channels)
         source = RawPcmSource(sys.stdin.buffer, args.rate, args.channels, args.format)
     else:
         source = FileSource(args.audio, block_ms=500, realtime=args.realtime)
@@ -109,6 +110,29 @@ async def _segment(args: argparse.Namespace) -> list[Any]:
 
         raise AudioInputError("no audio received (zero length input)")
     return ended
+
+
+#: Most channels accepted on raw stdin (a block holds 100 ms of every channel).
+MAX_RAW_CHANNELS = 256
+
+
+def _check_raw_format(rate_hz: int, channels: int) -> None:
+    """Refuse raw stdin settings that would make no sense or blow up (a 1 Hz stream resampled
+    to 16 kHz is 16000 times as long).
+
+    Raises:
+        AudioInputError: rate outside the range files may declare, or channels outside
+            1..`MAX_RAW_CHANNELS`.
+    """
+    from streaming.audio_file import MAX_FILE_RATE_HZ, MIN_FILE_RATE_HZ
+    from streaming.errors import AudioInputError
+
+    if not MIN_FILE_RATE_HZ <= rate_hz <= MAX_FILE_RATE_HZ:
+        raise AudioInputError(
+            f"--rate {rate_hz} Hz out of range: expected {MIN_FILE_RATE_HZ}..{MAX_FILE_RATE_HZ}"
+        )
+    if not 1 <= channels <= MAX_RAW_CHANNELS:
+        raise AudioInputError(f"--channels {channels} out of range: expected 1..{MAX_RAW_CHANNELS}")
 
 
 def _print_segment(event: Any) -> None:

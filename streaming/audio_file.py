@@ -131,7 +131,8 @@ def load_audio(
         sample_rate_hz: Output sample rate in Hz (default 16 kHz).
 
     Returns:
-        float32 samples in [-1, 1], shape ``(samples,)``.
+        float32 samples in [-1, 1] (float files' samples beyond are clipped), shape
+        ``(samples,)``.
 
     Raises:
         AudioInputError: Missing file, unknown format, unreadable, corrupt or truncated file,
@@ -153,6 +154,8 @@ def load_audio(
     if not np.isfinite(data).all():
         bad = int(np.count_nonzero(~np.isfinite(data)))
         raise AudioInputError(f"{path}: {bad} NaN or infinite samples; expected finite audio")
+    # Float files may hold samples beyond full scale; averaging huge ones would give inf.
+    np.clip(data, -1.0, 1.0, out=data)
     if channels > 1 or rate_hz != sample_rate_hz:
         logger.info(
             "%s: %d channel(s) at %d Hz -> mono at %d Hz (channels averaged)",

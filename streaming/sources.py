@@ -145,7 +145,7 @@ class FileSource:
             raise AudioInputError(f"{self.path}: corrupt audio data ({exc})") from exc
         if not np.isfinite(data).all():
             raise AudioInputError(f"{self.path}: NaN or infinite samples; expected finite audio")
-        return data
+        return np.clip(data, -1.0, 1.0, out=data)  # float files may hold more (a mean: inf)
 
     async def __aiter__(self) -> AsyncIterator[AudioBlock]:
         if self._sound is None:
@@ -259,8 +259,10 @@ class RawPcmSource:
             usable = len(data) - len(data) % frame_bytes
             leftover = data[usable:]
             samples = np.frombuffer(data[:usable], dtype=self.dtype).reshape(-1, self.channels)
-            if samples.dtype.kind == "f" and not np.isfinite(samples).all():
-                raise AudioInputError("raw PCM contains NaN or infinite samples")
+            if samples.dtype.kind == "f":
+                if not np.isfinite(samples).all():
+                    raise AudioInputError("raw PCM contains NaN or infinite samples")
+                samples = np.clip(samples, -1.0, 1.0)  # beyond full scale a mean could be inf
             block = converter.convert(samples.astype(samples.dtype.newbyteorder("=")), final)
             if block is not None:
                 yield block

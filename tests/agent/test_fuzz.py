@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import logging
 import re
@@ -720,3 +721,53 @@ def test_a_corrupt_file_through_the_real_command(tmp_path: Path) -> None:
     assert "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith(f"salmonn-live {command}: error: ")
     assert "truncated" in done.stderr
+
+
+def _huge_float_stereo(tmp: Path) -> Path:
+    """A float WAV far beyond full scale (3e38): averaging its channels would overflow."""
+    soundfile.write(tmp / "huge.wav", np.full((16000, 2), 3e38, np.float32), 16000, "FLOAT")
+    return tmp / "huge.wav"
+
+
+def test_out_of_range_float_audio_is_clipped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Float audio beyond +-1 (a file for `ask`'s loader and `segment`, raw stdin) is clipped,
+    not averaged into inf (warnings are errors here, so an overflow would fail the test)."""
+    from streaming.audio_file import load_audio
+
+    path = _huge_float_stereo(tmp_path)
+    audio = load_audio(path)
+    assert audio.size and float(np.abs(audio).max()) <= 1.0
+    assert main(["segment", str(path), "--json"]) == 0
+    assert "segments" in json.loads(capsys.readouterr().out)
+    raw = np.full((16000, 2), -3e38, "<f4").tobytes()
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(raw)))
+    assert main(["segment", "-", "--json", "--format", "f32le", "--channels", "2"]) == 0
+    assert "segments" in json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize(
+    ("args", "stdin", "message"),
+    [
+        (["--rate", "1"], b"\x00\x01" * 100, r"--rate 1 Hz out of range"),
+        (["--rate", "10000000"], b"\x00\x01" * 100, r"--rate 10000000 Hz out of range"),
+        (["--channels", "0"], b"\x00\x01" * 100, r"channel"),
+        (["--channels", "1000"], b"\x00\x01" * 100, r"--channels 1000 out of range"),
+        (["--format", "f32le"], struct.pack("<2f", 0.5, float("nan")) * 100, r"NaN or infinite"),
+        ([], b"", r"no audio received"),
+    ],
+    ids=["rate 1", "rate 10 MHz", "0 channels", "1000 channels", "NaN", "empty"],
+)
+def test_bad_raw_stdin_for_segment(
+    args: list[str],
+    stdin: bytes,
+    message: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin)))
+    assert main(["segment", "-", *args]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "Traceback" not in err
+    assert re.search(message, err.strip().splitlines()[-1]), err
