@@ -78,6 +78,7 @@ class CloseCode(enum.IntEnum):
 
     NORMAL = 1000  # the stream or subscription ended normally
     GOING_AWAY = 1001  # the agent is shutting down
+    PROTOCOL_ERROR = 1002  # a frame that breaks RFC 6455 (sent by websockets itself)
     INVALID_DATA = 1007  # a text message that is not UTF-8 (sent by websockets itself)
     TOO_FAST = 1008  # /audio faster than ws.max_audio_rate x real time (after audio_burst_s)
     MESSAGE_TOO_BIG = 1009  # a message over ws.max_message_bytes (sent by websockets itself)

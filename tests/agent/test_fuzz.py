@@ -344,6 +344,67 @@ async def raw_handshake(agent: Agent, data: bytes) -> str:
     return "closed" if answer == b"" or re.match(rb"HTTP/1\.1 4\d\d ", answer) else repr(answer)
 
 
+def ws_frame(
+    opcode: int, payload: bytes, *, fin: bool = True, rsv1: bool = False, masked: bool = True
+) -> bytes:
+    """One raw WebSocket frame as a client would send it (RFC 6455 section 5.2)."""
+    head = bytes([(0x80 if fin else 0) | (0x40 if rsv1 else 0) | opcode])
+    mask_bit = 0x80 if masked else 0
+    if len(payload) < 126:
+        head += bytes([mask_bit | len(payload)])
+    else:
+        head += bytes([mask_bit | 126]) + struct.pack(">H", len(payload))
+    if not masked:
+        return head + payload
+    key = b"\x12\x34\x56\x78"
+    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+
+
+#: Frames that break RFC 6455 itself, sent after a good hello: websockets closes with 1002.
+BAD_FRAMES: list[tuple[str, bytes]] = [
+    ("unmasked frame", ws_frame(0x2, b"\x00\x00", masked=False)),
+    ("RSV1 without an extension", ws_frame(0x2, b"\x00\x00", rsv1=True)),
+    ("unknown opcode", ws_frame(0x3, b"\x00\x00")),
+    ("control frame of 126 bytes", ws_frame(0x9, b"p" * 126)),
+    ("fragmented ping", ws_frame(0x9, b"p", fin=False)),
+    ("continuation without a start", ws_frame(0x0, b"\x00\x00")),
+    ("close code 999", ws_frame(0x8, struct.pack(">H", 999))),
+    (
+        "new message inside a fragmented one",
+        ws_frame(0x2, b"\x00", fin=False) + ws_frame(0x2, b"\x00"),
+    ),
+]
+
+
+async def raw_frames(agent: Agent, frames: bytes) -> int | None:
+    """Open `/audio` by hand, send a good hello, then ``frames``; the close code the agent
+    answers with (None if it closes without a close frame)."""
+    assert agent.ws is not None and agent.ws.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", agent.ws.port)
+    try:
+        writer.write(
+            b"GET /audio HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer " + TOKEN.encode() + b"\r\n\r\n"
+        )
+        async with asyncio.timeout(10 * TIMING):
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+            writer.write(ws_frame(0x1, hello(f"raw{id(frames)}").encode()) + frames)
+            data = await reader.read()  # the ready notice, then the close frame, then EOF
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+    while data:  # server frames are unmasked; walk them to the close frame
+        opcode, length, offset = data[0] & 0x0F, data[1] & 0x7F, 2
+        if length == 126:
+            length, offset = struct.unpack(">H", data[2:4])[0], 4
+        payload, data = data[offset : offset + length], data[offset + length :]
+        if opcode == 0x8:
+            return int(struct.unpack(">H", payload[:2])[0]) if len(payload) >= 2 else None
+    return None
+
+
 EVENTS_QUERIES = ["/events?kind=poem", "/events?kind=%FF%FE", "/events?kind=caption,,status,x"]
 
 
@@ -446,6 +507,8 @@ async def test_malformed_websocket_input_while_a_good_stream_is_heard(
         checks.append(expect("half-open handshake", half_open_handshake(agent), b""))
         for name, data in RAW_HANDSHAKES:
             checks.append(expect(name, raw_handshake(agent, data), "closed"))
+        for name, frames in BAD_FRAMES:
+            checks.append(expect(name, raw_frames(agent, frames), CloseCode.PROTOCOL_ERROR))
         for path in EVENTS_QUERIES:
             checks.append(expect(path, events_query(agent, path), CloseCode.BAD_REQUEST))
         # The stream the good client is feeding cannot be taken over.
