@@ -502,6 +502,12 @@ def _out(line: str) -> None:
     print(line, flush=True)  # noqa: T201 (benchmark output)
 
 
+def _trend(rss: dict[str, Any]) -> str:
+    if rss["flat"]:
+        return "flat"
+    return "GROWING" if rss["slope_mib_per_min"] > 0 else "shrinking: run longer to judge"
+
+
 def _print_table(r: dict[str, Any]) -> None:
     lag, rss, w = r["loop_lag_ms"], r["rss_mib"], r["windows"]
     rows = [
@@ -527,7 +533,7 @@ def _print_table(r: dict[str, Any]) -> None:
          f" s of {lag['run_s']} s for a CPU)"),
         ("RSS", f"peak {rss['peak']} MiB; {rss['start']} -> {rss['end']} MiB; slope "
          f"{rss['slope_mib_per_min']} MiB/min after the warm-up ({WARMUP_S:g} s) "
-         f"({'flat' if rss['flat'] else 'GROWING'})"),
+         f"({_trend(rss)})"),
         ("machine load (1 min avg)", f"mean {r['machine_load_1min']['mean']}, max "
          f"{r['machine_load_1min']['max']} on {os.cpu_count()} CPUs (shared with other work)"),
         ("agent exit", f"code {r['agent_exit_code']}, {r['agent_log_tracebacks']} tracebacks"),
