@@ -546,8 +546,16 @@ def _print_table(r: dict[str, Any]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the load benchmark; print a Markdown table (or ``--json``)."""
-    if args.slow > args.subscribers:
-        raise SystemExit(f"--slow {args.slow} is more than --subscribers {args.subscribers}")
+    if not 0 <= args.slow <= args.subscribers or args.streams < 1 or args.seconds <= 0:
+        logger.error(
+            "expected 0 <= --slow <= --subscribers, --streams >= 1 and --seconds > 0; got "
+            "--slow %d --subscribers %d --streams %d --seconds %g",
+            args.slow,
+            args.subscribers,
+            args.streams,
+            args.seconds,
+        )
+        return 2
     with tempfile.TemporaryDirectory(prefix="salmonn-load-") as tmp:
         report = asyncio.run(_drive(args, Path(tmp)))
     report["machine"] = f"{platform.machine()}, {os.cpu_count()} CPUs"
