@@ -1160,7 +1160,7 @@ def _greedy_decode(
         out = model(
             encoder_outputs=(hidden,),
             decoder_input_ids=chosen[:, None],
-            past_key_values=out.past_key_values,
+            cache=out.cache,
             use_cache=True,
         )
     return results
