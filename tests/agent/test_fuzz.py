@@ -42,6 +42,10 @@ from tests.agent.test_ws import FRAME_BYTES, comparable, recv_json, url
 TOKEN = "fuzz-token-Zq8r2Lw"
 AUTH = headers_with_token(TOKEN)
 GOOD = "good"
+#: Where the good stream pauses for the fuzz: inside the clip's speech segment (6.92 to 9.03 s;
+#: segments start as "sound" and get their kind at the end), so an utterance is open while the
+#: fuzz runs.
+SPLIT_S = 8.0
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -74,29 +78,32 @@ def fuzz_config(**sections: Any) -> AgentConfig:
 # -- the well-behaved stream ------------------------------------------------------------------
 
 
-async def good_stream(
-    agent: Agent, pcm: bytes, halfway: asyncio.Event, go_on: asyncio.Event
-) -> None:
-    """Send the clip on `/audio` as stream `good`: the first half, then (after ``go_on``) the
-    rest, so the fuzz happens mid-stream (and mid-utterance), then close normally."""
+async def good_stream(agent: Agent, pcm: bytes, go_on: asyncio.Event) -> None:
+    """Send the clip on `/audio` as stream `good` up to `SPLIT_S`, then (after ``go_on``) the
+    rest, then close normally."""
     async with connect(url(agent, "/audio"), additional_headers=AUTH) as audio:
         await audio.send(hello(GOOD))
         assert (await recv_json(audio))["status"] == "ready"
-        half = len(pcm) // 2 // FRAME_BYTES * FRAME_BYTES
-        for i in range(0, half, FRAME_BYTES):
+        split = int(SPLIT_S * 32000) // FRAME_BYTES * FRAME_BYTES
+        for i in range(0, split, FRAME_BYTES):
             await audio.send(pcm[i : i + FRAME_BYTES])
-        halfway.set()
         await go_on.wait()
-        for i in range(half, len(pcm), FRAME_BYTES):
+        for i in range(split, len(pcm), FRAME_BYTES):
             await audio.send(pcm[i : i + FRAME_BYTES])
 
 
-async def read_events(events: ClientConnection) -> list[dict[str, Any]]:
-    """Everything an `/events?stream=good` client gets until `good` is closed."""
+async def read_events(
+    events: ClientConnection, speech_open: asyncio.Event | None = None
+) -> list[dict[str, Any]]:
+    """Everything an `/events?stream=good` client gets until `good` is closed; sets
+    ``speech_open`` when the segment holding `SPLIT_S` starts."""
     out: list[dict[str, Any]] = []
     while True:
         event = await recv_json(events, 60.0)
         out.append(event)
+        started = event.get("status") == "segment_started" and event["stream"] == GOOD
+        if speech_open is not None and started and 6.0 < event["detail"]["start"] < SPLIT_S:
+            speech_open.set()
         if event.get("status") == "stream_closed" and event["stream"] == GOOD:
             return out
 
@@ -113,7 +120,7 @@ def reference(tiny_model: Any, clip_path: Path) -> list[tuple[Any, ...]]:
                 await recv_json(events)
                 go_on = asyncio.Event()
                 go_on.set()
-                await good_stream(agent, pcm_s16(clip_path), asyncio.Event(), go_on)
+                await good_stream(agent, pcm_s16(clip_path), go_on)
                 return comparable(await read_events(events))
 
     got = asyncio.run(alone())
@@ -450,13 +457,12 @@ HANDSHAKE_CASES: list[tuple[str, str, Any, int]] = [
 ]
 
 
-async def junk_events_client(agent: Agent, halfway_events: asyncio.Event) -> ClientConnection:
+async def junk_events_client(agent: Agent) -> ClientConnection:
     """An `/events` client that sends junk text and binary (ignored, per docs/agent.md)."""
     events = await connect(url(agent, f"/events?stream={GOOD}&partial=0"), additional_headers=AUTH)
     await recv_json(events)
     for junk in ("hello?", '{"kind": "x"}', b"\x00\xff" * 100, hello(GOOD)):
         await events.send(junk)
-    halfway_events.set()
     return events
 
 
@@ -477,13 +483,13 @@ async def test_malformed_websocket_input_while_a_good_stream_is_heard(
             url(agent, f"/events?stream={GOOD}&partial=0"), additional_headers=AUTH
         )
         await recv_json(events)
-        reader = start(read_events(events))
-        junk = await junk_events_client(agent, asyncio.Event())
+        speech_open, go_on = asyncio.Event(), asyncio.Event()
+        reader = start(read_events(events, speech_open))
+        junk = await junk_events_client(agent)
         junk_reader = start(read_events(junk))
-        halfway, go_on = asyncio.Event(), asyncio.Event()
-        good = start(good_stream(agent, pcm_s16(clip_path), halfway, go_on))
+        good = start(good_stream(agent, pcm_s16(clip_path), go_on))
         async with asyncio.timeout(60 * TIMING):
-            await halfway.wait()
+            await speech_open.wait()  # the good stream is mid-utterance from here on
 
         async def expect(name: str, got: Awaitable[Any], want: Any) -> str | None:
             value = await got
@@ -602,11 +608,11 @@ async def test_malformed_mqtt_control_while_a_good_stream_is_heard(
             url(agent, f"/events?stream={GOOD}&partial=0"), additional_headers=AUTH
         )
         await recv_json(events)
-        reader = start(read_events(events))
-        halfway, go_on = asyncio.Event(), asyncio.Event()
-        good = start(good_stream(agent, pcm_s16(clip_path), halfway, go_on))
+        speech_open, go_on = asyncio.Event(), asyncio.Event()
+        reader = start(read_events(events, speech_open))
+        good = start(good_stream(agent, pcm_s16(clip_path), go_on))
         async with asyncio.timeout(60 * TIMING):
-            await halfway.wait()
+            await speech_open.wait()  # the good stream is mid-utterance from here on
         async with aiomqtt.Client("127.0.0.1", mosquitto.port, identifier="fuzzer") as remote:
             for _name, payload in BAD_CONTROL:
                 await remote.publish(f"salmonn/{GOOD}/set", payload, qos=1)
