@@ -307,6 +307,10 @@ class WsConfig:
         client_max_dropped: A client that has lost this many events since it last caught up
             is closed (code 4429).
         send_timeout_s: A client that takes longer to accept one message is closed (4429).
+        send_buffer_bytes: Kernel send buffer of each `/events` connection (``SO_SNDBUF``; 0:
+            the system's, which grows to megabytes). Small, so a stalled client fills the
+            agent's own queue (`client_queue`, then 4429) instead of hiding a backlog of stale
+            events in the kernel.
         hello_timeout_s: An `/audio` client must send its hello within this time (4408); a
             connection must also finish its HTTP opening handshake within it.
         max_sample_rate_hz: Highest `/audio` sample rate accepted.
@@ -329,6 +333,7 @@ class WsConfig:
     client_queue: int = 256
     client_max_dropped: int = 1024
     send_timeout_s: float = 10.0
+    send_buffer_bytes: int = 65536
     hello_timeout_s: float = 10.0
     max_sample_rate_hz: int = 48000
     max_channels: int = 8
@@ -362,6 +367,11 @@ class WsConfig:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"ws.{name}: expected >= 1, got {getattr(self, name)}")
+        if self.send_buffer_bytes < 0:
+            raise ConfigError(
+                "ws.send_buffer_bytes: expected >= 0 (0: the system's), "
+                f"got {self.send_buffer_bytes}"
+            )
         for name in ("send_timeout_s", "hello_timeout_s", "close_timeout_s", "audio_burst_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"ws.{name}: expected > 0 s, got {getattr(self, name)}")

@@ -38,6 +38,7 @@ import json
 import logging
 import mimetypes
 import re
+import socket
 import ssl
 import time
 from collections.abc import Mapping
@@ -403,6 +404,14 @@ class WsServer:
                 return False
             return partial or not event.get("partial", False)
 
+        sock = connection.transport.get_extra_info("socket")
+        if sock is not None and self.ws.send_buffer_bytes:
+            # The kernel's send buffer grows to megabytes: a stalled client would hide a
+            # backlog of stale events there before our queue and 4429 ever see it.
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.ws.send_buffer_bytes)
+            except OSError as exc:
+                logger.debug("cannot set SO_SNDBUF on %s: %s", connection.remote_address, exc)
         sub = self.bus.subscribe(f"ws:{connection.remote_address}", self.ws.client_queue, accept)
         self._events.add(connection)
         try:

@@ -12,6 +12,7 @@ import hmac
 import json
 import logging
 import os
+import socket
 import ssl
 import time
 from collections.abc import Callable
@@ -385,6 +386,62 @@ async def test_a_real_time_client_longer_than_the_burst_is_never_closed(tiny_mod
                 await paced.send(b"\x00\x01" * (FRAME_BYTES // 2))
             await paced.close()
         assert paced.close_code == CloseCode.NORMAL
+
+
+class _LogFlag(logging.Handler):
+    """Sets `seen` when a record containing ``needle`` is logged (on the loop's thread)."""
+
+    def __init__(self, needle: str) -> None:
+        super().__init__()
+        self.needle = needle
+        self.seen = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.needle in record.getMessage():
+            self.seen.set()
+
+
+async def test_a_stalled_events_client_is_caught_by_the_agent(tiny_model: Any) -> None:
+    """A client that stops reading (small receive buffer, one message queued) while 600
+    events of 4 kB (2.4 MB) go out: with the kernel send buffer capped (`send_buffer_bytes`)
+    a send soon blocks and the client is closed with 4429 within `send_timeout_s`. (With the
+    system's buffer, megabytes, the backlog would hide in the kernel and nothing notice.)"""
+    config = make_config(
+        ws={
+            "client_queue": 16,
+            "client_max_dropped": 32,
+            "send_timeout_s": 2.0,
+            "send_buffer_bytes": 16384,
+        }
+    )
+    gave_up = _LogFlag("too slow")
+    logging.getLogger("agent.ws").addHandler(gave_up)
+    async with contextlib.AsyncExitStack() as stack:
+        stack.callback(logging.getLogger("agent.ws").removeHandler, gave_up)
+        agent_ = await stack.enter_async_context(run_agent(config, lambda: tiny_model))
+        assert agent_.ws is not None and agent_.pipeline is not None
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", agent_.ws.port))
+        stalled = await connect(url(agent_, "/events?kind=status"), sock=sock, max_queue=1)
+        padding = "x" * 4096
+        for i in range(600):
+            agent_.pipeline.emit_status(
+                {"status": "load", "message": str(i), "detail": {"pad": padding}}
+            )
+            await asyncio.sleep(0)  # let the pump run, as with a real event source
+        async with asyncio.timeout(20 * TIMING):
+            await gave_up.seen.wait()  # the agent's "closing ... too slow" warning
+        assert agent_.ws.counters["events_too_slow"] == 1
+        received = 0
+        async with asyncio.timeout(20 * TIMING):  # now read: what was buffered, then the end
+            with contextlib.suppress(ConnectionClosed):
+                while True:
+                    await stalled.recv()
+                    received += 1
+        assert stalled.close_code in (CloseCode.TOO_SLOW, 1006)  # 1006: its close frame was stuck
+        assert received < 300
 
 
 @pytest.mark.parametrize(
