@@ -50,7 +50,7 @@ from urllib.parse import parse_qs, urlsplit
 import numpy as np
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
@@ -116,11 +116,12 @@ class _RedactTokens(logging.Filter):
         self.secrets: collections.Counter[str] = collections.Counter()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.msg == "opening handshake failed" and record.exc_info:
+        exc = record.exc_info[1] if record.exc_info else None
+        if record.msg == "opening handshake failed" and isinstance(exc, InvalidHandshake):
             # Anything on the network can send a bad request (scanners, TLS to the plain port):
-            # one INFO line, not an ERROR with a traceback quoting the request.
-            exc = record.exc_info[1]
-            cause = exc.__cause__ if exc is not None else None
+            # one INFO line, not an ERROR with a traceback quoting the request. (Any other
+            # exception is a bug of ours in `_process_request`: it stays an ERROR.)
+            cause = exc.__cause__
             record.msg, record.args = (
                 "opening handshake failed: %s%s",
                 (exc, f" ({cause})" if cause else ""),
