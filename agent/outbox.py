@@ -203,7 +203,7 @@ class Outbox:
         if self._dir is None:
             return
         try:
-            self._dir.mkdir(parents=True, exist_ok=True)
+            self._dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             path = self._dir / JOURNAL_NAME
             if path.exists():
                 self._recover(path)
@@ -212,6 +212,7 @@ class Outbox:
                 self._rewrite()
             else:
                 self._file = path.open("wb", buffering=0)
+                path.chmod(0o600)
         except OSError as exc:
             self._disk_error("opening", exc)
 
@@ -311,8 +312,9 @@ class Outbox:
         path = self._dir / JOURNAL_NAME
         tmp = path.with_suffix(".tmp")
         try:
-            self._dir.mkdir(parents=True, exist_ok=True)
+            self._dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             with tmp.open("w", encoding="utf-8") as f:
+                tmp.chmod(0o600)
                 for e in self._queue:
                     rec = {
                         "seq": e.seq,

@@ -3,8 +3,8 @@
 Audio goes out in frames of --block-ms. If the agent is unreachable or the connection
 drops, the streamer reconnects with capped backoff and a new hello (the agent then starts
 a new stream clock); meanwhile at most --buffer-s seconds of audio wait, the oldest dropped
-and counted. Files are paced in real time unless --fast (then they wait, nothing is
-dropped).
+and counted. Files are paced in real time unless --fast (first 20 s at once, then 3x real
+time, under the agent's rate limit; they wait for room, nothing is dropped).
 
 Examples:
   python -m clients.mic_stream --agent ws://robot-host:8765 --stream kitchen
@@ -67,7 +67,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="audio kept while disconnected (s); the oldest beyond it is dropped",
     )
     parser.add_argument(
-        "--fast", action="store_true", help="send a --file as fast as the agent takes it"
+        "--fast",
+        action="store_true",
+        help="send a --file faster than real time: its first 20 s at once, then 3x (under the"
+        " agent's default ws.max_audio_rate)",
     )
     parser.add_argument(
         "--token", help=f"the agent's token (better: the {TOKEN_ENV} environment variable)"

@@ -99,14 +99,24 @@ class FrameBuffer:
 # -- sources ---------------------------------------------------------------------------------
 
 
-async def _paced(frames: Any, buffer: FrameBuffer, period_s: float | None) -> None:
-    """Put frames into the buffer, one per ``period_s`` (None: as fast as the buffer drains)."""
+#: ``--fast`` sends a file's first FAST_BURST_S seconds at once, then FAST_SPEED times real
+#: time: under the agent's default `/audio` limit (`ws.max_audio_rate` 4x after a 30 s burst),
+#: which closes a stream that stays faster.
+FAST_BURST_S = 20.0
+FAST_SPEED = 3.0
+
+
+async def _paced(frames: Any, buffer: FrameBuffer, frame_s: float, speed: float) -> None:
+    """Put frames into the buffer at ``speed`` times real time. At 1 (a microphone's pace) a
+    full buffer drops its oldest frame; faster, the first `FAST_BURST_S` seconds go at once
+    and a full buffer makes the file wait."""
     start = time.monotonic()
+    fast = speed > 1
     for i, frame in enumerate(frames):
-        if period_s is None:
+        due = start + max(0.0, i * frame_s - (FAST_BURST_S if fast else 0.0)) / speed
+        await asyncio.sleep(max(0.0, due - time.monotonic()))
+        if fast:
             await buffer.wait_room()
-        else:
-            await asyncio.sleep(max(0.0, start + i * period_s - time.monotonic()))
         buffer.put(frame)
 
 
@@ -123,8 +133,9 @@ async def file_source(path: Path, block_ms: int, buffer: FrameBuffer, realtime: 
         path: The file.
         block_ms: Frame length.
         buffer: Where frames go.
-        realtime: Pace frames at the audio's own speed (like a microphone); else as fast as
-            the buffer drains (a full buffer makes the file wait, nothing is dropped).
+        realtime: Pace frames at the audio's own speed (like a microphone); else send the
+            first `FAST_BURST_S` seconds at once and the rest at `FAST_SPEED` times real time
+            (a full buffer makes the file wait, nothing is dropped).
     """
     fmt = file_format(path)
     block = fmt.frame_bytes(block_ms) // (2 * fmt.channels)
@@ -133,7 +144,7 @@ async def file_source(path: Path, block_ms: int, buffer: FrameBuffer, realtime: 
             np.ascontiguousarray(chunk, dtype="<i2").tobytes()
             for chunk in f.blocks(blocksize=block, dtype="int16", always_2d=True)
         )
-        await _paced(frames, buffer, block_ms / 1000 if realtime else None)
+        await _paced(frames, buffer, block_ms / 1000, 1.0 if realtime else FAST_SPEED)
     buffer.close()
 
 

@@ -137,3 +137,22 @@ def test_in_memory_outbox() -> None:
     for i in range(3):
         box.put(f"t/{i}", "x")
     assert topics(box) == ["t/1", "t/2"] and box.path is None
+
+
+def test_a_new_outbox_is_private(tmp_path: Path) -> None:
+    """Transcripts wait in the journal: its directory is 0700 and the journal 0600, whatever
+    the umask, also after a rewrite."""
+    old = os.umask(0o022)
+    try:
+        box = Outbox(tmp_path / "state" / "outbox", 10)
+        box.put("t/0", "secret words")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "state" / "outbox").stat().st_mode & 0o777 == 0o700
+    journal = tmp_path / "state" / "outbox" / JOURNAL_NAME
+    assert journal.stat().st_mode & 0o777 == 0o600
+    box.close()
+    reopened = Outbox(tmp_path / "state" / "outbox", 10)  # recovery rewrites the journal
+    assert topics(reopened) == ["t/0"]
+    assert journal.stat().st_mode & 0o777 == 0o600
+    reopened.close()

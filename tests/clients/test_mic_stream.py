@@ -41,6 +41,37 @@ def test_frame_buffer_drops_the_oldest_and_counts() -> None:
     assert dropped == 2
 
 
+def test_fast_files_burst_then_keep_under_the_agents_rate_limit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """--fast: the first FAST_BURST_S seconds at once, then FAST_SPEED x real time (the
+    agent closes streams that stay above ws.max_audio_rate, 4x by default)."""
+    from clients.mic_stream import streamer
+
+    clock = [0.0]
+
+    async def fake_sleep(delay: float) -> None:
+        clock[0] += max(0.0, delay)
+
+    monkeypatch.setattr(streamer.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(streamer.asyncio, "sleep", fake_sleep)
+    sent_at: list[float] = []
+
+    class Recorder(FrameBuffer):
+        def put(self, frame: bytes) -> None:
+            sent_at.append(clock[0])
+
+    async def scenario() -> None:
+        await streamer._paced([b"x"] * 50, Recorder(100), 1.0, streamer.FAST_SPEED)
+
+    asyncio.run(scenario())
+    burst = int(streamer.FAST_BURST_S)
+    assert sent_at[: burst + 1] == [0.0] * (burst + 1)
+    audio_s = 50.0
+    assert sent_at[-1] == pytest.approx((audio_s - 1 - streamer.FAST_BURST_S) / streamer.FAST_SPEED)
+    assert streamer.FAST_SPEED < 4.0  # the agent's default ws.max_audio_rate
+
+
 def test_file_reaches_the_agent_and_is_answered(agent: AgentProcess, clip: Path) -> None:
     done = stream_file(agent, "ms-file", clip)
     assert "sent 130 frames over 1 connection(s); dropped 0" in done.stderr  # 13 s / 100 ms
