@@ -24,7 +24,6 @@ import collections
 import contextlib
 import json
 import logging
-import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -48,6 +47,7 @@ from agent.config import AgentConfig
 from agent.errors import ConfigError
 from agent.events import EventKind, WallClock
 from agent.fanout import EventBus
+from agent.mqtt import backoff_s, reraise_if_cancelling
 from agent.pipeline import Pipeline
 from agent.worker import InferenceWorker, Window
 
@@ -266,12 +266,9 @@ class ClusterWorker:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    raise asyncio.CancelledError from exc
+                reraise_if_cancelling(exc)
                 failures += 1
-                delay = min(_RECONNECT_MAX_S, _RECONNECT_MIN_S * 2 ** (failures - 1))
-                delay *= random.uniform(0.8, 1.0)
+                delay = backoff_s(failures, _RECONNECT_MIN_S, _RECONNECT_MAX_S)
                 logger.warning(
                     "worker %s: MQTT connection lost or refused (%s); retrying in %.1f s",
                     self.id,

@@ -26,7 +26,6 @@ import collections
 import contextlib
 import json
 import logging
-import random
 import secrets
 import time
 from collections.abc import Callable
@@ -54,6 +53,7 @@ from agent.config import AgentConfig
 from agent.errors import AgentError, ConfigError
 from agent.events import WallClock
 from agent.fanout import EventBus
+from agent.mqtt import backoff_s, reraise_if_cancelling
 from agent.pipeline import Pipeline, StreamHandle
 from agent.worker import Window
 from agent.ws import WsServer
@@ -319,12 +319,9 @@ class RemoteWindows:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    raise asyncio.CancelledError from exc
+                reraise_if_cancelling(exc)
                 failures += 1
-                delay = min(_RECONNECT_MAX_S, _RECONNECT_MIN_S * 2 ** (failures - 1))
-                delay *= random.uniform(0.8, 1.0)
+                delay = backoff_s(failures, _RECONNECT_MIN_S, _RECONNECT_MAX_S)
                 logger.warning(
                     "edge %s: MQTT connection lost or refused (%s); retrying in %.1f s "
                     "(%d windows waiting)",

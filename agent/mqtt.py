@@ -59,6 +59,23 @@ class MqttConnectError(MqttError):
     """The broker refused the connection for a reason retrying cannot fix (credentials, TLS)."""
 
 
+def reraise_if_cancelling(exc: BaseException) -> None:
+    """Raise `asyncio.CancelledError` when the current task is being cancelled.
+
+    aiomqtt's ``__aexit__`` can turn a cancellation into ``MqttError`` (the disconnect times
+    out), which a reconnect loop would otherwise take for a lost connection and swallow.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError from exc
+
+
+def backoff_s(failures: int, min_s: float, max_s: float) -> float:
+    """The wait before reconnection attempt ``failures`` (1, 2, ...): doubling from ``min_s``,
+    capped at ``max_s``, with jitter (80-100 %) so that clients do not retry in step."""
+    return min(max_s, min_s * 2 ** (failures - 1)) * random.uniform(0.8, 1.0)
+
+
 @dataclass(frozen=True)
 class MqttConfig:
     """Validated MQTT settings (the `[mqtt]` table of the TOML config).
@@ -715,10 +732,7 @@ class MqttPublisher:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    # aiomqtt's __aexit__ can turn our cancellation into a disconnect timeout.
-                    raise asyncio.CancelledError from exc
+                reraise_if_cancelling(exc)
                 fatal = _fatal_reason(exc)
                 if not self._first_attempt.done():
                     if fatal is not None:
@@ -728,8 +742,7 @@ class MqttPublisher:
                         return
                     self._first_attempt.set_result(None)
                 failures += 1
-                delay = min(cfg.reconnect_max_s, cfg.reconnect_min_s * 2 ** (failures - 1))
-                delay *= random.uniform(0.8, 1.0)
+                delay = backoff_s(failures, cfg.reconnect_min_s, cfg.reconnect_max_s)
                 was = "lost connection to" if self._counters["connects"] else "cannot reach"
                 if isinstance(exc, aiomqtt.MqttError | OSError):
                     logger.warning(
