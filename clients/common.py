@@ -12,6 +12,7 @@ import ssl
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import aiomqtt
@@ -115,3 +116,21 @@ async def mqtt_client(url: MqttUrl, client_id: str) -> AsyncIterator[aiomqtt.Cli
         if task is not None and task.cancelling():
             raise asyncio.CancelledError from None
         raise
+
+
+async def cancel_and_wait(*tasks: asyncio.Task[Any]) -> list[BaseException | None]:
+    """Cancel tasks and wait until every one has finished; the exception each raised (None
+    for one that returned or was cancelled).
+
+    Cancels again while any is still running: on Python 3.11, `asyncio.wait_for` (inside
+    aiomqtt's publish, for one) drops a cancellation that arrives as its awaited result
+    does, and the task would then go on waiting for the next message forever.
+    """
+    for task in tasks:
+        task.cancel()
+    pending = {t for t in tasks if not t.done()}
+    while pending:
+        _, pending = await asyncio.wait(pending, timeout=0.5)
+        for task in pending:
+            task.cancel()
+    return [None if t.cancelled() else t.exception() for t in tasks]

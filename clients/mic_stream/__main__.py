@@ -22,7 +22,7 @@ import signal
 import sys
 from pathlib import Path
 
-from clients.common import DEFAULT_AGENT_URL, TOKEN_ENV, say
+from clients.common import DEFAULT_AGENT_URL, TOKEN_ENV, cancel_and_wait, say
 from clients.mic_stream.streamer import (
     AudioFormat,
     FatalError,
@@ -111,9 +111,7 @@ async def stream(args: argparse.Namespace) -> int:
         say(PROG, f"the agent refused the stream: {exc}")
         return 1
     finally:
-        for task in (source_task, send_task):
-            task.cancel()
-        await asyncio.gather(source_task, send_task, return_exceptions=True)
+        await cancel_and_wait(source_task, send_task)
         say(
             PROG,
             f"sent {sender.counters['sent']} frames over {sender.counters['connections']} "

@@ -28,7 +28,15 @@ from typing import Any
 
 import aiomqtt
 
-from clients.common import DEFAULT_PREFIX, Backoff, MqttUrl, mqtt_client, parse_mqtt_url, say
+from clients.common import (
+    DEFAULT_PREFIX,
+    Backoff,
+    MqttUrl,
+    cancel_and_wait,
+    mqtt_client,
+    parse_mqtt_url,
+    say,
+)
 
 PROG = "speaker"
 KINDS = ("answer", "transcript", "caption", "command")
@@ -204,20 +212,17 @@ async def serve(args: argparse.Namespace, url: MqttUrl, speaker: Speaker) -> int
                     try:
                         await asyncio.wait({listener, done}, return_when=asyncio.FIRST_COMPLETED)
                     finally:
-                        for task in (listener, done):
-                            task.cancel()
-                        results = await asyncio.gather(listener, done, return_exceptions=True)
-                    for result in results:
-                        if isinstance(result, aiomqtt.MqttError):
-                            raise result
+                        errors = await cancel_and_wait(listener, done)
+                    for error in errors:
+                        if isinstance(error, aiomqtt.MqttError):
+                            raise error
             except aiomqtt.MqttError as exc:
                 speaker.client = None
                 delay = backoff.next()
                 say(PROG, f"broker {url} unreachable ({exc}); retrying in {delay:.1f} s")
                 await asyncio.sleep(delay)
     finally:
-        runner.cancel()
-        await asyncio.gather(runner, return_exceptions=True)
+        await cancel_and_wait(runner)
         say(PROG, f"spoke {speaker.spoken} text(s)")
     return 0
 
