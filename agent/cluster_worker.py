@@ -47,7 +47,7 @@ from agent.config import AgentConfig
 from agent.errors import ConfigError
 from agent.events import EventKind, WallClock
 from agent.fanout import EventBus
-from agent.mqtt import backoff_s, reraise_if_cancelling
+from agent.mqtt import backoff_s, cancel_and_wait, reraise_if_cancelling
 from agent.pipeline import Pipeline
 from agent.worker import InferenceWorker, Window
 
@@ -288,9 +288,7 @@ class ClusterWorker:
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await cancel_and_wait(tasks)
         for task in done:
             if not task.cancelled() and (exc := task.exception()) is not None:
                 raise exc

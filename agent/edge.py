@@ -53,7 +53,7 @@ from agent.config import AgentConfig
 from agent.errors import AgentError, ConfigError
 from agent.events import WallClock
 from agent.fanout import EventBus
-from agent.mqtt import backoff_s, reraise_if_cancelling
+from agent.mqtt import backoff_s, cancel_and_wait, reraise_if_cancelling
 from agent.pipeline import Pipeline, StreamHandle
 from agent.worker import Window
 from agent.ws import WsServer
@@ -344,9 +344,7 @@ class RemoteWindows:
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await cancel_and_wait(tasks)
         for task in done:
             if not task.cancelled() and (exc := task.exception()) is not None:
                 raise exc

@@ -17,7 +17,7 @@ import random
 import re
 import socket
 import ssl
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -68,6 +68,22 @@ def reraise_if_cancelling(exc: BaseException) -> None:
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError from exc
+
+
+async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]]) -> None:
+    """Cancel tasks and wait until every one has finished, cancelling again while any runs.
+
+    On Python 3.11, `asyncio.wait_for` (inside aiomqtt's publish) drops a cancellation that
+    arrives as its awaited result does; a plain cancel-then-gather can then wait forever.
+    """
+    tasks = list(tasks)
+    for task in tasks:
+        task.cancel()
+    pending = {t for t in tasks if not t.done()}
+    while pending:
+        _, pending = await asyncio.wait(pending, timeout=0.5)
+        for task in pending:
+            task.cancel()
 
 
 def backoff_s(failures: int, min_s: float, max_s: float) -> float:
@@ -787,9 +803,7 @@ class MqttPublisher:
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await cancel_and_wait(tasks)
         for task in done:
             if (exc := task.exception()) is not None:
                 raise exc
@@ -840,9 +854,7 @@ class MqttPublisher:
                 self._counters["published"] += 1
                 self._check_disk()
         finally:
-            for _, task in in_flight:
-                task.cancel()
-            await asyncio.gather(*(t for _, t in in_flight), return_exceptions=True)
+            await cancel_and_wait(t for _, t in in_flight)
 
     async def _receiver(self, client: aiomqtt.Client) -> None:
         """Serve control messages and Home Assistant's birth message."""
