@@ -47,7 +47,7 @@ from agent.config import AgentConfig
 from agent.errors import ConfigError
 from agent.events import EventKind, WallClock
 from agent.fanout import EventBus
-from agent.mqtt import backoff_s, cancel_and_wait, reraise_if_cancelling
+from agent.mqtt import backoff_s, cancel_and_wait, fatal_reason, reraise_if_cancelling
 from agent.pipeline import Pipeline
 from agent.worker import InferenceWorker, Window
 
@@ -115,6 +115,9 @@ class ClusterWorker:
         self.worker: InferenceWorker | None = None
         self.pipeline: _WorkerPipeline | None = None
         self.subscribed = asyncio.Event()
+        #: Why the broker refused this worker for good (bad credentials, TLS); None until then.
+        self.refused: str | None = None
+        self._refused = asyncio.Event()
         self.counters = {
             "windows": 0,
             "duplicates": 0,
@@ -185,6 +188,7 @@ class ClusterWorker:
         waiters = {
             asyncio.ensure_future(stop.wait()): "stop requested",
             asyncio.ensure_future(self.pipeline.wait_failed()): "pipeline failed",
+            asyncio.ensure_future(self._refused.wait()): "refused by the broker",
         }
         try:
             done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
@@ -267,6 +271,13 @@ class ClusterWorker:
                 raise
             except Exception as exc:
                 reraise_if_cancelling(exc)
+                fatal = fatal_reason(exc)
+                if fatal is not None and not self.counters["connects"]:
+                    # Wrong credentials or TLS files: retrying cannot help, so say so and stop.
+                    self.refused = fatal
+                    logger.error("worker %s: the MQTT broker refused it: %s", self.id, fatal)
+                    self._refused.set()
+                    return
                 failures += 1
                 delay = backoff_s(failures, _RECONNECT_MIN_S, _RECONNECT_MAX_S)
                 logger.warning(

@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import signal
+import sys
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -101,6 +102,9 @@ async def _main(config: Any) -> int:
         async with ClusterWorker(config, _model_loader(config.model)) as worker:
             reason = await worker.run(stop)
             logger.info("worker %s stopping: %s", worker.id, reason)
+            if worker.refused is not None:
+                sys.stderr.write(f"salmonn-live worker: MQTT broker refused: {worker.refused}\n")
+                return 2
             failed = worker.pipeline is not None and worker.pipeline.failure is not None
     finally:
         for sig in signals:

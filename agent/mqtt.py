@@ -749,7 +749,7 @@ class MqttPublisher:
                 raise
             except Exception as exc:
                 reraise_if_cancelling(exc)
-                fatal = _fatal_reason(exc)
+                fatal = fatal_reason(exc)
                 if not self._first_attempt.done():
                     if fatal is not None:
                         self._first_attempt.set_exception(
@@ -926,7 +926,7 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
-def _fatal_reason(exc: BaseException) -> str | None:
+def fatal_reason(exc: BaseException) -> str | None:
     """What to fix when `exc` is a connection failure retrying cannot cure, else None."""
     if isinstance(exc, aiomqtt.MqttCodeError):
         rc = exc.rc

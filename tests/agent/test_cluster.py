@@ -37,7 +37,13 @@ from agent.events import MODEL_KINDS
 from agent.mqtt import with_mqtt
 from agent.worker import Request, Window
 from tests.agent.conftest import TIMING, make_config
-from tests.agent.mqtt_fixtures import Collector, Mosquitto, collector, mosquitto  # noqa: F401
+from tests.agent.mqtt_fixtures import (  # noqa: F401
+    Collector,
+    Mosquitto,
+    collector,
+    mosquitto,
+    mosquitto_auth,
+)
 
 PREFIX = "t"
 ROOT = Path(__file__).parents[2]
@@ -325,3 +331,23 @@ async def test_a_late_worker_joins_the_pool_and_takes_load(
     assert share.get("late", 0) >= second.remote.stats()["windows"] // 3, share
     assert late.counters["answered"] == share["late"]
     assert early.counters["answered"] == share.get("early", 0) + first.remote.stats()["windows"]
+
+
+async def test_a_worker_refused_by_the_broker_stops_with_the_reason(
+    mosquitto_auth: Mosquitto,  # noqa: F811
+    tmp_path: Path,
+    tiny_model: Any,
+) -> None:
+    """Wrong credentials cannot be cured by retrying: the worker says why and stops."""
+    config = cluster_config(
+        mosquitto_auth,
+        tmp_path,
+        "w-bad",
+        mqtt={"url": f"mqtt://robot:wrong@127.0.0.1:{mosquitto_auth.port}"},
+        cluster={"worker_id": "w-bad"},
+    )
+    async with ClusterWorker(config, lambda: tiny_model) as worker:
+        reason = await asyncio.wait_for(worker.run(asyncio.Event()), 30 * TIMING)
+    assert reason == "refused by the broker"
+    assert worker.refused is not None and "login refused" in worker.refused
+    assert "wrong" not in worker.refused
