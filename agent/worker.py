@@ -452,16 +452,33 @@ class InferenceWorker:
         self._fast.put((windows, emit, done))
 
     def _run_fast(self) -> None:
-        """On the worker thread: answer every fast-lane item waiting."""
+        """On the worker thread: answer every fast-lane item waiting, as one batch (commands
+        said at once on several streams share Whisper's decoder steps)."""
         assert self.runner is not None
         while True:
-            try:
-                windows, emit, done = self._fast.get_nowait()
-            except queue.Empty:
+            items = []
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    items.append(self._fast.get_nowait())
+            if not items:
                 return
-            report = self.runner.run(windows, emit, self._cancel)
+            windows = [w for item_windows, _, _ in items for w in item_windows]
+            emits = {w.id: emit for item_windows, emit, _ in items for w in item_windows}
+            report = self.runner.run(
+                windows, lambda output, to=emits: to[output.window.id](output), self._cancel
+            )
             self.fast_windows += len(windows)
-            done(report)
+            for item_windows, _, done in items:
+                keys = {r.key for w in item_windows for r in w.requests}
+                done(
+                    BatchReport(
+                        finished=report.finished & keys,
+                        error=report.error,
+                        cancelled=report.cancelled,
+                        model_start=report.model_start,
+                        timings_ms=dict(report.timings_ms),
+                    )
+                )
 
     def cancel(self) -> None:
         """Stop the running batch at its next token (its unfinished requests are reported

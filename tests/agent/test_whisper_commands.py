@@ -86,6 +86,7 @@ class SlowLlmModel:
     def __init__(self) -> None:
         self.paused = threading.Event()
         self.go_on = threading.Event()
+        self.whisper_calls: list[int] = []
 
     def encode_audio(self, audio: list[np.ndarray]) -> _Tokens:
         return _Tokens(len(audio))
@@ -108,6 +109,7 @@ class SlowLlmModel:
         return [_Text("x" * max_new_tokens) for _ in rows]
 
     def transcribe_with_whisper(self, audio: list[np.ndarray]) -> list[str]:
+        self.whisper_calls.append(len(audio))
         return ["stop"] * len(audio)
 
 
@@ -163,3 +165,21 @@ async def test_fast_lane_work_submitted_after_the_last_token_still_runs() -> Non
         "s:1/caption",
         "s:2/command",
     }
+
+
+async def test_fast_lane_items_waiting_together_share_one_transcription() -> None:
+    model = SlowLlmModel()
+    outputs: list[Any] = []
+    done: list[BatchReport] = []
+    async with InferenceWorker(lambda: model, max_new_tokens=6, warm_up=False) as worker:
+        batch = asyncio.create_task(worker.run([_window(1, "llm")], outputs.append))
+        assert await asyncio.to_thread(model.paused.wait, 30 * TIMING)
+        for n in (2, 3, 4):  # three streams' commands, submitted separately
+            worker.submit_fast([_window(n, "whisper")], outputs.append, done.append)
+        model.go_on.set()
+        await asyncio.wait_for(batch, 30 * TIMING)
+    assert model.whisper_calls == [3]
+    # Each submitter hears only about its own window.
+    assert [d.finished for d in done] == [{"s:2/command"}, {"s:3/command"}, {"s:4/command"}]
+    finals = [o.request.key for o in outputs if isinstance(o, Final)]
+    assert finals[:3] == ["s:2/command", "s:3/command", "s:4/command"]
