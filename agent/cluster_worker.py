@@ -226,9 +226,7 @@ class ClusterWorker:
         self._stopping.set()
         if self._tasks:
             _, pending = await asyncio.wait(self._tasks, timeout=_FLUSH_TIMEOUT_S)
-            for task in pending:
-                task.cancel("worker shutting down")
-            await asyncio.gather(*pending, return_exceptions=True)
+            await cancel_and_wait(pending)
         await self._stack.aclose()
         logger.info("worker %s stopped: %s", self.id, self.counters)
 

@@ -171,12 +171,7 @@ class RemoteWindows:
 
     async def close(self) -> None:
         """Disconnect (idempotent). Windows still outstanding are reported unfinished."""
-        for task in (self._task, self._timer):
-            if task is not None:
-                task.cancel("edge shutting down")
-        await asyncio.gather(
-            *(t for t in (self._task, self._timer) if t is not None), return_exceptions=True
-        )
+        await cancel_and_wait(t for t in (self._task, self._timer) if t is not None)
         self._task = self._timer = None
         self.abandon("edge shut down before an answer came")
 

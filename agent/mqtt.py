@@ -70,8 +70,9 @@ def reraise_if_cancelling(exc: BaseException) -> None:
         raise asyncio.CancelledError from exc
 
 
-async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]]) -> None:
-    """Cancel tasks and wait until every one has finished, cancelling again while any runs.
+async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]]) -> list[BaseException | None]:
+    """Cancel tasks and wait until every one has finished, cancelling again while any runs;
+    the exception each raised (None for one that returned or was cancelled).
 
     On Python 3.11, `asyncio.wait_for` (inside aiomqtt's publish) drops a cancellation that
     arrives as its awaited result does; a plain cancel-then-gather can then wait forever.
@@ -84,6 +85,7 @@ async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]]) -> None:
         _, pending = await asyncio.wait(pending, timeout=0.5)
         for task in pending:
             task.cancel()
+    return [None if t.cancelled() else t.exception() for t in tasks]
 
 
 def backoff_s(failures: int, min_s: float, max_s: float) -> float:
@@ -547,9 +549,9 @@ class MqttPublisher:
                     logger.info("MQTT: could not publish offline status: %s", exc)
             self._stopping.set()
             if self._run_task is not None:
-                self._run_task.cancel("MqttPublisher closed")
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._run_task
+                (error,) = await cancel_and_wait([self._run_task])
+                if error is not None:
+                    raise error
         finally:
             if self._broker is not None:
                 self._broker.close()

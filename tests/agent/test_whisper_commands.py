@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -130,56 +131,59 @@ def _window(n: int, engine: str) -> Window:
     )
 
 
-async def test_fast_lane_answers_whisper_work_between_tokens_of_a_running_batch() -> None:
+@dataclass
+class FastLaneRun:
+    model: SlowLlmModel
+    outputs: list[Any]
+    done: list[BatchReport]
+    report: BatchReport
+    done_when_run_returned: int
+    fast_windows: int
+
+    @property
+    def final_keys(self) -> list[str]:
+        return [o.request.key for o in self.outputs if isinstance(o, Final)]
+
+
+async def fast_lane_run(max_new_tokens: int, fast: list[int]) -> FastLaneRun:
+    """An LLM batch for window 1 that pauses after its second token; meanwhile each window
+    of ``fast`` is submitted to the fast lane on its own; then the batch goes on."""
     model = SlowLlmModel()
     outputs: list[Any] = []
     done: list[BatchReport] = []
-    async with InferenceWorker(lambda: model, max_new_tokens=6, warm_up=False) as worker:
-        batch = asyncio.create_task(worker.run([_window(1, "llm")], outputs.append))
+    async with InferenceWorker(lambda: model, max_new_tokens=max_new_tokens, warm_up=False) as w:
+        batch = asyncio.create_task(w.run([_window(1, "llm")], outputs.append))
         assert await asyncio.to_thread(model.paused.wait, 30 * TIMING)
-        worker.submit_fast([_window(2, "whisper")], outputs.append, done.append)
+        for n in fast:
+            w.submit_fast([_window(n, "whisper")], outputs.append, done.append)
         model.go_on.set()
         report = await asyncio.wait_for(batch, 30 * TIMING)
-    finals = [o for o in outputs if isinstance(o, Final)]
+        return FastLaneRun(model, outputs, done, report, len(done), w.fast_windows)
+
+
+async def test_fast_lane_answers_whisper_work_between_tokens_of_a_running_batch() -> None:
+    run = await fast_lane_run(6, [2])
     # The command came in after the caption's second token and was answered before its end.
-    assert [f.request.key for f in finals] == ["s:2/command", "s:1/caption"]
-    assert finals[0].text == "stop" and report.finished == {"s:1/caption"}
-    assert len(done) == 1 and done[0].finished == {"s:2/command"}
-    assert worker.fast_windows == 1
+    assert run.final_keys == ["s:2/command", "s:1/caption"]
+    finals = [o for o in run.outputs if isinstance(o, Final)]
+    assert [f.text for f in finals] == ["stop", "xxxxxx"]
+    assert run.report.finished == {"s:1/caption"}
+    assert [d.finished for d in run.done] == [{"s:2/command"}]
+    assert run.fast_windows == 1
 
 
 async def test_fast_lane_work_submitted_after_the_last_token_still_runs() -> None:
-    model = SlowLlmModel()
-    outputs: list[Any] = []
-    done: list[BatchReport] = []
     # Two tokens: the model pauses after its last one, so no token hook runs after the submit.
-    async with InferenceWorker(lambda: model, max_new_tokens=2, warm_up=False) as worker:
-        batch = asyncio.create_task(worker.run([_window(1, "llm")], outputs.append))
-        assert await asyncio.to_thread(model.paused.wait, 30 * TIMING)
-        worker.submit_fast([_window(2, "whisper")], outputs.append, done.append)
-        model.go_on.set()
-        await asyncio.wait_for(batch, 30 * TIMING)
-        # run() returned only after the fast-lane item, whose callbacks came first.
-        assert len(done) == 1
-    assert {o.request.key for o in outputs if isinstance(o, Final)} == {
-        "s:1/caption",
-        "s:2/command",
-    }
+    run = await fast_lane_run(2, [2])
+    assert run.done_when_run_returned == 1  # run() returned only after the fast-lane item
+    assert sorted(run.final_keys) == ["s:1/caption", "s:2/command"]
 
 
 async def test_fast_lane_items_waiting_together_share_one_transcription() -> None:
-    model = SlowLlmModel()
-    outputs: list[Any] = []
-    done: list[BatchReport] = []
-    async with InferenceWorker(lambda: model, max_new_tokens=6, warm_up=False) as worker:
-        batch = asyncio.create_task(worker.run([_window(1, "llm")], outputs.append))
-        assert await asyncio.to_thread(model.paused.wait, 30 * TIMING)
-        for n in (2, 3, 4):  # three streams' commands, submitted separately
-            worker.submit_fast([_window(n, "whisper")], outputs.append, done.append)
-        model.go_on.set()
-        await asyncio.wait_for(batch, 30 * TIMING)
-    assert model.whisper_calls == [3]
+    run = await fast_lane_run(6, [2, 3, 4])  # three streams' commands, submitted separately
+    assert run.model.whisper_calls == [3]
     # Each submitter hears only about its own window.
-    assert [d.finished for d in done] == [{"s:2/command"}, {"s:3/command"}, {"s:4/command"}]
-    finals = [o.request.key for o in outputs if isinstance(o, Final)]
-    assert finals[:3] == ["s:2/command", "s:3/command", "s:4/command"]
+    assert [d.finished for d in run.done] == [{"s:2/command"}, {"s:3/command"}, {"s:4/command"}]
+    assert run.final_keys[:3] == ["s:2/command", "s:3/command", "s:4/command"]
+    finals = [o for o in run.outputs if isinstance(o, Final)]
+    assert [f.text for f in finals] == ["stop"] * 3 + ["xxxxxx"]
