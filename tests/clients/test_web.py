@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
@@ -24,7 +25,14 @@ from typing import Any
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
-from tests.clients.conftest import ROOT, TIMING, AgentProcess, finals, stream_file
+from tests.clients.conftest import (
+    ROOT,
+    TIMING,
+    AgentProcess,
+    finals,
+    run_client,
+    stream_file,
+)
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SCREENSHOT = ROOT / "docs" / "img" / "caption-page.png"
@@ -161,6 +169,20 @@ async def chromium(tmp_path: Path, url: str) -> AsyncIterator[Page]:
         await proc.wait()
 
 
+def test_unreachable_agent_is_retried_then_given_up_without_traceback() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+        port = s.getsockname()[1]
+        done = run_client("web", "--agent", f"http://127.0.0.1:{port}", "--attempts", "3")
+    lines = done.stderr.splitlines()
+    assert done.returncode == 1 and done.stdout == "", (done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr
+    assert len(lines) == 3, lines
+    assert all(f"127.0.0.1:{port}/ unreachable" in line for line in lines), lines
+    assert all("retrying in" in line for line in lines[:2]), lines
+    assert lines[2].endswith("giving up"), lines
+
+
 def test_the_agent_serves_the_page_without_token_and_nothing_else(agent: AgentProcess) -> None:
     for path, kind in [("/", "text/html"), ("/app.js", "javascript"), ("/style.css", "text/css")]:
         with urllib.request.urlopen(agent.http_url + path, timeout=10) as response:
@@ -175,12 +197,21 @@ def test_the_agent_serves_the_page_without_token_and_nothing_else(agent: AgentPr
 async def test_page_shows_the_scene_live(agent: AgentProcess, clip: Path, tmp_path: Path) -> None:
     async with chromium(tmp_path, f"{agent.http_url}/?stream=web") as page:
         await page.until("document.getElementById('conn').dataset.state === 'open'")
-        # Record every state of the listening indicator from now on.
+        # Record every state of the listening indicator from now on, and every partial row
+        # shown: the observer runs after each /events message, so none is missed.
         await page.eval(
             """window.seen = new Set();
             new MutationObserver(() => seen.add(
                 document.getElementById('listening').dataset.on)).observe(
                 document.getElementById('listening'), {attributes: true});
+            window.partials = [];
+            new MutationObserver(() => {
+                for (const li of document.querySelectorAll('#events li[data-partial=true]')) {
+                    partials.push({id: li.dataset.id, hidden: li.hidden,
+                        text: li.querySelector('.text').textContent});
+                }
+            }).observe(document.getElementById('events'), {subtree: true, childList: true,
+                attributes: true, characterData: true});
             true"""
         )
         await asyncio.to_thread(stream_file, agent, "web", clip)
@@ -209,6 +240,12 @@ async def test_page_shows_the_scene_live(agent: AgentProcess, clip: Path, tmp_pa
             start, end = (float(x) for x in row["span"].removesuffix(" s").split("–"))
             assert abs(start - event["start"]) <= 0.05 and abs(end - event["end"]) <= 0.05
         assert await page.eval("[...seen].sort().join()") == "false,true"
+        # Partial text was shown, in the row its final later replaced.
+        sent = {(e["id"], e["text"]) for e in agent.of_stream("web") if e.get("partial")}
+        assert sent, "the agent sent no partial events: nothing to check"
+        shown = await page.eval("partials")
+        assert {r["id"] for r in shown} == {event_id for event_id, _ in sent}
+        assert all((r["id"], r["text"]) in sent and not r["hidden"] for r in shown), shown
         level = await page.eval("document.getElementById('level').dataset.dbfs")
         assert -90.0 < float(level) < 0.0
         assert await page.eval("document.getElementById('stream-filter').value") == "web"

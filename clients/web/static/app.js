@@ -191,7 +191,10 @@ function connect() {
   };
   ws.onclose = (close) => {
     els.conn.dataset.state = "closed";
-    const why = close.code === 1006 ? "agent unreachable" : `closed ${close.code} ${close.reason}`;
+    // A refused handshake (HTTP 401: missing or wrong token) also reaches the page as 1006.
+    const why = close.code === 1006
+      ? "agent unreachable or token refused"
+      : `closed ${close.code} ${close.reason}`;
     els.conn.textContent = `${why}; retrying in ${(retryMs / 1000).toFixed(1)} s`;
     listening.clear();
     renderIndicators();
