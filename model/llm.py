@@ -14,7 +14,9 @@ Loading (`load_llm`):
 The returned model's ``model.name_or_path`` is the directory the weights and tokenizer were read
 from: the user's directory, or the cache directory for a GGUF.
 
-`sentencepiece_model(directory)` gives the raw sentencepiece processor of Vicuna-family models.
+`sentencepiece_model(directory)` gives the raw sentencepiece processor of Vicuna-family models,
+from the directory the model was read from (``model.name_or_path``); GGUF conversions have none.
+`read_llm_config(source)` reads a directory's configuration without its weights.
 Why raw sentencepiece: SALMONN's prompts were tokenized by transformers 4.28's slow
 ``LlamaTokenizer``, which equals plain ``SentencePieceProcessor.encode`` on each prompt piece;
 transformers 5's tokenizer encodes ``"\\nASSISTANT:"`` differently (SALMONN.md §4).
@@ -48,6 +50,7 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    PreTrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -158,22 +161,59 @@ def load_llm(
     return model, tokenizer
 
 
+def read_llm_config(source: str) -> PreTrainedConfig | None:
+    """The configuration of an LLM source, read without loading any weights.
+
+    Lets a caller check the LLM's shape before a long load.
+
+    Args:
+        source: as for `load_llm`.
+
+    Returns:
+        The config of a Hugging Face directory; None for a ``.gguf`` file or a ``package:``
+        source (their config is known only after conversion) and for a source `load_llm` will
+        reject anyway (missing, or no readable ``config.json``), so that it reports the error.
+    """
+    if source.startswith(PACKAGE_PREFIX):
+        return None
+    path = Path(source).expanduser()
+    if not (path / "config.json").is_file():
+        return None
+    try:
+        return AutoConfig.from_pretrained(str(path))
+    except _LOAD_ERRORS:
+        return None
+
+
 def sentencepiece_model(source_dir: str | Path) -> sentencepiece.SentencePieceProcessor | None:
     """The raw sentencepiece processor of a Vicuna/LLaMA-family model directory.
 
     Use its ``encode(text)`` (no special tokens) for the official SALMONN prompt pieces.
 
     Args:
-        source_dir: a model directory, e.g. the ``source`` given to `load_llm`.
+        source_dir: a model directory: the directory `load_llm` read, i.e. the loaded model's
+            ``name_or_path`` (for a ``.gguf`` or ``package:`` source, the cached conversion),
+            not the source string itself.
 
     Returns:
         The processor, or None when the directory has no ``tokenizer.model`` (e.g. a GGUF-derived
-        BPE model such as SmolLM2).
+        model, whose conversion keeps only ``tokenizer.json``).
 
     Raises:
-        ModelLoadError: the directory does not exist or ``tokenizer.model`` cannot be read.
+        ModelLoadError: the directory does not exist (or is a file or a ``package:`` source),
+            or ``tokenizer.model`` cannot be read.
     """
+    if str(source_dir).startswith(PACKAGE_PREFIX):
+        raise ModelLoadError(
+            f"{str(source_dir)!r} is a package source, not a model directory; pass the loaded "
+            "model's name_or_path (the directory load_llm read)"
+        )
     directory = Path(source_dir).expanduser()
+    if directory.is_file():
+        raise ModelLoadError(
+            f"{str(directory)!r} is a file, not a model directory; pass the loaded model's "
+            "name_or_path (the directory load_llm read)"
+        )
     if not directory.is_dir():
         raise ModelLoadError(f"model directory {str(directory)!r} does not exist")
     model_file = directory / "tokenizer.model"

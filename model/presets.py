@@ -6,17 +6,34 @@ import json
 from pathlib import Path
 
 from model.errors import ModelLoadError
-from model.salmonn import SalmonnConfig
+from model.salmonn import RequiredParts, SalmonnConfig
 
 # Where the trained nano parts live in the repository (model/nano/: safetensors + config).
 NANO_DIR = Path(__file__).parent / "nano"
 
 PRESETS: dict[str, SalmonnConfig] = {
     # The paper's model: Whisper large-v2 + BEATs iter3+ AS2M cpt2 + Vicuna-13B v1.1, weights
-    # from the user's files (--whisper, --beats, --llm, --checkpoint salmonn_v1.pth).
-    "salmonn-13b": SalmonnConfig(name="salmonn-13b"),
+    # from the user's files (--whisper, --beats, --llm, --checkpoint salmonn_v1.pth). The same
+    # modules as 7B; `requires` makes loading refuse parts the checkpoint cannot fit.
+    "salmonn-13b": SalmonnConfig(
+        name="salmonn-13b",
+        requires=RequiredParts(
+            checkpoint="salmonn_v1.pth",
+            llm="Vicuna-13B v1.1",
+            llm_hidden=5120,
+            llm_max_positions=2048,  # LLaMA-1
+        ),
+    ),
     # The 7B release: Vicuna-7B v1.5 (hidden 4096), checkpoint salmonn_7b_v0.pth.
-    "salmonn-7b": SalmonnConfig(name="salmonn-7b"),
+    "salmonn-7b": SalmonnConfig(
+        name="salmonn-7b",
+        requires=RequiredParts(
+            checkpoint="salmonn_7b_v0.pth",
+            llm="Vicuna-7B v1.5",
+            llm_hidden=4096,
+            llm_max_positions=4096,  # Llama-2
+        ),
+    ),
     # Our embedded default, for a 2-core CPU: real Whisper base and SmolLM2-135M-Instruct from
     # installed packages, no BEATs, a small Q-Former with shorter windows (0.16 s) so short
     # commands still get enough audio tokens, trimmed input for latency.

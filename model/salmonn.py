@@ -53,9 +53,84 @@ SPEECH_PLACEHOLDER = "<Speech><SpeechHere></Speech>"
 
 
 @dataclass(frozen=True)
+class RequiredParts:
+    """The base weights an official checkpoint was trained on.
+
+    A config that carries one (the `salmonn-13b` and `salmonn-7b` presets) checks the user's
+    files against it while loading, so a missing or wrong part is named before anything large
+    is read, instead of surfacing as a shape error when the checkpoint loads.
+    """
+
+    checkpoint: str  # the released file, for messages: "salmonn_v1.pth"
+    llm: str  # the LLM it was trained on, for messages: "Vicuna-13B v1.1"
+    llm_hidden: int  # that LLM's hidden size: 5120 (13B) or 4096 (7B)
+    # LLaMA-1 models (Vicuna v1.1) have 2048 positions, Llama-2 ones (Vicuna v1.5) 4096. Not a
+    # weight shape: a mismatch is only warned about (13B with v1.5 loads, then answers nothing).
+    llm_max_positions: int
+    whisper_width: int = 1280  # Whisper large-v2's d_model
+    beats_width: int = 768  # BEATs iter3+ AS2M cpt2's encoder_embed_dim
+
+    def check_sources(self, config: SalmonnConfig) -> None:
+        """Before loading anything: every part the checkpoint needs is given.
+
+        Raises:
+            ModelLoadError: no BEATs file (a Whisper-only model cannot take the checkpoint).
+        """
+        if not config.beats:
+            raise ModelLoadError(
+                f"model {config.name!r} needs the BEATs audio encoder its checkpoint "
+                f"{self.checkpoint} was trained with (width {self.beats_width}): pass --beats "
+                "PATH to BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt"
+            )
+
+    def check_whisper(self, name: str, source: str, width: int) -> None:
+        """Raises `ModelLoadError` unless the Whisper encoder is `whisper_width` wide."""
+        if width != self.whisper_width:
+            raise ModelLoadError(
+                f"model {name!r} needs Whisper large-v2 (d_model {self.whisper_width}), but "
+                f"{_named('--whisper', source)} has d_model {width}; pass a large-v2 model"
+            )
+
+    def check_beats(self, name: str, source: str | None, width: int | None) -> None:
+        """Raises `ModelLoadError` unless a BEATs encoder `beats_width` wide is present."""
+        if width != self.beats_width:
+            got = "no BEATs" if width is None else f"width {width} from {_named('--beats', source)}"
+            raise ModelLoadError(
+                f"model {name!r} needs BEATs iter3+ AS2M cpt2 (width {self.beats_width}), got {got}"
+            )
+
+    def check_llm(self, name: str, source: str, hidden: int, max_positions: int | None) -> None:
+        """Raises `ModelLoadError` unless the LLM is `llm_hidden` wide; warns when its position
+        count suggests the wrong LLaMA generation (the same width, a different model)."""
+        if hidden != self.llm_hidden:
+            raise ModelLoadError(
+                f"model {name!r} needs {self.llm} (hidden size {self.llm_hidden}) for "
+                f"{self.checkpoint}, but {_named('--llm', source)} has hidden size {hidden}; "
+                "salmonn-13b takes Vicuna-13B v1.1 (5120), salmonn-7b Vicuna-7B v1.5 (4096)"
+            )
+        if max_positions is not None and max_positions != self.llm_max_positions:
+            logger.warning(
+                "model %r was trained on %s (%d positions), but %s has %d positions, like a "
+                "different LLaMA generation (13B with Vicuna v1.5 is known to give empty "
+                "answers); check the LLM version",
+                name,
+                self.llm,
+                self.llm_max_positions,
+                _named("--llm", source),
+                max_positions,
+            )
+
+
+def _named(option: str, source: str | None) -> str:
+    """How a message names a part: by the option that gave it, or generically."""
+    return f"{option} {source}" if source else f"the {option.lstrip('-')} model given"
+
+
+@dataclass(frozen=True)
 class SalmonnConfig:
     """Everything needed to build a SALMONN model. Widths of the encoders and the LLM are read
-    from the loaded components, never repeated here.
+    from the loaded components, never repeated here (`requires` only states what an official
+    checkpoint needs, to check the components against it).
 
     Weight sources are strings: a local path, or ``package:<distribution>`` for weights that an
     installed package ships (see `model/whisper.py` and `model/llm.py`).
@@ -84,6 +159,8 @@ class SalmonnConfig:
     system_prompt: str | None = None  # chat style: the system turn (None: the template's default)
     # "official": pad every clip to 30 s (1500 frames, 88 windows); "trimmed": real length only.
     input_mode: InputMode = "official"
+    # The base weights an official checkpoint needs, checked at load (salmonn-13b/7b); None: any.
+    requires: RequiredParts | None = None
 
     def replace(self, **changes: Any) -> SalmonnConfig:
         """A copy with some fields changed (unknown field names raise `TypeError`)."""
@@ -104,6 +181,11 @@ class SalmonnConfig:
         values = dict(data)
         if "lora_targets" in values:
             values["lora_targets"] = tuple(values["lora_targets"])
+        if isinstance(values.get("requires"), dict):
+            try:
+                values["requires"] = RequiredParts(**values["requires"])
+            except TypeError as exc:
+                raise ModelLoadError(f"bad 'requires' in SalmonnConfig: {exc}") from exc
         return cls(**values)
 
 
@@ -368,6 +450,16 @@ class Salmonn(nn.Module):
         speech_width = whisper.config.d_model
         audio_width = beats.cfg.encoder_embed_dim if beats is not None else 0
         llm_hidden = llm.config.hidden_size
+        if config.requires is not None:
+            need = config.requires
+            need.check_whisper(config.name, config.whisper, speech_width)
+            need.check_beats(config.name, config.beats, audio_width if beats is not None else None)
+            need.check_llm(
+                config.name,
+                config.llm,
+                llm_hidden,
+                getattr(llm.config, "max_position_embeddings", None),
+            )
 
         self.ln_speech = nn.LayerNorm(speech_width)
         self.ln_audio = nn.LayerNorm(audio_width) if beats is not None else None
@@ -411,10 +503,20 @@ class Salmonn(nn.Module):
     def from_config(cls, config: SalmonnConfig, *, dtype: torch.dtype = torch.float32) -> Salmonn:
         """Load every component from the config's sources, then the trainable checkpoint.
 
+        A config with `requires` (the official presets) is checked as early as each fact is
+        known: BEATs given before anything loads, the LLM's width from its ``config.json``
+        before any weights load (when it is a directory), each encoder's width right after it
+        loads, so a wrong part is named before the checkpoint's shape check would trip on it.
+
+        For `prompt_style="vicuna"` the prompt is tokenized with the sentencepiece model in the
+        directory the LLM was read from. A ``.gguf`` or ``package:`` LLM has none (its cached
+        conversion holds only ``tokenizer.json``): the transformers tokenizer is used instead,
+        with a warning, since it does not reproduce the official prompt token for token.
+
         Raises:
             ModelLoadError: a source is missing or does not fit (the message names it).
         """
-        from model.llm import load_llm, sentencepiece_model
+        from model.llm import load_llm, read_llm_config, sentencepiece_model
         from model.whisper import load_whisper
 
         if not config.whisper:
@@ -423,15 +525,37 @@ class Salmonn(nn.Module):
             )
         if not config.llm:
             raise ModelLoadError(f"model {config.name!r} needs an LLM: pass --llm PATH")
+        need = config.requires
+        if need is not None:
+            need.check_sources(config)
+            llm_config = read_llm_config(config.llm)
+            hidden = getattr(llm_config, "hidden_size", None)
+            if isinstance(hidden, int):
+                need.check_llm(config.name, config.llm, hidden, None)
         started = time.perf_counter()
         whisper, whisper_tokenizer = load_whisper(config.whisper, dtype=dtype)
+        if need is not None:
+            need.check_whisper(config.name, config.whisper, whisper.config.d_model)
         beats = None
         if config.beats:
             from model.beats import load_beats
 
             beats = load_beats(config.beats).to(dtype)
+            if need is not None:
+                need.check_beats(config.name, config.beats, beats.cfg.encoder_embed_dim)
         llm, tokenizer = load_llm(config.llm, dtype=dtype)
-        sp = sentencepiece_model(config.llm) if config.prompt_style == "vicuna" else None
+        sp = None
+        if config.prompt_style == "vicuna":
+            # The directory load_llm read: the user's, or the cached conversion of a GGUF.
+            sp = sentencepiece_model(llm.name_or_path)
+            if sp is None:
+                logger.warning(
+                    "LLM %s has no sentencepiece tokenizer.model (a .gguf or package: source, "
+                    "or a directory with tokenizer.json only): the Vicuna prompt is tokenized "
+                    "with the transformers tokenizer, which is not token-exact to the official "
+                    "prompt; give --llm the model's Hugging Face directory for exact prompts",
+                    config.llm,
+                )
         model = cls(
             config,
             whisper=whisper,

