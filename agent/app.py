@@ -19,14 +19,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Self
 
 from agent.config import AgentConfig, StreamConfig
-from agent.events import WallClock
+from agent.events import AGENT_STREAM, TriggerEvent, WallClock
 from agent.fanout import EventBus, EventFilter, Subscription
 from agent.pipeline import Pipeline, StreamHandle
+from agent.rules import Rule, RuleAction, RuleEngine
 from agent.worker import InferenceWorker
 from agent.ws import WsServer
 
@@ -47,6 +49,8 @@ class Agent:
         pipeline: The pipeline (for `control` and `emit_status`), once entered.
         bus: The event fan-out (for extra sinks), once entered.
         ws: The WebSocket server, or None when `ws.listen` is ``off``.
+        rules: The smart-home rule engine (per-rule counters in its `stats()`), once
+            `add_rules` was called; None before.
         stop_reason: Why `run` returned.
     """
 
@@ -58,6 +62,7 @@ class Agent:
         self.worker: InferenceWorker | None = None
         self.pipeline: Pipeline | None = None
         self.ws: WsServer | None = None
+        self.rules: RuleEngine | None = None
         self.stop_reason = ""
         self._stack = contextlib.AsyncExitStack()
         self._feeds: set[asyncio.Task[None]] = set()
@@ -126,6 +131,70 @@ class Agent:
         self._sinks.add(task)
         task.add_done_callback(self._sinks.discard)
         return sub
+
+    # -- smart-home rules ----------------------------------------------------------------------
+
+    def add_rules(self, rules: Sequence[Rule]) -> RuleEngine:
+        """Run smart-home rules on every event as it is emitted (`agent.rules`: final events
+        only, never on `trigger` events). Each firing becomes a `trigger` event
+        (`agent.events.TriggerEvent`) published right after the event that fired it, so
+        every sink sees it: `/events`, the console, and MQTT, which publishes the rule's own
+        message from it (see `agent.mqtt.with_mqtt`). Call it before entering the agent.
+
+        Args:
+            rules: The validated rules (`AgentConfig.rules`).
+
+        Returns:
+            The rule engine (also `self.rules`).
+
+        Raises:
+            RuntimeError: rules were already added.
+        """
+        if self.rules is not None:
+            raise RuntimeError("Agent.add_rules() called twice")
+        self.rules = RuleEngine(list(rules))
+        self.bus.add_listener(self._fire_rules)
+        return self.rules
+
+    def _fire_rules(self, event: Mapping[str, Any]) -> None:
+        assert self.rules is not None
+        for action in self.rules.evaluate(event):
+            self._emit_trigger(event, action)
+
+    def _emit_trigger(self, source: Mapping[str, Any], action: RuleAction) -> None:
+        pipeline = self.pipeline
+        if pipeline is None:  # events come from the pipeline: cannot happen
+            return
+        seq = pipeline.next_seq()  # one `seq` order over every event of the agent
+        timing = source.get("timing")
+        text = source.get("text")
+        trigger = TriggerEvent(
+            id=f"trigger:{seq}",
+            seq=seq,
+            stream=str(source.get("stream", AGENT_STREAM)),
+            rule=action.rule,
+            topic=action.topic,
+            payload=action.payload,
+            qos=action.qos,
+            retain=action.retain,
+            source_id=str(source.get("id", "")),
+            source_kind=str(source.get("kind", "")),
+            text=text if isinstance(text, str) else "",
+            emitted=time.monotonic(),
+            source_timing=(
+                {k: float(v) for k, v in timing.items() if isinstance(v, int | float)}
+                if isinstance(timing, Mapping)
+                else {}
+            ),
+        )
+        logger.info(
+            "rule %s fired on %s: %s %s",
+            action.rule,
+            trigger.source_id,
+            action.topic,
+            action.payload[:200],
+        )
+        self.bus.publish(trigger.to_dict(self.clock))
 
     # -- local sources -------------------------------------------------------------------------
 

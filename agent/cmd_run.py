@@ -35,6 +35,7 @@ _OPTION_KEYS: tuple[tuple[str, tuple[str, str]], ...] = (
     ("max_new_tokens", ("model", "max_new_tokens")),
     ("transcript", ("model", "transcript")),
     ("command", ("model", "command")),
+    ("early_command_ms", ("model", "early_command_ms")),
     ("lora_scale", ("model", "lora_scale")),
     ("max_batch", ("worker", "max_batch")),
     ("max_wait_ms", ("worker", "max_wait_ms")),
@@ -141,6 +142,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="who reads command intents: the LLM (JSON answer), or a grammar on Whisper's"
         " transcript, much faster (model.command)",
     )
+    model.add_argument(
+        "--early-command-ms",
+        type=float,
+        help="with --command whisper: read a command after this much silence, before the"
+        " segment ends (model.early_command_ms; 0 = off, the default)",
+    )
     model.add_argument("--lora-scale", type=float, help="default LoRA scale (model.lora_scale)")
     worker = parser.add_argument_group("batching ([worker])")
     worker.add_argument(
@@ -238,6 +245,9 @@ def format_event(event: dict[str, Any]) -> str:
     """One console line for an event."""
     if event["kind"] == "status":
         return f"{'':13} {event['stream']:<8} status      {event['status']}: {event['message']}"
+    if event["kind"] == "trigger":
+        what = f"{event['rule']}: {event['topic']} {event['payload'][:200]}"
+        return f"{'':13} {event['stream']:<8} trigger     {what}"
     timing = event["timing"]
     latency = ""
     if timing.get("emitted") and timing.get("segment_end"):

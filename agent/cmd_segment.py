@@ -36,7 +36,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "--mode",
         choices=("both", "speech", "sound"),
         default="both",
-        help="segment speech and sound (default), speech only, or sound only",
+        help=(
+            "open segments on speech or sound (default), on the VAD only (kinds are still"
+            " classified: the VAD fires on many alarms), or on sound only"
+        ),
     )
     seg.add_argument("--aggressiveness", type=int, default=2, help="webrtcvad 0-3 (default 2)")
     seg.add_argument("--frame-ms", type=int, default=20, help="webrtcvad frame: 10, 20 or 30")
@@ -45,7 +48,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     seg.add_argument("--post-roll-ms", type=int, default=30)
     seg.add_argument("--min-active-ms", type=int, default=100, help="minimum segment activity")
     seg.add_argument("--end-silence-ms", type=int, default=500, help="silence that ends a segment")
-    seg.add_argument("--max-segment-ms", type=int, default=20000)
+    seg.add_argument(
+        "--max-segment-ms",
+        type=int,
+        default=20000,
+        help="longest segment; longer ones are split (must exceed end silence + pre-roll)",
+    )
     seg.add_argument("--realtime", action="store_true", help="pace a file at real-time speed")
     seg.add_argument("--rate", type=int, default=16000, help="raw stdin: sample rate in Hz")
     seg.add_argument("--channels", type=int, default=1, help="raw stdin: channels")
@@ -60,8 +68,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 
 def _config(args: argparse.Namespace) -> Any:
-    from streaming.segmenter import SegmenterConfig
+    """The segmenter settings; the split search is half the maximum length (at most 5 s, at
+    least one frame).
 
+    Raises:
+        SegmenterConfigError: Settings the segmenter rejects (one line for the user).
+    """
+    from streaming.segmenter import SILERO_FRAME_MS, SegmenterConfig
+
+    frame_ms = SILERO_FRAME_MS if args.vad == "silero" else args.frame_ms
     return SegmenterConfig(
         mode=args.mode,
         vad=args.vad,
@@ -73,7 +88,7 @@ def _config(args: argparse.Namespace) -> Any:
         min_active_ms=args.min_active_ms,
         end_silence_ms=args.end_silence_ms,
         max_segment_ms=args.max_segment_ms,
-        split_search_ms=min(5000, args.max_segment_ms // 2),
+        split_search_ms=min(5000, max(args.max_segment_ms // 2, frame_ms)),
     )
 
 

@@ -170,6 +170,10 @@ class ModelSettings:
         command: ``llm`` asks the LLM for the intent as JSON; ``whisper`` reads it from
             Whisper's transcript with `agent.intents.intent_from_transcript` (the fast path:
             no LLM tokens; one transcription serves both tasks).
+        early_command_ms: With ``command = "whisper"``: once a speech segment has been
+            quiet this long (less than the segment's ``vad.end_silence_ms``), transcribe it at
+            once, and if the grammar reads a complete command, emit it before the segment
+            ends (``"early": true``); speech after that pause is the next command. 0: off.
         lora_scale: LoRA scale for every task without its own; None keeps alpha / r.
     """
 
@@ -183,6 +187,7 @@ class ModelSettings:
     max_new_tokens: int = 40
     transcript: Literal["llm", "whisper"] = "llm"
     command: Literal["llm", "whisper"] = "llm"
+    early_command_ms: float = 0.0
     lora_scale: float | None = None
 
     def __post_init__(self) -> None:
@@ -193,6 +198,15 @@ class ModelSettings:
         if not 1 <= self.max_new_tokens <= 1024:
             raise ConfigError(f"model.max_new_tokens: expected 1..1024, got {self.max_new_tokens}")
         _check_lora_scale(self.lora_scale, "model.lora_scale")
+        if self.early_command_ms < 0 or self.early_command_ms > 5000:
+            raise ConfigError(
+                f"model.early_command_ms: expected 0 (off) .. 5000, got {self.early_command_ms}"
+            )
+        if self.early_command_ms and self.command != "whisper":
+            raise ConfigError(
+                'model.early_command_ms needs model.command = "whisper" (the grammar decides'
+                " whether what was heard so far is a whole command)"
+            )
 
 
 @dataclass(frozen=True)

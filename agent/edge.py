@@ -505,7 +505,7 @@ class EdgePipeline(Pipeline):
     def _remote_event(self, event: dict[str, Any], worker: str, item: Outstanding) -> None:
         now = time.monotonic()
         out = dict(event)
-        out["seq"] = next(self._seq)
+        out["seq"] = self.next_seq()
         out["timing"] = {**event.get("timing", {}), "emitted": self.clock.wall(now)}
         out["worker"] = worker
         if not out.get("partial"):

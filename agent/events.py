@@ -31,7 +31,7 @@ class EventKind(enum.StrEnum):
     CAPTION = "caption"  # sound (or mixed/ambient audio) -> description
     ANSWER = "answer"  # a standing question's answer
     COMMAND = "command"  # speech -> structured intent (see agent/intents.py)
-    TRIGGER = "trigger"  # a smart-home rule fired (published by the MQTT rules engine)
+    TRIGGER = "trigger"  # a smart-home rule fired on an event (see agent/rules.py)
     STATUS = "status"  # agent and stream state, overload counters, errors
 
 
@@ -115,6 +115,7 @@ class ModelEvent:
         lora_scale: The LoRA scale used (None: the model's trained alpha / r).
         intent: For final commands, the parsed intent (see ``docs/intents.md``).
         source: Who produced the text: ``llm`` or ``whisper``.
+        early: A command read before its segment ended (``model.early_command_ms``).
     """
 
     id: str
@@ -133,6 +134,7 @@ class ModelEvent:
     lora_scale: float | None = None
     intent: dict[str, Any] | None = None
     source: str = "llm"
+    early: bool = False
 
     def to_dict(self, clock: WallClock) -> dict[str, Any]:
         """The JSON-ready dict of the schema (see ``docs/events.md``)."""
@@ -158,6 +160,8 @@ class ModelEvent:
             out["lora_scale"] = self.lora_scale
         if self.intent is not None:
             out["intent"] = self.intent
+        if self.early:
+            out["early"] = True
         return out
 
 
@@ -195,6 +199,67 @@ class StatusEvent:
             "message": self.message,
             "detail": self.detail,
             "timing": Timing(emitted=self.emitted).to_dict(clock),
+        }
+
+
+@dataclass(frozen=True)
+class TriggerEvent:
+    """A smart-home rule fired on a final event (``[[rules]]``, see ``docs/mqtt.md``).
+
+    Published right after the event that fired it, so a trigger always follows its source.
+
+    Attributes:
+        id: ``trigger:<seq>``.
+        seq: Agent-wide emission counter.
+        stream: The stream of the event that fired the rule.
+        rule: The rule's name.
+        topic: The topic the rule publishes to (filled template).
+        payload: The payload it publishes (filled template; the source event as JSON when
+            the rule sets none).
+        qos: QoS of the rule's message.
+        retain: Whether the rule's message is retained.
+        source_id: ``id`` of the event that fired the rule.
+        source_kind: ``kind`` of that event.
+        text: ``text`` of that event (``""`` when it has none).
+        source_timing: That event's ``timing`` (Unix times); ``emitted`` is replaced by
+            the trigger's own.
+        emitted: ``time.monotonic()`` when emitted.
+    """
+
+    id: str
+    seq: int
+    stream: str
+    rule: str
+    topic: str
+    payload: str
+    qos: int
+    retain: bool
+    source_id: str
+    source_kind: str
+    text: str
+    emitted: float
+    source_timing: dict[str, float | None] = field(default_factory=dict)
+
+    def to_dict(self, clock: WallClock) -> dict[str, Any]:
+        """The JSON-ready dict of the schema (see ``docs/events.md``)."""
+        timing = Timing().to_dict(clock)
+        timing.update({k: v for k, v in self.source_timing.items() if k in timing})
+        timing["emitted"] = clock.wall(self.emitted)
+        return {
+            "schema": SCHEMA_VERSION,
+            "id": self.id,
+            "seq": self.seq,
+            "stream": self.stream,
+            "kind": str(EventKind.TRIGGER),
+            "rule": self.rule,
+            "topic": self.topic,
+            "payload": self.payload,
+            "qos": self.qos,
+            "retain": self.retain,
+            "source_id": self.source_id,
+            "source_kind": self.source_kind,
+            "text": self.text,
+            "timing": timing,
         }
 
 

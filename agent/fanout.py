@@ -4,6 +4,10 @@
 subscription's queue. A full queue drops its *oldest* event and counts it, so a slow sink
 (a WebSocket client on a bad link, a broker that is away) never slows the pipeline or the other
 sinks. Each sink drains its `Subscription` in its own task.
+
+Listeners (`EventBus.add_listener`) see each event synchronously as it is published, before
+`publish` returns; they derive events from it (smart-home rules turn an event into `trigger`
+events), and what they publish follows its source on every subscription.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ logger = logging.getLogger(__name__)
 
 EventDict = dict[str, Any]
 EventFilter = Callable[[Mapping[str, Any]], bool]
+EventListener = Callable[[Mapping[str, Any]], None]
 
 
 class SubscriptionClosed(Exception):
@@ -138,7 +143,15 @@ class EventBus:
 
     def __init__(self) -> None:
         self._subscriptions: dict[int, Subscription] = {}
+        self._listeners: list[EventListener] = []
         self.published = 0
+
+    def add_listener(self, listener: EventListener) -> None:
+        """Call ``listener(event)`` for every event published from now on, right after the
+        event is queued for the subscriptions (on the publisher's call stack, so it must not
+        block). It may `publish` events of its own: they are queued after their source. An
+        exception it raises is logged and does not reach the publisher."""
+        self._listeners.append(listener)
 
     def subscribe(self, name: str, maxsize: int, accept: EventFilter | None = None) -> Subscription:
         """Open a subscription; close it with `unsubscribe` (or `close` on the bus)."""
@@ -159,6 +172,11 @@ class EventBus:
                 logger.warning(
                     "sink %s is behind: %d event(s) dropped so far", sub.name, sub.dropped
                 )
+        for listener in list(self._listeners):
+            try:
+                listener(event)
+            except Exception:
+                logger.error("event listener failed on event %s", event.get("id"), exc_info=True)
 
     @property
     def subscriptions(self) -> list[Subscription]:

@@ -13,7 +13,9 @@ One retained device-based discovery message on `<discovery_prefix>/device/<devic
   event id and full text as attributes.
 - `switch` "Mute": commands `{"mute": true}` / `{"mute": false}` on `<prefix>/*/set` (the
   control topic of the agent's pseudo-stream `*`, meaning every open stream); state from the
-  retained `<prefix>/*/state` published after a control command succeeds.
+  retained `<prefix>/*/state`, which the publisher (with discovery on) sets to
+  `INITIAL_CONTROL_STATE` (unmuted) whenever it connects, so a state retained by an earlier
+  run never outlives it, and updates after each control command that succeeds.
 
 All entities share the availability topic `<prefix>/status` (`online` / `offline`, the
 publisher's retained birth message and last will). The templates are Home Assistant Jinja;
@@ -25,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import types
 from collections.abc import Mapping, Sequence
 from importlib import metadata
 from typing import Any
@@ -38,6 +41,8 @@ ORIGIN_NAME = "salmonn-live"
 HA_MAX_STATE_CHARS = 255
 # The agent's own pseudo-stream (`agent.events.AGENT_STREAM`): control on it means every stream.
 ALL_STREAMS = "*"
+#: The control state of `ALL_STREAMS` when the agent starts: its streams start unmuted.
+INITIAL_CONTROL_STATE: Mapping[str, Any] = types.MappingProxyType({"mute": False})
 
 #: The intents of `agent.intents`, plus `command` for an intent outside the list.
 DEFAULT_COMMAND_EVENT_TYPES: tuple[str, ...] = ("command", *INTENTS)

@@ -27,15 +27,16 @@ from urllib.parse import unquote, urlsplit
 import aiomqtt
 
 from agent.errors import AgentError, ConfigError
+from agent.events import EventKind
 from agent.homeassistant import (
     ALL_STREAMS,
     DEFAULT_COMMAND_EVENT_TYPES,
     DEFAULT_SOUND_EVENT_TYPES,
+    INITIAL_CONTROL_STATE,
     device_id_for,
     discovery_message,
 )
 from agent.outbox import Outbox, OutboxEntry
-from agent.rules import Rule, RuleEngine
 
 if TYPE_CHECKING:
     from agent.broker import EmbeddedBroker
@@ -88,10 +89,19 @@ async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]]) -> list[BaseExcept
     return [None if t.cancelled() else t.exception() for t in tasks]
 
 
+# Doublings of `backoff_s` stop here: 2.0 ** 1024 overflows a float (OverflowError, after
+# 1025 failures), and 2 ** 1000 is far past any max_s / min_s ratio.
+_MAX_DOUBLINGS = 1000
+
+
 def backoff_s(failures: int, min_s: float, max_s: float) -> float:
     """The wait before reconnection attempt ``failures`` (1, 2, ...): doubling from ``min_s``,
-    capped at ``max_s``, with jitter (80-100 %) so that clients do not retry in step."""
-    return min(max_s, min_s * 2 ** (failures - 1)) * random.uniform(0.8, 1.0)
+    capped at ``max_s``, with jitter (80-100 %) so that clients do not retry in step.
+
+    Any number of failures is fine (a broker away for days): the doubling stops at the cap.
+    """
+    doublings = min(max(failures - 1, 0), _MAX_DOUBLINGS)
+    return min(max_s, min_s * 2.0**doublings) * random.uniform(0.8, 1.0)
 
 
 @dataclass(frozen=True)
@@ -312,6 +322,8 @@ OPERATION_TIMEOUT_S = 10.0
 KEEPALIVE_S = 30
 # Shutdown: how long to keep delivering the outbox before disconnecting, seconds.
 DRAIN_TIMEOUT_S = 2.0
+# Connection changes kept for the agent while its pipeline starts (see `with_mqtt`).
+_EARLY_STATUS_MAX = 16
 # Drops are reported through on_status at most this often, seconds.
 DROP_REPORT_INTERVAL_S = 1.0
 # CONNACK codes (MQTT 3.1.1 values and their MQTT 5 reason codes) that retrying cannot fix.
@@ -334,18 +346,21 @@ class MqttPublisher:
 
     Topics (`P` = `config.prefix`):
 
-    - `P/<stream>/<kind>`: every final event as JSON, QoS `config.qos`, not retained.
+    - `P/<stream>/<kind>`: every final event as JSON, QoS `config.qos`, not retained
+      (`trigger` events included).
     - `P/status`: retained `online`; last will (and clean shutdown) `offline`.
     - `P/<stream>/set`: subscribed; a JSON object passed to `on_control(stream, dict)`.
     - `P/<stream>/error`: `{"error": message, "payload": raw}` for a rejected control payload.
-    - `P/<stream>/state`: retained JSON of the control keys applied so far for that stream.
-    - rule topics: whatever the rules say.
+    - `P/<stream>/state`: retained JSON of the stream's control state: `initial_state`
+      (published at every connection, so that a state retained by an earlier run is
+      replaced), updated with the control keys applied since.
+    - rule topics: a `trigger` event's `topic` gets its `payload` (with its `qos` and
+      `retain`), just before the trigger itself goes to `P/<stream>/trigger`.
     - `<discovery_prefix>/device/<id>/config`: retained Home Assistant discovery.
 
     Args:
         config: the MQTT config; with `url` None an embedded amqtt broker is started on
             `embedded_host:embedded_port` and stopped with the publisher.
-        rules: smart-home rules run on every final event submitted.
         on_control: called on the loop with `(stream, payload)` for each valid control
             message; raise `ValueError` to reject it (the message goes to the error topic).
         on_status: called on the loop with a dict on connection changes and drops, e.g.
@@ -357,6 +372,10 @@ class MqttPublisher:
         device_name: device name in Home Assistant.
         command_event_types: event types of the Home Assistant voice command entity.
         sound_event_types: event type -> keywords of the Home Assistant sound entity.
+        initial_state: stream -> control state at start, published retained on
+            `P/<stream>/state` at every connection; None: with `config.discovery`,
+            `{"*": {"mute": false}}` (Home Assistant's mute switch reads `P/*/state`, and the
+            agent's streams start unmuted), else nothing.
 
     Connection policy: at start, a refused login (bad credentials, not authorized, client
     id rejected) or a TLS failure raises `MqttConnectError` from `__aenter__`; a broker that
@@ -369,15 +388,14 @@ class MqttPublisher:
         self,
         config: MqttConfig,
         *,
-        rules: Sequence[Rule] = (),
         on_control: ControlCallback | None = None,
         on_status: StatusCallback | None = None,
         device_name: str = "salmonn-live",
         command_event_types: Sequence[str] = DEFAULT_COMMAND_EVENT_TYPES,
         sound_event_types: Mapping[str, Sequence[str]] = DEFAULT_SOUND_EVENT_TYPES,
+        initial_state: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         self._config = config
-        self._rules = RuleEngine(list(rules))
         self._on_control = on_control
         self._on_status = on_status
         self._device_name = device_name
@@ -399,7 +417,9 @@ class MqttPublisher:
         self._closing = False
         self._started = False
         self._connected = False
-        self._control_state: dict[str, dict[str, Any]] = {}
+        if initial_state is None:
+            initial_state = {ALL_STREAMS: INITIAL_CONTROL_STATE} if config.discovery else {}
+        self._control_state = {k: dict(v) for k, v in initial_state.items()}
         self._counters = {
             "submitted": 0,
             "published": 0,
@@ -571,16 +591,18 @@ class MqttPublisher:
         """Queue an event for publication (sync, never blocks on the network).
 
         The event goes to the outbox (bounded: beyond `outbox_max_events` the oldest message
-        is dropped and counted), rules run on it, and the sender is woken. Events with
-        `partial: true` are skipped unless `publish_partials` is set.
+        is dropped and counted) and the sender is woken. A `trigger` event (a smart-home rule
+        fired, `agent.events.TriggerEvent`) first puts the rule's own message: its `payload`
+        on its `topic`, with its `qos` and `retain`. Events with `partial: true` are skipped
+        unless `publish_partials` is set.
 
         Args:
             event: a JSON-ready dict with at least `stream` and `kind` (topic levels: no
-                `/`, `+` or `#`) and `text`.
+                `/`, `+` or `#`); a trigger also has `topic`, `payload`, `qos`, `retain`.
 
         Raises:
-            ValueError: if `stream` or `kind` cannot be a topic level, or the event is not
-                JSON-serialisable.
+            ValueError: if `stream` or `kind` cannot be a topic level, a trigger's message
+                fields are missing or invalid, or the event is not JSON-serialisable.
             RuntimeError: before `start()` or after `close()`.
         """
         if self._outbox is None or self._closing:
@@ -597,32 +619,19 @@ class MqttPublisher:
         if event.get("partial") and not self._config.publish_partials:
             self._counters["skipped_partial"] += 1
             return
+        rule_message = _rule_message(event) if kind == EventKind.TRIGGER else None
         try:
             payload = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
         except (TypeError, ValueError) as exc:
             raise ValueError(f"event is not JSON-serialisable: {exc}") from exc
         self._counters["submitted"] += 1
-        dropped = self._outbox.put(
+        dropped = 0
+        if rule_message is not None:
+            self._counters["rule_messages"] += 1
+            dropped += self._outbox.put(*rule_message)
+        dropped += self._outbox.put(
             f"{self._config.prefix}/{stream}/{kind}", payload, self._config.qos
         )
-        for action in self._rules.evaluate(event):
-            self._counters["rule_messages"] += 1
-            logger.info("rule %s fired: %s %s", action.rule, action.topic, action.payload[:200])
-            dropped += self._outbox.put(action.topic, action.payload, action.qos, action.retain)
-            trigger = {
-                "kind": "trigger",
-                "stream": stream,
-                "rule": action.rule,
-                "topic": action.topic,
-                "payload": action.payload,
-                "source_id": event.get("id"),
-                "text": event.get("text"),
-            }
-            dropped += self._outbox.put(
-                f"{self._config.prefix}/{stream}/trigger",
-                json.dumps(trigger, ensure_ascii=False, separators=(",", ":")),
-                self._config.qos,
-            )
         if dropped:
             self._schedule_drop_report()
         self._check_disk()
@@ -640,12 +649,12 @@ class MqttPublisher:
             await self._drained.wait()
 
     def stats(self) -> dict[str, Any]:
-        """Counters: publisher (`submitted`, `published`, ...), `outbox`, and per-rule `rules`."""
+        """Counters: publisher (`submitted`, `published`, `rule_messages`, ...) and `outbox`
+        (per-rule counters: `agent.app.Agent.rules`)."""
         return {
             **self._counters,
             "connected": self._connected,
             "outbox": self._outbox.stats() if self._outbox is not None else {},
-            "rules": self._rules.stats(),
         }
 
     # -- status reporting -----------------------------------------------------------------
@@ -792,6 +801,8 @@ class MqttPublisher:
         assert self._first_attempt is not None
         cfg = self._config
         await client.publish(self._status_topic, "online", qos=1, retain=True)
+        for stream, state in list(self._control_state.items()):
+            await self._publish_state(client, stream, state)
         await client.subscribe(f"{cfg.prefix}/+/set", qos=1)
         if cfg.discovery:
             await client.subscribe(f"{cfg.discovery_prefix}/status", qos=1)
@@ -908,12 +919,43 @@ class MqttPublisher:
         self._counters["control_ok"] += 1
         state = self._control_state.setdefault(stream, {})
         state.update(payload)
+        await self._publish_state(client, stream, state)
+
+    async def _publish_state(
+        self, client: aiomqtt.Client, stream: str, state: Mapping[str, Any]
+    ) -> None:
         await client.publish(
             f"{self._config.prefix}/{stream}/state",
             json.dumps(state, ensure_ascii=False),
             qos=1,
             retain=True,
         )
+
+
+def _rule_message(trigger: Mapping[str, Any]) -> tuple[str, str, int, bool]:
+    """The rule's own message carried by a `trigger` event: (topic, payload, qos, retain).
+
+    Raises:
+        ValueError: a field is missing or invalid.
+    """
+    topic, payload = trigger.get("topic"), trigger.get("payload")
+    qos, retain = trigger.get("qos", 1), trigger.get("retain", False)
+    if (
+        not isinstance(topic, str)
+        or not topic
+        or "+" in topic
+        or "#" in topic
+        or not isinstance(payload, str)
+        or isinstance(qos, bool)
+        or qos not in (0, 1, 2)
+        or not isinstance(retain, bool)
+    ):
+        raise ValueError(
+            "trigger event: expected topic (str, no wildcards), payload (str), qos (0-2) and "
+            f"retain (bool), got topic={topic!r} payload={payload!r} qos={qos!r} "
+            f"retain={retain!r}"
+        )
+    return topic, payload, int(qos), retain
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -960,9 +1002,12 @@ async def with_mqtt(agent: Any) -> AsyncIterator[MqttPublisher | None]:
     """Enter `agent` (an `agent.app.Agent`) with MQTT around it, as `salmonn-live run` does.
 
     With `agent.config.mqtt.enabled`, the publisher starts first (bad credentials fail before
-    the model loads), every event of the agent goes to it through a sink, control messages
-    go to `agent.pipeline.control` (stream `*` = every open stream), and connection changes
-    and drops become status events. On exit the agent shuts down first (its last events
+    the model loads), the `[[rules]]` are added to the agent (`Agent.add_rules`: firings are
+    `trigger` events), every event of the agent goes to the publisher through a sink (a
+    trigger also publishes its rule's message), control messages go to
+    `agent.pipeline.control` (stream `*` = every open stream), and connection changes and
+    drops become status events (those from before the pipeline is up, such as the first
+    `mqtt_connected`, as soon as it is). On exit the agent shuts down first (its last events
     reach the outbox), then the publisher delivers what it can and says `offline`.
 
     Yields:
@@ -987,10 +1032,17 @@ async def with_mqtt(agent: Any) -> AsyncIterator[MqttPublisher | None]:
         for stream_id in streams:  # the same checks for each: the first one rejects or none
             pipeline.control(stream_id, payload)
 
+    # Status changes while the model loads wait here for the pipeline (bounded: a broker
+    # that keeps failing during a long load reports its last changes only).
+    early: collections.deque[dict[str, Any]] = collections.deque(maxlen=_EARLY_STATUS_MAX)
+
     def on_status(info: dict[str, Any]) -> None:
+        early.append(info)
         pipeline = agent.pipeline
-        if pipeline is None:
-            return
+        while pipeline is not None and early:  # the earlier ones first, in order
+            report(pipeline, early.popleft())
+
+    def report(pipeline: Any, info: dict[str, Any]) -> None:
         what = str(info.get("mqtt", "state"))
         if what == "dropped":
             message = f"MQTT outbox full: dropped {info['new']} oldest ({info['dropped']} total)"
@@ -1007,9 +1059,11 @@ async def with_mqtt(agent: Any) -> AsyncIterator[MqttPublisher | None]:
             message = f"MQTT {what} to {info.get('url')}"
         pipeline.emit_status({"status": f"mqtt_{what}", "message": message, "detail": info})
 
-    async with MqttPublisher(
-        cfg, rules=list(agent.config.rules), on_control=on_control, on_status=on_status
-    ) as publisher:
+    async with MqttPublisher(cfg, on_control=on_control, on_status=on_status) as publisher:
+        if agent.config.rules:
+            agent.add_rules(agent.config.rules)
         agent.add_sink("mqtt", publisher.submit)  # before entering: `started` goes out too
         async with agent:
+            while early:
+                report(agent.pipeline, early.popleft())
             yield publisher

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import itertools
 import logging
 import time
@@ -44,6 +45,7 @@ from agent.events import (
 from agent.fanout import EventBus
 from agent.intents import intent_from_transcript, parse_intent
 from agent.worker import BatchReport, Final, InferenceWorker, Output, Request, Window
+from streaming.events import SegmentEnded, SegmentKind
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +67,23 @@ _SPEAKING_SPANS = 64
 #: Capture times are kept for this much of the latest audio: a segment's end is looked up
 #: there, and it is never further back than the segmenter's end-of-speech hangover.
 _CAPTURE_HISTORY_S = 10.0
+#: Intents that never end an utterance early: the speaker may still be talking.
+_NOT_A_COMMAND = ("none", "question")
+#: Shortest audio an early command is read from, seconds.
+_MIN_EARLY_S = 0.2
+
+
+class _Speculation:
+    """An early command window about the open segment: running, or answered (``result``).
+    An answer that is a command waits for the whole pause (``is_command``); one that is not
+    is held: it becomes the segment's command if nothing more is said."""
+
+    def __init__(self, window: Window, start_sample: int, end_sample: int) -> None:
+        self.window = window
+        self.start_sample = start_sample
+        self.end_sample = end_sample
+        self.result: Final | None = None
+        self.is_command = False
 
 
 def _dbfs(samples: npt.NDArray[np.float32]) -> float | None:
@@ -109,7 +128,26 @@ class StreamHandle:
             "failed": 0,
             "muted_blocks": 0,
             "ignored_speaking": 0,
+            "early_windows": 0,
+            "early_commands": 0,
         }
+        # Early command endpointing (model.early_command_ms): the speculation about the open
+        # segment, what to do with the answers of those whose segment ended while they ran
+        # (window id -> emit it as the segment's command), where the next command's audio
+        # starts (after a command emitted early) and how far the open segment was asked about.
+        model = pipeline.config.model
+        asks_commands = "command" in settings.prompts.tasks_for("speech")
+        self._early_samples = (
+            int(model.early_command_ms * MODEL_RATE_HZ / 1000) if asks_commands else 0
+        )
+        # Whisper is asked halfway through the pause, so its answer is ready when the pause
+        # is long enough; speech resuming before then makes the answer stale.
+        self._ask_samples = self._early_samples // 2
+        self._early: _Speculation | None = None
+        self._committed: _Speculation | None = None  # the open segment's latest early command
+        self._early_fate: dict[str, bool] = {}
+        self._command_from = 0
+        self._early_asked_end = -1
         # [start, end or None while speaking) on the stream clock (samples), newest last.
         self._speaking_spans: collections.deque[list[int | None]] = collections.deque(
             maxlen=_SPEAKING_SPANS
@@ -145,6 +183,8 @@ class StreamHandle:
         while len(self._captures) > 1 and self._captures[1][0] <= oldest:
             self._captures.popleft()
         self._handle(events)
+        if self._early_samples:
+            self._speculate()
 
     def end(self) -> None:
         """The source has stopped: close any open segment and answer what is waiting
@@ -198,7 +238,7 @@ class StreamHandle:
         return self._captures[-1][1] if self._captures else time.monotonic()
 
     def _handle(self, events: list[Any]) -> None:
-        from streaming.events import AmbientWindow, SegmentEnded, SegmentStarted
+        from streaming.events import AmbientWindow, SegmentStarted
 
         now = time.monotonic()
         for event in events:
@@ -229,9 +269,36 @@ class StreamHandle:
                     }
                 )
                 continue
-            window = self._window(kind, event, now)
+            command_from: int | None = None
+            heard: Final | None = None
+            if isinstance(event, SegmentEnded):
+                command_from, heard = self._settle_speculation(event, kind)
+            reuse = heard is not None and self._pipeline.config.model.transcript == "whisper"
+            window = self._window(kind, event, now, command_from, skip_transcript=reuse)
             if window is not None:
                 self._pipeline._enqueue(self, window)
+            if (
+                reuse
+                and heard is not None
+                and "transcript" in self.settings.prompts.tasks_for(kind)
+            ):
+                # An early read heard the whole segment: it is the transcript too.
+                self._pipeline._emit_output(
+                    dataclasses.replace(
+                        heard,
+                        request=Request(
+                            key=f"{heard.window.id}/transcript",
+                            task="transcript",
+                            instruction=self.settings.prompts.instruction("transcript"),
+                            engine="whisper",
+                        ),
+                    )
+                )
+            if command_from is not None and command_from > event.start_sample:
+                # Speech went on after a command emitted early: the rest is the next command.
+                rest = self._command_window(command_from, event.end_sample, now)
+                if rest is not None:
+                    self._pipeline._enqueue(self, rest)
 
     def _segment_status(self, status: str, event: Any, level_dbfs: float | None) -> None:
         """``segment_started`` / ``segment_ended``: for "listening" indicators and level meters."""
@@ -253,13 +320,33 @@ class StreamHandle:
             }
         )
 
-    def _window(self, kind: str, event: Any, now: float) -> Window | None:
+    def _window(
+        self,
+        kind: str,
+        event: Any,
+        now: float,
+        command_from: int | None = None,
+        *,
+        skip_transcript: bool = False,
+    ) -> Window | None:
+        """The window of a finished segment or ambient window. ``command_from``: for a
+        segment, where its command's audio starts; None leaves the command out (it was
+        answered early), a later start leaves it to `_command_window`. ``skip_transcript``:
+        an early read already transcribed the whole segment."""
         rate = event.sample_rate_hz
         window_id = f"{self.id}:{next(self._window_numbers)}"
         model = self._pipeline.config.model
         default_scale = self.lora_scale if self.lora_scale is not None else model.lora_scale
         requests = []
         for task in self.settings.prompts.tasks_for(kind):
+            if task == "transcript" and skip_transcript:
+                continue
+            if (
+                task == "command"
+                and isinstance(event, SegmentEnded)
+                and (command_from is None or command_from > event.start_sample)
+            ):
+                continue
             whisper = (task == "transcript" and model.transcript == "whisper") or (
                 task == "command" and model.command == "whisper"
             )
@@ -299,6 +386,146 @@ class StreamHandle:
             segment_end=now,
             requests=tuple(requests),
         )
+
+    # -- early command endpointing -------------------------------------------------------------
+
+    def _speculate(self) -> None:
+        """Emit a command heard in an open speech segment once it has been quiet for
+        ``model.early_command_ms``, instead of waiting for its ``vad.end_silence_ms``: a robot
+        told "stop" should not wait half a second of silence to be sure. Whisper is asked
+        after half that pause, so its answer is usually ready by then."""
+        early = self._early
+        segment = self._segmenter.open_segment()
+        if early is not None and early.result is not None and early.is_command:
+            if segment is None or segment.end_sample != early.end_sample:
+                self._early = None  # speech went on: the segment's own window reads it all
+            elif segment.silence_samples >= self._early_samples:
+                self._commit(early)
+                return
+            else:
+                return
+        if self._early is not None and self._early.result is None:
+            return  # one at a time: its answer decides where the next one starts
+        if (
+            segment is None
+            or segment.kind != SegmentKind.SPEECH
+            or segment.silence_samples < self._ask_samples
+            or segment.end_sample > self._segmenter.samples_pushed  # post-roll not heard yet
+            or segment.end_sample <= self._early_asked_end  # nothing new since the last ask
+        ):
+            return
+        self._early_asked_end = segment.end_sample
+        start = max(segment.start_sample, self._command_from)
+        if segment.end_sample - start < _MIN_EARLY_S * MODEL_RATE_HZ:
+            return
+        if self._pipeline._pending_total():
+            return  # speculation only uses spare time: it never delays a waiting window
+        if self._overlaps_speaking(start, segment.end_sample):
+            return
+        window = self._command_window(start, segment.end_sample, time.monotonic(), early=True)
+        if window is not None:
+            self._early = _Speculation(window, start, segment.end_sample)
+            self._pipeline._enqueue(self, window)
+
+    def _command_window(
+        self, start: int, end: int, now: float, *, early: bool = False
+    ) -> Window | None:
+        """A window asking only for the command of ``[start, end)`` of the stream."""
+        start = max(start, end - int(MAX_WINDOW_S * MODEL_RATE_HZ))
+        audio = self._segmenter.audio(start, end)
+        if not audio.size:
+            return None
+        window_id = f"{self.id}:{next(self._window_numbers)}"
+        # Only with model.command = "whisper" (early commands need the grammar).
+        request = Request(
+            key=f"{window_id}/command",
+            task="command",
+            instruction=self.settings.prompts.instruction("command"),
+            engine="whisper",
+        )
+        return Window(
+            id=window_id,
+            stream=self.id,
+            kind="speech",
+            audio=audio,
+            start_s=start / MODEL_RATE_HZ,
+            end_s=end / MODEL_RATE_HZ,
+            captured=min(self._captured_at(end), now),
+            segment_end=now,
+            requests=(request,),
+            early=early,
+        )
+
+    def _early_answer(self, output: Final) -> str | None:
+        """What to do with the answer of an early window: ``"early"`` (a command, emitted
+        now), ``"segment"`` (the command of a segment that has since ended with nothing
+        more said), or None (not emitted)."""
+        window = output.window
+        if window.id in self._early_fate:
+            return "segment" if self._early_fate.pop(window.id) else None
+        early = self._early
+        if early is None or early.window is not window:
+            return None
+        early.result = output
+        early.is_command = intent_from_transcript(output.text).get("intent") not in _NOT_A_COMMAND
+        if early.is_command:
+            segment = self._segmenter.open_segment()
+            if (
+                segment is not None
+                and segment.end_sample == early.end_sample
+                and segment.silence_samples >= self._early_samples
+            ):
+                self._commit(early, emit=False)
+                return "early"
+            # Not quiet long enough yet: `_speculate` emits it when it is, unless speech
+            # resumes first. Nor is an answer that is no command emitted yet: the speaker
+            # may go on; it becomes the segment's command if nothing more is said.
+        return None
+
+    def _commit(self, early: _Speculation, *, emit: bool = True) -> None:
+        """Emit an early command: the segment's speech after it is the next command."""
+        self._command_from = early.end_sample
+        self._early = None
+        self._committed = early
+        self.counters["early_commands"] += 1
+        if emit and early.result is not None:
+            self._pipeline._emit_output(early.result, early=True)
+
+    def _settle_speculation(self, event: Any, kind: str) -> tuple[int | None, Final | None]:
+        """At a segment's end, settle the speculation about it.
+
+        Returns:
+            Where the segment's command audio starts (None: it was, or is being, answered
+            early), and an early read of exactly the whole segment, if there is one (its
+            text is the segment's transcript).
+        """
+        early, self._early = self._early, None
+        committed, self._committed = self._committed, None
+        command_from = max(event.start_sample, self._command_from)
+        committed_all = self._command_from >= event.end_sample
+        self._command_from = 0
+        nothing_new = early is not None and event.end_sample <= early.end_sample
+        if "command" not in self.settings.prompts.tasks_for(kind):
+            # The segment turned out not to be speech: no command, no transcript from a read.
+            if early is not None and early.result is None:
+                self._early_fate[early.window.id] = False
+            return command_from, None
+        if early is not None and early.result is None:  # still running: decide its fate
+            self._early_fate[early.window.id] = nothing_new
+            return (None if nothing_new else command_from), None
+        if early is not None and early.result is not None and nothing_new:
+            self._pipeline._emit_output(early.result)  # its answer is the segment's command
+            whole = early.start_sample <= event.start_sample
+            return None, early.result if whole else None
+        if committed_all:
+            whole = committed is not None and committed.start_sample <= event.start_sample
+            return None, committed.result if whole and committed is not None else None
+        return command_from, None
+
+    def _early_failed(self, window: Window) -> None:
+        self._early_fate.pop(window.id, None)
+        if self._early is not None and self._early.window is window:
+            self._early = None
 
     def _update_room(self, bound: int) -> None:
         if len(self.pending) < bound:
@@ -536,7 +763,7 @@ class Pipeline:
     def _enqueue(self, handle: StreamHandle, window: Window) -> None:
         assert self._work is not None and self._full is not None and self._idle is not None
         bound = self.config.worker.max_pending_windows
-        handle.counters["windows"] += 1
+        handle.counters["early_windows" if window.early else "windows"] += 1
         if len(handle.pending) >= bound and handle.overload == "drop_oldest":
             victim_index = next(
                 (i for i, (_, w) in enumerate(handle.pending) if w.kind == "ambient"), 0
@@ -635,7 +862,10 @@ class Pipeline:
             unfinished = [r.key for r in window.requests if r.key not in report.finished]
             if handle is not None:
                 handle.in_flight -= 1
-                handle.counters["failed" if unfinished else "answered"] += 1
+                if not window.early:
+                    handle.counters["failed" if unfinished else "answered"] += 1
+                elif unfinished:
+                    handle._early_failed(window)
             if unfinished:
                 status = "window_failed" if report.error else "window_unfinished"
                 reason = report.error or (
@@ -656,6 +886,17 @@ class Pipeline:
                 self._maybe_forget(handle)
 
     def _on_output(self, output: Output) -> None:
+        if output.window.early:
+            handle = self._streams.get(output.window.stream)
+            if handle is None or not isinstance(output, Final):
+                return
+            verdict = handle._early_answer(output)
+            if verdict is not None:
+                self._emit_output(output, early=verdict == "early")
+            return
+        self._emit_output(output)
+
+    def _emit_output(self, output: Output, *, early: bool = False) -> None:
         window, request = output.window, output.request
         final = isinstance(output, Final)
         intent = None
@@ -688,6 +929,7 @@ class Pipeline:
             lora_scale=request.lora_scale,
             intent=intent,
             source=request.engine,
+            early=early,
         )
         if final:
             self._latencies.append(now - window.segment_end)
@@ -773,6 +1015,11 @@ class Pipeline:
                 "detail": detail,
             }
         )
+
+    def next_seq(self) -> int:
+        """Take the next number of the agent-wide event order (for events made outside the
+        pipeline, such as rule triggers)."""
+        return next(self._seq)
 
     def emit_status(self, status: Mapping[str, Any]) -> None:
         """Publish a status event (also for other components: MQTT connection state, ...).

@@ -2,7 +2,10 @@
 
 A pure, I/O-free core. `rules_from_config` validates the `[[rules]]` tables of the TOML
 config into frozen `Rule`s; `RuleEngine.evaluate(event)` returns the `RuleAction`s to
-publish for one event, applying each rule's cooldown and counting what happened.
+publish for one event, applying each rule's cooldown and counting what happened. The agent
+(`agent.app.Agent.add_rules`) turns each action into a `trigger` event; MQTT publishes the
+action's message from it. Partial events and `trigger` events never fire a rule (so a rule
+cannot fire on its own firing).
 
 Matching (every condition a rule sets must hold; at least one must be set):
 
@@ -29,6 +32,8 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from agent.events import EventKind
 
 logger = logging.getLogger(__name__)
 
@@ -377,7 +382,8 @@ class RuleEngine:
         return list(self._rules)
 
     def evaluate(self, event: Mapping[str, Any]) -> list[RuleAction]:
-        """Return the messages to publish for `event` (partial events never fire).
+        """Return the messages to publish for `event` (partial and `trigger` events never
+        fire).
 
         Args:
             event: a JSON-ready event dict (`stream`, `kind`, `text`, optional `intent`).
@@ -386,7 +392,7 @@ class RuleEngine:
             One action per rule that matched, was out of its cooldown and filled its
             templates, in rule order.
         """
-        if event.get("partial"):
+        if event.get("partial") or event.get("kind") == EventKind.TRIGGER:
             return []
         actions: list[RuleAction] = []
         now = self._clock()

@@ -73,6 +73,8 @@ class Window:
         captured: ``time.monotonic()`` when its last sample was captured.
         segment_end: ``time.monotonic()`` when the segmenter closed it.
         requests: What to ask.
+        early: A speculative command window about a segment still open (see
+            ``model.early_command_ms``); ``segment_end`` is then when it was taken.
     """
 
     id: str
@@ -84,6 +86,7 @@ class Window:
     captured: float
     segment_end: float
     requests: tuple[Request, ...]
+    early: bool = False
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "MAX_FILE_RATE_HZ",
     "MIN_FILE_RATE_HZ",
+    "check_ogg_complete",
     "check_wav_complete",
     "load_audio",
     "open_sound_file",
@@ -75,6 +76,89 @@ def check_wav_complete(path: Path) -> None:
         raise AudioInputError(f"{path}: cannot read file: {exc.strerror or exc}") from exc
 
 
+#: Largest Ogg page: 27-byte header, 255 lacing values, 255 segments of 255 bytes.
+_OGG_MAX_PAGE = 27 + 255 + 255 * 255
+_OGG_EOS = 0x04  # header_type flag: last page of a logical bitstream
+
+
+def _ogg_crc_table() -> tuple[int, ...]:
+    table = []
+    for byte in range(256):
+        crc = byte << 24
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x04C11DB7) if crc & 0x80000000 else crc << 1
+        table.append(crc & 0xFFFFFFFF)
+    return tuple(table)
+
+
+_OGG_CRC_TABLE = _ogg_crc_table()
+
+
+def _ogg_crc(page: bytes) -> int:
+    """The Ogg page checksum (CRC-32, polynomial 0x04C11DB7, unreflected, initial 0)."""
+    crc = 0
+    table = _OGG_CRC_TABLE
+    for byte in page:
+        crc = ((crc << 8) & 0xFFFFFFFF) ^ table[(crc >> 24) ^ byte]
+    return crc
+
+
+def _ogg_last_page_flags(tail: bytes) -> int | None:
+    """Header flags of the valid Ogg page that ends exactly at the end of ``tail``, or None."""
+    position = tail.rfind(b"OggS")
+    while position >= 0:
+        header_end = position + 27
+        if header_end <= len(tail) and tail[position + 4] == 0:
+            segments = tail[position + 26]
+            body_start = header_end + segments
+            if body_start <= len(tail):
+                end = body_start + sum(tail[header_end:body_start])
+                if end == len(tail):
+                    page = tail[position:end]
+                    stored = struct.unpack("<I", page[22:26])[0]
+                    if _ogg_crc(page[:22] + b"\0\0\0\0" + page[26:]) == stored:
+                        return page[5]
+        position = tail.rfind(b"OggS", 0, position)
+    return None
+
+
+def check_ogg_complete(path: Path) -> None:
+    """Raise if an Ogg file (Vorbis, Opus, FLAC in Ogg) does not end with a complete
+    end-of-stream page.
+
+    libsndfile reads a cut-off Ogg file up to its last complete page without any error (and
+    reports that many frames), so a truncated upload would pass as a shorter recording. The
+    last page must be intact (its checksum matches) and carry the end-of-stream flag. Non-Ogg
+    files are not checked here.
+
+    Args:
+        path: The file to check.
+
+    Raises:
+        AudioInputError: If the file ends inside a page or without an end-of-stream page.
+    """
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            if f.read(4) != b"OggS":
+                return
+            f.seek(max(0, size - _OGG_MAX_PAGE))
+            tail = f.read()
+    except OSError as exc:
+        raise AudioInputError(f"{path}: cannot read file: {exc.strerror or exc}") from exc
+    flags = _ogg_last_page_flags(tail)
+    if flags is None:
+        raise AudioInputError(
+            f"{path}: truncated Ogg file: it does not end with a complete page (cut off or"
+            " damaged); re-copy or re-record it"
+        )
+    if not flags & _OGG_EOS:
+        raise AudioInputError(
+            f"{path}: truncated Ogg file: its last page lacks the end-of-stream flag;"
+            " re-copy or re-record it"
+        )
+
+
 def open_sound_file(path: str | Path) -> soundfile.SoundFile:
     """Open an audio file for reading, translating every failure to :class:`AudioInputError`.
 
@@ -86,7 +170,7 @@ def open_sound_file(path: str | Path) -> soundfile.SoundFile:
 
     Raises:
         AudioInputError: Missing file, a directory, unknown format, unreadable header,
-            truncated WAV data, zero length, or a sample rate outside
+            truncated WAV or Ogg data, zero length, or a sample rate outside
             `MIN_FILE_RATE_HZ`..`MAX_FILE_RATE_HZ`.
     """
     file_path = Path(path)
@@ -95,6 +179,7 @@ def open_sound_file(path: str | Path) -> soundfile.SoundFile:
     if not file_path.is_file():
         raise AudioInputError(f"{file_path}: not a regular file")
     check_wav_complete(file_path)
+    check_ogg_complete(file_path)
     try:
         sound = soundfile.SoundFile(str(file_path))
     except soundfile.LibsndfileError as exc:

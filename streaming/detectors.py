@@ -99,12 +99,22 @@ class WebrtcVadDetector:
 class SoundActivityDetector:
     """Sound above an adaptive noise floor, by band energy and spectral flux.
 
-    Band energies (dB) are smoothed over two frames. Per band, the noise floor follows them
-    with a time constant of ``track_s`` while the detector is inactive, falls within
-    ``fall_s`` when the energy drops more than ``fall_margin_db`` below it (a noise source
-    stopped), and rises only with ``active_rise_s`` while sound is active; during the first
-    ``warmup_s`` it tracks within 50 ms so the stream's initial background becomes the floor.
-    So steady hum or a dishwasher becomes the floor, while an alarm or a knock stands out.
+    Band energies (dB) are smoothed over two frames. Per band, the noise floor adapts as follows
+    (all falls are capped at ``max_fall_db_per_s``):
+
+    - during the first ``warmup_s`` it tracks within 50 ms, so the stream's initial background
+      becomes the floor;
+    - while the detector is *active* it moves only with ``active_rise_s`` (both ways): a sound
+      neither becomes the floor quickly nor drags it down (a codec that zeroes the bands a
+      loud beep masks must not lower the floor under them);
+    - while *idle* it follows the bands with a time constant of ``track_s``, and falls within
+      ``fall_s`` when the *whole frame* is more than ``fall_margin_db`` below it (a noise
+      source stopped), never faster than ``max_fall_db_per_s``;
+    - a frame with no signal at all (every band below ``no_signal_db``: digital zeros, a
+      dropout, a muted input) leaves it unchanged: it says nothing about the room.
+
+    So steady hum or a dishwasher becomes the floor, while an alarm or a knock stands out, and
+    a short dropout in steady noise does not make the noise's return look like a new sound.
 
     A frame is active when the mean of its ``top_bands`` largest band excesses over the floor
     is at least ``on_db``, or when its spectral flux (mean positive rise of the band energies
@@ -116,8 +126,13 @@ class SoundActivityDetector:
         flux_db: Onset strength that makes a frame active at half the excess, in dB.
         top_bands: How many of the loudest band excesses are averaged.
         track_s: Floor time constant while inactive, in s.
-        fall_s: Floor time constant after a drop of more than ``fall_margin_db``, in s.
+        fall_s: Floor time constant while idle and the whole frame is more than
+            ``fall_margin_db`` below it, in s.
         fall_margin_db: Drop below the floor that counts as a quieter background, in dB.
+        max_fall_db_per_s: Fastest fall of the floor, in dB/s (a longer fade or a background
+            that stops takes a few seconds to become the floor).
+        no_signal_db: Band energy (dB re full scale) below which every band of a frame must lie
+            for it to count as no signal (16-bit quantisation noise is about -95 dB).
         active_rise_s: Floor time constant while active, in s.
         warmup_s: Initial period of fast tracking, in s (events in it may be missed).
         band_bins: FFT bins per band. A band estimated from few bins fluctuates more (the log
@@ -138,6 +153,8 @@ class SoundActivityDetector:
         fall_margin_db: float = 6.0,
         active_rise_s: float = 20.0,
         warmup_s: float = 0.5,
+        max_fall_db_per_s: float = 10.0,
+        no_signal_db: float = -90.0,
         band_bins: Sequence[int] | None = None,
         margin_sigmas: float = 1.5,
     ) -> None:
@@ -150,6 +167,8 @@ class SoundActivityDetector:
         self.flux_db = flux_db
         self.top_bands = top_bands
         self.fall_margin_db = fall_margin_db
+        self.no_signal_db = no_signal_db
+        self._max_fall_db = max_fall_db_per_s * frame_s
         self._track = alpha(track_s)
         self._fall = alpha(fall_s)
         self._active_rise = alpha(active_rise_s)
@@ -167,6 +186,11 @@ class SoundActivityDetector:
         self._floor: list[float] | None = None
         self._smoothed: list[float] | None = None
         self._frames = 0
+
+    @property
+    def floor_db(self) -> FloatArray | None:
+        """A copy of the per-band noise floor in dB; None before the first frame."""
+        return None if self._floor is None else np.asarray(self._floor, np.float32)
 
     def update(self, band_db: FloatArray) -> tuple[BoolArray, FloatArray]:
         """Decide each frame and adapt the floor.
@@ -193,6 +217,7 @@ class SoundActivityDetector:
         on_db, half_on, flux_min = self.on_db, self.on_db / 2, self.flux_db * n_bands
         margin = -self.fall_margin_db
         fall, track, active_rise = self._fall, self._track, self._active_rise
+        max_fall, no_signal = -self._max_fall_db, self.no_signal_db
         warmup_alpha, warmup_left = self._warmup_alpha, self._warmup_frames - self._frames
         for i, row in enumerate(rows):
             flux = 0.0
@@ -212,14 +237,17 @@ class SoundActivityDetector:
             if is_active:
                 active[i] = True
             excess_out[i] = top
+            if max(row) < no_signal:
+                continue  # no signal: the floor holds
             if i < warmup_left:
                 floor = [f + warmup_alpha * e for f, e in zip(floor, excess, strict=True)]
-            else:
-                rise = active_rise if is_active else track
-                floor = [
-                    f + (fall if e < margin else rise) * e
-                    for f, e in zip(floor, excess, strict=True)
-                ]
+                continue
+            # Active: slow both ways. Idle: fast fall only when the whole frame is quieter.
+            rate = active_rise if is_active else fall if max(excess) < margin else track
+            floor = [
+                f + (step if (step := rate * e) > max_fall else max_fall)
+                for f, e in zip(floor, excess, strict=True)
+            ]
         self._frames += n
         self._floor, self._smoothed = floor, smoothed
         return active, excess_out

@@ -61,7 +61,9 @@ class SegmentEnded:
         kind: ``SPEECH``, ``SOUND`` or ``MIXED``.
         audio: The segment's samples, float32, shape ``(end_sample - start_sample,)``.
         sample_rate_hz: Rate of the stream clock and of ``audio``.
-        split: True when the segment was cut at its maximum length (a continuation follows).
+        split: True when the segment was cut at its maximum length (a continuation segment
+            follows, starting at this ``end_sample``). A segment that reaches the maximum
+            length as its sound ends is ended normally instead (False).
         speech_ratio: Fraction (0..1) of the segment's active frames judged speech.
     """
 

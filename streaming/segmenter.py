@@ -7,7 +7,8 @@ Per frame it combines
   loud steady noise cannot hold a segment open;
 - a :class:`~streaming.detectors.SoundActivityDetector` (adaptive noise floor, band energy,
   spectral flux) for alarms, knocks and other non-speech sound;
-- :class:`~streaming.features.FrameFeatures` to tell voiced speech from tones and noise,
+- :class:`~streaming.features.FrameAnalyzer`'s voice features (harmonicity, tonal peak share,
+  low-band share) to tell voiced speech from tones and noise,
 
 into one hysteresis state machine:
 
@@ -18,11 +19,19 @@ into one hysteresis state machine:
 3. *Active*: the segment ends when at most ``end_active_ratio`` of the last
    ``end_silence_ms`` is active; it ends ``post_roll_ms`` after its last active frame.
    A segment reaching ``max_segment_ms`` is cut at its quietest frame within the last
-   ``split_search_ms`` and a new one continues from there.
+   ``split_search_ms`` and a continuation segment (a new :class:`SegmentStarted`) carries on
+   from there; when at least ``min_active_ms`` of activity would not follow the cut (the sound
+   is just ending), the segment ends normally instead.
 
-A finished segment's kind is ``speech`` when enough of its active frames are speech-like and few
-are clearly non-speech (tonal, or sound without voice), ``mixed`` when both are substantial,
-else ``sound``. ``mode="speech"`` (a VAD-only segmenter) and ``mode="sound"`` use one detector.
+A finished segment's kind is ``speech`` when at least ``speech_ratio`` of its active frames are
+speech-like and fewer than ``nonspeech_ratio`` are clearly non-speech (tonal and not
+speech-like), ``mixed`` when both are substantial or the speech-like share lies between
+``mixed_ratio`` and ``speech_ratio``, else ``sound``.
+
+``mode="sound"`` opens segments on the sound detector alone and labels them all ``sound``.
+``mode="speech"`` opens them on the VAD alone (the sound detector only supplies the noise floor
+that gates it) but still classifies the kind: webrtcvad fires on most alarms, sirens and ring
+tones, which then come out ``sound`` or ``mixed``, never as ``speech`` just because of the mode.
 """
 
 from __future__ import annotations
@@ -55,13 +64,18 @@ FloatArray = npt.NDArray[np.float32]
 SILERO_FRAME_MS = 32
 
 
+def frames_in(duration_ms: float, frame_ms: float) -> int:
+    """Whole frames (at least one) closest to ``duration_ms``."""
+    return max(1, round(duration_ms / frame_ms))
+
+
 @dataclass(frozen=True)
 class SegmenterConfig:
     """All segmentation settings, in named units.
 
     Attributes:
-        mode: ``"both"`` (speech and sound, kinds speech/sound/mixed), ``"speech"`` (VAD only)
-            or ``"sound"`` (sound-activity only).
+        mode: ``"both"`` (speech and sound), ``"speech"`` (segments opened by the VAD only;
+            kinds still classified) or ``"sound"`` (sound-activity only, kind ``sound``).
         vad: ``"webrtc"`` or ``"silero"``.
         sample_rate_hz: Stream rate; webrtc takes 8/16/32/48 kHz, silero 16 kHz only.
         aggressiveness: webrtcvad aggressiveness, 0-3.
@@ -75,7 +89,10 @@ class SegmenterConfig:
         pre_roll_ms: Audio kept before the first active frame.
         post_roll_ms: Audio kept after the last active frame.
         max_segment_ms: Longest segment; longer ones are split at their quietest frame.
-        split_search_ms: How far back from the maximum length to look for that frame.
+            It must exceed ``end_silence_ms + pre_roll_ms`` (else no segment could end on
+            silence).
+        split_search_ms: How far back from the maximum length to look for that frame (at least
+            one frame).
         sound_on_db: Band-energy excess over the noise floor that makes a frame sound-active.
         sound_flux_db: Spectral-flux onset strength that counts at half that excess.
         speech_min_excess_db: A VAD speech frame also needs this excess over the noise floor.
@@ -149,6 +166,20 @@ class SegmenterConfig:
                 f"start_active_ms ({self.start_active_ms}) exceeds start_window_ms"
                 f" ({self.start_window_ms})"
             )
+        # A segment can end on silence only once it holds end_silence_ms (in whole frames)
+        # after its pre-roll; a shorter maximum would split it forever instead.
+        frame_ms = self.effective_frame_ms
+        shortest_end_ms = frames_in(self.end_silence_ms, frame_ms) * frame_ms + self.pre_roll_ms
+        if self.max_segment_ms <= shortest_end_ms:
+            raise SegmenterConfigError(
+                f"max_segment_ms ({self.max_segment_ms}) must exceed end_silence_ms +"
+                f" pre_roll_ms ({shortest_end_ms:g} ms), or no segment could end on silence"
+            )
+        if self.split_search_ms < frame_ms:
+            raise SegmenterConfigError(
+                f"split_search_ms ({self.split_search_ms}) must be at least one frame"
+                f" ({frame_ms:g} ms)"
+            )
         if self.max_segment_ms <= self.split_search_ms:
             raise SegmenterConfigError(
                 f"max_segment_ms ({self.max_segment_ms}) must exceed split_search_ms"
@@ -167,6 +198,24 @@ class SegmenterConfig:
     def as_dict(self) -> dict[str, object]:
         """The settings as a plain dict (for logging and JSON)."""
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class OpenSegment:
+    """A snapshot of the segment being heard (see `Segmenter.open_segment`).
+
+    Attributes:
+        start_sample: Its start on the stream clock (pre-roll included).
+        end_sample: Where it would end if it ended now: its last active frame plus the
+            post-roll, on the stream clock.
+        silence_samples: Samples processed since its last active frame.
+        kind: Its kind judged on the frames so far.
+    """
+
+    start_sample: int
+    end_sample: int
+    silence_samples: int
+    kind: SegmentKind
 
 
 class _AudioBuffer:
@@ -246,7 +295,7 @@ class Segmenter:
         frame_ms = 1000.0 * frame_samples / rate
 
         def frames(ms: float) -> int:
-            return max(1, round(ms / frame_ms))
+            return frames_in(ms, frame_ms)
 
         def samples(ms: float) -> int:
             return round(ms * rate / 1000)
@@ -280,6 +329,28 @@ class Segmenter:
     def samples_pushed(self) -> int:
         """Samples pushed since the last reset (the stream clock's 'now')."""
         return self._audio.end
+
+    def open_segment(self) -> OpenSegment | None:
+        """The confirmed segment still being heard, or None between segments.
+
+        For decisions that cannot wait for ``end_silence_ms`` (the agent's early command
+        endpointing): where the segment's sound stopped so far and how long it has been quiet.
+        """
+        if not self._in_segment or not self._confirmed:
+            return None
+        sound_end = (self._last_active + 1) * self.frame_samples
+        kind, _ = self._kind(0, len(self._seg_active))
+        return OpenSegment(
+            start_sample=self._seg_start,
+            end_sample=min(sound_end + self._post_roll, self._audio.end),
+            silence_samples=self._frame * self.frame_samples - sound_end,
+            kind=kind,
+        )
+
+    def audio(self, begin: int, end: int) -> FloatArray:
+        """A copy of the stream's samples ``[begin, end)`` (sample offsets on the stream
+        clock), for an open segment; samples no longer kept read as zeros."""
+        return self._audio.slice(begin, end)
 
     def reset(self) -> None:
         """Forget everything; the stream clock restarts at sample 0."""
@@ -375,7 +446,7 @@ class Segmenter:
         speech_like = np.zeros(n, np.bool_)
         nonspeech = np.zeros(n, np.bool_)
         index = np.flatnonzero(active)
-        if index.size and cfg.mode == "both":
+        if index.size and cfg.mode != "sound":
             voice = self._analyzer.voice(bands.windows[index])
             speech_like[index] = voice.speech_like()
             nonspeech[index] = voice.tonal() & ~speech_like[index]
@@ -456,8 +527,6 @@ class Segmenter:
     def _start_kind(self) -> SegmentKind:
         if self.config.mode == "sound":
             return SegmentKind.SOUND
-        if self.config.mode == "speech":
-            return SegmentKind.SPEECH
         speech_like = sum(self._seg_speech_like)
         active = max(1, self._active_count)
         return (
@@ -472,8 +541,6 @@ class Segmenter:
         if active == 0:
             return SegmentKind.SOUND, 0.0
         speech_share = sum(self._seg_speech_like[first:last]) / active
-        if self.config.mode == "speech":
-            return SegmentKind.SPEECH, speech_share
         if self.config.mode == "sound":
             return SegmentKind.SOUND, speech_share
         nonspeech_share = sum(self._seg_nonspeech[first:last]) / active
@@ -499,6 +566,8 @@ class Segmenter:
                 detected,
                 self._audio.end,
             )
+            # Never longer than the maximum, never before the start (empty at worst).
+            end = max(min(end, self._seg_start + self._max_segment), self._seg_start)
             kind, share = self._kind(0, len(self._seg_active))
             events.append(
                 SegmentEnded(
@@ -516,13 +585,26 @@ class Segmenter:
         self._clear_segment()
 
     def _split_segment(self, events: list[Event], now: int) -> None:
+        """At the maximum length: cut at the quietest frame of the last ``split_search_ms``
+        before the maximum.
+
+        The frames after the cut continue as a new segment. When the sound has stopped (the
+        latest frame is inactive) and less than ``min_active_ms`` of activity follows the cut,
+        the segment ends normally instead, after its last activity: a cut there would leave a
+        continuation with next to nothing in it (before this rule, one ending before its start).
+        """
         F = self.frame_samples
         first_frame = self._seg_first_frame
         n = len(self._seg_energy)
-        lo = max(1, (now - self._split_search - first_frame * F) // F)
-        energy = np.asarray(self._seg_energy[lo:n], np.float64)
+        limit = self._seg_start + self._max_segment  # the first segment ends by here
+        hi = min(n - 1, limit // F - first_frame)  # segment-relative frame indices
+        lo = max(1, (limit - self._split_search) // F - first_frame)
+        energy = np.asarray(self._seg_energy[lo : hi + 1], np.float64)
         smooth = np.convolve(energy, np.ones(3) / 3, mode="same") if energy.size >= 3 else energy
         cut = lo + int(np.argmin(smooth))  # segment-relative frame index of the split
+        if not self._seg_active[-1] and sum(self._seg_active[cut:]) < self._min_active:
+            self._end_segment(events, detected=now)
+            return
         split_sample = (first_frame + cut) * F
         kind, share = self._kind(0, cut)
         events.append(

@@ -46,7 +46,9 @@ class AudioBlock:
             ``sample_rate_hz`` since the source started).
         samples: Mono float32, shape ``(n,)``.
         sample_rate_hz: Rate of ``samples``.
-        captured_at: ``time.monotonic()`` when the block arrived (s); for files, when read.
+        captured_at: ``time.monotonic()`` when the block arrived (s): for the microphone, when
+            PortAudio's callback delivered the input block that completed it (not when the
+            consumer took it off the queue); for files and stdin, when it was read.
     """
 
     start_sample: int
@@ -68,13 +70,17 @@ class _ClockedConverter:
         self._resampler = StreamResampler(in_rate_hz, out_rate_hz)
         self._position = 0
 
-    def convert(self, data: npt.ArrayLike, final: bool = False) -> AudioBlock | None:
+    def convert(
+        self, data: npt.ArrayLike, final: bool = False, captured_at: float | None = None
+    ) -> AudioBlock | None:
+        """Resample ``data``; ``captured_at`` (``time.monotonic()``, s) defaults to now."""
         out = self._resampler.push(data)
         if final:
             out = np.concatenate([out, self._resampler.flush()])
         if out.size == 0:
             return None
-        block = AudioBlock(self._position, out, self.out_rate_hz, time.monotonic())
+        stamp = time.monotonic() if captured_at is None else captured_at
+        block = AudioBlock(self._position, out, self.out_rate_hz, stamp)
         self._position += out.size
         return block
 
@@ -456,11 +462,19 @@ class MicSource:
         loop = self._loop
         if loop is None or loop.is_closed():
             return
+        arrived = time.monotonic()
         # RuntimeError: the loop closed between the check and the call.
         with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(self.feed, np.array(indata, dtype=np.float32), str(status))
+            loop.call_soon_threadsafe(
+                self.feed, np.array(indata, dtype=np.float32), str(status), arrived
+            )
 
-    def feed(self, block: npt.NDArray[np.float32], status: str = "") -> None:
+    def feed(
+        self,
+        block: npt.NDArray[np.float32],
+        status: str = "",
+        captured_at: float | None = None,
+    ) -> None:
         """Loop thread: enqueue one captured block, dropping the oldest when full.
 
         Called through ``call_soon_threadsafe`` by the PortAudio callback; public so the
@@ -469,12 +483,14 @@ class MicSource:
         Args:
             block: ``(frames, channels)`` or ``(frames,)`` float32 at the device rate.
             status: PortAudio's status text for the block ('' when fine).
+            captured_at: ``time.monotonic()`` when the callback received the block (s); None:
+                now.
         """
         if self._queue is None or self._closed.is_set():
             return
         if status:
             self.status_flags[status] = self.status_flags.get(status, 0) + 1
-        item = (block, time.monotonic())
+        item = (block, time.monotonic() if captured_at is None else captured_at)
         if self._queue.full():
             self._queue.get_nowait()
             self.dropped_blocks += 1
@@ -517,8 +533,8 @@ class MicSource:
             item = await self._queue.get()
             if item is None:
                 return
-            data, _captured = item
-            block = self._converter.convert(data)
+            data, captured_at = item
+            block = self._converter.convert(data, captured_at=captured_at)
             if block is not None:
                 yield block
 

@@ -7,11 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
 import socket
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +15,6 @@ import aiomqtt
 import pytest
 
 from agent.mqtt import MqttConfig, MqttConnectError, MqttPublisher, parse_url
-from agent.rules import rules_from_config
 from tests.agent.mqtt_fixtures import (
     Mosquitto,
     collector,
@@ -27,8 +22,6 @@ from tests.agent.mqtt_fixtures import (
     mosquitto,  # noqa: F401 - fixture
     mosquitto_auth,  # noqa: F401 - fixture
 )
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def config(url: str | None, tmp_path: Path, **kw: Any) -> MqttConfig:
@@ -156,50 +149,6 @@ async def test_wrong_credentials_fail_fast_with_a_clear_error(
         assert "s3cret" not in (pub.url or "")
 
 
-_CHILD = """
-import asyncio, sys
-from agent.mqtt import MqttConfig, MqttPublisher
-
-async def main():
-    cfg = MqttConfig(url=sys.argv[1], outbox_dir=sys.argv[2], client_id="doomed", discovery=False)
-    async with MqttPublisher(cfg):
-        sys.stdout.write("ready\\n")
-        sys.stdout.flush()
-        await asyncio.Event().wait()
-
-asyncio.run(main())
-"""
-
-
-async def test_last_will_fires_when_the_process_is_killed(
-    mosquitto: Mosquitto,  # noqa: F811
-    tmp_path: Path,
-) -> None:
-    async with collector(mosquitto.port, "salmonn/status") as c:
-        child = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-c",
-            _CHILD,
-            mosquitto.url,
-            str(tmp_path / "child-outbox"),
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
-        )
-        try:
-            assert child.stdout is not None
-            line = await asyncio.wait_for(child.stdout.readline(), 30)
-            assert line == b"ready\n"
-            await c.wait_for(lambda ms: any(m.payload == b"online" for m in ms))
-            child.send_signal(signal.SIGKILL)
-            await c.wait_for(lambda ms: ms[-1].payload == b"offline")
-        finally:
-            if child.returncode is None:
-                child.kill()
-            await child.wait()
-    assert [m.payload for m in c.messages] == [b"online", b"offline"]
-
-
 async def test_clean_close_publishes_offline(
     mosquitto: Mosquitto,  # noqa: F811
     tmp_path: Path,
@@ -213,59 +162,68 @@ async def test_clean_close_publishes_offline(
         await c.wait_for(lambda ms: ms[-1].payload == b"offline")
 
 
-RULES = [
-    {
-        "name": "alarm",
-        "kind": ["caption"],
-        "keywords": ["glass breaking", "smoke alarm"],
+def trigger(seq: int, source: dict[str, Any], **kw: Any) -> dict[str, Any]:
+    """A `trigger` event as the agent emits it (`agent.events.TriggerEvent.to_dict`)."""
+    return {
+        "schema": 1,
+        "id": f"trigger:{seq}",
+        "seq": seq,
+        "stream": source["stream"],
+        "kind": "trigger",
+        "rule": "alarm",
         "topic": "home/alarm/trigger",
-        "payload": {"source": "{stream}", "heard": "{text}"},
-        "cooldown_s": 60,
-    },
-    {
-        "name": "kitchen-lights",
-        "kind": ["transcript", "command"],
-        "regex": r"turn off the kitchen lights?",
-        "topic": "home/kitchen/lights/set",
-        "payload": "OFF",
-    },
-]
+        "payload": json.dumps({"heard": source["text"]}),
+        "qos": 1,
+        "retain": False,
+        "source_id": source["id"],
+        "source_kind": source["kind"],
+        "text": source["text"],
+        "timing": {"emitted": 1.0},
+        **kw,
+    }
 
 
-async def test_rules_fire_on_matches_respect_cooldown_and_never_on_others(
+async def test_trigger_events_publish_their_rule_message_then_themselves_in_order(
     mosquitto: Mosquitto,  # noqa: F811
     tmp_path: Path,
 ) -> None:
+    """A rule firing reaches the publisher as a `trigger` event after its source: the rule's
+    message goes to the rule's topic (with its QoS and retain flag), then the trigger event
+    to P/S/trigger, in order with the events around them."""
+    glass = ev(1, kind="caption", text="glass breaking")
+    alarm = trigger(2, glass, retain=True)
+    lights = trigger(4, ev(3), rule="lights", topic="home/kitchen/lights/set", payload="OFF")
     async with (
-        collector(mosquitto.port, "home/#", "salmonn/+/sentinel") as c,
-        MqttPublisher(config(mosquitto.url, tmp_path), rules=rules_from_config(RULES)) as pub,
+        collector(mosquitto.port, "home/#", "salmonn/mic/#") as c,
+        MqttPublisher(config(mosquitto.url, tmp_path)) as pub,
     ):
-        pub.submit({**ev(1, kind="caption"), "text": "a dog barking"})
-        pub.submit({**ev(2, kind="transcript"), "text": "turn on the kitchen lights"})
-        pub.submit({**ev(3, kind="transcript"), "text": "smoke alarm"})  # wrong kind
-        pub.submit({**ev(4, kind="caption"), "text": "smoke alarm", "partial": True})
-        pub.submit({**ev(5, kind="caption"), "text": "Glass breaking in the hall"})
-        pub.submit({**ev(6, kind="caption"), "text": "smoke alarm beeping"})  # cooldown
-        pub.submit({**ev(7, kind="command"), "text": "please turn off the kitchen light"})
-        pub.submit(ev(8, kind="sentinel"))
-        # Delivery is in order, so once the sentinel is here every rule message is too.
+        events = [glass, alarm, ev(3), lights, ev(5, kind="sentinel")]
+        for event in events:
+            pub.submit(event)
         got = await c.wait_for(lambda ms: any(m.topic.endswith("/sentinel") for m in ms))
-        rule_msgs = [(m.topic, m.payload) for m in got if m.topic.startswith("home/")]
-        assert rule_msgs == [
-            (
-                "home/alarm/trigger",
-                json.dumps({"source": "mic", "heard": "Glass breaking in the hall"}).encode(),
-            ),
-            ("home/kitchen/lights/set", b"OFF"),
+        assert [m.topic for m in got] == [
+            "salmonn/mic/caption",
+            "home/alarm/trigger",
+            "salmonn/mic/trigger",
+            "salmonn/mic/transcript",
+            "home/kitchen/lights/set",
+            "salmonn/mic/trigger",
+            "salmonn/mic/sentinel",
         ]
-        rules = pub.stats()["rules"]
-        assert rules["alarm"] == {
-            "matched": 2,
-            "fired": 1,
-            "cooldown_skipped": 1,
-            "template_errors": 0,
-        }
-        assert rules["kitchen-lights"]["fired"] == 1
+        assert [json.loads(m.payload) for m in got if m.topic.startswith("salmonn/")] == events
+        assert [m.payload for m in got if m.topic.startswith("home/")] == [
+            b'{"heard": "glass breaking"}',
+            b"OFF",
+        ]
+        assert pub.stats()["rule_messages"] == 2
+        # The alarm rule's message was retained (the lights one was not).
+        async with collector(mosquitto.port, "home/#", client_id="late") as late:
+            [retained] = await late.wait_for(lambda ms: len(ms) >= 1)
+            assert (retained.topic, retained.retain) == ("home/alarm/trigger", True)
+        for bad in ({"topic": "home/+/x"}, {"payload": None}, {"qos": 3}, {"retain": "yes"}):
+            with pytest.raises(ValueError, match="trigger event"):
+                pub.submit({**alarm, **bad})
+        assert pub.stats()["submitted"] == 5
 
 
 async def test_control_valid_and_invalid_payloads(
@@ -334,6 +292,23 @@ async def test_discovery_is_published_retained_and_again_on_ha_birth(
         async with aiomqtt.Client("127.0.0.1", mosquitto.port, identifier="ha-core") as ha:
             await ha.publish("homeassistant/status", b"online", qos=1)
         await c.wait_for(lambda ms: len(ms) >= 2)
+
+
+async def test_a_stale_retained_mute_state_is_replaced_at_start(
+    mosquitto: Mosquitto,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """An earlier run left `{"mute": true}` retained on P/*/state (Home Assistant's mute
+    switch): the new publisher replaces it at connection with the real state, unmuted."""
+    async with aiomqtt.Client("127.0.0.1", mosquitto.port, identifier="earlier-run") as old:
+        await old.publish("salmonn/*/state", b'{"mute": true}', qos=1, retain=True)
+    async with (
+        MqttPublisher(config(mosquitto.url, tmp_path, discovery=True)),
+        # Subscribing after the start (Home Assistant restarting later): the retained state.
+        collector(mosquitto.port, "salmonn/*/state", client_id="ha") as c,
+    ):
+        [state] = await c.wait_for(lambda ms: len(ms) >= 1)
+        assert state.retain and json.loads(state.payload) == {"mute": False}
 
 
 async def test_embedded_broker_path(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from agent.intents import intent_from_transcript
 from agent.rules import RuleConfigError, RuleEngine, rules_from_config
 
 ALARM = {
@@ -110,6 +111,14 @@ def test_missing_template_field_does_not_fire_and_is_counted() -> None:
     }
 
 
+def test_trigger_events_never_fire_a_rule() -> None:
+    """A rule's firing is itself an event (kind trigger): no rule fires on it, so no loop."""
+    eng, _ = engine({"name": "any", "keywords": ["alarm"], "topic": "t"})
+    assert len(eng.evaluate(ev("caption", "smoke alarm"))) == 1
+    assert eng.evaluate(ev("trigger", "smoke alarm", rule="any", topic="t")) == []
+    assert eng.stats()["any"]["matched"] == 1
+
+
 def test_filled_topic_with_wildcard_is_not_published() -> None:
     eng, _ = engine({"kind": ["caption"], "topic": "home/{text}"})
     assert eng.evaluate(ev("caption", "a/#")) == []
@@ -203,17 +212,24 @@ def test_shipped_smart_home_example_loads_and_fires() -> None:
     assert config.mqtt.enabled and [r.name for r in config.rules] == [
         "alarm",
         "kitchen-lights-off",
-        "lights-by-intent",
+        "lights-on-by-intent",
+        "lights-off-by-intent",
         "robot-stop",
     ]
     eng = RuleEngine(list(config.rules), clock=FakeClock())
     [alarm] = eng.evaluate(ev("caption", "a smoke alarm is beeping"))
     assert alarm.topic == "home/alarm/trigger"
     assert json.loads(alarm.payload)["keyword"] == "smoke alarm"
-    [off] = eng.evaluate(ev("transcript", "Turn off the kitchen lights"))
-    assert (off.topic, off.payload) == ("home/kitchen/lights/set", "OFF")
-    intent = {"intent": "lights_on", "room": "hall"}
-    [on] = eng.evaluate(ev("command", "", intent=intent))
-    assert (on.topic, on.payload) == ("home/hall/lights/set", "lights_on")
+    # One utterance, two events (transcript, and the command read from it): both rules that
+    # fire send the light the same message.
+    said = "Turn off the kitchen lights"
+    [by_text] = eng.evaluate(ev("transcript", said))
+    [by_intent] = eng.evaluate(ev("command", said, intent=intent_from_transcript(said)))
+    assert [(a.rule, a.topic, a.payload) for a in (by_text, by_intent)] == [
+        ("kitchen-lights-off", "home/kitchen/lights/set", "OFF"),
+        ("lights-off-by-intent", "home/kitchen/lights/set", "OFF"),
+    ]
+    [on] = eng.evaluate(ev("command", "", intent={"intent": "lights_on", "room": "hall"}))
+    assert (on.rule, on.topic, on.payload) == ("lights-on-by-intent", "home/hall/lights/set", "ON")
     [stop] = eng.evaluate(ev("command", "stop", intent={"intent": "stop"}))
     assert stop.topic == "robots/all/stop"

@@ -11,6 +11,7 @@ import soundfile
 
 from streaming.audio_file import load_audio
 from streaming.errors import AudioInputError, StreamingError
+from tests.streaming.conftest import truncated_copy
 
 
 def _tone(rate_hz: int, seconds: float = 0.5) -> np.ndarray:
@@ -67,13 +68,6 @@ def _write_good(tmp_path: Path, suffix: str = ".wav") -> Path:
     return path
 
 
-def _truncate(path: Path, keep_fraction: float) -> Path:
-    data = path.read_bytes()
-    out = path.with_name("cut" + path.suffix)
-    out.write_bytes(data[: int(len(data) * keep_fraction)])
-    return out
-
-
 def _bad_missing(tmp_path: Path) -> Path:
     return tmp_path / "nope.wav"
 
@@ -95,15 +89,43 @@ def _bad_unknown_extension(tmp_path: Path) -> Path:
 
 
 def _bad_truncated_wav(tmp_path: Path) -> Path:
-    return _truncate(_write_good(tmp_path), 0.6)
+    return truncated_copy(_write_good(tmp_path), 0.6)
 
 
 def _bad_header_only_wav(tmp_path: Path) -> Path:
-    return _truncate(_write_good(tmp_path), 0.001)
+    return truncated_copy(_write_good(tmp_path), 0.001)
 
 
 def _bad_truncated_flac(tmp_path: Path) -> Path:
-    return _truncate(_write_good(tmp_path, ".flac"), 0.5)
+    return truncated_copy(_write_good(tmp_path, ".flac"), 0.5)
+
+
+def _write_ogg(tmp_path: Path) -> Path:
+    path = tmp_path / "good.ogg"
+    soundfile.write(path, _tone(16000, 2.0), 16000, subtype="VORBIS")
+    return path
+
+
+def _bad_truncated_ogg(tmp_path: Path) -> Path:
+    return truncated_copy(_write_ogg(tmp_path), 0.6)  # ends inside a page
+
+
+def _bad_ogg_without_last_page(tmp_path: Path) -> Path:
+    # Cut exactly before the last page: every page is complete, none is the end of stream.
+    path = _write_ogg(tmp_path)
+    data = path.read_bytes()
+    out = path.with_name("cut.ogg")
+    out.write_bytes(data[: data.rfind(b"OggS")])
+    return out
+
+
+def _bad_ogg_corrupt_last_page(tmp_path: Path) -> Path:
+    path = _write_ogg(tmp_path)
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF  # the last page's checksum no longer matches
+    out = path.with_name("corrupt.ogg")
+    out.write_bytes(bytes(data))
+    return out
 
 
 def _bad_zero_length(tmp_path: Path) -> Path:
@@ -144,6 +166,9 @@ def _bad_inf(tmp_path: Path) -> Path:
         (_bad_truncated_wav, "truncated"),
         (_bad_header_only_wav, "truncated|cannot decode"),
         (_bad_truncated_flac, "corrupt|truncated"),
+        (_bad_truncated_ogg, "truncated Ogg file: it does not end with a complete page"),
+        (_bad_ogg_without_last_page, "truncated Ogg file: its last page lacks the end-of-stream"),
+        (_bad_ogg_corrupt_last_page, "truncated Ogg file"),
         (_bad_zero_length, "zero-length"),
         (_bad_empty_file, "cannot decode|zero-length"),
         (_bad_nan, "NaN or infinite"),
@@ -155,3 +180,13 @@ def test_bad_input_raises_one_line_error(tmp_path: Path, make, message: str) -> 
         load_audio(make(tmp_path))
     assert isinstance(info.value, StreamingError)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("subtype", ["VORBIS", "OPUS"])
+def test_complete_ogg_passes_the_end_of_stream_check(tmp_path: Path, subtype: str) -> None:
+    from streaming.audio_file import check_ogg_complete
+
+    path = tmp_path / f"a_{subtype}.ogg"
+    soundfile.write(path, _tone(16000, 2.0), 16000, subtype=subtype)
+    check_ogg_complete(path)  # does not raise
+    check_ogg_complete(_write_good(tmp_path))  # not Ogg: not checked

@@ -1,8 +1,11 @@
-"""Tests for streaming/sources.py: file and raw-PCM streaming, and the mic hand-over path.
+"""Tests for streaming/sources.py: file and raw-PCM streaming, the mic hand-over path, and
+device selection.
 
-There is no capture device (and no PulseAudio) on the CI machine, so the microphone is tested
-at its seam: the PortAudio callback -> call_soon_threadsafe -> bounded queue path, driven from
-a real foreign thread, plus the clear error when no device exists.
+These tests need no capture device: the microphone is tested at its seam (the PortAudio
+callback -> call_soon_threadsafe -> bounded queue path, driven from a real foreign thread),
+device selection against a faked sounddevice device list, plus the clear error when no device
+exists. The real PortAudio path, through a virtual PulseAudio device the test starts itself,
+is in test_mic_pulseaudio.py (skipped where PulseAudio is not installed).
 """
 
 from __future__ import annotations
@@ -11,12 +14,15 @@ import asyncio
 import io
 import logging
 import threading
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import soundfile
 
+from streaming import sources
 from streaming.errors import AudioDeviceError, AudioInputError
 from streaming.resample import resample
 from streaming.sources import FileSource, MicSource, RawPcmSource, resolve_input_device
@@ -155,3 +161,110 @@ async def test_mic_queue_overflow_drops_oldest_and_counts(caplog: pytest.LogCapt
     await mic.close()
     values = [float(b.samples[0]) async for b in mic]
     assert values == [8.0, 9.0, 10.0, 11.0]  # newest kept (one slot given to the end marker)
+
+
+async def test_mic_block_is_stamped_when_the_callback_received_it() -> None:
+    mic = MicSource(queue_blocks=10)
+    mic._prepare_without_device(16000)
+    stamps: list[float] = []
+
+    def portaudio_thread() -> None:
+        stamps.append(time.monotonic())
+        mic._callback(np.full((320, 1), 0.1, np.float32), 320, None, "")
+        stamps.append(time.monotonic())
+
+    thread = threading.Thread(target=portaudio_thread)
+    thread.start()
+    await asyncio.to_thread(thread.join)
+    taken_at = time.monotonic()  # the consumer takes the block only now
+    mic.feed(np.zeros(320, np.float32), "", captured_at=1234.5)  # a stamp passed through as is
+    await mic.close()
+    blocks = [block async for block in mic]
+    assert len(blocks) == 2
+    assert stamps[0] <= blocks[0].captured_at <= stamps[1] < taken_at
+    assert blocks[1].captured_at == 1234.5
+
+
+def _fake_sounddevice(devices: list[dict], default_input: int = -1) -> SimpleNamespace:
+    return SimpleNamespace(
+        query_devices=lambda: devices,
+        query_hostapis=lambda: [{"name": "ALSA"}, {"name": "PulseAudio"}],
+        default=SimpleNamespace(device=(default_input, -1)),
+    )
+
+
+def _device(name: str, inputs: int, hostapi: int = 0) -> dict:
+    return {
+        "name": name,
+        "max_input_channels": inputs,
+        "max_output_channels": 2,
+        "default_samplerate": 48000.0,
+        "hostapi": hostapi,
+    }
+
+
+_DEVICES = [
+    _device("HDA Intel PCH: ALC3246 Analog (hw:0,0)", 2),
+    _device("HDMI 0 (hw:0,3)", 0),  # output only
+    _device("USB Audio Mic (hw:1,0)", 1),
+    _device("pulse", 32, hostapi=1),
+    _device("default", 32, hostapi=1),
+]
+
+
+@pytest.mark.parametrize(
+    ("wanted", "default_input", "index"),
+    [
+        (None, 4, 4),  # the default input
+        (None, 1, 0),  # default is not an input: the first input
+        (None, -1, 0),  # no default at all
+        (2, -1, 2),
+        ("2", -1, 2),  # an index given as text (a command-line argument)
+        ("usb", -1, 2),  # a name fragment, case-insensitive
+        ("USB AUDIO MIC", -1, 2),
+        ("ALC3246", -1, 0),
+        ("pulse", -1, 3),  # the first match
+    ],
+)
+def test_resolve_input_device_by_name_or_index(
+    monkeypatch: pytest.MonkeyPatch, wanted: int | str | None, default_input: int, index: int
+) -> None:
+    fake = _fake_sounddevice(_DEVICES, default_input)
+    monkeypatch.setattr(sources, "_sounddevice", lambda: fake)
+    device = resolve_input_device(wanted)
+    assert device.index == index
+    assert device.name == _DEVICES[index]["name"]
+    assert device.max_input_channels == _DEVICES[index]["max_input_channels"]
+    assert device.host_api == ("PulseAudio" if index >= 3 else "ALSA")
+    assert device.is_default == (index == default_input)
+
+
+@pytest.mark.parametrize(
+    ("devices", "wanted", "message"),
+    [
+        (_DEVICES, 1, "no input device with index 1"),  # output only
+        (_DEVICES, 9, "no input device with index 9"),
+        (_DEVICES, "bluetooth", "no input device named like 'bluetooth'"),
+        ([_device("HDMI 0 (hw:0,3)", 0)], None, "no audio input device found"),
+        ([], "usb", "no audio input device found"),
+    ],
+)
+def test_resolve_input_device_errors(
+    monkeypatch: pytest.MonkeyPatch, devices: list[dict], wanted: int | str | None, message: str
+) -> None:
+    fake = _fake_sounddevice(devices)
+    monkeypatch.setattr(sources, "_sounddevice", lambda: fake)
+    with pytest.raises(AudioDeviceError, match=message) as info:
+        resolve_input_device(wanted)
+    assert "\n" not in str(info.value)
+
+
+def test_device_query_failure_is_an_audio_device_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken() -> list[dict]:
+        raise RuntimeError("PortAudio not initialized")
+
+    fake = _fake_sounddevice(_DEVICES)
+    fake.query_devices = broken
+    monkeypatch.setattr(sources, "_sounddevice", lambda: fake)
+    with pytest.raises(AudioDeviceError, match="cannot query audio devices"):
+        resolve_input_device("usb")
