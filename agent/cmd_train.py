@@ -113,6 +113,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--no-whisper", action="store_true", help="skip Whisper's own WER")
     ev.add_argument(
+        "--transcript",
+        choices=("llm", "whisper"),
+        default="llm",
+        help="who answers asr entries: the LLM, or Whisper's own decoder (as run --transcript)",
+    )
+    ev.add_argument(
+        "--command",
+        choices=("llm", "whisper"),
+        default="llm",
+        help="who answers command entries: the LLM, or the intent grammar on Whisper's"
+        " transcript (as run --command)",
+    )
+    ev.add_argument(
         "--following",
         action="store_true",
         help="also measure the following rate of unseen instructions at LoRA scales 4 and 2",
@@ -241,6 +254,8 @@ def run_eval(args: argparse.Namespace) -> int:
         whisper=not args.no_whisper,
         loader=loader,
         progress=not args.json and sys.stderr.isatty(),
+        transcript=args.transcript,
+        command=args.command,
     )
     following = measure_following(model, cache, samples) if args.following else None
     if args.json:

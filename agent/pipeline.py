@@ -414,12 +414,12 @@ class StreamHandle:
             or segment.end_sample <= self._early_asked_end  # nothing new since the last ask
         ):
             return
+        if self._pipeline._pending_total() or self._pipeline._in_flight:
+            return  # only an idle worker reads early (asked again at the next block)
         self._early_asked_end = segment.end_sample
         start = max(segment.start_sample, self._command_from)
         if segment.end_sample - start < _MIN_EARLY_S * MODEL_RATE_HZ:
             return
-        if self._pipeline._pending_total():
-            return  # speculation only uses spare time: it never delays a waiting window
         if self._overlaps_speaking(start, segment.end_sample):
             return
         window = self._command_window(start, segment.end_sample, time.monotonic(), early=True)

@@ -63,6 +63,8 @@ def evaluate_model(
     whisper: bool = True,
     loader: AudioLoader = read_wav_16k,
     progress: bool = False,
+    transcript: str = "llm",
+    command: str = "llm",
 ) -> dict[str, Any]:
     """Answer every scored entry with its task's evaluation prompt and score it.
 
@@ -74,17 +76,34 @@ def evaluate_model(
         whisper: also transcribe the ``asr`` entries with Whisper's own decoder.
         loader: audio reader for Whisper.
         progress: show progress bars.
+        transcript: ``llm``, or ``whisper``: ``asr`` entries are answered by Whisper's own
+            decoder, as ``run --transcript whisper`` does.
+        command: ``llm``, or ``whisper``: ``command`` entries are read from Whisper's
+            transcript by the intent grammar, as ``run --command whisper`` does.
 
     Returns:
         `agent.scoring.report`'s dict (the eval JSON), plus ``"whisper_wer"`` (None when not
         measured) and ``"per_class"``; callers printing the exact eval JSON drop those two.
     """
+    from agent.intents import intent_from_transcript
     from agent.scoring import corpus_wer
 
     chosen = scored_samples(samples)
     predictions: dict[int, str] = {}
+    by_whisper = {
+        t for t, engine in (("asr", transcript), ("command", command)) if engine == "whisper"
+    }
+    heard = _whisper_transcripts(
+        model, [s for s in chosen if s.task in by_whisper], batch_size, loader
+    )
+    for i, s in enumerate(chosen):
+        if s.task in by_whisper:
+            text = heard[str(s.path)]
+            predictions[i] = (
+                json.dumps(intent_from_transcript(text)) if s.task == "command" else text
+            )
     for task in SCORED_TASKS:
-        indices = [i for i, s in enumerate(chosen) if s.task == task]
+        indices = [i for i, s in enumerate(chosen) if s.task == task and task not in by_whisper]
         if not indices:
             continue
         answers = generate_answers(
@@ -105,13 +124,26 @@ def evaluate_model(
     out["whisper_wer"] = None
     asr = [s for s in chosen if s.task == "asr"]
     if whisper and asr and model.whisper_tokenizer is not None:
-        texts: list[str] = []
-        for start in range(0, len(asr), batch_size):
-            chunk = asr[start : start + batch_size]
-            texts += model.transcribe_with_whisper([load_sample_audio(s, loader) for s in chunk])
-        out["whisper_wer"] = corpus_wer([s.text for s in asr], texts)
+        heard = {**heard, **_whisper_transcripts(
+            model, [s for s in asr if str(s.path) not in heard], batch_size, loader
+        )}  # fmt: skip
+        out["whisper_wer"] = corpus_wer([s.text for s in asr], [heard[str(s.path)] for s in asr])
     out["per_class"] = per_class(items)
     return out
+
+
+def _whisper_transcripts(
+    model: Salmonn, samples: list[Sample], batch_size: int, loader: AudioLoader
+) -> dict[str, str]:
+    """Whisper's own transcript of each distinct clip, by path (the live agent's short
+    context mode)."""
+    clips = list({str(s.path): s for s in samples}.values())
+    heard: dict[str, str] = {}
+    for start in range(0, len(clips), batch_size):
+        chunk = clips[start : start + batch_size]
+        texts = model.transcribe_with_whisper([load_sample_audio(s, loader) for s in chunk])
+        heard.update(zip((str(s.path) for s in chunk), texts, strict=True))
+    return heard
 
 
 def exact_eval_json(result: dict[str, Any]) -> dict[str, Any]:

@@ -142,6 +142,7 @@ async def test_commands_said_with_a_pause_are_each_emitted_early_and_once(
         first = await run.next_model_event()  # the segment is still open (700 ms hangover)
         assert first["kind"] == "command" and first.get("early") is True
         assert first["intent"] == {"intent": "stop"}
+        await run.idle()  # early reads only run on an idle worker
         run.push(np.concatenate([clip, _silence(0.3)]))
         second = await run.next_model_event()
         assert second["kind"] == "command" and second.get("early") is True
@@ -259,3 +260,29 @@ async def test_speech_resuming_within_the_pause_makes_a_command_answer_stale(
     (transcript,) = run.of_kind("transcript")
     assert command["text"] == "Turn left and stop."  # "Stop." was never emitted
     assert command["start"] == transcript["start"]
+
+
+async def test_early_reads_only_use_an_idle_worker(tiny_model: Any) -> None:
+    model = ScriptedWhisper(tiny_model, lambda s: "Stop.", hold_first=True)
+    async with running(model) as run:
+        assert run.agent.pipeline is not None
+        busy = run.agent.pipeline.open_stream(
+            run.agent.config.stream_settings("busy"), origin="test"
+        )
+        audio = np.concatenate([_silence(0.5), _clip(), _silence(1.0)])
+        for k in range(0, audio.size, BLOCK):
+            busy.push(audio[k : k + BLOCK])
+        assert await asyncio.to_thread(model.entered.wait, WAIT_S)  # the worker is held
+        run.push(np.concatenate([_silence(0.5), _clip(), _silence(0.3)]))
+        assert run.handle.counters["early_windows"] == 0
+        model.release.set()
+        await run.idle()
+        assert run.handle.counters["early_windows"] == 0  # no block came since
+        run.push(_silence(0.02))  # the next block, on an idle worker
+        assert run.handle.counters["early_windows"] == 1
+        command = await run.next_model_event()
+        while command["stream"] != "s":  # the busy stream's answers came first
+            command = await run.next_model_event()
+        assert command["kind"] == "command" and command.get("early") is True
+        busy.end()
+        await run.finish()

@@ -141,3 +141,44 @@ def test_eval_cli_on_tiny_random(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert result["sound_accuracy"] is None
     assert [i["path"] for i in result["items"]] == ["a.wav", "b.wav"]
     assert result["wer"] >= 0 and result["items"][1]["correct"] is False  # random weights
+
+
+def test_eval_scores_the_agents_whisper_path(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--transcript whisper --command whisper: asr entries are Whisper's transcripts and
+    commands the grammar's reading of them, one transcription per clip."""
+    from model.salmonn import Salmonn
+
+    heard = {16000: "Turn left.", 8000: "Stop!"}  # told apart by their lengths
+    calls: list[int] = []
+
+    def fake_whisper(self: Salmonn, audio: list[np.ndarray], **_: object) -> list[str]:
+        calls.extend(a.size for a in audio)
+        return [heard[a.size] for a in audio]
+
+    monkeypatch.setattr(Salmonn, "transcribe_with_whisper", fake_whisper)
+    for name, samples in (("a", 16000), ("b", 8000)):
+        soundfile.write(tmp_path / f"{name}.wav", np.zeros(samples, np.float32), 16000)
+    manifest = tmp_path / "m.json"
+    manifest.write_text(
+        json.dumps(
+            {
+                "annotation": [
+                    {"path": "a.wav", "task": "asr", "text": "turn left"},
+                    {"path": "a.wav", "task": "command", "text": '{"intent": "stop"}'},
+                    {"path": "b.wav", "task": "command", "text": '{"intent": "stop"}'},
+                ]
+            }
+        )
+    )
+    code = main(
+        ["eval", "--model", "tiny-random", "--manifest", str(manifest), "--json",
+         "--transcript", "whisper", "--command", "whisper", "--cache", str(tmp_path / "cache")]
+    )  # fmt: skip
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["wer"] == 0.0
+    assert [i["correct"] for i in result["items"]] == [True, False, True]
+    assert json.loads(result["items"][2]["predicted"]) == {"intent": "stop"}
+    assert sorted(calls) == [8000, 16000]  # each clip heard once, also for Whisper's own WER
