@@ -351,3 +351,15 @@ async def test_a_worker_refused_by_the_broker_stops_with_the_reason(
     assert reason == "refused by the broker"
     assert worker.refused is not None and "login refused" in worker.refused
     assert "wrong" not in worker.refused
+
+
+def test_an_edge_refuses_early_commands() -> None:
+    """Early reads are settled against a local worker's answers; an edge has none."""
+    from agent.errors import ConfigError
+
+    config = make_config(
+        model={"command": "whisper", "early_command_ms": 200},
+        mqtt={"enabled": True, "url": "mqtt://127.0.0.1:1"},
+    )
+    with pytest.raises(ConfigError, match="not supported on an edge"):
+        Edge(config)
