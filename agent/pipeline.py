@@ -401,17 +401,15 @@ class StreamHandle:
         told "stop" should not wait half a second of silence to be sure. Whisper is asked
         after half that pause, so its answer is usually ready by then."""
         early = self._early
-        segment = self._segmenter.open_segment()
-        if early is not None and early.result is not None and early.is_command:
-            if segment is None or segment.end_sample != early.end_sample:
-                self._early = None  # speech went on: the segment's own window reads it all
-            elif segment.silence_samples >= self._early_samples:
-                self._commit(early)
-                return
-            else:
-                return
-        if self._early is not None and self._early.result is None:
+        if early is not None and early.result is None:
             return  # one at a time: its answer decides where the next one starts
+        segment = self._segmenter.open_segment()
+        if early is not None and early.is_command:
+            if segment is not None and segment.end_sample == early.end_sample:
+                if segment.silence_samples >= self._early_samples:
+                    self._commit(early)
+                return
+            self._early = None  # speech went on: the segment's own window reads it all
         if (
             segment is None
             or segment.kind != SegmentKind.SPEECH

@@ -280,23 +280,24 @@ class BatchRunner:
         whisper_items = [(w, r) for w in windows for r in w.requests if r.engine == "whisper"]
         if whisper_items:
             t0 = time.perf_counter()
+            own = self.model.transcribe_with_whisper
 
-            def which(request: Request) -> str:
-                return "command" if request.recogniser == "command" and self.hear_commands else ""
+            def recogniser(request: Request) -> Callable[[list[FloatArray]], list[str]]:
+                if request.recogniser == "command" and self.hear_commands is not None:
+                    return self.hear_commands
+                return own
 
-            by_recogniser: dict[str, dict[str, Window]] = {}  # each window heard once by each
-            for window, request in whisper_items:
-                by_recogniser.setdefault(which(request), {})[window.id] = window
-            texts: dict[tuple[str, str], str] = {}
-            for name, heard in by_recogniser.items():
-                hear = self.hear_commands if name else self.model.transcribe_with_whisper
-                assert hear is not None
+            groups: dict[Callable[..., list[str]], dict[str, Window]] = {}
+            for window, request in whisper_items:  # each window heard once by each recogniser
+                groups.setdefault(recogniser(request), {})[window.id] = window
+            texts: dict[tuple[Callable[..., list[str]], str], str] = {}
+            for hear, heard in groups.items():
                 said = hear([w.audio for w in heard.values()])
-                texts.update(((name, i), t.strip()) for i, t in zip(heard, said, strict=True))
+                texts.update(((hear, i), t.strip()) for i, t in zip(heard, said, strict=True))
             report.timings_ms["whisper_decode_ms"] = (time.perf_counter() - t0) * 1000
             for window, request in whisper_items:
                 report.finished.add(request.key)
-                emit(Final(window, request, texts[which(request), window.id], start, None, 0))
+                emit(Final(window, request, texts[recogniser(request), window.id], start, None, 0))
         if not llm_windows or cancel.is_set():
             if cancel.is_set():
                 report.cancelled = True
