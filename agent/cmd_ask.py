@@ -38,8 +38,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def load_model_from_args(args: argparse.Namespace) -> Any:
-    """The model chosen by the `--model`, `--whisper`, ... options, loaded."""
+def load_model_from_args(args: argparse.Namespace, *, trained_parts: bool = True) -> Any:
+    """The model chosen by the `--model`, `--whisper`, ... options, loaded.
+
+    With ``trained_parts=False`` the preset's own trained parts (nano's ``model/nano/``) are
+    not loaded, so training starts from fresh ones; an explicit ``--checkpoint`` still is.
+    """
     from model.presets import resolve_model
     from model.salmonn import Salmonn
 
@@ -51,6 +55,8 @@ def load_model_from_args(args: argparse.Namespace) -> Any:
         checkpoint=args.checkpoint,
         input_mode=args.input_mode,
     )
+    if not trained_parts and args.checkpoint is None:
+        config = config.replace(checkpoint=None)
     return Salmonn.from_config(config)
 
 

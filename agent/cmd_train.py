@@ -146,22 +146,18 @@ def _audio_loader() -> Any:
     return load_audio
 
 
-def _load_model(args: argparse.Namespace) -> Any:
-    from agent.cmd_ask import load_model_from_args
-
-    return load_model_from_args(args)
-
-
 def run_train(args: argparse.Namespace) -> int:
     import torch
 
+    from agent.cmd_ask import load_model_from_args
     from model.train import EncoderCache, TrainConfig, Trainer, TrainingError, read_manifest
 
     if args.recipe:
         from agent.recipe import NANO_PLAN, TINY_PLAN, run_recipe
 
         plan = TINY_PLAN if args.tiny else NANO_PLAN
-        model = _load_model(args)
+        # From fresh trainable parts, not the shipped ones: the recipe must reproduce them.
+        model = load_model_from_args(args, trained_parts=False)
         report = run_recipe(
             model,
             args.out,
@@ -176,7 +172,7 @@ def run_train(args: argparse.Namespace) -> int:
         raise TrainingError("train needs --stage and --manifest (or --recipe nano)")
     options = {k: getattr(args, k) for k in _TRAIN_OPTIONS if getattr(args, k) is not None}
     config = TrainConfig(stage=args.stage, lora_only=args.stage == "activation", **options)
-    model = _load_model(args)
+    model = load_model_from_args(args, trained_parts=False)  # --init continues from parts
     if args.init:
         report = model.load_checkpoint(args.init)
         logger.info("initialised from %s: %s", args.init, report.summary())
@@ -243,7 +239,10 @@ def run_eval(args: argparse.Namespace) -> int:
 
     samples = read_manifest(args.manifest)
     chosen = scored_samples(samples, args.limit)
-    model = _load_model(args)
+    from agent.cmd_ask import load_model_from_args
+
+    model = load_model_from_args(args)
+    model.pack_for_inference()
     loader = _audio_loader()
     cache = EncoderCache(model, _cache_dir(args), loader=loader)
     result = evaluate_model(

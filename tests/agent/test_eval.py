@@ -182,3 +182,24 @@ def test_eval_scores_the_agents_whisper_path(
     assert [i["correct"] for i in result["items"]] == [True, False, True]
     assert json.loads(result["items"][2]["predicted"]) == {"intent": "stop"}
     assert sorted(calls) == [8000, 16000]  # each clip heard once, also for Whisper's own WER
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [([], None), (["--checkpoint", "/some/parts"], "/some/parts")],
+)
+def test_recipe_starts_from_fresh_parts_not_the_shipped_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, extra: list[str], expected: str | None
+) -> None:
+    """`train --recipe nano` must reproduce model/nano/, so it may not start from it."""
+    import agent.recipe
+    from model.presets import NANO_DIR, resolve_model
+    from model.salmonn import Salmonn
+
+    assert resolve_model("nano").checkpoint == str(NANO_DIR)  # what every other command loads
+    loaded: list = []
+    monkeypatch.setattr(Salmonn, "from_config", classmethod(lambda cls, c, **k: loaded.append(c)))
+    monkeypatch.setattr(agent.recipe, "run_recipe", lambda *a, **k: {"timings_s": {}, "test": {}})
+    assert main(["train", "--recipe", "nano", "--out", str(tmp_path), *extra]) == 0
+    assert [c.name for c in loaded] == ["nano"]
+    assert loaded[0].checkpoint == expected

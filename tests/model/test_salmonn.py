@@ -32,6 +32,10 @@ def tiny() -> Salmonn:
 
 @pytest.fixture(scope="module")
 def sharp() -> Salmonn:
+    return sharp_model()
+
+
+def sharp_model() -> Salmonn:
     """A tiny model whose answers depend on the audio and the instruction.
 
     At initialisation scale (std 0.02) the tiny LLM's next token is decided by the last prompt

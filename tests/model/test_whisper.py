@@ -8,6 +8,7 @@ cache, never the user's.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -27,6 +28,7 @@ from transformers import WhisperConfig, WhisperForConditionalGeneration, Whisper
 
 from model import whisper
 from model.errors import AudioTooLongError, ModelError, ModelLoadError
+from model.packing import pack_linears
 from model.paths import package_file
 from model.whisper import encode, load_whisper, read_ctranslate2, transcribe, whisper_features
 
@@ -727,3 +729,18 @@ def test_measure_encoder_time(real_models: dict, speech_clip: np.ndarray, source
                 times.append(time.perf_counter() - started)
         mode = "trimmed 2 s" if trimmed else "official 30 s"
         print(f"{source} {mode}: best {min(times):.3f} s, median {sorted(times)[2]:.3f} s")
+
+
+@pytest.mark.parametrize("source", REAL_SOURCES)
+def test_packed_decoder_transcribes_exactly_as_before(
+    real_models: dict, speech_clip: np.ndarray, source: str
+) -> None:
+    """`model.packing` on the decoder (what the agent's worker does): the same transcripts."""
+    model, tokenizer = real_models[source]
+    packed = copy.deepcopy(model)
+    if pack_linears(packed, skip=("model.encoder.",)) == 0:
+        pytest.skip("torch built without oneDNN")
+    clips = [speech_clip, np.concatenate([np.zeros(SR, np.float32), speech_clip])]
+    for short in (True, False):
+        expected = transcribe(model, tokenizer, clips, short_context=short)
+        assert transcribe(packed, tokenizer, clips, short_context=short) == expected
