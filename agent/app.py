@@ -82,6 +82,7 @@ class Agent:
                     partials=self.config.worker.partials,
                     threads=model.threads,
                     command_whisper=model.command_whisper,
+                    pack_weights=model.pack_weights,
                 )
             )
             self.pipeline = await self._stack.enter_async_context(

@@ -151,6 +151,7 @@ class ClusterWorker:
                     partials=self.config.worker.partials,
                     threads=model.threads,
                     command_whisper=model.command_whisper,
+                    pack_weights=model.pack_weights,
                 )
             )
             self.pipeline = await self._stack.enter_async_context(

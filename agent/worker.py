@@ -328,13 +328,14 @@ class BatchRunner:
         report.timings_ms["generate_ms"] = (time.perf_counter() - t0) * 1000
 
 
-def _command_recogniser(source: str) -> Callable[[list[FloatArray]], list[str]]:
+def _command_recogniser(source: str, pack: bool) -> Callable[[list[FloatArray]], list[str]]:
     """A second Whisper (e.g. the smaller tiny.en) that transcribes command windows."""
     from model.packing import pack_linears
     from model.whisper import load_whisper, transcribe
 
     whisper, tokenizer = load_whisper(source)
-    pack_linears(whisper, skip=("model.encoder.",))  # decoder steps only, as the main model's
+    if pack:
+        pack_linears(whisper, skip=("model.encoder.",))  # decoder steps, as the main model's
     logger.info("command recogniser: Whisper from %s", source)
 
     def hear(audio: list[FloatArray]) -> list[str]:
@@ -369,6 +370,7 @@ class InferenceWorker:
             lazy initialisation.
         command_whisper: Whisper weights (any `model.whisper.load_whisper` source) loaded
             beside the model to read ``recogniser="command"`` requests.
+        pack_weights: Pack the decoders' weights for CPU token steps (`model.packing`).
     """
 
     def __init__(
@@ -380,8 +382,10 @@ class InferenceWorker:
         threads: int = 0,
         warm_up: bool = True,
         command_whisper: str | None = None,
+        pack_weights: bool = True,
     ) -> None:
         self._load_model = load_model
+        self.pack_weights = pack_weights
         self.command_whisper = command_whisper
         self._hear_commands: Callable[[list[FloatArray]], list[str]] | None = None
         self.max_new_tokens = max_new_tokens
@@ -429,10 +433,10 @@ class InferenceWorker:
             torch.set_num_threads(self.threads)
         model = self._load_model()
         pack = getattr(model, "pack_for_inference", None)
-        if pack is not None:  # faster CPU token steps, same answers (model.packing)
+        if pack is not None and self.pack_weights:  # faster token steps, same answers
             pack()
         if self.command_whisper:
-            self._hear_commands = _command_recogniser(self.command_whisper)
+            self._hear_commands = _command_recogniser(self.command_whisper, self.pack_weights)
             if self.warm_up:
                 self._hear_commands([np.zeros(16000, np.float32)])
         if self.warm_up:

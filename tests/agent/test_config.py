@@ -106,3 +106,12 @@ def test_parse_source_ids() -> None:
     assert parse_source("mic", 0) == {"id": "mic", "source": "mic"}
     assert parse_source("mic:3", 1) == {"id": "mic1", "source": "mic:3"}
     assert parse_source("door=file:a.wav", 0) == {"id": "door", "source": "file:a.wav"}
+
+
+def test_pack_weights_is_on_unless_turned_off(tmp_path: Path) -> None:
+    assert load_config(None, overrides_from_args(_args())).model.pack_weights is True
+    off = overrides_from_args(_args("--no-pack-weights"))
+    assert load_config(None, off).model.pack_weights is False
+    path = tmp_path / "agent.toml"
+    path.write_text("[model]\npack_weights = false\n")
+    assert load_config(path, overrides_from_args(_args())).model.pack_weights is False

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 
 from agent.app import Agent
 from agent.worker import BatchReport, Final, InferenceWorker, Request, Window
@@ -215,3 +216,20 @@ def test_command_requests_go_to_the_command_recogniser() -> None:
     outputs.clear()
     BatchRunner(model, 4).run([own, other], outputs.append, threading.Event())
     assert [o.text for o in outputs] == ["stop", "stop"] and model.whisper_calls == [2]
+
+
+@pytest.mark.parametrize("pack", [True, False])
+async def test_worker_packs_the_model_only_when_asked(pack: bool) -> None:
+    calls: list[str] = []
+
+    class PackableModel(SlowLlmModel):
+        def pack_for_inference(self) -> int:
+            calls.append("packed")
+            return 1
+
+    model = PackableModel()
+    async with InferenceWorker(
+        lambda: model, max_new_tokens=2, warm_up=False, pack_weights=pack
+    ) as worker:
+        assert worker.model is model
+    assert calls == (["packed"] if pack else [])
