@@ -18,8 +18,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--model",
         default="nano",
-        help="preset (nano, salmonn-13b, salmonn-7b, tiny-random) or a checkpoint directory"
-        " (default: nano)",
+        help="preset (nano; salmonn: an official-layout checkpoint with any LLM; salmonn-13b,"
+        " salmonn-7b: the released checkpoints with their Vicuna; tiny-random) or a checkpoint"
+        " directory (default: nano)",
     )
     group.add_argument(
         "--whisper",

@@ -123,7 +123,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     model = parser.add_argument_group("model ([model])")
     model.add_argument(
         "--model",
-        help="preset (nano, tiny-random, salmonn-13b, salmonn-7b) or checkpoint "
+        help="preset (nano, tiny-random, salmonn, salmonn-13b, salmonn-7b) or checkpoint "
         "directory (model.name, default nano)",
     )
     model.add_argument("--whisper", help="Whisper weights (model.whisper)")

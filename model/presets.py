@@ -12,6 +12,13 @@ from model.salmonn import RequiredParts, SalmonnConfig
 NANO_DIR = Path(__file__).parent / "nano"
 
 PRESETS: dict[str, SalmonnConfig] = {
+    # The official layout with whatever parts are given: SalmonnConfig's defaults are the
+    # official sizes (Q-Former 768 wide, 2 layers, 12 heads, FFN 3072; one query per 17-frame
+    # window, stride 17; the Vicuna prompt; official input). BEATs is used when --beats is
+    # given, Whisper alone otherwise; every width (Whisper, BEATs, the LLM's hidden size) is read
+    # from the loaded parts and nothing is checked against Vicuna, so an official-layout
+    # checkpoint trained on any LLaMA (or other causal LM) loads with that LLM.
+    "salmonn": SalmonnConfig(name="salmonn"),
     # The paper's model: Whisper large-v2 + BEATs iter3+ AS2M cpt2 + Vicuna-13B v1.1, weights
     # from the user's files (--whisper, --beats, --llm, --checkpoint salmonn_v1.pth). The same
     # modules as 7B; `requires` makes loading refuse parts the checkpoint cannot fit.

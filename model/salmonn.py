@@ -602,7 +602,11 @@ class Salmonn(nn.Module):
                     if tuple(target.shape) != tuple(tensor.shape):
                         raise ModelLoadError(
                             _shape_mismatch_message(
-                                source, key, tuple(tensor.shape), tuple(target.shape)
+                                source,
+                                self.config.name,
+                                key,
+                                tuple(tensor.shape),
+                                tuple(target.shape),
                             )
                         )
                     target.copy_(tensor.to(target.dtype))
@@ -1042,28 +1046,58 @@ def _strip_after_eos(ids: list[int], eos_ids: set[int], pad_id: int) -> list[int
 
 
 def _shape_mismatch_message(
-    source: str, key: str, got: tuple[int, ...], want: tuple[int, ...]
+    source: str, model_name: str, key: str, got: tuple[int, ...], want: tuple[int, ...]
 ) -> str:
-    message = f"{source}: tensor {key!r} has shape {list(got)} but this model expects {list(want)}"
+    """The error for a checkpoint tensor that does not fit: the key, both shapes, the part
+    that most likely differs and what to pass instead."""
+    message = (
+        f"{source}: tensor {key!r} has shape {list(got)} but model {model_name!r} expects "
+        f"{list(want)}"
+    )
+    qformer_hint = (
+        ". The Q-Former sizes differ from the checkpoint's: use the preset it was trained with "
+        "(an official-layout checkpoint, Q-Former 768 wide with 2 layers, loads with "
+        "--model salmonn and any LLM, or with salmonn-13b / salmonn-7b and their Vicuna; a "
+        "salmonn-live checkpoint directory is itself a --model)"
+    )
     if key.startswith("speech_llama_proj") or ".lora_" in key:
-        hidden = got[0] if key.startswith("speech_llama_proj") or "lora_B" in key else got[-1]
+        # The LLM's hidden size is the projection's output and each LoRA matrix's wide side.
+        wide = 0 if key.startswith("speech_llama_proj") or "lora_B" in key else -1
+        hidden, own = got[wide], want[wide]
+        if hidden != own:
+            message += (
+                f". The checkpoint was trained for an LLM of hidden size {hidden}, but the "
+                f"--llm given is {own} wide: pass the LLM it was trained on (salmonn-13b: "
+                "Vicuna-13B v1.1, 5120; salmonn-7b: Vicuna-7B v1.5, 4096; any other LLM of "
+                f"hidden size {hidden}: --model salmonn)"
+            )
+        elif key.startswith("speech_llama_proj"):
+            message += qformer_hint
+        else:
+            rank = -1 if "lora_B" in key else 0
+            message += (
+                f". The LoRA rank differs: the checkpoint's is {got[rank]}, the model's "
+                f"lora_r is {want[rank]}"
+            )
+    elif key.startswith("ln_speech"):
         message += (
-            f". The checkpoint was trained for an LLM of hidden size {hidden}: salmonn-13b needs "
-            "Vicuna-13B v1.1 (5120), salmonn-7b needs Vicuna-7B v1.5 (4096); check --llm"
+            f". The checkpoint was trained on a Whisper {got[-1]} wide, --whisper is "
+            f"{want[-1]} wide (large-v2 is 1280)"
         )
-    elif (
-        "crossattention.self.key" in key
-        or "crossattention.self.value" in key
-        or key.startswith("ln_")
-    ):
+    elif key.startswith("ln_audio"):
         message += (
-            ". The encoder width differs: the checkpoint expects speech + audio features of width "
-            f"{got[-1]}; check --whisper (large-v2 is 1280 wide) and whether --beats (768) is given"
+            f". The checkpoint was trained on a BEATs {got[-1]} wide, --beats is {want[-1]} "
+            "wide (iter3+ AS2M cpt2 is 768)"
+        )
+    elif "crossattention.self.key" in key or "crossattention.self.value" in key:
+        message += (
+            ". The encoder width differs: the checkpoint reads speech + audio features "
+            f"{got[-1]} wide, the parts given make {want[-1]}; check --whisper's width and "
+            "whether --beats is given (officially 1280 + 768 = 2048; without --beats the "
+            "model is Whisper only)"
         )
     elif key.startswith("speech_Qformer") or key == "speech_query_tokens":
-        message += (
-            ". The Q-Former sizes differ from the checkpoint's; use the preset it was trained with"
-        )
+        message += qformer_hint
     return message
 
 

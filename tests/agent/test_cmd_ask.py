@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -150,3 +152,86 @@ def test_nano_runs_end_to_end_on_real_weights(capsys) -> None:
         result["audio_tokens"] == int(np.ceil(samples / 320)) // 8
     )  # nano: trimmed, 8-frame windows
     assert 1 <= len(result["token_ids"]) <= 3
+
+
+# -- --model salmonn: an official-layout checkpoint with an LLM no Vicuna preset takes --
+
+
+def test_salmonn_preset_answers_from_an_official_layout_checkpoint_of_a_small_llama(
+    tmp_path, capsys, caplog
+) -> None:
+    """`ask --model salmonn` with a 48-wide random LLaMA and a checkpoint in the official
+    layout (768-wide Q-Former): every tensor loads, none missing or unexpected, and it answers."""
+    from tests.model.official_layout import official_parts
+
+    parts = official_parts(tmp_path, llm_hidden=48)
+    options = [f"--{name}={path}" for name, path in parts.items()]
+    with caplog.at_level("INFO", logger="model.salmonn"):
+        code, out, err = _ask(
+            capsys,
+            str(EXAMPLE),
+            "Please describe the audio.",
+            "--model",
+            "salmonn",
+            *options,
+            "--max-new-tokens",
+            "4",
+        )
+    assert code == 0, err
+    assert out.endswith("\n") and out.strip()  # the answer, one line
+    reports = [
+        re.search(r"(\d+) loaded, (\d+) missing, (\d+) unexpected", r.getMessage())
+        for r in caplog.records
+        if r.getMessage().startswith(f"checkpoint {parts['checkpoint']}:")
+    ]
+    assert len(reports) == 1 and reports[0] is not None
+    assert reports[0].groups() == ("69", "0", "0")  # every trainable tensor of SALMONN.md §6
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_salmonn_preset_loads_an_llm_the_vicuna_presets_refuse(tmp_path, capsys) -> None:
+    from tests.model.official_layout import official_parts
+
+    parts = official_parts(tmp_path, llm_hidden=48)
+    options = [f"--{name}={path}" for name, path in parts.items()]
+    for preset in ("salmonn-13b", "salmonn-7b"):
+        code, out, err = _ask(capsys, str(EXAMPLE), "Hi.", "--model", preset, *options)
+        assert code == 2 and out == "" and "hidden size 48" in err
+    code, out, err = _ask(
+        capsys,
+        str(EXAMPLE),
+        "Hi.",
+        "--model",
+        "salmonn",
+        *options,
+        "--json",
+        "--max-new-tokens",
+        "2",
+    )
+    assert code == 0, err
+    assert json.loads(out)["audio_tokens"] == 88  # official input: 30 s, 17-frame windows
+
+
+def _model_options(parser: argparse.ArgumentParser, path: str = "salmonn-live") -> dict[str, str]:
+    """Every `--model` option of every sub-command, by command path: its help text."""
+    found: dict[str, str] = {}
+    for action in parser._actions:
+        if "--model" in action.option_strings:
+            found[path] = action.help or ""
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found.update(_model_options(sub, f"{path} {name}"))
+    return found
+
+
+def test_every_model_help_that_lists_presets_lists_them_all() -> None:
+    from agent.cli import build_parser
+    from model.presets import PRESETS
+
+    helps = _model_options(build_parser())
+    listing = {path: text for path, text in helps.items() if text.startswith("preset (")}
+    # ask, run, train, eval and bench model list them; the others say "preset or directory".
+    assert {"salmonn-live ask", "salmonn-live run", "salmonn-live eval"} <= set(listing)
+    for path, text in listing.items():
+        named = set(re.findall(r"[\w-]+", text.split(")")[0]))
+        assert set(PRESETS) <= named, f"{path} --model help misses {set(PRESETS) - named}"

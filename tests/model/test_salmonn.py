@@ -14,6 +14,7 @@ import model.llm as llm_module
 from model.errors import AudioTooLongError, ModelLoadError
 from model.presets import PRESETS, resolve_model
 from model.salmonn import Salmonn, SalmonnConfig, count_parameters
+from tests.model.official_layout import official_state_dict
 
 SR = 16000
 
@@ -67,61 +68,6 @@ def _clips(seed: int, seconds: tuple[float, ...]) -> list[np.ndarray]:
             ).astype(np.float32)
         )
     return out
-
-
-# -- the official checkpoint layout (SALMONN.md section 6), written from the spec, not the code --
-
-QFORMER_LAYER_KEYS = {
-    "attention.self.query": ("h", "h"),
-    "attention.self.key": ("h", "h"),
-    "attention.self.value": ("h", "h"),
-    "attention.output.dense": ("h", "h"),
-    "crossattention.self.query": ("h", "h"),
-    "crossattention.self.key": ("h", "enc"),
-    "crossattention.self.value": ("h", "enc"),
-    "crossattention.output.dense": ("h", "h"),
-    "intermediate_query.dense": ("ffn", "h"),
-    "output_query.dense": ("h", "ffn"),
-}
-LAYER_NORMS = (
-    "attention.output.LayerNorm",
-    "crossattention.output.LayerNorm",
-    "output_query.LayerNorm",
-)
-
-
-def official_state_dict(
-    h: int, ffn: int, enc: int, speech: int, audio: int, llm: int, llm_layers: int, layers: int = 2
-) -> dict[str, torch.Tensor]:
-    dims = {"h": h, "ffn": ffn, "enc": enc}
-    sd: dict[str, torch.Tensor] = {
-        "speech_query_tokens": torch.randn(1, 1, h),
-        "ln_speech.weight": torch.ones(speech),
-        "ln_speech.bias": torch.zeros(speech),
-        "ln_audio.weight": torch.ones(audio),
-        "ln_audio.bias": torch.zeros(audio),
-        "speech_llama_proj.weight": torch.randn(llm, h),
-        "speech_llama_proj.bias": torch.randn(llm),
-        "speech_Qformer.bert.embeddings.LayerNorm.weight": torch.ones(h),
-        "speech_Qformer.bert.embeddings.LayerNorm.bias": torch.zeros(h),
-        # Harmless extras the released files carry.
-        "speech_Qformer.bert.embeddings.position_ids": torch.arange(512)[None],
-        "beats.encoder.layers.1.self_attn.relative_attention_bias.weight": torch.zeros(320, 2),
-    }
-    for i in range(layers):
-        prefix = f"speech_Qformer.bert.encoder.layer.{i}."
-        for name, (out_dim, in_dim) in QFORMER_LAYER_KEYS.items():
-            sd[prefix + name + ".weight"] = torch.randn(dims[out_dim], dims[in_dim])
-            sd[prefix + name + ".bias"] = torch.randn(dims[out_dim])
-        for name in LAYER_NORMS:
-            sd[prefix + name + ".weight"] = torch.ones(h)
-            sd[prefix + name + ".bias"] = torch.zeros(h)
-    for i in range(llm_layers):
-        for proj in ("q_proj", "v_proj"):
-            prefix = f"llama_model.base_model.model.model.layers.{i}.self_attn.{proj}."
-            sd[prefix + "lora_A.default.weight"] = torch.randn(8, llm)
-            sd[prefix + "lora_B.default.weight"] = torch.randn(llm, 8)
-    return sd
 
 
 def test_official_layout_checkpoint_loads_with_no_missing_or_unexpected_keys(
@@ -642,3 +588,123 @@ def test_required_parts_survive_a_saved_config() -> None:
     assert PRESETS["salmonn-13b"].requires != PRESETS["salmonn-7b"].requires
     with pytest.raises(ModelLoadError, match="requires"):
         SalmonnConfig.from_dict({"requires": {"llm_hidden": 5120, "colour": "blue"}})
+
+
+# -- the salmonn preset: the official layout with whatever parts are given --
+
+
+def test_salmonn_preset_is_the_official_layout_with_no_part_checks() -> None:
+    config = PRESETS["salmonn"]
+    official = {
+        "qformer_hidden": 768,
+        "qformer_layers": 2,
+        "qformer_heads": 12,
+        "qformer_intermediate": 3072,
+        "speech_query_tokens": 1,
+        "window_frames": 17,
+        "stride_frames": 17,
+        "lora_r": 8,
+        "lora_alpha": 32,
+        "prompt_style": "vicuna",
+        "input_mode": "official",
+    }
+    assert {key: getattr(config, key) for key in official} == official
+    assert config.requires is None and config.beats is None and config.checkpoint is None
+    # The same modules as the released models' presets, without their checks.
+    for name in ("salmonn-13b", "salmonn-7b"):
+        assert PRESETS[name].replace(name="salmonn", requires=None) == config
+
+
+@pytest.mark.parametrize(
+    ("parts", "fused"),
+    [
+        ({"whisper_width": 1280, "beats_width": 768, "llm_hidden": 5120}, 2048),  # salmonn_v1
+        ({"whisper_width": 1024, "beats_width": None, "llm_hidden": 1008}, 1024),  # Whisper only
+        ({"whisper_width": 384, "beats_width": 32, "llm_hidden": 2064}, 416),
+    ],
+)
+def test_salmonn_preset_reads_every_width_from_the_parts(parts, fused) -> None:
+    model = Salmonn(PRESETS["salmonn"], **_official_parts_on_meta(**parts))
+    layer = model.speech_Qformer.bert.encoder.layer[0]
+    assert layer.crossattention.self.key.weight.shape == (768, fused)
+    assert model.ln_speech.weight.shape == (parts["whisper_width"],)
+    assert (model.ln_audio is None) == (parts["beats_width"] is None)
+    assert model.speech_llama_proj.weight.shape == (parts["llm_hidden"], 768)
+    assert model.speech_query_tokens.shape == (1, 1, 768)
+
+
+def test_salmonn_preset_takes_an_llm_of_a_size_the_vicuna_presets_refuse() -> None:
+    # Whisper large-v2 and BEATs as released, an LLM of hidden size 1008 (no Vicuna).
+    for name in ("salmonn-13b", "salmonn-7b"):
+        with pytest.raises(ModelLoadError, match="hidden size 1008"):
+            Salmonn(PRESETS[name], **_official_parts_on_meta(llm_hidden=1008))
+    model = Salmonn(PRESETS["salmonn"], **_official_parts_on_meta(llm_hidden=1008))
+    assert model.speech_llama_proj.out_features == 1008
+
+
+@pytest.mark.parametrize("beats", [True, False], ids=["whisper+beats", "whisper-only"])
+def test_salmonn_preset_loads_an_official_layout_checkpoint_of_a_small_llama(
+    beats: bool, tmp_path
+) -> None:
+    """An official-layout checkpoint trained on a 48-wide LLaMA: every trainable tensor loads,
+    nothing is missing or unexpected, and the model answers."""
+    from tests.model.official_layout import official_parts
+
+    parts = official_parts(tmp_path, llm_hidden=48, beats=beats)
+    model = Salmonn.from_config(resolve_model("salmonn", **parts))
+    assert (model.beats is None) != beats
+    report = model.load_checkpoint(parts["checkpoint"])
+    assert report.missing == [] and report.unexpected == []
+    assert sorted(report.loaded) == sorted(model.trainable_state_dict())
+    qformer, query, norms, proj, lora = 2 * 26 + 2, 1, 4 if beats else 2, 2, 2 * 2 * 2
+    assert len(report.loaded) == qformer + query + norms + proj + lora
+    state = torch.load(parts["checkpoint"], weights_only=True)["model"]
+    key = "speech_Qformer.bert.encoder.layer.1.crossattention.self.key.weight"
+    assert model.state_dict()[key].shape == (768, 64 if beats else 32)
+    assert torch.equal(model.state_dict()[key], state[key])
+    [answer] = model.generate(_clips(8, (1.5,)), "Please describe the audio.", max_new_tokens=3)
+    assert answer.audio_tokens == 88 and 1 <= len(answer.token_ids) <= 3
+
+
+@pytest.mark.parametrize(
+    ("preset", "beats", "llm_hidden", "needles"),
+    [
+        # The issue's case: an official checkpoint with a preset of other Q-Former sizes.
+        ("tiny-random", True, 32, ["speech_query_tokens", "[1, 1, 768]", "[1, 1, 32]", "salmonn"]),
+        # The checkpoint's LLM is 48 wide, the --llm given 32.
+        ("salmonn", True, 32, ["speech_llama_proj.weight", "[48, 768]", "[32, 768]", "48"]),
+        # Trained with BEATs, loaded without: the fused width differs.
+        (
+            "salmonn",
+            False,
+            48,
+            [
+                "speech_Qformer.bert.encoder.layer.0.crossattention.self.key.weight",
+                "[768, 64]",
+                "[768, 32]",
+            ],
+        ),
+    ],
+)
+def test_a_checkpoint_that_does_not_fit_names_the_key_both_shapes_and_the_fix(
+    preset, beats, llm_hidden, needles, tmp_path
+) -> None:
+    from tests.model.official_layout import official_parts
+
+    parts = official_parts(tmp_path, llm_hidden=48)  # trained with BEATs on a 48-wide LLaMA
+    if preset == "tiny-random":
+        config = resolve_model(preset)  # its own tiny parts, its 32-wide Q-Former
+    else:
+        llm = parts["llm"] if llm_hidden == 48 else resolve_model("tiny-random").llm
+        given = {"whisper": parts["whisper"], "llm": llm}
+        if beats:
+            given["beats"] = parts["beats"]
+        config = resolve_model(preset, **given)
+    model = Salmonn.from_config(config)
+    with pytest.raises(ModelLoadError) as err:
+        model.load_checkpoint(parts["checkpoint"])
+    message = str(err.value)
+    assert message.startswith(f"{parts['checkpoint']}: tensor {needles[0]!r} has shape")
+    for needle in needles:
+        assert needle in message
+    assert "--model salmonn" in message or "--beats" in message
