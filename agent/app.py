@@ -29,7 +29,7 @@ from agent.events import AGENT_STREAM, TriggerEvent, WallClock
 from agent.fanout import EventBus, EventFilter, Subscription
 from agent.pipeline import Pipeline, StreamHandle
 from agent.rules import Rule, RuleAction, RuleEngine
-from agent.worker import InferenceWorker
+from agent.worker import InferenceWorker, check_whisper_text
 from agent.ws import WsServer
 
 logger = logging.getLogger(__name__)
@@ -81,10 +81,11 @@ class Agent:
                     max_new_tokens=model.max_new_tokens,
                     partials=self.config.worker.partials,
                     threads=model.threads,
-                    command_whisper=model.command_whisper,
+                    command_whisper=model.command_recogniser,
                     pack_weights=model.pack_weights,
                 )
             )
+            check_whisper_text(self.worker.model, model)
             self.pipeline = await self._stack.enter_async_context(
                 Pipeline(self.config, self.worker, self.bus, self.clock)
             )

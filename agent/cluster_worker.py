@@ -49,7 +49,7 @@ from agent.events import EventKind, WallClock
 from agent.fanout import EventBus
 from agent.mqtt import backoff_s, cancel_and_wait, fatal_reason, reraise_if_cancelling
 from agent.pipeline import Pipeline
-from agent.worker import InferenceWorker, Window
+from agent.worker import InferenceWorker, Window, check_whisper_text
 
 logger = logging.getLogger(__name__)
 
@@ -150,10 +150,12 @@ class ClusterWorker:
                     max_new_tokens=model.max_new_tokens,
                     partials=self.config.worker.partials,
                     threads=model.threads,
-                    command_whisper=model.command_whisper,
+                    # Edges read no early commands (agent/edge.py): no recogniser to load.
+                    command_whisper=None,
                     pack_weights=model.pack_weights,
                 )
             )
+            check_whisper_text(self.worker.model, model)
             self.pipeline = await self._stack.enter_async_context(
                 _WorkerPipeline(self.config, self.worker, self.bus, self.clock)
             )

@@ -115,15 +115,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     ev.add_argument(
         "--transcript",
         choices=("llm", "whisper"),
-        default="llm",
-        help="who answers asr entries: the LLM, or Whisper's own decoder (as run --transcript)",
+        default="whisper",
+        help="who answers asr entries: Whisper's own decoder (the default, as run's) or the"
+        " LLM",
     )
     ev.add_argument(
         "--command",
         choices=("llm", "whisper"),
-        default="llm",
-        help="who answers command entries: the LLM, or the intent grammar on Whisper's"
-        " transcript (as run --command)",
+        default="whisper",
+        help="who answers command entries: the intent grammar on Whisper's transcript (the"
+        " default, as run's) or the LLM",
     )
     ev.add_argument(
         "--following",

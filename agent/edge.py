@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import json
 import logging
 import secrets
@@ -569,13 +570,10 @@ class Edge(Agent):
     """
 
     def __init__(self, config: AgentConfig) -> None:
-        if config.model.early_command_ms:
-            # Early reads are settled against a local worker's answers (agent/pipeline.py);
-            # the pool's answers come back as finished events.
-            raise ConfigError(
-                "model.early_command_ms is not supported on an edge: early commands need a"
-                " local worker (use salmonn-live run there, or set it to 0)"
-            )
+        # Early reads are settled against a local worker's answers (agent/pipeline.py); the
+        # pool's answers come back as finished events, so an edge runs without them.
+        model = config.model.without_early_commands("on an edge")
+        config = dataclasses.replace(config, model=model)
         super().__init__(config, _no_model)
         self.device = config.cluster.device or default_name()
         self.run_id = secrets.token_hex(6)

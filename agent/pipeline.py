@@ -138,7 +138,7 @@ class StreamHandle:
         model = pipeline.config.model
         asks_commands = "command" in settings.prompts.tasks_for("speech")
         self._early_samples = (
-            int(model.early_command_ms * MODEL_RATE_HZ / 1000) if asks_commands else 0
+            int(model.early_ms * MODEL_RATE_HZ / 1000) if asks_commands else 0
         )
         # Whisper is asked halfway through the pause, so its answer is ready when the pause
         # is long enough; speech resuming before then makes the answer stale.
@@ -278,7 +278,7 @@ class StreamHandle:
             reuse = (
                 heard is not None
                 and settings.transcript == "whisper"
-                and not settings.command_whisper
+                and not settings.command_recogniser
             )
             window = self._window(kind, event, now, command_from, skip_transcript=reuse)
             if window is not None:

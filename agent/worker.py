@@ -358,6 +358,29 @@ def _then(
     return both
 
 
+
+def check_whisper_text(model: Any, settings: Any) -> None:
+    """Before the first window: a model asked for Whisper transcripts can make them.
+
+    Args:
+        model: The loaded model.
+        settings: Its `agent.config.ModelSettings`.
+
+    Raises:
+        ConfigError: ``model.transcript`` or ``model.command`` is ``whisper`` and the
+            model's Whisper has no tokenizer (the tiny-random preset's has none).
+    """
+    from agent.errors import ConfigError
+
+    wants = [name for name in ("transcript", "command") if getattr(settings, name) == "whisper"]
+    if wants and getattr(model, "whisper_tokenizer", True) is None:
+        raise ConfigError(
+            f"model {settings.name!r}: its Whisper has no tokenizer, so it cannot write the "
+            f"transcripts that model.{' and model.'.join(wants)} = \"whisper\" needs; use "
+            "--transcript llm --command llm (TOML: transcript = \"llm\", command = \"llm\")"
+        )
+
+
 class InferenceWorker:
     """Owns the model on one dedicated thread; an async context manager.
 

@@ -69,15 +69,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--early-command-ms",
         type=float,
-        default=0.0,
+        default=None,
         help="model.early_command_ms: read commands after this much silence, before the"
-        " segment ends (0: off; needs --command whisper)",
+        " segment ends (0: off; default: as run, 200 with --command whisper)",
     )
     parser.add_argument(
         "--command-whisper",
-        default=None,
+        default="auto",
         metavar="SOURCE",
-        help="model.command_whisper: other Whisper for the early command reads",
+        help="model.command_whisper: other Whisper for the early command reads (default: as"
+        " run, tiny.en when installed; 'model': the model's own)",
     )
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--max-wait-ms", type=float, default=20.0)
@@ -283,10 +284,19 @@ def run(args: argparse.Namespace) -> int:
     """Run the benchmark and print a Markdown section."""
     import torch
 
+    from agent.config import ModelSettings
     from model.presets import resolve_model
     from model.salmonn import Salmonn
     from streaming.segmenter import SegmenterConfig
 
+    # The defaults resolved as `run` resolves them, so the report names what really ran.
+    settings = ModelSettings(
+        command=args.command,
+        early_command_ms=args.early_command_ms,
+        command_whisper=args.command_whisper,
+    )
+    args.early_command_ms = settings.early_ms
+    args.command_whisper = settings.command_recogniser
     torch.set_num_threads(args.threads)
     counts = []
     n = 1

@@ -45,7 +45,13 @@ def make_config(**sections: Any) -> AgentConfig:
     """A test configuration: ws on 127.0.0.1:0, no periodic stats, short tokens, no MQTT."""
     base: dict[str, Any] = {
         "agent": {"status_interval_s": 0, "print": "none"},
-        "model": {"name": "tiny-random", "max_new_tokens": 6},
+        # tiny-random's Whisper has no tokenizer: the LLM answers every task.
+        "model": {
+            "name": "tiny-random",
+            "max_new_tokens": 6,
+            "transcript": "llm",
+            "command": "llm",
+        },
         "ws": {
             "listen": "127.0.0.1:0",
             "auth": False,

@@ -245,6 +245,8 @@ async def test_a_killed_worker_s_windows_are_answered_by_another(
 name = "tiny-random"
 input_mode = "trimmed"
 max_new_tokens = 6
+transcript = "llm"
+command = "llm"
 [worker]
 max_wait_ms = 30000
 max_batch = 64

