@@ -42,14 +42,22 @@ def build_parser() -> argparse.ArgumentParser:
         "-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)"
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    # Not dest="command": `run` has a --command option, which would overwrite the name.
+    subparsers = parser.add_subparsers(dest="subcommand", metavar="COMMAND")
     for name in _COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line. Returns the process exit code (0 ok, 2 bad input, 1 crash)."""
+    """Run the command line. Returns the process exit code (0 ok, 2 bad input, 1 crash).
+
+    A closed stdout or stderr never stops or hangs a command (see `agent.logsetup`).
+    """
+    from agent import logsetup
+
+    # Before any sub-command imports tqdm or transformers (their switches are read at import).
+    logsetup.install()
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.WARNING if args.quiet else (logging.INFO if args.verbose < 2 else logging.DEBUG)
@@ -68,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except _expected_errors() as exc:
-        print(f"salmonn-live {args.command}: error: {exc}", file=sys.stderr)  # noqa: T201
+        print(f"salmonn-live {args.subcommand}: error: {exc}", file=sys.stderr)  # noqa: T201
         return 2
     except KeyboardInterrupt:
         return 130

@@ -15,7 +15,6 @@ import asyncio
 import dataclasses
 import json
 import logging
-import signal
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -76,7 +75,7 @@ def with_device_client_id(config: Any, device: str) -> Any:
 
 async def _main(config: Any) -> int:
     from agent.cluster import default_name
-    from agent.cmd_run import _out, format_event
+    from agent.cmd_run import SHUTDOWN_SIGNALS, _out, format_event
     from agent.edge import Edge
     from agent.mqtt import with_mqtt
 
@@ -85,8 +84,7 @@ async def _main(config: Any) -> int:
     config = with_device_client_id(config, device)
     edge = Edge(config)
     loop = asyncio.get_running_loop()
-    signals = (signal.SIGINT, signal.SIGTERM)
-    for sig in signals:
+    for sig in SHUTDOWN_SIGNALS:
         loop.add_signal_handler(sig, edge.request_shutdown, sig.name)
     printing = config.agent.print
     if printing != "none":
@@ -101,7 +99,7 @@ async def _main(config: Any) -> int:
             reason = await edge.run()
             logger.info("edge %s stopping: %s", edge.device, reason)
     finally:
-        for sig in signals:
+        for sig in SHUTDOWN_SIGNALS:
             loop.remove_signal_handler(sig)
     if edge.pipeline is not None and edge.pipeline.failure is not None:
         return 1

@@ -18,10 +18,15 @@ import signal
 import sys
 from typing import Any
 
+from agent.logsetup import stream_broken
+
 logger = logging.getLogger(__name__)
 
 TOKEN_ENV = "SALMONN_LIVE_WS_TOKEN"
 MQTT_URL_ENV = "SALMONN_LIVE_MQTT_URL"
+#: Signals that start a graceful shutdown in `run`, `edge` and `worker`. SIGHUP is among them:
+#: a closed terminal or ssh session stops the agent cleanly (exit code 0), not mid-write.
+SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 # (flag dest, TOML path) for every option that maps one to one.
 _OPTION_KEYS: tuple[tuple[str, tuple[str, str]], ...] = (
@@ -292,15 +297,19 @@ async def _main(config: Any) -> int:
 
     agent = Agent(config, _model_loader(config.model))
     loop = asyncio.get_running_loop()
-    signals = (signal.SIGINT, signal.SIGTERM)
-    for sig in signals:
+    for sig in SHUTDOWN_SIGNALS:
         loop.add_signal_handler(sig, agent.request_shutdown, sig.name)
     printing = config.agent.print
     if printing != "none":
         partials = config.agent.print_partials
+        console_only = not config.ws.enabled and not config.mqtt.enabled
 
         def show(event: dict[str, Any]) -> None:
-            _out(json.dumps(event) if printing == "json" else format_event(event))
+            if not stream_broken(sys.stdout):
+                _out(json.dumps(event) if printing == "json" else format_event(event))
+            if console_only and stream_broken(sys.stdout):
+                # Nobody is left to hear anything: stop as if signalled (idempotent).
+                agent.request_shutdown("stdout closed and no other output")
 
         agent.add_sink("console", show, accept=lambda e: partials or not e.get("partial", False))
     try:
@@ -308,7 +317,7 @@ async def _main(config: Any) -> int:
             reason = await agent.run()
             logger.info("stopping: %s", reason)
     finally:
-        for sig in signals:
+        for sig in SHUTDOWN_SIGNALS:
             loop.remove_signal_handler(sig)
     if agent.pipeline is not None and agent.pipeline.failure is not None:
         return 1

@@ -3,7 +3,7 @@
 Loads the model, reads windows from edges through the MQTT 5 shared subscription
 ``$share/<group>/<prefix>/windows/+`` and sends the answers back to each window's edge, which
 publishes them as events. Start as many as the load needs, on as many machines; they share the
-windows. Stops cleanly on SIGINT/SIGTERM (answers what it holds, then says ``offline``).
+windows. Stops cleanly on SIGINT, SIGTERM or SIGHUP (answers what it holds, then says ``offline``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import json
 import logging
-import signal
 import sys
 from typing import Any
 
@@ -70,7 +69,7 @@ def cluster_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """`run`'s options plus the ``[cluster]`` flags, as a nested config dict."""
     from agent.cmd_run import overrides_from_args
 
-    # `args.command` is the sub-command's name here (`run` has a `--command` option).
+    # `edge` and `worker` have no --command option (`run` has: model.command); none here.
     options = argparse.Namespace(**{**vars(args), "command": None})
     if not hasattr(options, "source"):
         options.source = None
@@ -91,12 +90,11 @@ def cluster_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 async def _main(config: Any) -> int:
     from agent.cluster_worker import ClusterWorker
-    from agent.cmd_run import _model_loader
+    from agent.cmd_run import SHUTDOWN_SIGNALS, _model_loader
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    signals = (signal.SIGINT, signal.SIGTERM)
-    for sig in signals:
+    for sig in SHUTDOWN_SIGNALS:
         loop.add_signal_handler(sig, stop.set)
     try:
         async with ClusterWorker(config, _model_loader(config.model)) as worker:
@@ -107,7 +105,7 @@ async def _main(config: Any) -> int:
                 return 2
             failed = worker.pipeline is not None and worker.pipeline.failure is not None
     finally:
-        for sig in signals:
+        for sig in SHUTDOWN_SIGNALS:
             loop.remove_signal_handler(sig)
     return 1 if failed else 0
 

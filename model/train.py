@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +40,13 @@ from model.prompts import eval_prompt, sample_prompt
 from model.salmonn import SAMPLE_RATE_HZ, Salmonn
 
 logger = logging.getLogger(__name__)
+
+
+def _bar_off(progress: bool) -> bool:
+    """Whether a tqdm bar is off: not asked for, or stderr is no terminal (a bar written to a
+    pipe is noise, and one that fails to write can leave tqdm's lock held)."""
+    return not progress or not sys.stderr.isatty()
+
 
 Stage = Literal["pretrain", "instruct", "activation"]
 STAGES: tuple[Stage, ...] = ("pretrain", "instruct", "activation")
@@ -269,7 +277,7 @@ class EncoderCache:
         before = self.encoder_calls
         step = self.batch_size * 4
         with tqdm(
-            total=len(distinct), desc="encoder cache", unit="clip", disable=not progress
+            total=len(distinct), desc="encoder cache", unit="clip", disable=_bar_off(progress)
         ) as bar:
             for start in range(0, len(distinct), step):
                 self.get(distinct[start : start + step])
@@ -590,7 +598,7 @@ class Trainer:
             initial=self.step,
             desc=self.config.stage,
             unit="step",
-            disable=not self.progress,
+            disable=_bar_off(self.progress),
         )
         try:
             while self.step < end:
@@ -783,7 +791,10 @@ def generate_answers(
     torch.manual_seed(seed)
     answers: list[str] = []
     for start in tqdm(
-        range(0, len(samples), batch_size), desc="generate", unit="batch", disable=not progress
+        range(0, len(samples), batch_size),
+        desc="generate",
+        unit="batch",
+        disable=_bar_off(progress),
     ):
         chunk = list(samples[start : start + batch_size])
         rows = audio_rows_from_cache(model, cache.get(chunk))
