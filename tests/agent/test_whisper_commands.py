@@ -40,7 +40,8 @@ async def test_whisper_commands_share_one_transcription_per_window(
 ) -> None:
     heard = HeardModel(tiny_model, "Turn left 90 degrees.")
     config = make_config(
-        model={"transcript": "whisper", "command": "whisper"},
+        # Without early reads: each window is transcribed once, at its end.
+        model={"transcript": "whisper", "command": "whisper", "early_command_ms": 0},
         streams=[{"id": "s", "source": f"file:{clip_path}"}],
         agent={"exit_at_end": True},
         ws={"listen": "off"},
