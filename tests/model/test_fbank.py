@@ -12,6 +12,8 @@ import torch
 
 from model.fbank import kaldi_fbank, kaldi_mel_banks, num_frames
 
+pytestmark = pytest.mark.numerics  # float results: run on two kernel sets (tests/README.md)
+
 SAMPLE_RATE_HZ = 16000
 WINDOW = 400  # 25 ms
 SHIFT = 160  # 10 ms

@@ -122,6 +122,7 @@ def test_weight_decay_skips_biases_norms_and_vectors() -> None:
     assert all(".lora_" in names[id(p)] for g in lora for p in g["params"])
 
 
+@pytest.mark.numerics
 def test_cached_path_equals_live_encoding(manifest: Path, tmp_path: Path) -> None:
     model = _model().eval()
     samples = read_manifest(manifest)[:3]
@@ -134,6 +135,7 @@ def test_cached_path_equals_live_encoding(manifest: Path, tmp_path: Path) -> Non
         torch.testing.assert_close(row, live.row(i), atol=1e-3, rtol=1e-3)
 
 
+@pytest.mark.numerics
 def test_labels_cover_answer_tokens_only(manifest: Path, tmp_path: Path) -> None:
     model = _model().eval()
     samples = read_manifest(manifest)[:2]
@@ -167,6 +169,7 @@ def _config(**changes: object) -> TrainConfig:
     return TrainConfig(**base)  # type: ignore[arg-type]
 
 
+@pytest.mark.numerics
 def test_few_steps_reduce_the_loss(manifest: Path, tmp_path: Path) -> None:
     model = _model()
     batch = [s for s in read_manifest(manifest) if s.task == "asr"][:3]

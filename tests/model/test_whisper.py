@@ -473,6 +473,7 @@ def test_trimmed_frame_counts(n_samples: int, encoder_frames: int) -> None:
     assert features.shape == (1, 80, 2 * encoder_frames)
 
 
+@pytest.mark.numerics
 def test_trimmed_features_equal_official_prefix_and_ignore_batch_mates() -> None:
     short, long = _noise(20000, 1), _noise(70000, 2) * 3.0  # different loudness: different max
     official, official_valid = whisper_features([short, long], trimmed=False)
@@ -509,6 +510,7 @@ def test_non_mono_input_is_refused() -> None:
         whisper_features([np.zeros((2, 16000), np.float32)], trimmed=False)
 
 
+@pytest.mark.numerics
 def test_encode_masks_padding_so_batch_mates_do_not_matter(
     tiny_model: WhisperForConditionalGeneration,
 ) -> None:
@@ -621,6 +623,7 @@ def test_real_packages_load_with_exact_keys(
     assert torch.equal(model.model.decoder.layers[0].encoder_attn.v_proj.bias, kv[d_model:])
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("source", REAL_SOURCES)
 def test_real_models_transcribe_speech(
     real_models: dict, speech_clip: np.ndarray, source: str
@@ -633,6 +636,7 @@ def test_real_models_transcribe_speech(
             transcribe(model, tokenizer, [speech_clip], language="de")
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("source", REAL_SOURCES)
 def test_short_context_transcribes_a_batch_of_different_lengths(
     real_models: dict, speech_clip: np.ndarray, source: str
@@ -675,6 +679,7 @@ def test_short_context_budget_caps_each_row(real_models: dict, speech_clip: np.n
     assert cut == full[:2]
 
 
+@pytest.mark.numerics
 def test_encode_equals_transformers_encoder_on_thirty_seconds(
     real_models: dict, speech_clip: np.ndarray, official_hidden: dict[str, torch.Tensor]
 ) -> None:
@@ -687,6 +692,7 @@ def test_encode_equals_transformers_encoder_on_thirty_seconds(
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("source", REAL_SOURCES)
 def test_trimmed_encoder_output_versus_official(
     real_models: dict,
@@ -731,6 +737,7 @@ def test_measure_encoder_time(real_models: dict, speech_clip: np.ndarray, source
         print(f"{source} {mode}: best {min(times):.3f} s, median {sorted(times)[2]:.3f} s")
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("source", REAL_SOURCES)
 def test_packed_decoder_transcribes_exactly_as_before(
     real_models: dict, speech_clip: np.ndarray, source: str

@@ -13,6 +13,8 @@ from streaming.audio_file import load_audio
 from streaming.errors import AudioInputError, StreamingError
 from tests.streaming.conftest import truncated_copy
 
+pytestmark = pytest.mark.numerics  # float results: run on two kernel sets (tests/README.md)
+
 
 def _tone(rate_hz: int, seconds: float = 0.5) -> np.ndarray:
     t = np.arange(int(rate_hz * seconds)) / rate_hz

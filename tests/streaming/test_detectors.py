@@ -17,6 +17,8 @@ from streaming.events import SegmentEnded, SegmentKind
 from streaming.scenes import SR, background
 from streaming.segmenter import Segmenter
 
+pytestmark = pytest.mark.numerics  # float results: run on two kernel sets (tests/README.md)
+
 FRAME_MS = 20
 BANDS = 12
 ROOM_DB = -60.0

@@ -8,6 +8,8 @@ import pytest
 from streaming.errors import AudioInputError
 from streaming.resample import StreamResampler, resample, to_mono_float32
 
+pytestmark = pytest.mark.numerics  # float results: run on two kernel sets (tests/README.md)
+
 RATES_HZ = [8000, 11025, 16000, 22050, 32000, 44100, 48000, 16001]
 
 

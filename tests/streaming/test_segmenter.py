@@ -12,6 +12,8 @@ from streaming.segmenter import Segmenter, SegmenterConfig
 
 from .conftest import requires_espeak
 
+pytestmark = pytest.mark.numerics  # float results: run on two kernel sets (tests/README.md)
+
 
 def _run(audio: np.ndarray, config: SegmenterConfig | None = None, chunk: int = 1600) -> list:
     seg = Segmenter(config)

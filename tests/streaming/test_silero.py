@@ -13,6 +13,8 @@ from streaming.silero import SileroVadDetector, silero_model_path
 
 from .conftest import requires_espeak
 
+pytestmark = pytest.mark.numerics  # float results: run on two kernel sets (tests/README.md)
+
 
 def test_model_is_the_packaged_file_and_package_is_not_imported() -> None:
     path = silero_model_path()
