@@ -6,8 +6,9 @@ Data flow, all on the event loop except the model:
    runs the stream's own segmenter and turns each finished segment (or ambient window) into a
    `Window` carrying the stream's requests (per-kind tasks and standing questions).
 2. Windows wait in a bounded per-stream queue. When it is full the stream's overload policy
-   applies: ``drop_oldest`` (ambient windows first; counted, reported in ``overload`` status
-   events) or ``backpressure`` (the file source waits for room).
+   applies: ``drop_oldest`` (ambient windows first, never an early command read; counted,
+   each dropped window named in a ``window_dropped`` status event, summed up in at most one
+   ``overload`` event a second) or ``backpressure`` (the file source waits for room).
 3. One scheduler task hands the waiting windows of *all* streams, oldest first, to the
    `InferenceWorker` in batches of up to ``worker.max_batch``; when the worker is idle it
    waits up to ``worker.max_wait_ms`` for more windows to batch with the first.
@@ -769,54 +770,83 @@ class Pipeline:
         assert self._work is not None and self._full is not None and self._idle is not None
         bound = self.config.worker.max_pending_windows
         handle.counters["early_windows" if window.early else "windows"] += 1
-        if len(handle.pending) >= bound and handle.overload == "drop_oldest":
-            victim_index = next(
-                (i for i, (_, w) in enumerate(handle.pending) if w.kind == "ambient"), 0
-            )
-            _, victim = handle.pending[victim_index]
-            del handle.pending[victim_index]
-            handle.counters["dropped"] += 1
-            now = time.monotonic()
-            logger.warning(
-                "stream %s overloaded: dropped window %s (%d dropped so far)",
-                handle.id,
-                victim.id,
-                handle.counters["dropped"],
-            )
-            if now - handle._last_overload_report >= _OVERLOAD_REPORT_EVERY_S:
-                handle._last_overload_report = now
-                self.emit_status(
-                    {
-                        "status": "overload",
-                        "stream": handle.id,
-                        "message": f"{handle.id}: model behind, dropped the oldest waiting window",
-                        "detail": {
-                            "policy": "drop_oldest",
-                            "dropped_window": victim.id,
-                            "dropped_total": handle.counters["dropped"],
-                            "pending": len(handle.pending),
-                        },
-                    }
-                )
         if (
             self._in_flight
             and window.requests
             and all(r.engine == "whisper" for r in window.requests)
         ):
             # Whisper-only work (fast-path commands and transcripts) takes a fraction of a
-            # second: answer it between two tokens of the running batch, not after it.
+            # second: answer it between two tokens of the running batch, not after it. It
+            # takes no place in the queue, so it never pushes a waiting window out.
             handle.in_flight += 1
             handle._update_room(bound)
             self.worker.submit_fast(
                 [window], self._on_output, lambda report: self._after_batch([window], report)
             )
             return
+        if len(handle.pending) >= bound and handle.overload == "drop_oldest":
+            self._drop_oldest(handle)
         handle.pending.append((next(self._order), window))
         handle._update_room(bound)
         self._idle.clear()
         self._work.set()
         if self._pending_total() >= self.config.worker.max_batch:
             self._full.set()
+
+    def _drop_oldest(self, handle: StreamHandle) -> None:
+        """Make room in a full queue: drop the oldest waiting window, ambient ones first, and
+        tell the subscribers which one (``window_dropped``, one per window)."""
+        # Never an early command read: the segment it belongs to may already have left its
+        # command to it (`_settle_speculation`), so dropping it would lose that command. A
+        # stream has at most one waiting (they are taken only on an idle worker), so the
+        # queue then holds one window more than its bound.
+        droppable = [i for i, (_, w) in enumerate(handle.pending) if not w.early]
+        if not droppable:
+            return
+        index = next((i for i in droppable if handle.pending[i][1].kind == "ambient"), droppable[0])
+        _, victim = handle.pending[index]
+        del handle.pending[index]
+        handle.counters["dropped"] += 1
+        logger.warning(
+            "stream %s overloaded: dropped window %s (%d dropped so far)",
+            handle.id,
+            victim.id,
+            handle.counters["dropped"],
+        )
+        detail = {
+            "policy": "drop_oldest",
+            "dropped_window": victim.id,
+            "dropped_total": handle.counters["dropped"],
+            "pending": len(handle.pending),
+        }
+        self.emit_status(
+            {
+                "status": "window_dropped",
+                "stream": handle.id,
+                "message": f"window {victim.id} ({victim.kind} {victim.start_s:.2f}-"
+                f"{victim.end_s:.2f} s) dropped: the model is behind",
+                "detail": {
+                    "window": victim.id,
+                    "reason": "overload",
+                    "segment": victim.kind,
+                    "start": round(victim.start_s, 3),
+                    "end": round(victim.end_s, 3),
+                    "requests": [r.key for r in victim.requests],
+                    **detail,
+                },
+            }
+        )
+        now = time.monotonic()
+        if now - handle._last_overload_report >= _OVERLOAD_REPORT_EVERY_S:
+            handle._last_overload_report = now
+            self.emit_status(
+                {
+                    "status": "overload",
+                    "stream": handle.id,
+                    "message": f"{handle.id}: model behind, dropped the oldest waiting window",
+                    "detail": detail,
+                }
+            )
 
     def _take_batch(self) -> list[Window]:
         batch: list[Window] = []

@@ -10,6 +10,7 @@ order (strictly increasing ``seq``), none lost.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import io
 import json
@@ -18,6 +19,7 @@ import re
 import struct
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,10 +35,14 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from agent.app import Agent, run_agent
 from agent.cli import main
 from agent.config import AgentConfig
+from agent.fanout import Subscription
 from agent.mqtt import with_mqtt
+from agent.pipeline import StreamHandle
 from agent.ws import CloseCode, headers_with_token
-from tests.agent.conftest import TIMING, make_config, pcm_s16
+from streaming.events import SegmentEnded
+from tests.agent.conftest import DEMO_WAV, TIMING, make_config, pcm_s16
 from tests.agent.mqtt_fixtures import Mosquitto, collector, mosquitto  # noqa: F401
+from tests.agent.test_early_commands import BLOCK, RATE, ScriptedWhisper, _clip, _silence
 from tests.agent.test_ws import FRAME_BYTES, comparable, recv_json, url
 
 TOKEN = "fuzz-token-Zq8r2Lw"
@@ -56,10 +62,13 @@ def hello(stream: str, **changes: Any) -> str:
     )
 
 
-def fuzz_config(**sections: Any) -> AgentConfig:
+def fuzz_config(
+    ws: dict[str, Any] | None = None, worker: dict[str, Any] | None = None, **sections: Any
+) -> AgentConfig:
     """Token auth on, small frames, deterministic batches (max_batch 1: the same answers
     whatever else is going on), room for every fuzz connection at once, and a hello timeout
-    long enough that dozens of connections starting together on one loop meet it."""
+    long enough that dozens of connections starting together on one loop meet it; ``ws`` and
+    ``worker`` change those sections."""
     return make_config(
         ws={
             "hello_timeout_s": 3.0 * TIMING,
@@ -69,8 +78,9 @@ def fuzz_config(**sections: Any) -> AgentConfig:
             "max_connections": 256,
             "max_streams_per_client": 256,
             "audio_burst_s": 15.0,  # the clip (13 s) at once, for the reference
+            **(ws or {}),
         },
-        worker={"max_batch": 1},
+        worker={"max_batch": 1, **(worker or {})},
         **sections,
     )
 
@@ -93,14 +103,19 @@ async def good_stream(agent: Agent, pcm: bytes, go_on: asyncio.Event) -> None:
 
 
 async def read_events(
-    events: ClientConnection, speech_open: asyncio.Event | None = None
+    events: ClientConnection,
+    speech_open: asyncio.Event | None = None,
+    on_event: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Everything an `/events?stream=good` client gets until `good` is closed; sets
-    ``speech_open`` when the segment holding `SPLIT_S` starts."""
+    ``speech_open`` when the segment holding `SPLIT_S` starts; ``on_event`` sees each event
+    as it comes."""
     out: list[dict[str, Any]] = []
     while True:
         event = await recv_json(events, 60.0)
         out.append(event)
+        if on_event is not None:
+            on_event(event)
         started = event.get("status") == "segment_started" and event["stream"] == GOOD
         if speech_open is not None and started and 6.0 < event["detail"]["start"] < SPLIT_S:
             speech_open.set()
@@ -466,28 +481,32 @@ async def junk_events_client(agent: Agent) -> ClientConnection:
     return events
 
 
-async def test_malformed_websocket_input_while_a_good_stream_is_heard(
-    tiny_model: Any,
-    clip_path: Path,
-    reference: list[tuple[Any, ...]],
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    """Every kind of bad `/audio` and handshake input at once, mid-way through a good stream:
-    each gets its documented answer; the good stream loses nothing and keeps its order."""
-    async with (
-        no_errors_logged(caplog),
-        run_agent(fuzz_config(), lambda: tiny_model) as agent,
-        background() as start,
-    ):
+async def fuzz_session(
+    agent: Agent, pcm: bytes, on_event: Callable[[dict[str, Any]], None] | None = None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The WebSocket fuzz session: every kind of bad `/audio` and handshake input at once,
+    while the good stream (``pcm``) is mid-utterance; asserts that each input got its
+    documented answer and the server counted the refusals.
+
+    Args:
+        agent: A running agent made with `fuzz_config`.
+        pcm: The good stream's audio, s16le at 16 kHz.
+        on_event: Sees each event of the good `/events` client as it comes.
+
+    Returns:
+        What the good `/events` client and the junk-sending one received, up to `good`'s
+        ``stream_closed``.
+    """
+    async with background() as start:
         events = await connect(
             url(agent, f"/events?stream={GOOD}&partial=0"), additional_headers=AUTH
         )
         await recv_json(events)
         speech_open, go_on = asyncio.Event(), asyncio.Event()
-        reader = start(read_events(events, speech_open))
+        reader = start(read_events(events, speech_open, on_event))
         junk = await junk_events_client(agent)
         junk_reader = start(read_events(junk))
-        good = start(good_stream(agent, pcm_s16(clip_path), go_on))
+        good = start(good_stream(agent, pcm, go_on))
         async with asyncio.timeout(60 * TIMING):
             await speech_open.wait()  # the good stream is mid-utterance from here on
 
@@ -529,17 +548,284 @@ async def test_malformed_websocket_input_while_a_good_stream_is_heard(
             received, junk_received = await reader, await junk_reader
         await events.close()
         await junk.close()
-        assert agent.ws is not None
-        counted = len(AUDIO_CASES) + len(F32_CASES) + 2  # + the flood, + the stolen id
-        closed_with_error = agent.ws.counters["audio_closed_with_error"]
-        # websockets itself closes 1007 and 1009 (no AudioProtocolError for those).
-        itself = sum(
-            c.code in (CloseCode.MESSAGE_TOO_BIG, CloseCode.INVALID_DATA) for c in AUDIO_CASES
-        )
-        assert closed_with_error == counted - itself
-        assert agent.ws.counters["rejected_auth"] == sum(s == 401 for *_, s in HANDSHAKE_CASES)
+    assert agent.ws is not None
+    counted = len(AUDIO_CASES) + len(F32_CASES) + 2  # + the flood, + the stolen id
+    closed_with_error = agent.ws.counters["audio_closed_with_error"]
+    # websockets itself closes 1007 and 1009 (no AudioProtocolError for those).
+    itself = sum(c.code in (CloseCode.MESSAGE_TOO_BIG, CloseCode.INVALID_DATA) for c in AUDIO_CASES)
+    assert closed_with_error == counted - itself
+    assert agent.ws.counters["rejected_auth"] == sum(s == 401 for *_, s in HANDSHAKE_CASES)
+    return received, junk_received
+
+
+async def test_malformed_websocket_input_while_a_good_stream_is_heard(
+    tiny_model: Any,
+    clip_path: Path,
+    reference: list[tuple[Any, ...]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Every kind of bad `/audio` and handshake input at once, mid-way through a good stream:
+    each gets its documented answer; the good stream loses nothing and keeps its order."""
+    config = fuzz_config()
+    pcm = pcm_s16(clip_path)
+    async with no_errors_logged(caplog), run_agent(config, lambda: tiny_model) as agent:
+        received, junk_received = await fuzz_session(agent, pcm)
     assert_whole_and_in_order(received, reference)
     assert comparable(junk_received) == reference
+    assert account_for_windows(received, config, pcm) == {"answered": 3}
+
+
+# -- every window accounted for (issue 14, item 6) --------------------------------------------
+
+
+def segments_of(pcm: bytes, config: AgentConfig) -> list[tuple[str, float, float]]:
+    """What the good stream's segmenter makes of ``pcm`` fed in `/audio`'s frames, offline:
+    (kind, start, end). It counts samples, not time, so a loaded machine or a fuzzed server
+    cannot change it."""
+    from streaming.segmenter import Segmenter
+
+    segmenter = Segmenter(config.stream_settings(GOOD).vad)
+    samples = np.frombuffer(pcm, "<i2").astype(np.float32) / np.float32(32768.0)
+    frame = FRAME_BYTES // 2
+    ended = [
+        e for i in range(0, samples.size, frame) for e in segmenter.push(samples[i : i + frame])
+    ]
+    ended += segmenter.flush()
+    return [
+        (str(e.kind), round(e.start_s, 3), round(e.end_s, 3))
+        for e in ended
+        if isinstance(e, SegmentEnded)
+    ]
+
+
+def account_for_windows(
+    received: list[dict[str, Any]], config: AgentConfig, pcm: bytes
+) -> collections.Counter[str]:
+    """Fails unless every segment of the good stream became one window that was either
+    answered (a final event for each of its tasks reached the client) or dropped with a
+    ``window_dropped`` event naming it, its requests and a reason; and the stream's counters
+    in ``stream_closed`` say the same.
+
+    Returns:
+        How many windows were answered and how many dropped.
+    """
+    settings = config.stream_settings(GOOD)
+    segments = [
+        (e["detail"]["segment"], e["detail"]["start"], e["detail"]["end"])
+        for e in received
+        if e.get("status") == "segment_ended" and e["stream"] == GOOD
+    ]
+    assert segments == segments_of(pcm, config), "the segmentation changed"
+    notices = [e for e in received if e.get("status") == "dropped"]
+    assert not notices, f"the good /events client fell behind: {notices}"
+    finals: dict[str, set[str]] = collections.defaultdict(set)
+    window_at: dict[tuple[str, float], set[str]] = collections.defaultdict(set)
+    for e in received:
+        if e["kind"] != "status" and e["kind"] != "trigger" and not e["partial"]:
+            finals[e["window"]].add(e["kind"])
+            window_at[e["segment"], e["end"]].add(e["window"])
+    dropped: dict[str, dict[str, Any]] = {}
+    for e in received:
+        if e.get("status") == "window_dropped" and e["stream"] == GOOD:
+            detail = e["detail"]
+            dropped[detail["window"]] = detail
+            window_at[detail["segment"], detail["end"]].add(detail["window"])
+    outcome: collections.Counter[str] = collections.Counter()
+    unaccounted = []
+    for kind, start, end in segments:
+        tasks = set(settings.prompts.tasks_for(kind))
+        windows = window_at.pop((kind, end), set())
+        if len(windows) != 1:
+            unaccounted.append(f"{kind} {start}-{end} s: windows {sorted(windows)}")
+            continue
+        (window,) = windows
+        if window in dropped:
+            detail = dropped[window]
+            assert detail["reason"] and window not in finals, detail
+            assert sorted(detail["requests"]) == sorted(f"{window}/{t}" for t in tasks), detail
+            outcome["dropped"] += 1
+        elif finals[window] == tasks:
+            outcome["answered"] += 1
+        else:
+            unaccounted.append(f"{window}: finals {sorted(finals[window])}, asked {sorted(tasks)}")
+    assert not unaccounted and not window_at, (unaccounted, dict(window_at))
+    closed = received[-1]["detail"]
+    assert received[-1]["status"] == "stream_closed", received[-1]
+    assert closed["windows"] == len(segments), closed
+    assert (closed["answered"], closed["dropped"], closed["failed"]) == (
+        outcome["answered"],
+        outcome["dropped"],
+        0,
+    ), closed
+    return outcome
+
+
+class HeldModel:
+    """The tiny-random model, but once `hold` is set its next audio encoding (the first
+    window's) waits on the worker thread until `release` is set: the stream's later windows
+    meet a full queue, whatever the speed of the machine."""
+
+    def __init__(self, model: Any) -> None:
+        self._model = model
+        self.hold = threading.Event()
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+    def encode_audio(self, audio: Any) -> Any:
+        if self.hold.is_set():
+            self.entered.set()
+            assert self.release.wait(60 * TIMING), "the held window was never released"
+        return self._model.encode_audio(audio)
+
+
+@contextlib.contextmanager
+def busy_core() -> Any:
+    """One core kept busy by another process while the block runs."""
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        yield
+    finally:
+        busy.kill()
+        busy.wait()
+
+
+#: (how the session runs, repetition): ``plain`` as the test above, ``held`` with one window
+#: waiting at most (``worker.max_pending_windows = 1``) and the worker held on the first
+#: window until every segment has ended, so the others are dropped; ``loaded`` plain, with
+#: one core busy.
+SESSIONS = [
+    pytest.param("held", 0, id="held-0"),
+    *(
+        pytest.param(how, i, id=f"{how}-{i}", marks=pytest.mark.slow)
+        for how in ("plain", "held", "loaded")
+        for i in (1, 2, 3)
+    ),
+]
+
+
+@pytest.mark.parametrize(("how", "repetition"), SESSIONS)
+async def test_every_window_of_the_good_stream_is_answered_or_reported_dropped(
+    tiny_model: Any, how: str, repetition: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The fuzz session on the whole demo scene (six segments), repeated: each segment the
+    good stream's segmenter emitted became a window that the good client either got every
+    final event of, or was told was dropped (``window_dropped``, with its reason); the
+    counters in ``stream_closed`` agree. Overload drops windows, never silently."""
+    pcm = pcm_s16(DEMO_WAV)
+    held = how == "held"
+    config = fuzz_config(
+        ws={"audio_burst_s": 30.0},  # the rest of the scene at once after the fuzz
+        worker={"max_pending_windows": 1} if held else None,
+    )
+    model = HeldModel(tiny_model)
+    expected = len(segments_of(pcm, config))
+    seen: list[dict[str, Any]] = []
+
+    def release_when_all_ended(event: dict[str, Any]) -> None:
+        # A window is queued at once after its segment_ended is published.
+        if event.get("status") == "segment_ended":
+            seen.append(event)
+            if len(seen) == expected:
+                model.release.set()
+
+    load = busy_core() if how == "loaded" else contextlib.nullcontext()
+    with load:
+        async with no_errors_logged(caplog), run_agent(config, lambda: model) as agent:
+            if held:
+                model.hold.set()
+            else:
+                model.release.set()
+            received, _ = await fuzz_session(agent, pcm, release_when_all_ended)
+    seqs = [e["seq"] for e in received if e["seq"] >= 0]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs), seqs
+    outcome = account_for_windows(received, config, pcm)
+    if held:
+        # The first window ran, the last waited, the four between were pushed out one by
+        # one within a second: each has its own event (`overload` sums up one a second).
+        assert outcome == {"answered": 2, "dropped": expected - 2}, outcome
+    else:
+        assert outcome == {"answered": expected}, outcome
+
+
+def _whisper_config(**changes: Any) -> AgentConfig:
+    """Whisper transcripts and grammar-read commands (the defaults of `run`), no `/events`."""
+    model = {"transcript": "whisper", "command": "whisper", "early_command_ms": 0.0}
+    return make_config(model={**model, **changes.pop("model", {})}, ws={"listen": "off"}, **changes)
+
+
+def _push(handle: StreamHandle, audio: np.ndarray) -> None:
+    """Feed ``audio`` in 20 ms blocks without yielding to the loop (a burst)."""
+    for k in range(0, audio.size, BLOCK):
+        handle.push(audio[k : k + BLOCK])
+
+
+async def _finish(handle: StreamHandle, sub: Subscription) -> list[dict[str, Any]]:
+    """End the stream, wait until its windows are answered; every event published so far."""
+    handle.end()
+    async with asyncio.timeout(30 * TIMING):
+        await handle.wait_done()
+    events = []
+    while (event := sub.get_nowait()) is not None:
+        events.append(event)
+    return events
+
+
+async def test_a_full_queue_never_drops_an_early_command_read(tiny_model: Any) -> None:
+    """An early command read still waiting when its segment ends is the segment's command
+    (the segment's own window then asks none). With one window allowed to wait, the
+    segment's window used to push it out: the command was lost, and only counted."""
+    model = ScriptedWhisper(tiny_model, lambda s: "Stop.")
+    config = _whisper_config(
+        model={"early_command_ms": 250, "command_whisper": "model"},
+        vad={"end_silence_ms": 700},
+        worker={"max_pending_windows": 1},
+    )
+    agent = Agent(config, lambda: model)
+    sub = agent.bus.subscribe("test", 100_000)
+    async with agent:
+        assert agent.pipeline is not None
+        handle = agent.pipeline.open_stream(config.stream_settings("s"), origin="test")
+        # At once: the early read (taken in the pause) still waits when the segment ends.
+        _push(handle, np.concatenate([_silence(0.5), _clip(), _silence(1.0)]))
+        assert handle.counters["early_windows"] == 1 and handle.counters["windows"] == 1
+        events = await _finish(handle, sub)
+    commands = [e for e in events if e["kind"] == "command"]
+    assert [c["intent"] for c in commands] == [{"intent": "stop"}], events
+    assert not [e for e in events if e.get("status") in ("window_dropped", "overload")]
+    assert (handle.counters["answered"], handle.counters["dropped"]) == (1, 0)
+
+
+async def test_a_window_for_the_fast_lane_pushes_no_waiting_window_out(tiny_model: Any) -> None:
+    """Whisper-only windows (transcript and command) that come while the LLM runs go to the
+    fast lane, not the queue, so they need no room in it: one used to drop the caption
+    window waiting there all the same."""
+    model = HeldModel(ScriptedWhisper(tiny_model, lambda s: "Stop."))
+    config = _whisper_config(worker={"max_pending_windows": 1})
+    scene, rate = soundfile.read(DEMO_WAV, dtype="float32")
+    assert rate == RATE
+    agent = Agent(config, lambda: model)
+    sub = agent.bus.subscribe("test", 100_000)
+    async with agent:
+        assert agent.pipeline is not None
+        handle = agent.pipeline.open_stream(config.stream_settings("s"), origin="test")
+        model.hold.set()
+        _push(handle, scene[: 6 * RATE])  # the alarm (3.1-5.2 s): its caption is held
+        assert await asyncio.to_thread(model.entered.wait, 30 * TIMING)
+        _push(handle, scene[6 * RATE : 14 * RATE])  # speech (fast lane), the doorbell (waits)
+        assert handle.counters["windows"] == 3 and len(handle.pending) == 1
+        _push(handle, scene[14 * RATE : 18 * RATE])  # speech again: the fast lane
+        assert handle.counters["windows"] == 4
+        model.release.set()
+        events = await _finish(handle, sub)
+    kinds = collections.Counter(
+        e["kind"] for e in events if e["kind"] != "status" and not e["partial"]
+    )
+    assert kinds == {"caption": 2, "transcript": 2, "command": 2}, kinds
+    assert not [e for e in events if e.get("status") == "window_dropped"]
+    assert (handle.counters["answered"], handle.counters["dropped"]) == (4, 0)
 
 
 # -- MQTT control ----------------------------------------------------------------------------
