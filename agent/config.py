@@ -5,7 +5,7 @@ module turns it into frozen dataclasses, rejecting unknown keys and wrong types 
 that says where, what was expected and what was found. Each service gets its own slice:
 `ModelSettings` for the worker, `WorkerConfig` for batching, `WsConfig` for the WebSocket
 server, one `StreamConfig` per stream (segmenter settings, prompts, questions), and the
-`[mqtt]` / `[[rules]]` tables parsed by `agent.mqtt` and `agent.rules`.
+`[mqtt]` / `[[rules]]` tables parsed by `agent.protocols.mqtt` and `agent.protocols.rules`.
 
 See `examples/agent.toml` for every key with its default, and `docs/agent.md`.
 """
@@ -673,8 +673,8 @@ class AgentConfig:
         vad: `[vad]`: the segmenter defaults as a dict (each stream's `vad` is built from it).
         questions: `[[questions]]`: standing questions of every stream without its own.
         streams: `[[streams]]`.
-        mqtt: `[mqtt]`: an `agent.mqtt.MqttConfig` (a dict while that module is absent).
-        rules: `[[rules]]`: `agent.rules.Rule` objects (dicts while that module is absent).
+        mqtt: `[mqtt]`: an `agent.protocols.mqtt.MqttConfig`.
+        rules: `[[rules]]`: `agent.protocols.rules.Rule` objects.
         cluster: `[cluster]`: the edge and worker roles.
     """
 
@@ -827,7 +827,7 @@ def _stream(
 
 def _mqtt(data: Any) -> Any:
     try:
-        from agent.mqtt import MqttConfig
+        from agent.protocols.mqtt import MqttConfig
     except ImportError:  # the MQTT module lands separately: keep the table as it is
         return dict(data)
     try:
@@ -838,7 +838,7 @@ def _mqtt(data: Any) -> Any:
 
 def _rules(items: list[Mapping[str, Any]]) -> tuple[Any, ...]:
     try:
-        from agent.rules import rules_from_config
+        from agent.protocols.rules import rules_from_config
     except ImportError:
         return tuple(dict(item) for item in items)
     try:

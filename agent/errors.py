@@ -27,7 +27,7 @@ class AudioProtocolError(AgentError):
     """A remote audio client broke the `/audio` protocol.
 
     Attributes:
-        code: The WebSocket close code to answer with (see `agent.ws.CloseCode`).
+        code: The WebSocket close code to answer with (see `agent.protocols.ws.CloseCode`).
     """
 
     def __init__(self, code: int, message: str) -> None:

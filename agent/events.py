@@ -31,7 +31,7 @@ class EventKind(enum.StrEnum):
     CAPTION = "caption"  # sound (or mixed/ambient audio) -> description
     ANSWER = "answer"  # a standing question's answer
     COMMAND = "command"  # speech -> structured intent (see agent/intents.py)
-    TRIGGER = "trigger"  # a smart-home rule fired on an event (see agent/rules.py)
+    TRIGGER = "trigger"  # a smart-home rule fired on an event (see agent/protocols/rules.py)
     STATUS = "status"  # agent and stream state, overload counters, errors
 
 

@@ -1,7 +1,7 @@
 """`salmonn-live bench cluster --workers N`: throughput and latency of an edge and a worker pool.
 
-One in-process edge (`agent.edge.RemoteWindows`, the real code) publishes ``--windows`` speech
-windows (2 s of generated scene audio each, two requests: transcript and command) through a
+One in-process edge (`agent.cluster.edge.RemoteWindows`, the real code) publishes ``--windows``
+speech windows (2 s of generated scene audio each, two requests: transcript and command) through a
 mosquitto on loopback, keeping ``--max-batch`` x workers of them in flight, to 1, 2, ... N
 `salmonn-live worker` processes (each its own model and torch threads). Measured per N:
 windows per second (first publication to last answer) and latency (publication to the window's
@@ -55,8 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _windows(count: int) -> list[Any]:
-    from agent.worker import Request, Window
-    from streaming.scenes import make_scene
+    from agent.runtime.worker import Request, Window
+    from training.scenes import make_scene
 
     scene = make_scene(7, max(30.0, count * WINDOW_S / 4), n_speech=6, n_sounds=2)
     size = int(WINDOW_S * RATE_HZ)
@@ -85,7 +85,7 @@ def _windows(count: int) -> list[Any]:
 
 async def _measure(config: Any, windows: list[Any], in_flight: int) -> dict[str, Any]:
     """Push ``windows`` through `RemoteWindows` with ``in_flight`` outstanding at most."""
-    from agent.edge import Outstanding, RemoteWindows
+    from agent.cluster.edge import Outstanding, RemoteWindows
     from agent.events import WallClock
 
     room = asyncio.Semaphore(in_flight)
@@ -132,7 +132,7 @@ async def _measure(config: Any, windows: list[Any], in_flight: int) -> dict[str,
 
 async def _echo(config: Any, stop: asyncio.Event, ready: asyncio.Event) -> None:
     """A worker without a model: decode each window, answer its requests at once."""
-    from agent.cluster import (
+    from agent.cluster.messages import (
         broker_address,
         decode_window,
         encode_result,
@@ -173,8 +173,8 @@ async def _echo(config: Any, stop: asyncio.Event, ready: asyncio.Event) -> None:
 async def _start_workers(args: argparse.Namespace, url: str, count: int) -> list[Any]:
     import aiomqtt
 
-    from agent.cluster import presence_topic
-    from agent.mqtt import parse_url
+    from agent.cluster.messages import presence_topic
+    from agent.protocols.mqtt import parse_url
 
     address = parse_url(url)
     procs = []

@@ -111,9 +111,9 @@ def _runqueue_wait_s(fd: int | None) -> float:
 async def _serve(spec: dict[str, Any]) -> None:
     """Run the agent with a lag ticker, a memory sampler and a recorder of published seqs;
     write a JSON report to ``spec["report"]`` after SIGTERM's clean shutdown."""
-    from agent.app import Agent
     from agent.config import AgentConfig
-    from agent.mqtt import with_mqtt
+    from agent.protocols.mqtt import with_mqtt
+    from agent.runtime.app import Agent
 
     config = AgentConfig.from_dict(
         {

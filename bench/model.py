@@ -20,7 +20,7 @@ EXAMPLE_CLIP = Path(__file__).resolve().parent.parent / "examples" / "turn_left_
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from agent.cmd_ask import add_model_arguments
+    from agent.cli.ask import add_model_arguments
 
     add_model_arguments(parser)
     parser.add_argument(
@@ -51,7 +51,7 @@ def _median_ms(fn, repeats: int) -> float:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from agent.cmd_ask import load_model_from_args
+    from agent.cli.ask import load_model_from_args
     from streaming.audio_file import load_audio
 
     if args.threads:

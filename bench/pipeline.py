@@ -1,7 +1,7 @@
 """`salmonn-live bench pipeline --streams N`: live latency and capacity of the agent pipeline.
 
 For N = 1, 2, 4, ... up to ``--streams``, N different generated scenes (speech commands and
-sound events, :mod:`streaming.scenes`) are pushed into the real pipeline at real-time pace, one
+sound events, :mod:`training.scenes`) are pushed into the real pipeline at real-time pace, one
 stream each, all answered by the one batching worker. Measured per N:
 
 * end-of-utterance -> event latency: from the moment the segment's last sample was captured
@@ -98,7 +98,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _scenes(count: int, duration_s: float) -> list[Any]:
-    from streaming.scenes import make_scene
+    from training.scenes import make_scene
 
     return [
         make_scene(100 + i, duration_s, n_speech=2, n_sounds=2, snr_db_range=(15.0, 25.0))
@@ -111,8 +111,8 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 async def _realtime(model: Any, scenes: list[Any], args: argparse.Namespace) -> dict[str, Any]:
-    from agent.app import Agent
     from agent.config import AgentConfig
+    from agent.runtime.app import Agent
 
     config = AgentConfig.from_dict(
         {

@@ -7,7 +7,7 @@ answers are scored against each scene's ground truth (`examples/demo_scene.json`
 - transcripts: word error rate over the spoken sentences;
 - commands: the intent exact match, the truth being the intent grammar's reading of the
   sentence that was really said (`{"intent": "none"}` for a question);
-- captions: the sound class named (`agent.corpus.sound_classes_named`);
+- captions: the sound class named (`training.corpus.sound_classes_named`);
 - latency: end of the spoken sentence (truth) -> its final `command` event, through the
   event's `captured` stamp.
 
@@ -96,7 +96,7 @@ def read_truth(wav: Path) -> list[Truth]:
 def _generate(directory: Path, count: int, duration_s: float, seed: int) -> list[Path]:
     import soundfile
 
-    from streaming.scenes import make_scene
+    from training.scenes import make_scene
 
     paths = []
     for i in range(count):
@@ -148,8 +148,8 @@ def _overlapping(events: list[dict[str, Any]], kind: str, truth: Truth) -> list[
 
 def score_scene(events: list[dict[str, Any]], truths: list[Truth], tally: Tally) -> None:
     """Add one scene's answers to ``tally`` (see the module docstring)."""
-    from agent.corpus import sound_classes_named
     from agent.intents import intent_from_transcript
+    from training.corpus import sound_classes_named
 
     for truth in truths:
         if truth.kind == "speech":
@@ -179,7 +179,7 @@ def _pct(values: list[bool]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Run every configuration on every scene and print a Markdown section."""
-    from agent.scoring import corpus_wer
+    from training.scoring import corpus_wer
 
     configs = []
     for spec in args.config or DEFAULT_CONFIGS:

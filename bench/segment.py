@@ -2,7 +2,7 @@
 
 Throughput is audio seconds divided by the CPU time of this process (``time.process_time``),
 so it is "x real time per core" even on a shared machine; torch is limited to one thread for
-the Silero run. Quality is scored on generated scenes (:mod:`streaming.scenes`).
+the Silero run. Quality is scored on generated scenes (:mod:`training.scenes`).
 """
 
 from __future__ import annotations
@@ -57,9 +57,9 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from streaming.evaluate import Score, SegmentSpan, score_scene
-    from streaming.scenes import BACKGROUND_NAMES, make_noise_only, make_scene
     from streaming.segmenter import SegmenterConfig
+    from training.evaluate import Score, SegmentSpan, score_scene
+    from training.scenes import BACKGROUND_NAMES, make_noise_only, make_scene
 
     torch.set_num_threads(1)
     scenes = [

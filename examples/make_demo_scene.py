@@ -12,7 +12,7 @@ from pathlib import Path
 
 import soundfile
 
-from streaming.scenes import make_scene
+from training.scenes import make_scene
 
 SEED = 4
 DURATION_S = 26.0

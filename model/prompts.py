@@ -15,7 +15,7 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 # The `command` task's first paraphrase is the agent's runtime instruction
-# (`agent.intents.COMMAND_INSTRUCTION`); tests/agent/test_corpus.py checks they stay equal.
+# (`agent.intents.COMMAND_INSTRUCTION`); tests/training/test_corpus.py checks they stay equal.
 COMMAND_INTENT_NAMES = (
     "move, turn, stop, dock, pick, place, lights_on, lights_off, set_temperature, question, none"
 )

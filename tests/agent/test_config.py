@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from agent.cli import build_parser
-from agent.cmd_run import overrides_from_args
+from agent.cli.run import overrides_from_args
 from agent.config import AgentConfig, load_config, parse_source
 from agent.errors import ConfigError
 
@@ -89,7 +89,7 @@ def test_token_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_every_option_has_a_toml_key() -> None:
     """Each `run` option maps to a TOML key (or is --config / --source)."""
-    from agent.cmd_run import _OPTION_KEYS
+    from agent.cli.run import _OPTION_KEYS
 
     parser = build_parser()
     run = next(a for a in parser._subparsers._group_actions[0].choices.items() if a[0] == "run")[1]  # type: ignore[union-attr]

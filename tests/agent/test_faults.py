@@ -25,9 +25,9 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from agent.app import Agent, run_agent
-from agent.mqtt import with_mqtt
-from agent.ws import CloseCode
+from agent.protocols.mqtt import with_mqtt
+from agent.protocols.ws import CloseCode
+from agent.runtime.app import Agent, run_agent
 from tests.agent.conftest import TIMING, make_config, pcm_s16
 from tests.agent.mqtt_fixtures import (
     Collector,

@@ -32,18 +32,18 @@ import soundfile
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from agent.app import Agent, run_agent
 from agent.cli import main
 from agent.config import AgentConfig
-from agent.fanout import Subscription
-from agent.mqtt import with_mqtt
-from agent.pipeline import StreamHandle
-from agent.ws import CloseCode, headers_with_token
+from agent.protocols.mqtt import with_mqtt
+from agent.protocols.ws import CloseCode, headers_with_token
+from agent.runtime.app import Agent, run_agent
+from agent.runtime.fanout import Subscription
+from agent.runtime.pipeline import StreamHandle
 from streaming.events import SegmentEnded
 from tests.agent.conftest import DEMO_WAV, TIMING, make_config, pcm_s16
 from tests.agent.mqtt_fixtures import Mosquitto, collector, mosquitto  # noqa: F401
-from tests.agent.test_early_commands import BLOCK, RATE, ScriptedWhisper, _clip, _silence
-from tests.agent.test_ws import FRAME_BYTES, comparable, recv_json, url
+from tests.agent.protocols.test_ws import FRAME_BYTES, comparable, recv_json, url
+from tests.agent.runtime.test_early_commands import BLOCK, RATE, ScriptedWhisper, _clip, _silence
 
 TOKEN = "fuzz-token-Zq8r2Lw"
 AUTH = headers_with_token(TOKEN)

@@ -70,7 +70,7 @@ def test_format_intent_round_trips_and_rejects_invalid() -> None:
 
 def test_every_documented_phrasing_reads_back_as_its_intent() -> None:
     """The grammar covers every command phrasing the corpus speaks (docs/intents.md)."""
-    from agent.corpus import all_phrases
+    from training.corpus import all_phrases
 
     wrong = [
         (p.transcript, p.intent, got)

@@ -26,12 +26,12 @@ import soundfile
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-import agent.ws
-from agent.app import Agent, run_agent
+import agent.protocols.ws
 from agent.config import AgentConfig
 from agent.errors import ConfigError
-from agent.mqtt import MqttConfig, MqttConnectError, MqttPublisher, with_mqtt
-from agent.ws import CloseCode, headers_with_token
+from agent.protocols.mqtt import MqttConfig, MqttConnectError, MqttPublisher, with_mqtt
+from agent.protocols.ws import CloseCode, headers_with_token
+from agent.runtime.app import Agent, run_agent
 from tests.agent.conftest import TIMING, make_config, pcm_s16
 from tests.agent.mqtt_fixtures import (
     BrokerTls,
@@ -41,7 +41,7 @@ from tests.agent.mqtt_fixtures import (
     mosquitto,  # noqa: F401 - fixture
     trusting,
 )
-from tests.agent.test_ws import FRAME_BYTES, recv_json, url
+from tests.agent.protocols.test_ws import FRAME_BYTES, recv_json, url
 
 #: A token with a space, '&', '/' and '=' in it: a pattern-only redaction would cut it short.
 TOKEN = "open sesame&42/xY=="
@@ -107,7 +107,8 @@ async def test_tokens_are_never_logged_nor_sent_to_clients(
                 seen.append(await recv_json(events))
         assert TOKEN not in json.dumps(seen)
     records = [r for r in caplog.records if not r.name.startswith("websockets.client")]
-    assert any(r.name == "agent.ws.protocol" for r in records), "the protocol was not logged"
+    protocol_logger = "agent.protocols.ws.protocol"
+    assert any(r.name == protocol_logger for r in records), "the protocol was not logged"
     text = "\n".join(
         r.getMessage() + (logging.Formatter().formatException(r.exc_info) if r.exc_info else "")
         for r in records
@@ -132,7 +133,7 @@ async def test_tokens_are_compared_as_equal_length_digests(
         calls.append((len(a), len(b)))
         return real(a, b)
 
-    monkeypatch.setattr(agent.ws.hmac, "compare_digest", spy)
+    monkeypatch.setattr(agent.protocols.ws.hmac, "compare_digest", spy)
     config = make_config(ws={"auth": True, "token": TOKEN})
     async with run_agent(config, lambda: tiny_model) as agent_:
         for guess in ["x", TOKEN[:5], TOKEN + "y" * 1000]:
@@ -415,9 +416,9 @@ async def test_a_stalled_events_client_is_caught_by_the_agent(tiny_model: Any) -
         }
     )
     gave_up = _LogFlag("too slow")
-    logging.getLogger("agent.ws").addHandler(gave_up)
+    logging.getLogger("agent.protocols.ws").addHandler(gave_up)
     async with contextlib.AsyncExitStack() as stack:
-        stack.callback(logging.getLogger("agent.ws").removeHandler, gave_up)
+        stack.callback(logging.getLogger("agent.protocols.ws").removeHandler, gave_up)
         agent_ = await stack.enter_async_context(run_agent(config, lambda: tiny_model))
         assert agent_.ws is not None and agent_.pipeline is not None
         sock = socket.socket()

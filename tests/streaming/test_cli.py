@@ -14,8 +14,8 @@ import pytest
 import soundfile
 
 from agent.cli import main
-from streaming.scenes import SR, alarm_beeping
 from tests.streaming.conftest import truncated_copy
+from training.scenes import SR, alarm_beeping
 
 
 def _scene_audio() -> np.ndarray:
@@ -162,7 +162,7 @@ def test_devices_without_devices_is_one_line_exit_2(capsys: pytest.CaptureFixtur
 
 def test_module_import_is_light() -> None:
     code = (
-        "import sys, agent.cmd_segment, bench.segment;"
+        "import sys, agent.cli.segment, bench.segment;"
         " print('torch' in sys.modules, 'numpy' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -14,8 +14,8 @@ import soundfile
 
 from streaming.detectors import SoundActivityDetector
 from streaming.events import SegmentEnded, SegmentKind
-from streaming.scenes import SR, background
 from streaming.segmenter import Segmenter
+from training.scenes import SR, background
 
 pytestmark = pytest.mark.numerics  # float results: run on two kernel sets (tests/README.md)
 

@@ -1,7 +1,7 @@
 """Quality on fixed generated scenes: the issue's acceptance figures, as assertions.
 
 Scenes: espeak-ng speech in several voices and speeds, synthesized sound events, background
-noise at 10-30 dB SNR (see streaming/scenes.py). Full figures are in BENCHMARKS.md.
+noise at 10-30 dB SNR (see training/scenes.py). Full figures are in BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import functools
 
 import pytest
 
-from streaming.evaluate import Score, SegmentSpan, score_scene
 from streaming.events import SegmentEnded
-from streaming.scenes import BACKGROUND_NAMES, Scene, make_noise_only, make_scene
 from streaming.segmenter import Segmenter, SegmenterConfig
+from training.evaluate import Score, SegmentSpan, score_scene
+from training.scenes import BACKGROUND_NAMES, Scene, make_noise_only, make_scene
 
 from .conftest import requires_espeak
 

@@ -7,8 +7,8 @@ import pytest
 
 from streaming.errors import SegmenterConfigError, UnsupportedRateError
 from streaming.events import AmbientWindow, SegmentEnded, SegmentKind, SegmentStarted
-from streaming.scenes import SR, alarm_beeping, knocking, speak
 from streaming.segmenter import Segmenter, SegmenterConfig
+from training.scenes import SR, alarm_beeping, knocking, speak
 
 from .conftest import requires_espeak
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from streaming.errors import UnsupportedRateError
-from streaming.scenes import SR, speak
 from streaming.silero import SileroVadDetector, silero_model_path
+from training.scenes import SR, speak
 
 from .conftest import requires_espeak
 

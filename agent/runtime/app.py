@@ -1,0 +1,325 @@
+"""`Agent`: the whole running agent (worker, pipeline, WebSocket server, local sources, sinks).
+
+`Agent` is an async context manager. Entering it loads the model on the worker thread, starts
+the pipeline, the WebSocket server and one feeding task per local stream (microphone or file).
+`Agent.run` waits for a shutdown request, the end of the local files (``exit_at_end``), or a
+pipeline failure. Leaving it shuts down in order:
+
+1. stop intake: local sources stop, the server stops listening and closes `/audio` clients
+   (1001); every stream's open segment becomes a last window;
+2. flush the pipeline: waiting windows are answered within ``worker.drain_timeout_s``, the rest
+   are reported in the ``stopped`` status event;
+3. close the sinks: each drains its queue; `/events` clients are then closed with 1001 and a
+   reason;
+4. wait for the tasks with a timeout, cancel what remains (with a message), stop the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from types import TracebackType
+from typing import Any, Self
+
+from agent.config import AgentConfig, StreamConfig
+from agent.events import AGENT_STREAM, TriggerEvent, WallClock
+from agent.protocols.rules import Rule, RuleAction, RuleEngine
+from agent.protocols.ws import WsServer
+from agent.runtime.fanout import EventBus, EventFilter, Subscription
+from agent.runtime.pipeline import Pipeline, StreamHandle
+from agent.runtime.worker import InferenceWorker, check_whisper_text
+
+logger = logging.getLogger(__name__)
+
+_SINK_CLOSE_TIMEOUT_S = 5.0
+_FILE_BLOCK_MS = 50
+
+
+class Agent:
+    """The running agent (see the module docstring).
+
+    Args:
+        config: The validated configuration.
+        load_model: Loads the model; called once, on the worker thread.
+
+    Attributes:
+        pipeline: The pipeline (for `control` and `emit_status`), once entered.
+        bus: The event fan-out (for extra sinks), once entered.
+        ws: The WebSocket server, or None when `ws.listen` is ``off``.
+        rules: The smart-home rule engine (per-rule counters in its `stats()`), once
+            `add_rules` was called; None before.
+        stop_reason: Why `run` returned.
+    """
+
+    def __init__(self, config: AgentConfig, load_model: Callable[[], Any]) -> None:
+        self.config = config
+        self._load_model = load_model
+        self.clock = WallClock()
+        self.bus = EventBus()
+        self.worker: InferenceWorker | None = None
+        self.pipeline: Pipeline | None = None
+        self.ws: WsServer | None = None
+        self.rules: RuleEngine | None = None
+        self.stop_reason = ""
+        self._stack = contextlib.AsyncExitStack()
+        self._feeds: set[asyncio.Task[None]] = set()
+        self._sinks: set[asyncio.Task[None]] = set()
+        self._shutdown: asyncio.Event | None = None
+        self._closed = False
+        self.source_errors: list[str] = []
+
+    async def __aenter__(self) -> Self:
+        self._shutdown = asyncio.Event()
+        try:
+            model = self.config.model
+            self.worker = await self._stack.enter_async_context(
+                InferenceWorker(
+                    self._load_model,
+                    max_new_tokens=model.max_new_tokens,
+                    partials=self.config.worker.partials,
+                    threads=model.threads,
+                    command_whisper=model.command_recogniser,
+                    pack_weights=model.pack_weights,
+                )
+            )
+            check_whisper_text(self.worker.model, model)
+            self.pipeline = await self._stack.enter_async_context(
+                Pipeline(self.config, self.worker, self.bus, self.clock)
+            )
+            if self.config.ws.enabled:
+                self.ws = WsServer(self.config, self.pipeline, self.bus, self.clock)
+                await self.ws.__aenter__()
+            for stream in self.config.streams:
+                if stream.kind in ("mic", "file"):
+                    self._start_feed(stream)
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # -- sinks ---------------------------------------------------------------------------------
+
+    def add_sink(
+        self,
+        name: str,
+        deliver: Callable[[dict[str, Any]], None],
+        *,
+        maxsize: int = 1024,
+        accept: EventFilter | None = None,
+    ) -> Subscription:
+        """Deliver every event to ``deliver`` from a task of its own, through a bounded queue
+        (drop oldest). ``deliver`` must not block (e.g. `MqttPublisher.submit`); if it raises,
+        the error is logged and delivery goes on."""
+        sub = self.bus.subscribe(name, maxsize, accept)
+
+        async def pump() -> None:
+            async for event in sub:
+                try:
+                    deliver(event)
+                except Exception:
+                    logger.error("sink %s failed on event %s", name, event.get("id"), exc_info=True)
+
+        task = asyncio.get_running_loop().create_task(pump(), name=f"sink-{name}")
+        self._sinks.add(task)
+        task.add_done_callback(self._sinks.discard)
+        return sub
+
+    # -- smart-home rules ----------------------------------------------------------------------
+
+    def add_rules(self, rules: Sequence[Rule]) -> RuleEngine:
+        """Run smart-home rules on every event as it is emitted (`agent.protocols.rules`: final
+        events only, never on `trigger` events). Each firing becomes a `trigger` event
+        (`agent.events.TriggerEvent`) published right after the event that fired it, so
+        every sink sees it: `/events`, the console, and MQTT, which publishes the rule's own
+        message from it (see `agent.protocols.mqtt.with_mqtt`). Call it before entering the agent.
+
+        Args:
+            rules: The validated rules (`AgentConfig.rules`).
+
+        Returns:
+            The rule engine (also `self.rules`).
+
+        Raises:
+            RuntimeError: rules were already added.
+        """
+        if self.rules is not None:
+            raise RuntimeError("Agent.add_rules() called twice")
+        self.rules = RuleEngine(list(rules))
+        self.bus.add_listener(self._fire_rules)
+        return self.rules
+
+    def _fire_rules(self, event: Mapping[str, Any]) -> None:
+        assert self.rules is not None
+        for action in self.rules.evaluate(event):
+            self._emit_trigger(event, action)
+
+    def _emit_trigger(self, source: Mapping[str, Any], action: RuleAction) -> None:
+        pipeline = self.pipeline
+        if pipeline is None:  # events come from the pipeline: cannot happen
+            return
+        seq = pipeline.next_seq()  # one `seq` order over every event of the agent
+        timing = source.get("timing")
+        text = source.get("text")
+        trigger = TriggerEvent(
+            id=f"trigger:{seq}",
+            seq=seq,
+            stream=str(source.get("stream", AGENT_STREAM)),
+            rule=action.rule,
+            topic=action.topic,
+            payload=action.payload,
+            qos=action.qos,
+            retain=action.retain,
+            source_id=str(source.get("id", "")),
+            source_kind=str(source.get("kind", "")),
+            text=text if isinstance(text, str) else "",
+            emitted=time.monotonic(),
+            source_timing=(
+                {k: float(v) for k, v in timing.items() if isinstance(v, int | float)}
+                if isinstance(timing, Mapping)
+                else {}
+            ),
+        )
+        logger.info(
+            "rule %s fired on %s: %s %s",
+            action.rule,
+            trigger.source_id,
+            action.topic,
+            action.payload[:200],
+        )
+        self.bus.publish(trigger.to_dict(self.clock))
+
+    # -- local sources -------------------------------------------------------------------------
+
+    def _start_feed(self, stream: StreamConfig) -> None:
+        task = asyncio.get_running_loop().create_task(self._feed(stream), name=f"feed-{stream.id}")
+        self._feeds.add(task)
+
+    async def _feed(self, stream: StreamConfig) -> None:
+        from streaming.errors import StreamingError
+        from streaming.sources import FileSource, MicSource
+
+        assert self.pipeline is not None
+        agent = self.config.agent
+        realtime = agent.realtime if stream.realtime is None else stream.realtime
+        repeat = agent.loop if stream.loop is None else stream.loop
+        is_file = stream.kind == "file"
+        handle = self.pipeline.open_stream(
+            stream,
+            origin=stream.kind,
+            overload="backpressure" if is_file and not realtime else "drop_oldest",
+        )
+        try:
+            while True:
+                source: FileSource | MicSource
+                if is_file:
+                    source = FileSource(
+                        stream.argument or "", block_ms=_FILE_BLOCK_MS, realtime=realtime
+                    )
+                else:
+                    device = stream.argument
+                    source = MicSource(int(device) if device and device.isdigit() else device)
+                async with source:
+                    async for block in source:
+                        handle.push(block.samples, block.captured_at)
+                        if handle.overload == "backpressure":
+                            await handle.wait_room()
+                if not (is_file and repeat):
+                    break
+        except StreamingError as exc:
+            self.source_errors.append(f"{stream.id}: {exc}")
+            logger.error("stream %s: source failed: %s", stream.id, exc)
+            self.pipeline.emit_status(
+                {
+                    "status": "source_error",
+                    "stream": stream.id,
+                    "message": str(exc),
+                    "detail": {"source": stream.source},
+                }
+            )
+        finally:
+            handle.end()
+        await handle.wait_done()
+
+    @property
+    def local_streams(self) -> Mapping[str, StreamHandle]:
+        """Open streams fed by this process (not by `/audio` clients)."""
+        assert self.pipeline is not None
+        return {k: v for k, v in self.pipeline.streams.items() if not v.origin.startswith("ws:")}
+
+    # -- running -------------------------------------------------------------------------------
+
+    def request_shutdown(self, reason: str = "requested") -> None:
+        """Ask `run` to return (safe to call from a signal handler on the loop)."""
+        if self._shutdown is not None and not self._shutdown.is_set():
+            self.stop_reason = reason
+            logger.info("shutdown requested: %s", reason)
+            self._shutdown.set()
+
+    async def run(self) -> str:
+        """Run until a shutdown request, the end of every local file (``agent.exit_at_end``),
+        or a pipeline failure.
+
+        Returns:
+            Why it stopped: the shutdown reason, ``end of input`` or ``pipeline failed: ...``.
+        """
+        assert self._shutdown is not None and self.pipeline is not None
+        waiters: dict[asyncio.Task[Any], str] = {
+            asyncio.ensure_future(self._shutdown.wait()): "shutdown",
+            asyncio.ensure_future(self.pipeline.wait_failed()): "failed",
+        }
+        if self.config.agent.exit_at_end and self._feeds:
+            waiters[asyncio.ensure_future(asyncio.wait(self._feeds))] = (
+                "end"  # wait() never cancels them
+            )
+        try:
+            done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in waiters:
+                task.cancel()
+            await asyncio.gather(*waiters, return_exceptions=True)
+        what = waiters[next(iter(done))]
+        if what == "end":
+            self.stop_reason = "end of input"
+        elif what == "failed":
+            self.stop_reason = f"pipeline failed: {self.pipeline.failure!r}"
+        return self.stop_reason
+
+    async def close(self) -> None:
+        """Shut down in order (see the module docstring); idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for task in self._feeds:
+            task.cancel("agent shutting down: intake stops")
+        await asyncio.gather(*self._feeds, return_exceptions=True)
+        if self.ws is not None:
+            await self.ws.stop_intake()
+        if self.pipeline is not None:
+            await self.pipeline.close()
+        self.bus.close()
+        if self.ws is not None:
+            await self.ws.close()
+        if self._sinks:
+            _, pending = await asyncio.wait(self._sinks, timeout=_SINK_CLOSE_TIMEOUT_S)
+            for task in pending:
+                task.cancel(f"sink did not finish within {_SINK_CLOSE_TIMEOUT_S} s of shutdown")
+            await asyncio.gather(*pending, return_exceptions=True)
+        await self._stack.aclose()
+
+
+@contextlib.asynccontextmanager
+async def run_agent(config: AgentConfig, load_model: Callable[[], Any]) -> AsyncIterator[Agent]:
+    """An entered `Agent` that always shuts down (for tests and embedding)."""
+    async with Agent(config, load_model) as agent:
+        yield agent

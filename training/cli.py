@@ -1,0 +1,295 @@
+"""`salmonn-live train`, `salmonn-live data synth` and `salmonn-live eval`: training the trainable
+parts, the synthetic corpus, and scoring a model on a manifest.
+
+Heavy imports (torch, transformers) happen inside the command functions so `salmonn-live
+--help` stays instant. Errors the user can fix (`model.errors.ModelError`, including
+`training.train.TrainingError`, and `streaming.errors.StreamingError`) become one line and exit
+code 2 in `agent.cli`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+_TRAIN_OPTIONS = (
+    "steps",
+    "batch_size",
+    "accum",
+    "lr",
+    "warmup_steps",
+    "min_lr",
+    "eval_every",
+    "dtype",
+    "seed",
+)
+
+
+def _out(line: str) -> None:
+    """Write one line of command output to stdout (the command's result, not a log)."""
+    print(line, flush=True)  # noqa: T201
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add the ``train``, ``data`` and ``eval`` sub-commands."""
+    from agent.cli.ask import add_model_arguments
+
+    train = subparsers.add_parser(
+        "train",
+        help="train the Q-Former, projection and LoRA (the SALMONN recipe)",
+        description=(
+            "Train one stage on a manifest in the official format, or run the whole nano recipe"
+            " with --recipe nano (corpus, pretrain, instruct, activation, test evaluation)."
+            " Encoders and the LLM stay frozen; encoder outputs are cached once per clip."
+        ),
+    )
+    add_model_arguments(train)
+    train.add_argument("--recipe", choices=("nano",), help="run the whole recipe into --out")
+    train.add_argument(
+        "--tiny", action="store_true", help="with --recipe: a smoke-test size (minutes)"
+    )
+    train.add_argument("--stage", choices=("pretrain", "instruct", "activation"))
+    train.add_argument("--manifest", type=Path, help="training manifest (official format)")
+    train.add_argument("--dev", type=Path, help="dev manifest for evaluation every N steps")
+    train.add_argument("--init", type=Path, help="start from this checkpoint directory")
+    train.add_argument("--out", type=Path, required=True, help="output directory")
+    train.add_argument("--steps", type=int, help="optimizer steps")
+    train.add_argument("--batch-size", type=int, help="samples per micro-batch")
+    train.add_argument("--accum", type=int, help="micro-batches per optimizer step")
+    train.add_argument("--lr", type=float, help="peak learning rate")
+    train.add_argument("--warmup", dest="warmup_steps", type=int, help="warmup steps")
+    train.add_argument("--min-lr", type=float, help="learning rate at the end of the cosine")
+    train.add_argument("--eval-every", type=int, help="steps between dev evaluations")
+    train.add_argument("--dtype", choices=("fp32", "bf16"), help="bf16: autocast (AVX512/AMX)")
+    train.add_argument("--seed", type=int, help="training seed (with --recipe: corpus seed)")
+    train.add_argument("--resume", action="store_true", help="continue from OUT/last")
+    train.add_argument(
+        "--cache", type=Path, help="encoder-output cache (default: the salmonn-live cache)"
+    )
+    train.add_argument(
+        "--activation-samples", type=int, default=12, help="activation: stories to generate"
+    )
+    train.add_argument(
+        "--activation-lora-scale", type=float, default=2.0, help="activation: LoRA scale"
+    )
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.set_defaults(func=run_train)
+
+    data = subparsers.add_parser("data", help="training data tools")
+    data_sub = data.add_subparsers(dest="data_command", metavar="ACTION")
+    synth = data_sub.add_parser(
+        "synth",
+        help="synthesize the speech + sound corpus",
+        description=(
+            "Write wavs and official-format manifests (train, pretrain, dev, test) of espeak-ng"
+            " speech, synthesized sound events and mixtures; the test split's voices and"
+            " phrases are held out."
+        ),
+    )
+    synth.add_argument("--out", type=Path, required=True)
+    synth.add_argument("--size", choices=("tiny", "small", "full"), default="small")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--workers", type=int, default=2, help="rendering processes")
+    synth.set_defaults(func=run_synth)
+
+    ev = subparsers.add_parser(
+        "eval",
+        help="score a model on a manifest (WER, intent accuracy, sound accuracy)",
+        description=(
+            "Entries with task asr are scored by WER against text, command by exact match of"
+            " the intent JSON, audiocaption by whether the caption names the sound class."
+        ),
+    )
+    add_model_arguments(ev)
+    ev.add_argument("--manifest", type=Path, required=True)
+    ev.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    ev.add_argument("--limit", type=int, help="score only the first N scored entries")
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--no-whisper", action="store_true", help="skip Whisper's own WER")
+    ev.add_argument(
+        "--transcript",
+        choices=("llm", "whisper"),
+        default="whisper",
+        help="who answers asr entries: Whisper's own decoder (the default, as run's) or the"
+        " LLM",
+    )
+    ev.add_argument(
+        "--command",
+        choices=("llm", "whisper"),
+        default="whisper",
+        help="who answers command entries: the intent grammar on Whisper's transcript (the"
+        " default, as run's) or the LLM",
+    )
+    ev.add_argument(
+        "--following",
+        action="store_true",
+        help="also measure the following rate of unseen instructions at LoRA scales 4 and 2",
+    )
+    ev.add_argument("--cache", type=Path, help="encoder-output cache directory")
+    ev.set_defaults(func=run_eval)
+
+
+def _cache_dir(args: argparse.Namespace) -> Path:
+    from model.paths import cache_dir
+
+    return args.cache if args.cache else cache_dir("encoder-outputs")
+
+
+def _audio_loader() -> Any:
+    from streaming.audio_file import load_audio
+
+    return load_audio
+
+
+def run_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from agent.cli.ask import load_model_from_args
+    from training.train import EncoderCache, TrainConfig, Trainer, TrainingError, read_manifest
+
+    if args.recipe:
+        from training.recipe import NANO_PLAN, TINY_PLAN, run_recipe
+
+        plan = TINY_PLAN if args.tiny else NANO_PLAN
+        # From fresh trainable parts, not the shipped ones: the recipe must reproduce them.
+        model = load_model_from_args(args, trained_parts=False)
+        report = run_recipe(
+            model,
+            args.out,
+            plan,
+            seed=args.seed if args.seed is not None else 0,
+            resume=args.resume,
+            progress=not args.no_progress,
+        )
+        _out(json.dumps({k: report[k] for k in ("timings_s", "test")}, indent=1))
+        return 0
+    if not args.stage or not args.manifest:
+        raise TrainingError("train needs --stage and --manifest (or --recipe nano)")
+    options = {k: getattr(args, k) for k in _TRAIN_OPTIONS if getattr(args, k) is not None}
+    config = TrainConfig(stage=args.stage, lora_only=args.stage == "activation", **options)
+    model = load_model_from_args(args, trained_parts=False)  # --init continues from parts
+    if args.init:
+        report = model.load_checkpoint(args.init)
+        logger.info("initialised from %s: %s", args.init, report.summary())
+    torch.manual_seed(config.seed)
+    loader = _audio_loader()
+    cache = EncoderCache(model, _cache_dir(args), loader=loader)
+    samples = read_manifest(args.manifest)
+    dev = read_manifest(args.dev) if args.dev else []
+    if args.stage == "activation":
+        from training.recipe import make_activation_data
+
+        stories = args.out / "stories.json"
+        if not (args.resume and stories.is_file()):
+            make_activation_data(
+                model,
+                cache,
+                samples,
+                stories,
+                count=args.activation_samples,
+                lora_scale=args.activation_lora_scale,
+            )
+        samples = read_manifest(stories)
+    cache.warm(samples + dev, progress=not args.no_progress)
+    trainer = Trainer(model, config, samples, dev, args.out, cache, progress=not args.no_progress)
+    result = trainer.train(resume=args.resume)
+    _out(
+        json.dumps(
+            {
+                "step": result.step,
+                "last_loss": result.last_loss,
+                "best_dev_token_accuracy": result.best_token_accuracy,
+                "seconds": round(result.seconds, 1),
+                "step_seconds": round(result.step_seconds, 3),
+                "samples_per_s": round(result.samples_per_s, 2),
+                "best": str(args.out / "best"),
+                "last": str(args.out / "last"),
+            }
+        )
+    )
+    return 0
+
+
+def run_synth(args: argparse.Namespace) -> int:
+    from training.corpus import synthesize_corpus
+
+    summary = synthesize_corpus(args.out, size=args.size, seed=args.seed, workers=args.workers)
+    _out(
+        json.dumps(
+            {
+                "directory": str(summary.directory),
+                "manifests": {k: str(v) for k, v in summary.manifests.items()},
+                "clips": summary.clips,
+                "entries": summary.entries,
+                "seconds": round(summary.seconds, 1),
+            }
+        )
+    )
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from training.recipe import evaluate_model, exact_eval_json, measure_following, scored_samples
+    from training.train import EncoderCache, read_manifest
+
+    samples = read_manifest(args.manifest)
+    chosen = scored_samples(samples, args.limit)
+    from agent.cli.ask import load_model_from_args
+
+    model = load_model_from_args(args)
+    model.pack_for_inference()
+    loader = _audio_loader()
+    cache = EncoderCache(model, _cache_dir(args), loader=loader)
+    result = evaluate_model(
+        model,
+        cache,
+        chosen,
+        batch_size=args.batch_size,
+        whisper=not args.no_whisper,
+        loader=loader,
+        progress=not args.json and sys.stderr.isatty(),
+        transcript=args.transcript,
+        command=args.command,
+    )
+    following = measure_following(model, cache, samples) if args.following else None
+    if args.json:
+        if result["whisper_wer"] is not None:
+            logger.info("Whisper decoder WER on the same asr entries: %.4f", result["whisper_wer"])
+        if following is not None:
+            logger.info("following rates by LoRA scale: %s", following["rates"])
+        _out(json.dumps(exact_eval_json(result)))
+        return 0
+    _out(_format_result(result, following))
+    return 0
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f} %"
+
+
+def _format_result(result: dict[str, Any], following: dict[str, Any] | None) -> str:
+    count = result["count"]
+    lines = [
+        f"asr           WER {_pct(result['wer'])} over {count['asr']} entries"
+        f" (Whisper's own decoder: {_pct(result['whisper_wer'])})",
+        f"command       intent exact match {_pct(result['intent_accuracy'])}"
+        f" over {count['command']} entries",
+        f"audiocaption  sound class named {_pct(result['sound_accuracy'])}"
+        f" over {count['audiocaption']} entries",
+    ]
+    for task, classes in result["per_class"].items():
+        for label, row in classes.items():
+            lines.append(f"  {task:12s} {label:28s} {_pct(row['accuracy']):>8s}  n={row['n']}")
+    if following is not None:
+        for scale, rate in following["rates"].items():
+            lines.append(
+                f"following unseen instructions at LoRA scale {scale}: {_pct(rate)}"
+                f" (mean {following['mean_words'][scale]:.0f} words, n={following['n']})"
+            )
+    return "\n".join(lines)

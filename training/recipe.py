@@ -1,0 +1,474 @@
+"""The three-stage SALMONN recipe on the synthetic corpus, and the model-driven evaluations:
+manifest scoring (`evaluate_model`), activation-tuning data (`make_activation_data`) and the
+instruction-following rate (`measure_following`).
+
+`run_recipe` is what ``salmonn-live train --recipe nano`` runs: synthesize the corpus
+(deterministic seeds), pre-train, instruction-tune, activation-tune, evaluate on the held-out
+test split, and write the final trainable parts to ``OUT/final`` (to be copied into
+``model/nano/``). Every stage trains in one process on one loaded model, and the encoders run
+once per clip (`training.train.EncoderCache`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from model.prompts import PROMPTS, UNSEEN_INSTRUCTIONS, eval_prompt
+from model.salmonn import Salmonn
+from training.corpus import CorpusSize, synthesize_corpus, write_manifest
+from training.scoring import SCORED_TASKS, follows_instruction, per_class, report, score_item
+from training.train import (
+    AudioLoader,
+    EncoderCache,
+    Sample,
+    TrainConfig,
+    Trainer,
+    generate_answers,
+    load_sample_audio,
+    read_manifest,
+    read_wav_16k,
+)
+
+logger = logging.getLogger(__name__)
+
+#: Token budget per task when evaluating (answers are short: a transcript, a JSON, a caption).
+EVAL_MAX_NEW_TOKENS = {"asr": 40, "command": 40, "audiocaption": 24}
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+def scored_samples(samples: list[Sample], limit: int | None = None) -> list[Sample]:
+    """The entries eval scores (tasks ``asr``, ``command``, ``audiocaption``), the first
+    ``limit`` of them when given."""
+    chosen = [s for s in samples if s.task in SCORED_TASKS]
+    return chosen[:limit] if limit is not None else chosen
+
+
+def evaluate_model(
+    model: Salmonn,
+    cache: EncoderCache,
+    samples: list[Sample],
+    *,
+    batch_size: int = 8,
+    whisper: bool = True,
+    loader: AudioLoader = read_wav_16k,
+    progress: bool = False,
+    transcript: str = "llm",
+    command: str = "llm",
+) -> dict[str, Any]:
+    """Answer every scored entry with its task's evaluation prompt and score it.
+
+    Args:
+        model: the model.
+        cache: its encoder-output cache.
+        samples: entries to score (others are ignored).
+        batch_size: rows per generation call (each call holds one task).
+        whisper: also transcribe the ``asr`` entries with Whisper's own decoder.
+        loader: audio reader for Whisper.
+        progress: show progress bars.
+        transcript: ``llm``, or ``whisper``: ``asr`` entries are answered by Whisper's own
+            decoder, as ``run --transcript whisper`` does.
+        command: ``llm``, or ``whisper``: ``command`` entries are read from Whisper's
+            transcript by the intent grammar, as ``run --command whisper`` does.
+
+    Returns:
+        `training.scoring.report`'s dict (the eval JSON), plus ``"whisper_wer"`` (None when not
+        measured) and ``"per_class"``; callers printing the exact eval JSON drop those two.
+    """
+    from agent.intents import intent_from_transcript
+    from training.scoring import corpus_wer
+
+    chosen = scored_samples(samples)
+    predictions: dict[int, str] = {}
+    by_whisper = {
+        t for t, engine in (("asr", transcript), ("command", command)) if engine == "whisper"
+    }
+    heard = _whisper_transcripts(
+        model, [s for s in chosen if s.task in by_whisper], batch_size, loader
+    )
+    for i, s in enumerate(chosen):
+        if s.task in by_whisper:
+            text = heard[str(s.path)]
+            predictions[i] = (
+                json.dumps(intent_from_transcript(text)) if s.task == "command" else text
+            )
+    for task in SCORED_TASKS:
+        indices = [i for i, s in enumerate(chosen) if s.task == task and task not in by_whisper]
+        if not indices:
+            continue
+        answers = generate_answers(
+            model,
+            cache,
+            [chosen[i] for i in indices],
+            [eval_prompt(task)] * len(indices),
+            batch_size=batch_size,
+            max_new_tokens=EVAL_MAX_NEW_TOKENS[task],
+            progress=progress,
+        )
+        predictions.update(zip(indices, answers, strict=True))
+    items = [
+        score_item(s.manifest_path or str(s.path), s.task, s.text, predictions[i])
+        for i, s in enumerate(chosen)
+    ]
+    out = report(items)
+    out["whisper_wer"] = None
+    asr = [s for s in chosen if s.task == "asr"]
+    if whisper and asr and model.whisper_tokenizer is not None:
+        heard = {**heard, **_whisper_transcripts(
+            model, [s for s in asr if str(s.path) not in heard], batch_size, loader
+        )}  # fmt: skip
+        out["whisper_wer"] = corpus_wer([s.text for s in asr], [heard[str(s.path)] for s in asr])
+    out["per_class"] = per_class(items)
+    return out
+
+
+def _whisper_transcripts(
+    model: Salmonn, samples: list[Sample], batch_size: int, loader: AudioLoader
+) -> dict[str, str]:
+    """Whisper's own transcript of each distinct clip, by path (the live agent's short
+    context mode)."""
+    clips = list({str(s.path): s for s in samples}.values())
+    heard: dict[str, str] = {}
+    for start in range(0, len(clips), batch_size):
+        chunk = clips[start : start + batch_size]
+        texts = model.transcribe_with_whisper([load_sample_audio(s, loader) for s in chunk])
+        heard.update(zip((str(s.path) for s in chunk), texts, strict=True))
+    return heard
+
+
+def exact_eval_json(result: dict[str, Any]) -> dict[str, Any]:
+    """Only the keys of the documented eval JSON."""
+    return {k: result[k] for k in ("wer", "intent_accuracy", "sound_accuracy", "count", "items")}
+
+
+# ---------------------------------------------------------------------------------------------
+# Activation tuning and the following rate
+# ---------------------------------------------------------------------------------------------
+
+
+def pick_clips(samples: list[Sample], count: int) -> list[Sample]:
+    """``count`` distinct clips spread over the manifest (every k-th distinct path), so sound,
+    speech and mixed clips all appear; deterministic."""
+    distinct = list({str(s.path): s for s in samples}.values())
+    if len(distinct) <= count:
+        return distinct
+    stride = len(distinct) / count
+    return [distinct[int(i * stride)] for i in range(count)]
+
+
+def _references(samples: list[Sample]) -> dict[str, list[str]]:
+    refs: dict[str, list[str]] = {}
+    for s in samples:
+        if s.task in ("asr", "audiocaption"):
+            refs.setdefault(str(s.path), []).append(s.text)
+    return refs
+
+
+def make_activation_data(
+    model: Salmonn,
+    cache: EncoderCache,
+    samples: list[Sample],
+    out_manifest: Path,
+    *,
+    count: int = 12,
+    lora_scale: float = 2.0,
+    max_new_tokens: int = 120,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """The paper's activation data: the instruction-tuned model, at a reduced LoRA scale,
+    writes stories about ``count`` training clips; they become ``audio_story_telling``
+    targets. Written as an official-format manifest (absolute paths).
+
+    Returns:
+        The manifest entries.
+    """
+    clips = pick_clips(samples, count)
+    stories = PROMPTS["audio_story_telling"]
+    instructions = [stories[i % len(stories)] for i in range(len(clips))]
+    answers = generate_answers(
+        model,
+        cache,
+        clips,
+        instructions,
+        batch_size=4,
+        lora_scale=lora_scale,
+        max_new_tokens=max_new_tokens,
+        repetition_penalty=1.2,
+        seed=seed,
+    )
+    entries = [
+        {"path": str(c.path), "text": a, "task": "audio_story_telling"}
+        for c, a in zip(clips, answers, strict=True)
+        if a.strip()
+    ]
+    out_manifest.parent.mkdir(parents=True, exist_ok=True)
+    write_manifest(out_manifest, entries)
+    logger.info("activation data: %d stories -> %s", len(entries), out_manifest)
+    return entries
+
+
+def measure_following(
+    model: Salmonn,
+    cache: EncoderCache,
+    samples: list[Sample],
+    *,
+    clips: int = 8,
+    instructions: tuple[str, ...] = UNSEEN_INSTRUCTIONS[:3],
+    lora_scales: tuple[float, ...] = (4.0, 2.0),
+    max_new_tokens: int = 80,
+) -> dict[str, Any]:
+    """How often the model follows instructions it was never trained on, per LoRA scale.
+
+    Each of ``clips`` clips gets each instruction; an answer counts as following by
+    `training.scoring.follows_instruction` (long enough, not a transcript or caption of the clip,
+    not an intent, not a loop).
+
+    Returns:
+        ``{"rates": {scale: rate}, "mean_words": {scale: n}, "examples": {scale: [...]},
+        "n": answers per scale}``.
+    """
+    from training.scoring import normalize_words
+
+    refs = _references(samples)
+    chosen = pick_clips(samples, clips)
+    rows = [(c, i) for c in chosen for i in instructions]
+    out: dict[str, Any] = {"rates": {}, "mean_words": {}, "examples": {}, "n": len(rows)}
+    for scale in lora_scales:
+        answers = generate_answers(
+            model,
+            cache,
+            [c for c, _ in rows],
+            [i for _, i in rows],
+            batch_size=8,
+            lora_scale=scale,
+            max_new_tokens=max_new_tokens,
+        )
+        follows = [
+            follows_instruction(a, refs.get(str(c.path), []))
+            for (c, _), a in zip(rows, answers, strict=True)
+        ]
+        key = f"{scale:g}"
+        out["rates"][key] = sum(follows) / len(follows) if follows else 0.0
+        out["mean_words"][key] = (
+            sum(len(normalize_words(a)) for a in answers) / len(answers) if answers else 0.0
+        )
+        pairs = list(zip(rows, answers, strict=True))[:3]
+        out["examples"][key] = [{"instruction": i, "answer": a} for (_, i), a in pairs]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The recipe
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RecipePlan:
+    """Sizes and options of one recipe run."""
+
+    corpus_size: CorpusSize
+    pretrain: TrainConfig
+    instruct: TrainConfig
+    activation: TrainConfig
+    caption_repeats: int = 1  # instruction tuning sees each audiocaption entry this often
+    activation_samples: int = 12  # the paper: 12 stories, 12 steps, batch 1, LoRA only
+    activation_lora_scale: float = 2.0
+    story_tokens: int = 120
+    following_clips: int = 8
+    following_tokens: int = 80
+    eval_limit: int | None = None
+
+
+#: The nano recipe, sized to finish well under 3 hours on a 2-core CPU (docs/training.md).
+#: Learning rates are 5x the first run's (2e-4 / 1e-4 / 2e-5): on this budget of steps the
+#: fresh Q-Former learned too slowly (BENCHMARKS.md, "Training the nano model"), and sound
+#: captions, the part of nano the agent relies on, are seen twice as often.
+NANO_PLAN = RecipePlan(
+    corpus_size="full",
+    pretrain=TrainConfig(
+        stage="pretrain", steps=450, batch_size=8, lr=1e-3, warmup_steps=50, min_lr=1e-4,
+        eval_every=150, dev_limit=64,
+    ),
+    instruct=TrainConfig(
+        stage="instruct", steps=700, batch_size=8, lr=5e-4, warmup_steps=30, min_lr=5e-5,
+        eval_every=175, dev_limit=64,
+    ),
+    activation=TrainConfig(
+        stage="activation", steps=12, batch_size=1, lr=1e-4, warmup_steps=0, min_lr=5e-5,
+        eval_every=0, dev_limit=64, lora_only=True,
+    ),
+    caption_repeats=2,
+)  # fmt: skip
+
+#: A smoke-test plan: the whole pipeline in a couple of minutes (meaningless numbers).
+TINY_PLAN = RecipePlan(
+    corpus_size="tiny",
+    pretrain=TrainConfig(
+        stage="pretrain", steps=3, batch_size=4, lr=1e-3, warmup_steps=1, min_lr=1e-4,
+        eval_every=0, dev_limit=8,
+    ),
+    instruct=TrainConfig(
+        stage="instruct", steps=3, batch_size=4, lr=1e-3, warmup_steps=1, min_lr=1e-4,
+        eval_every=0, dev_limit=8,
+    ),
+    activation=TrainConfig(
+        stage="activation", steps=2, batch_size=1, lr=1e-4, warmup_steps=0, min_lr=1e-5,
+        eval_every=0, dev_limit=4, lora_only=True,
+    ),
+    activation_samples=2,
+    story_tokens=12,
+    following_clips=2,
+    following_tokens=12,
+)  # fmt: skip
+
+
+def run_recipe(
+    model: Salmonn,
+    out_dir: str | Path,
+    plan: RecipePlan,
+    *,
+    seed: int = 0,
+    resume: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the whole recipe; every artefact goes under ``out_dir``.
+
+    Layout: ``corpus/`` (wavs + manifests), ``cache/`` (encoder outputs), ``pretrain/``,
+    ``instruct/``, ``activation/`` (each a `Trainer` directory), ``final/`` (the trainable
+    parts to ship), ``report.json`` (timings, dev metrics, test evaluation, following rates).
+
+    Args:
+        model: the base model (e.g. the ``nano`` preset without trained parts).
+        out_dir: the output directory.
+        plan: sizes and options.
+        seed: corpus seed (training seeds are in the plan's configs).
+        resume: continue stages that stopped early, skip finished ones.
+        progress: show progress bars.
+
+    Returns:
+        The report (also written to ``report.json``).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    rep: dict[str, Any] = {"plan": dataclasses.asdict(plan), "seed": seed, "timings_s": timings}
+
+    started = time.perf_counter()
+    corpus_dir = out / "corpus"
+    meta_file = corpus_dir / "meta.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    if meta.get("size") != plan.corpus_size or meta.get("seed") != seed:
+        synthesize_corpus(corpus_dir, size=plan.corpus_size, seed=seed)
+    timings["corpus"] = time.perf_counter() - started
+
+    train_all = read_manifest(corpus_dir / "train.json")
+    pretrain = read_manifest(corpus_dir / "pretrain.json")
+    dev = read_manifest(corpus_dir / "dev.json")
+    test = read_manifest(corpus_dir / "test.json")
+    cache = EncoderCache(model, out / "cache")
+    started = time.perf_counter()
+    encoded = cache.warm(train_all + dev + test, progress=progress)
+    timings["encoder_cache"] = time.perf_counter() - started
+    rep["encoded_clips"] = encoded
+
+    dev_pretrain = [s for s in dev if s.task in ("asr", "audiocaption")]
+    instruct = train_all + [s for s in train_all if s.task == "audiocaption"] * (
+        plan.caption_repeats - 1
+    )
+    stages = (("pretrain", plan.pretrain, pretrain, dev_pretrain), ("instruct", plan.instruct,
+              instruct, dev))  # fmt: skip
+    for name, config, samples, dev_samples in stages:
+        started = time.perf_counter()
+        result = _run_stage(
+            model, config, samples, dev_samples, out / name, cache, resume, progress
+        )
+        timings[name] = time.perf_counter() - started
+        rep[name] = result
+        model.load_checkpoint(out / name / "best")
+
+    # Activation tuning: stories from the instruction-tuned model at a reduced LoRA scale.
+    started = time.perf_counter()
+    eval_samples = scored_samples(test, plan.eval_limit)
+    rep["following_before"] = measure_following(
+        model, cache, test, clips=plan.following_clips, max_new_tokens=plan.following_tokens
+    )
+    stories_manifest = out / "activation" / "stories.json"
+    if not (resume and stories_manifest.is_file()):
+        make_activation_data(
+            model,
+            cache,
+            train_all,
+            stories_manifest,
+            count=plan.activation_samples,
+            lora_scale=plan.activation_lora_scale,
+            max_new_tokens=plan.story_tokens,
+        )
+    stories = read_manifest(stories_manifest)
+    timings["activation_data"] = time.perf_counter() - started
+    started = time.perf_counter()
+    rep["activation"] = _run_stage(
+        model, plan.activation, stories, dev, out / "activation", cache, resume, progress
+    )
+    model.load_checkpoint(out / "activation" / "last")
+    timings["activation"] = time.perf_counter() - started
+    started = time.perf_counter()
+    rep["following_after"] = measure_following(
+        model, cache, test, clips=plan.following_clips, max_new_tokens=plan.following_tokens
+    )
+    timings["following"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    model.pack_for_inference()  # training is over: faster decoding, same answers
+    result = evaluate_model(model, cache, eval_samples, progress=progress)
+    timings["eval"] = time.perf_counter() - started
+    rep["test"] = {k: v for k, v in result.items() if k != "items"}
+    (out / "test_eval.json").write_text(json.dumps(result, indent=1) + "\n")
+
+    final = out / "final"
+    final.mkdir(exist_ok=True)
+    for name in ("model.safetensors", "config.json"):
+        shutil.copy2(out / "activation" / "last" / name, final / name)
+    timings["total"] = sum(timings.values())
+    (out / "report.json").write_text(json.dumps(rep, indent=1) + "\n")
+    logger.info("recipe done in %.0f s: %s", timings["total"], rep["test"])
+    return rep
+
+
+def _run_stage(
+    model: Salmonn,
+    config: TrainConfig,
+    samples: list[Sample],
+    dev: list[Sample],
+    out: Path,
+    cache: EncoderCache,
+    resume: bool,
+    progress: bool,
+) -> dict[str, Any]:
+    done = out / "last" / "config.json"
+    if resume and done.is_file():
+        meta = json.loads(done.read_text())
+        if meta.get("step") == config.steps:
+            logger.info("%s already finished (%d steps): skipping", config.stage, config.steps)
+            model.load_checkpoint(out / "last")
+            return {"skipped": True, "step": config.steps}
+    trainer = Trainer(model, config, samples, dev, out, cache, progress=progress)
+    result = trainer.train(resume=resume)
+    return {
+        "steps": result.step,
+        "last_loss": result.last_loss,
+        "best_dev_token_accuracy": result.best_token_accuracy,
+        "seconds": result.seconds,
+        "step_seconds": result.step_seconds,
+        "samples_per_s": result.samples_per_s,
+        "history": result.history,
+    }

@@ -1,0 +1,201 @@
+"""Scoring model answers (pure text, no model): WER for ``asr``, intent exact match for
+``command``, the sound class named in the caption for ``audiocaption``, and the
+instruction-following heuristic used to measure the paper's task over-fitting.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from agent.intents import validate_intent
+from training.corpus import number_words, sound_classes_named
+
+logger = logging.getLogger(__name__)
+
+SCORED_TASKS = ("asr", "command", "audiocaption")
+
+_WORD_RE = re.compile(r"[a-z0-9]+(?:'[a-z0-9]+)*")
+_OBJECT_RE = re.compile(r"\{[^{}]*\}", re.DOTALL)
+
+
+def normalize_words(text: str) -> list[str]:
+    """Lower-case words without punctuation: ``"Turn left, now!"`` -> ``["turn", "left",
+    "now"]``. Apostrophes inside words are kept (``"don't"``); whole numbers under 1000 are
+    spelled out (``"2"`` -> ``"two"``), so Whisper's digits match the corpus's number words."""
+    words: list[str] = []
+    for word in _WORD_RE.findall(text.lower()):
+        if word.isdigit() and len(word) <= 3:
+            words += number_words(int(word)).split()
+        else:
+            words.append(word)
+    return words
+
+
+def word_errors(reference: str, hypothesis: str) -> tuple[int, int]:
+    """Word-level Levenshtein distance (substitutions + deletions + insertions) after
+    `normalize_words`, and the reference's word count.
+
+    Returns:
+        ``(errors, reference_words)``.
+    """
+    ref, hyp = normalize_words(reference), normalize_words(hypothesis)
+    previous = list(range(len(hyp) + 1))
+    for i, ref_word in enumerate(ref, start=1):
+        current = [i] + [0] * len(hyp)
+        for j, hyp_word in enumerate(hyp, start=1):
+            current[j] = min(
+                previous[j] + 1,  # deletion
+                current[j - 1] + 1,  # insertion
+                previous[j - 1] + (ref_word != hyp_word),  # substitution or match
+            )
+        previous = current
+    return previous[-1], len(ref)
+
+
+def corpus_wer(references: list[str], hypotheses: list[str]) -> float | None:
+    """Total word errors over total reference words (None for no references)."""
+    errors = words = 0
+    for ref, hyp in zip(references, hypotheses, strict=True):
+        e, n = word_errors(ref, hyp)
+        errors, words = errors + e, words + n
+    return errors / words if words else None
+
+
+def read_intent(text: str) -> dict[str, Any] | None:
+    """The first JSON object in ``text`` that is a valid intent, normalised by
+    `agent.intents.validate_intent`; None when there is none (an unparseable answer is
+    wrong, never read as ``{"intent": "none"}``)."""
+    for match in _OBJECT_RE.finditer(text):
+        try:
+            intent = validate_intent(json.loads(match.group(0)))
+        except ValueError:
+            continue
+        if intent is not None:
+            return intent
+    return None
+
+
+def intent_correct(expected: str, predicted: str) -> bool:
+    """Exact match of the intent JSON: both parsed and compared as dicts."""
+    want = read_intent(expected)
+    if want is None:
+        raise ValueError(f"expected text is not an intent JSON object: {expected!r}")
+    return read_intent(predicted) == want
+
+
+def caption_correct(expected: str, predicted: str) -> bool:
+    """The caption names exactly the sound classes the expected caption names."""
+    return sound_classes_named(predicted) == sound_classes_named(expected)
+
+
+@dataclass(frozen=True)
+class ScoredItem:
+    """One scored answer (the `items` of the eval JSON)."""
+
+    path: str
+    task: str
+    expected: str
+    predicted: str
+    correct: bool
+
+
+def score_item(path: str, task: str, expected: str, predicted: str) -> ScoredItem:
+    """Score one answer; for ``asr``, ``correct`` means no word error.
+
+    Raises:
+        ValueError: a task other than ``asr``, ``command``, ``audiocaption``.
+    """
+    if task == "asr":
+        correct = word_errors(expected, predicted)[0] == 0
+    elif task == "command":
+        correct = intent_correct(expected, predicted)
+    elif task == "audiocaption":
+        correct = caption_correct(expected, predicted)
+    else:
+        raise ValueError(f"cannot score task {task!r}; scored tasks: {SCORED_TASKS}")
+    return ScoredItem(path, task, expected, predicted, correct)
+
+
+def report(items: list[ScoredItem]) -> dict[str, Any]:
+    """The eval JSON: ``{"wer", "intent_accuracy", "sound_accuracy", "count": {"asr",
+    "command", "audiocaption"}, "items": [...]}``; a figure is None when its task has no item."""
+    by_task: dict[str, list[ScoredItem]] = {
+        t: [i for i in items if i.task == t] for t in SCORED_TASKS
+    }
+
+    def accuracy(task: str) -> float | None:
+        rows = by_task[task]
+        return sum(i.correct for i in rows) / len(rows) if rows else None
+
+    asr = by_task["asr"]
+    return {
+        "wer": corpus_wer([i.expected for i in asr], [i.predicted for i in asr]),
+        "intent_accuracy": accuracy("command"),
+        "sound_accuracy": accuracy("audiocaption"),
+        "count": {task: len(rows) for task, rows in by_task.items()},
+        "items": [asdict(i) for i in items],
+    }
+
+
+def per_class(items: list[ScoredItem]) -> dict[str, dict[str, dict[str, float]]]:
+    """Accuracy per expected intent (``command``) and per expected sound class
+    (``audiocaption``).
+
+    Returns:
+        ``{"command": {intent: {"n", "accuracy"}}, "audiocaption": {class: {...}}}``.
+    """
+    totals: dict[str, Counter[str]] = {"command": Counter(), "audiocaption": Counter()}
+    rights: dict[str, Counter[str]] = {"command": Counter(), "audiocaption": Counter()}
+    for item in items:
+        if item.task == "command":
+            intent = read_intent(item.expected)
+            label = intent["intent"] if intent else "?"
+        elif item.task == "audiocaption":
+            label = ",".join(sorted(sound_classes_named(item.expected))) or "(speech only)"
+        else:
+            continue
+        totals[item.task][label] += 1
+        rights[item.task][label] += item.correct
+    return {
+        task: {
+            label: {"n": n, "accuracy": rights[task][label] / n}
+            for label, n in sorted(counter.items())
+        }
+        for task, counter in totals.items()
+    }
+
+
+# -- instruction following ---------------------------------------------------------------------
+
+FOLLOW_MIN_WORDS = 12
+FOLLOW_MAX_OVERLAP = 0.6
+FOLLOW_MIN_DISTINCT = 0.3
+
+
+def follows_instruction(answer: str, references: list[str]) -> bool:
+    """Whether an answer to an open instruction (a story, a poem, a detailed description)
+    actually follows it rather than falling back on a trained task.
+
+    The heuristic (documented in docs/training.md): the answer has at least
+    `FOLLOW_MIN_WORDS` words; it is not an intent JSON object; it is not a transcript or a
+    caption (at most `FOLLOW_MAX_OVERLAP` of its words occur in the clip's transcript and
+    caption); and it is not a repetition loop (at least `FOLLOW_MIN_DISTINCT` of its words are
+    distinct).
+
+    Args:
+        answer: the model's answer.
+        references: the clip's transcript and/or caption.
+    """
+    words = normalize_words(answer)
+    if len(words) < FOLLOW_MIN_WORDS or read_intent(answer) is not None:
+        return False
+    if len(set(words)) / len(words) < FOLLOW_MIN_DISTINCT:
+        return False
+    known = {w for ref in references for w in normalize_words(ref)}
+    overlap = sum(w in known for w in words) / len(words)
+    return overlap <= FOLLOW_MAX_OVERLAP
