@@ -32,6 +32,8 @@ from typing import Any, cast
 
 import numpy as np
 
+from bench import answer_paths
+
 logger = logging.getLogger(__name__)
 
 PREFIX = "bench"
@@ -185,6 +187,7 @@ async def _start_workers(args: argparse.Namespace, url: str, count: int) -> list
             command += ["--mqtt-prefix", PREFIX, "--worker-id", f"bw{i}", "--model", args.model]
             command += ["--threads", str(args.threads), "--max-batch", str(args.max_batch)]
             command += ["--max-new-tokens", str(args.max_new_tokens), "--max-wait-ms", "20"]
+            command += ["--transcript", answer_paths(args.model, None, None)["transcript"]]
             if args.input_mode:
                 command += ["--input-mode", args.input_mode]
             procs.append(await asyncio.create_subprocess_exec(*command))

@@ -47,6 +47,7 @@ from typing import Any
 
 import numpy as np
 
+from bench import answer_paths
 from bench.pipeline import BLOCK_S, RATE_HZ, _percentile, _scenes
 
 logger = logging.getLogger(__name__)
@@ -73,6 +74,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model", default="tiny-random", help="tiny-random (default: measures the agent) or nano"
     )
     parser.add_argument("--max-new-tokens", type=int, default=40, help="tokens per answer")
+    parser.add_argument(
+        "--transcript",
+        choices=("llm", "whisper"),
+        help="model.transcript (default: run's, whisper; llm for tiny-random)",
+    )
+    parser.add_argument(
+        "--command",
+        choices=("llm", "whisper"),
+        help="model.command (default: run's, whisper; llm for tiny-random)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads in the agent")
     parser.add_argument("--scene-s", type=float, default=20.0, help="scene length (looped), s")
     parser.add_argument(
@@ -123,6 +134,8 @@ async def _serve(spec: dict[str, Any]) -> None:
                 "max_new_tokens": spec["max_new_tokens"],
                 "threads": spec["threads"],
                 "input_mode": "trimmed",
+                "transcript": spec["transcript"],
+                "command": spec["command"],
             },
             "ws": {"listen": "127.0.0.1:0", "auth": False, "max_connections": 256},
             "mqtt": {"enabled": False},
@@ -338,6 +351,7 @@ async def _drive(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "model": args.model,
         "max_new_tokens": args.max_new_tokens,
         "threads": args.threads,
+        **answer_paths(args.model, args.transcript, args.command),
         "report": str(report_path),
     }
     scenes = _scenes(args.streams, args.scene_s)
