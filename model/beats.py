@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model.audio import SAMPLE_RATE_HZ
 from model.errors import ModelLoadError
 from model.fbank import kaldi_fbank
 
@@ -73,7 +74,6 @@ FBANK_MEAN = 15.41663
 FBANK_STD = 6.55582
 # BEATs feeds kaldi fbank 16-bit-range samples: waveform in [-1, 1] times 2**15.
 _PCM16_SCALE = 2.0**15
-_SAMPLE_RATE_HZ = 16000.0
 _NUM_MEL_BINS = 128
 # Constant of the official attention's fp16 stabilisation (q / alpha, then (s - max) * alpha).
 _ATTENTION_ALPHA = 32.0
@@ -675,7 +675,7 @@ class Beats(nn.Module):
             kaldi_fbank(
                 row.float() * _PCM16_SCALE,
                 num_mel_bins=_NUM_MEL_BINS,
-                sample_frequency_hz=_SAMPLE_RATE_HZ,
+                sample_frequency_hz=float(SAMPLE_RATE_HZ),
             )
             for row in waveform
         ]

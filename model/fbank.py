@@ -21,6 +21,8 @@ import math
 
 import torch
 
+from model.audio import SAMPLE_RATE_HZ
+
 __all__ = ["kaldi_fbank", "kaldi_mel_banks", "num_frames"]
 
 # Kaldi's fixed defaults that BEATs inherits (not parameters of the official call).
@@ -42,7 +44,7 @@ def _window_sizes(
 
 def num_frames(
     num_samples: int,
-    sample_frequency_hz: float = 16000.0,
+    sample_frequency_hz: float = float(SAMPLE_RATE_HZ),
     frame_length_ms: float = 25.0,
     frame_shift_ms: float = 10.0,
 ) -> int:
@@ -94,7 +96,7 @@ def _mel_banks_float64(
 def kaldi_mel_banks(
     num_mel_bins: int = 128,
     padded_window_samples: int = 512,
-    sample_frequency_hz: float = 16000.0,
+    sample_frequency_hz: float = float(SAMPLE_RATE_HZ),
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Kaldi's triangular mel filters.
@@ -116,7 +118,7 @@ def kaldi_mel_banks(
 def kaldi_fbank(
     waveform: torch.Tensor,
     num_mel_bins: int = 128,
-    sample_frequency_hz: float = 16000.0,
+    sample_frequency_hz: float = float(SAMPLE_RATE_HZ),
     frame_length_ms: float = 25.0,
     frame_shift_ms: float = 10.0,
 ) -> torch.Tensor:

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.audio import SAMPLE_RATE_HZ
 from model.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
@@ -44,7 +45,6 @@ logger = logging.getLogger(__name__)
 InputMode = Literal["official", "trimmed"]
 PromptStyle = Literal["vicuna", "chat"]
 
-SAMPLE_RATE_HZ = 16000
 MAX_AUDIO_S = 30.0
 
 # The official prompt (SALMONN.md section 4). `<Speech>`/`</Speech>` are plain text, not tokens.

