@@ -33,12 +33,12 @@ from typing import Any, cast
 import numpy as np
 
 from bench import answer_paths
+from streaming.pcm import SAMPLE_RATE_HZ as RATE_HZ
 
 logger = logging.getLogger(__name__)
 
 PREFIX = "bench"
 WINDOW_S = 2.0
-RATE_HZ = 16000
 _START_TIMEOUT_S = 600.0
 
 

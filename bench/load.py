@@ -48,7 +48,8 @@ from typing import Any
 import numpy as np
 
 from bench import answer_paths
-from bench.pipeline import BLOCK_S, RATE_HZ, _percentile, _scenes
+from bench.pipeline import BLOCK_S, _percentile, _scenes
+from streaming.pcm import SAMPLE_RATE_HZ as RATE_HZ
 
 logger = logging.getLogger(__name__)
 

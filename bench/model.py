@@ -53,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
 
     from agent.cli.ask import load_model_from_args
     from streaming.audio_file import load_audio
+    from streaming.pcm import SAMPLE_RATE_HZ
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -63,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     base_config = model.config
     figures: dict[str, float | str | int] = {
         "model": base_config.name,
-        "audio_s": round(len(audio) / 16000, 2),
+        "audio_s": round(len(audio) / SAMPLE_RATE_HZ, 2),
         "threads": torch.get_num_threads(),
         "load_s": round(load_s, 2),
     }

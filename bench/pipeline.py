@@ -31,10 +31,11 @@ from typing import Any
 
 import numpy as np
 
+from streaming.pcm import SAMPLE_RATE_HZ as RATE_HZ
+
 logger = logging.getLogger(__name__)
 
 BLOCK_S = 0.05  # the simulated microphone delivers 50 ms blocks
-RATE_HZ = 16000
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -32,11 +32,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run_scenes(config: Any, scenes: list[Any], chunk: int) -> tuple[float, list[list[Any]]]:
     from streaming.events import SegmentEnded
+    from streaming.pcm import SAMPLE_RATE_HZ
     from streaming.segmenter import Segmenter
 
     segmenter = Segmenter(config)
     # Warm-up (Silero's TorchScript optimises itself on the first calls).
-    segmenter.push(scenes[0].audio[: 16000 * 2])
+    segmenter.push(scenes[0].audio[: SAMPLE_RATE_HZ * 2])
     segmenter.flush()
     cpu = 0.0
     outputs = []
@@ -57,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
+    from streaming.pcm import SAMPLE_RATE_HZ
     from streaming.segmenter import SegmenterConfig
     from training.evaluate import Score, SegmentSpan, score_scene
     from training.scenes import BACKGROUND_NAMES, make_noise_only, make_scene
@@ -88,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     for vad in backends:
         config = SegmenterConfig(vad=vad, frame_ms=args.frame_ms)  # type: ignore[arg-type]
         cpu, outputs = _run_scenes(config, scenes + noise, chunk)
-        audio_s = sum(s.audio.size for s in scenes + noise) / 16000
+        audio_s = sum(s.audio.size for s in scenes + noise) / SAMPLE_RATE_HZ
         score = Score()
         for scene, ended in zip(scenes + noise, outputs, strict=True):
             spans = [SegmentSpan.from_event(e) for e in ended]

@@ -15,7 +15,8 @@ import numpy.typing as npt
 import soundfile
 
 from streaming.errors import AudioInputError
-from streaming.resample import TARGET_SAMPLE_RATE_HZ, resample
+from streaming.pcm import SAMPLE_RATE_HZ
+from streaming.resample import resample
 
 logger = logging.getLogger(__name__)
 
@@ -202,9 +203,7 @@ def open_sound_file(path: str | Path) -> soundfile.SoundFile:
     return sound
 
 
-def load_audio(
-    path: str | Path, sample_rate_hz: int = TARGET_SAMPLE_RATE_HZ
-) -> npt.NDArray[np.float32]:
+def load_audio(path: str | Path, sample_rate_hz: int = SAMPLE_RATE_HZ) -> npt.NDArray[np.float32]:
     """Load a whole audio file as mono float32 at ``sample_rate_hz``.
 
     Several channels are **averaged** to mono. Other rates are converted with

@@ -15,6 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from streaming.errors import StreamingError, UnsupportedRateError
+from streaming.pcm import SAMPLE_RATE_HZ
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,9 @@ class WebrtcVadDetector:
         UnsupportedRateError: A rate webrtcvad does not support.
     """
 
-    def __init__(self, aggressiveness: int = 2, frame_ms: int = 20, sample_rate_hz: int = 16000):
+    def __init__(
+        self, aggressiveness: int = 2, frame_ms: int = 20, sample_rate_hz: int = SAMPLE_RATE_HZ
+    ) -> None:
         import webrtcvad  # small C extension; imported here so the module imports without it
 
         if aggressiveness not in (0, 1, 2, 3):

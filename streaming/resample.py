@@ -28,11 +28,9 @@ import numpy as np
 import numpy.typing as npt
 
 from streaming.errors import AudioInputError
+from streaming.pcm import SAMPLE_RATE_HZ, int16_to_float32
 
 logger = logging.getLogger(__name__)
-
-#: The rate of everything downstream of the resampler.
-TARGET_SAMPLE_RATE_HZ = 16000
 
 # Kernel design: zero crossings of the sinc on each side, Kaiser beta, pass-band fraction.
 _ZERO_CROSSINGS = 16
@@ -65,7 +63,7 @@ def to_mono_float32(audio: npt.ArrayLike) -> FloatArray:
             f"expected audio of shape (samples,) or (samples, channels), got shape {array.shape}"
         )
     if array.dtype == np.int16:
-        floats = array.astype(np.float32) / np.float32(32768.0)
+        floats = int16_to_float32(array)
     elif array.dtype == np.int32:
         floats = (array.astype(np.float64) / 2147483648.0).astype(np.float32)
     elif array.dtype == np.uint8:
@@ -160,7 +158,7 @@ def _check_rate(name: str, rate_hz: int) -> int:
 def resample(
     audio: npt.ArrayLike,
     in_rate_hz: int,
-    out_rate_hz: int = TARGET_SAMPLE_RATE_HZ,
+    out_rate_hz: int = SAMPLE_RATE_HZ,
 ) -> FloatArray:
     """Convert a whole signal to mono float32 at ``out_rate_hz``.
 
@@ -210,7 +208,7 @@ class StreamResampler:
     under 1 ms at 44.1 kHz -> 16 kHz); :meth:`flush` emits that tail.
     """
 
-    def __init__(self, in_rate_hz: int, out_rate_hz: int = TARGET_SAMPLE_RATE_HZ) -> None:
+    def __init__(self, in_rate_hz: int, out_rate_hz: int = SAMPLE_RATE_HZ) -> None:
         self.in_rate_hz = _check_rate("in_rate_hz", in_rate_hz)
         self.out_rate_hz = _check_rate("out_rate_hz", out_rate_hz)
         self._identity = self.in_rate_hz == self.out_rate_hz

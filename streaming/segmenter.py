@@ -54,6 +54,7 @@ from streaming.detectors import (
 from streaming.errors import SegmenterConfigError, UnsupportedRateError
 from streaming.events import AmbientWindow, Event, SegmentEnded, SegmentKind, SegmentStarted
 from streaming.features import FrameAnalyzer
+from streaming.pcm import SAMPLE_RATE_HZ
 from streaming.reframer import Reframer
 
 logger = logging.getLogger(__name__)
@@ -105,7 +106,7 @@ class SegmenterConfig:
 
     mode: Literal["both", "speech", "sound"] = "both"
     vad: Literal["webrtc", "silero"] = "webrtc"
-    sample_rate_hz: int = 16000
+    sample_rate_hz: int = SAMPLE_RATE_HZ
     aggressiveness: int = 2
     frame_ms: int = 20
     silero_threshold: float = 0.5
@@ -142,9 +143,9 @@ class SegmenterConfig:
             if self.aggressiveness not in (0, 1, 2, 3):
                 raise SegmenterConfigError(f"aggressiveness must be 0-3, got {self.aggressiveness}")
         elif self.vad == "silero":
-            if self.sample_rate_hz != 16000:
+            if self.sample_rate_hz != SAMPLE_RATE_HZ:
                 raise UnsupportedRateError(
-                    f"the silero VAD takes 16000 Hz only, got {self.sample_rate_hz} Hz;"
+                    f"the silero VAD takes {SAMPLE_RATE_HZ} Hz only, got {self.sample_rate_hz} Hz;"
                     " resample first"
                 )
         else:

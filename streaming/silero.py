@@ -18,13 +18,13 @@ import numpy as np
 import numpy.typing as npt
 
 from streaming.errors import StreamingError, UnsupportedRateError
+from streaming.pcm import SAMPLE_RATE_HZ
 
 logger = logging.getLogger(__name__)
 
 FloatArray = npt.NDArray[np.float32]
 BoolArray = npt.NDArray[np.bool_]
 
-SILERO_RATE_HZ = 16000
 #: Silero VAD v5 takes exactly 512 samples per call at 16 kHz.
 SILERO_FRAME_SAMPLES = 512
 
@@ -70,12 +70,12 @@ class SileroVadDetector:
         self,
         threshold: float = 0.5,
         neg_threshold: float | None = None,
-        sample_rate_hz: int = SILERO_RATE_HZ,
+        sample_rate_hz: int = SAMPLE_RATE_HZ,
         num_threads: int | None = None,
     ) -> None:
-        if sample_rate_hz != SILERO_RATE_HZ:
+        if sample_rate_hz != SAMPLE_RATE_HZ:
             raise UnsupportedRateError(
-                f"the Silero backend runs at {SILERO_RATE_HZ} Hz, got {sample_rate_hz} Hz;"
+                f"the Silero backend runs at {SAMPLE_RATE_HZ} Hz, got {sample_rate_hz} Hz;"
                 " resample first"
             )
         if not 0.0 < threshold < 1.0:
@@ -87,7 +87,8 @@ class SileroVadDetector:
         self._torch: Any = torch
         path = silero_model_path()
         try:
-            self._model: Any = torch.jit.load(str(path), map_location="cpu")
+            # torch.jit.load carries no annotations in torch 2.x.
+            self._model: Any = torch.jit.load(str(path), map_location="cpu")  # type: ignore[no-untyped-call]
         except (RuntimeError, OSError) as exc:
             raise SileroLoadError(f"cannot load Silero model {path}: {exc}") from exc
         self._model.eval()

@@ -23,14 +23,15 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, BinaryIO, ClassVar, Self
+from typing import Any, BinaryIO, Self
 
 import numpy as np
 import numpy.typing as npt
 
 from streaming.audio_file import open_sound_file
 from streaming.errors import AudioDeviceError, AudioInputError
-from streaming.resample import TARGET_SAMPLE_RATE_HZ, StreamResampler
+from streaming.pcm import PCM_FORMATS, SAMPLE_RATE_HZ, decode_pcm
+from streaming.resample import StreamResampler
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ class FileSource:
         path: str | Path,
         block_ms: int = 100,
         realtime: bool = False,
-        sample_rate_hz: int = TARGET_SAMPLE_RATE_HZ,
+        sample_rate_hz: int = SAMPLE_RATE_HZ,
     ) -> None:
         if block_ms <= 0:
             raise AudioInputError(f"block_ms must be > 0, got {block_ms}")
@@ -145,6 +146,7 @@ class FileSource:
         await self._closed.wait()
 
     def _read(self, frames: int) -> npt.NDArray[np.float32]:
+        data: npt.NDArray[np.float32]
         try:
             data = self._sound.read(frames, dtype="float32", always_2d=True)
         except RuntimeError as exc:  # soundfile.LibsndfileError is a RuntimeError
@@ -203,23 +205,18 @@ class RawPcmSource:
         AudioInputError: Bad format or rate; (while iterating) NaN/inf float samples.
     """
 
-    _DTYPES: ClassVar[dict[str, np.dtype[Any]]] = {
-        "s16le": np.dtype("<i2"),
-        "f32le": np.dtype("<f4"),
-    }
-
     def __init__(
         self,
         stream: BinaryIO,
-        sample_rate_hz: int = TARGET_SAMPLE_RATE_HZ,
+        sample_rate_hz: int = SAMPLE_RATE_HZ,
         channels: int = 1,
         sample_format: str = "s16le",
         block_ms: int = 100,
-        out_rate_hz: int = TARGET_SAMPLE_RATE_HZ,
+        out_rate_hz: int = SAMPLE_RATE_HZ,
     ) -> None:
-        if sample_format not in self._DTYPES:
+        if sample_format not in PCM_FORMATS:
             raise AudioInputError(
-                f"raw sample format must be one of {sorted(self._DTYPES)}, got {sample_format!r}"
+                f"raw sample format must be one of {sorted(PCM_FORMATS)}, got {sample_format!r}"
             )
         if sample_rate_hz <= 0 or channels <= 0 or block_ms <= 0:
             raise AudioInputError(
@@ -229,7 +226,8 @@ class RawPcmSource:
         self.stream = stream
         self.sample_rate_hz = sample_rate_hz
         self.channels = channels
-        self.dtype = self._DTYPES[sample_format]
+        self.sample_format = sample_format
+        self.dtype = PCM_FORMATS[sample_format]
         self.block_ms = block_ms
         self.out_rate_hz = out_rate_hz
         self._closed = asyncio.Event()
@@ -264,12 +262,11 @@ class RawPcmSource:
             data = leftover + (chunk or b"")
             usable = len(data) - len(data) % frame_bytes
             leftover = data[usable:]
-            samples = np.frombuffer(data[:usable], dtype=self.dtype).reshape(-1, self.channels)
-            if samples.dtype.kind == "f":
-                if not np.isfinite(samples).all():
-                    raise AudioInputError("raw PCM contains NaN or infinite samples")
-                samples = np.clip(samples, -1.0, 1.0)  # beyond full scale a mean could be inf
-            block = converter.convert(samples.astype(samples.dtype.newbyteorder("=")), final)
+            try:
+                samples = decode_pcm(data[:usable], self.sample_format, self.channels)
+            except AudioInputError as exc:
+                raise AudioInputError(f"raw PCM contains {exc}") from exc
+            block = converter.convert(samples, final)
             if block is not None:
                 yield block
             if final:
@@ -405,7 +402,7 @@ class MicSource:
         queue_blocks: int = 100,
         device_rate_hz: int | None = None,
         channels: int = 1,
-        sample_rate_hz: int = TARGET_SAMPLE_RATE_HZ,
+        sample_rate_hz: int = SAMPLE_RATE_HZ,
     ) -> None:
         if queue_blocks <= 0 or block_ms <= 0:
             raise AudioDeviceError(

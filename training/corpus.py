@@ -40,6 +40,7 @@ import soundfile
 
 from agent.intents import format_intent
 from streaming.errors import StreamingError
+from streaming.pcm import SAMPLE_RATE_HZ
 from streaming.resample import resample
 from training.scenes import (
     BACKGROUND_NAMES,
@@ -52,7 +53,6 @@ from training.scenes import (
 
 logger = logging.getLogger(__name__)
 
-SAMPLE_RATE_HZ = 16000
 Split = Literal["train", "dev", "test"]
 SPLITS: tuple[Split, ...] = ("train", "dev", "test")
 CorpusSize = Literal["tiny", "small", "full"]
@@ -325,7 +325,7 @@ def _robot_phrases() -> Iterable[Phrase]:
 def _home_phrases() -> Iterable[Phrase]:
     for room in ROOMS:
         for state in ("on", "off"):
-            intent = {"intent": f"lights_{state}", "room": room}
+            intent: dict[str, Any] = {"intent": f"lights_{state}", "room": room}
             yield Phrase(f"turn {state} the lights in the {room}", "home", intent)
             yield Phrase(f"switch {state} the {room} lights", "home", intent)
             yield Phrase(f"lights {state} in the {room}", "home", intent)
@@ -522,6 +522,7 @@ def render(spec: ClipSpec) -> npt.NDArray[np.float32]:
         sound = sound / max(_rms(sound), 1e-9) * 0.1
     if speech is not None:
         speech = speech / max(_rms(speech), 1e-9) * 0.1
+    fg: npt.NDArray[np.float64]
     if speech is not None and sound is not None:
         # The sound starts somewhere from 0.5 s before to 0.5 s after the speech, and the
         # speech is louder by `speech_over_sound_db`.
@@ -533,8 +534,9 @@ def render(spec: ClipSpec) -> npt.NDArray[np.float32]:
         fg[start_speech : start_speech + speech.size] += speech
         fg[start_sound : start_sound + sound.size] += sound
     else:
-        fg = speech if speech is not None else sound
-        assert fg is not None
+        only = speech if speech is not None else sound
+        assert only is not None
+        fg = only
     lead = int(rng.uniform(0.1, 0.5) * SAMPLE_RATE_HZ)
     tail = int(rng.uniform(0.1, 0.5) * SAMPLE_RATE_HZ)
     fg = np.pad(fg, (lead, tail))
@@ -566,7 +568,7 @@ def _speech_caption(spec: ClipSpec, rng: np.random.Generator) -> str:
     return f"A {who} {verb}."
 
 
-def annotations(spec: ClipSpec, path: str) -> list[dict[str, Any]]:
+def manifest_entries(spec: ClipSpec, path: str) -> list[dict[str, Any]]:
     """The manifest entries for one clip (several tasks share the wav).
 
     Args:
@@ -704,8 +706,8 @@ def synthesize_corpus(
             _render_to(job)
     entries: dict[str, list[dict[str, Any]]] = {split: [] for split in SPLITS}
     for spec in specs:
-        entries[spec.split] += annotations(spec, f"wavs/{spec.split}/{spec.clip_id}.wav")
-    manifests = {}
+        entries[spec.split] += manifest_entries(spec, f"wavs/{spec.split}/{spec.clip_id}.wav")
+    manifests: dict[str, Path] = {}
     for split in SPLITS:
         manifests[split] = root / f"{split}.json"
         write_manifest(manifests[split], entries[split])
@@ -714,7 +716,7 @@ def synthesize_corpus(
         manifests["pretrain"],
         [e for e in entries["train"] if e["task"] in ("asr", "audiocaption")],
     )
-    clips = Counter(spec.split for spec in specs)
+    clips: Counter[str] = Counter(spec.split for spec in specs)
     meta = {
         "size": size,
         "seed": seed,

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from streaming.events import SegmentEnded, SegmentKind
+from streaming.pcm import SAMPLE_RATE_HZ
 from training.scenes import TruthEvent
 
 
@@ -96,7 +97,7 @@ def score_scene(
     truth: Sequence[TruthEvent],
     segments: Iterable[SegmentSpan],
     duration_samples: int,
-    sample_rate_hz: int = 16000,
+    sample_rate_hz: int = SAMPLE_RATE_HZ,
     score: Score | None = None,
 ) -> Score:
     """Score one scene's segments, adding to ``score``.

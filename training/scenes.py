@@ -27,12 +27,12 @@ import numpy.typing as npt
 import soundfile
 
 from streaming.errors import StreamingError
-from streaming.resample import TARGET_SAMPLE_RATE_HZ, resample
+from streaming.pcm import SAMPLE_RATE_HZ as SR
+from streaming.resample import resample
 
 logger = logging.getLogger(__name__)
 
 FloatArray = npt.NDArray[np.float32]
-SR = TARGET_SAMPLE_RATE_HZ
 
 #: espeak-ng voices used for utterances (language + variant), male and female.
 VOICES: tuple[str, ...] = (
@@ -368,7 +368,7 @@ def _pink(rng: np.random.Generator, n: int) -> npt.NDArray[np.float64]:
 def _hum(rng: np.random.Generator, n: int) -> npt.NDArray[np.float64]:
     t = np.arange(n) / SR
     mains = rng.choice([50.0, 60.0])
-    tones = sum(
+    tones: npt.NDArray[np.float64] = sum(
         a * np.sin(2 * np.pi * mains * k * t + rng.uniform(0, 6.3))
         for k, a in ((1, 1.0), (2, 0.6), (3, 0.3), (4, 0.15))
     )
@@ -403,7 +403,8 @@ def background(name: str, duration_s: float, rng: np.random.Generator) -> FloatA
     if name not in BACKGROUNDS:
         raise StreamingError(f"unknown background {name!r}; expected one of {BACKGROUND_NAMES}")
     noise = BACKGROUNDS[name](rng, int(duration_s * SR))
-    return (noise / np.sqrt(np.mean(noise**2))).astype(np.float32)
+    unit: npt.NDArray[np.float64] = noise / np.sqrt(np.mean(noise**2))
+    return unit.astype(np.float32)
 
 
 def _active_rms(clip: npt.NDArray[np.float64]) -> float:

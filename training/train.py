@@ -33,11 +33,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from model.errors import ModelError
 from model.prompts import eval_prompt, sample_prompt
-from model.salmonn import SAMPLE_RATE_HZ, Salmonn
+from model.salmonn import Salmonn
+from streaming.pcm import SAMPLE_RATE_HZ
 
 logger = logging.getLogger(__name__)
 
@@ -140,13 +142,15 @@ def read_wav_16k(path: Path) -> np.ndarray:
     """
     import soundfile
 
+    data: npt.NDArray[np.float32]
     try:
         data, rate_hz = soundfile.read(str(path), dtype="float32", always_2d=True)
     except (OSError, RuntimeError) as exc:
         raise TrainingError(f"cannot read audio {path}: {exc}") from exc
     if rate_hz != SAMPLE_RATE_HZ:
         raise TrainingError(f"{path} is at {rate_hz} Hz; expected {SAMPLE_RATE_HZ} Hz")
-    return data.mean(axis=1)
+    mono: npt.NDArray[np.float32] = data.mean(axis=1)
+    return mono
 
 
 def load_sample_audio(sample: Sample, loader: AudioLoader = read_wav_16k) -> np.ndarray:
@@ -399,7 +403,8 @@ def optimizer_groups(
     model: Salmonn, weight_decay: float, *, lora_only: bool = False
 ) -> list[dict[str, Any]]:
     """AdamW parameter groups: decay on matrices, none on biases, norms and 1-D tensors."""
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, param in model.named_parameters():
         if not param.requires_grad or (lora_only and ".lora_" not in name):
             continue
@@ -610,7 +615,8 @@ class Trainer:
                 for _ in range(self.config.accum):
                     samples, prompts = self._next_batch()
                     loss = self._loss(samples, prompts)
-                    (loss / self.config.accum).backward()
+                    # Tensor.backward carries no annotations in torch 2.x.
+                    (loss / self.config.accum).backward()  # type: ignore[no-untyped-call]
                     total += float(loss.detach()) / self.config.accum
                     samples_done += len(samples)
                 if not math.isfinite(total):

@@ -36,10 +36,10 @@ import soundfile
 from agent.errors import AgentError
 from agent.protocols.mqtt import BrokerAddress, MqttConfig, MqttConfigError, parse_url
 from agent.runtime.worker import Request, Window
+from streaming.pcm import SAMPLE_RATE_HZ
 
 #: Version of the window and result messages (``v``); bumped on incompatible changes.
 WIRE_VERSION = 1
-SAMPLE_RATE_HZ = 16000
 #: Stream ids an edge refuses: ``P/<stream>/<kind>`` would fall into the cluster's own topics.
 RESERVED_STREAMS = ("windows", "results", "workers")
 _PCM16_SCALE = 32768.0

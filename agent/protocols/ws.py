@@ -21,8 +21,8 @@ opening handshake and the hello (``hello_timeout_s``: the TCP connection is drop
 `/audio` streams per IP address (1013) and the audio rate of a stream (a token bucket:
 ``max_audio_rate`` times real time sustained, ``audio_burst_s`` ahead; beyond: 1008).
 
-``GET /`` (and ``GET /<file>`` for the files of ``clients/web/static/``) serves the live caption
-page over plain HTTP, without a token: the page is static and holds no data; it opens
+``GET /`` (and ``GET /<file>`` for the files of ``agent/protocols/web/``, package data) serves the
+live caption page over plain HTTP, without a token: the page is static and holds no data; it opens
 ``/events`` itself, passing on the ``?token=`` of its own URL (see ``docs/clients.md``).
 """
 
@@ -42,7 +42,7 @@ import socket
 import ssl
 import time
 from collections.abc import Mapping
-from pathlib import Path
+from importlib import resources
 from types import TracebackType
 from typing import Any, Self
 from urllib.parse import parse_qs, urlsplit
@@ -58,19 +58,20 @@ from agent.config import AgentConfig, check_stream_id
 from agent.errors import AgentError, AudioProtocolError, ConfigError, OutputError
 from agent.events import MODEL_KINDS, EventKind, WallClock, client_notice
 from agent.runtime.fanout import EventBus, Subscription, SubscriptionClosed
-from agent.runtime.pipeline import MODEL_RATE_HZ, Pipeline
+from agent.runtime.pipeline import Pipeline
+from streaming.errors import AudioInputError
+from streaming.pcm import PCM_FORMATS, SAMPLE_RATE_HZ, decode_pcm
 
 logger = logging.getLogger(__name__)
 
 #: Every `/audio` frame counts as at least this much audio against ``ws.max_audio_rate``, so a
 #: flood of tiny frames is limited like a flood of audio.
 MIN_FRAME_CHARGE_S = 0.01
-#: Sample formats `/audio` accepts, with their numpy dtypes and full-scale divisors.
-AUDIO_FORMATS: dict[str, tuple[str, float]] = {"s16le": ("<i2", 32768.0), "f32le": ("<f4", 1.0)}
 _HELLO_KEYS = {"stream", "sample_rate", "format", "channels"}
 _ALL_KINDS = {str(k) for k in (*MODEL_KINDS, EventKind.TRIGGER, EventKind.STATUS)}
-#: The caption page's files, served at ``/`` (index.html) and ``/<name>``.
-WEB_STATIC_DIR = Path(__file__).resolve().parents[2] / "clients" / "web" / "static"
+#: The caption page's files (package data of `agent.protocols`), served at ``/`` (index.html)
+#: and ``/<name>``.
+WEB_STATIC_DIR = resources.files("agent.protocols") / "web"
 _STATIC_NAME_RE = re.compile(r"/[A-Za-z0-9_-][A-Za-z0-9._-]*")
 
 
@@ -589,10 +590,10 @@ class WsServer:
         if not isinstance(sample_format, str):
             raise AudioProtocolError(bad, f"hello.format: expected a string, got {sample_format!r}")
         unsupported = CloseCode.UNSUPPORTED_FORMAT
-        if sample_format not in AUDIO_FORMATS:
+        if sample_format not in PCM_FORMATS:
             raise AudioProtocolError(
                 unsupported,
-                f"format {sample_format!r} not supported; use one of {sorted(AUDIO_FORMATS)}",
+                f"format {sample_format!r} not supported; use one of {sorted(PCM_FORMATS)}",
             )
         if not 8000 <= rate <= self.ws.max_sample_rate_hz:
             raise AudioProtocolError(
@@ -615,10 +616,8 @@ class WsServer:
     ) -> None:
         from streaming.resample import StreamResampler
 
-        dtype_name, scale = AUDIO_FORMATS[sample_format]
-        dtype = np.dtype(dtype_name)
-        frame_bytes = dtype.itemsize * channels
-        resampler = StreamResampler(rate, MODEL_RATE_HZ) if rate != MODEL_RATE_HZ else None
+        frame_bytes = PCM_FORMATS[sample_format].itemsize * channels
+        resampler = StreamResampler(rate, SAMPLE_RATE_HZ) if rate != SAMPLE_RATE_HZ else None
         limit = _AudioRateLimit(self.ws.max_audio_rate, self.ws.audio_burst_s)
         async for message in connection:
             captured = time.monotonic()
@@ -634,14 +633,10 @@ class WsServer:
                     f"({sample_format}, {channels} channel(s))",
                 )
             limit.charge(len(message) / (frame_bytes * rate), captured)
-            samples = np.frombuffer(message, dtype).reshape(-1, channels).astype(np.float32)
-            if not np.isfinite(samples).all():
-                raise AudioProtocolError(CloseCode.BAD_FRAME, "NaN or infinite samples")
-            if scale != 1.0:
-                samples /= np.float32(scale)
-            else:  # f32le: full scale is +-1; beyond it a mean of channels could overflow to inf
-                np.clip(samples, -1.0, 1.0, out=samples)
-            mono = samples.mean(axis=1) if channels > 1 else samples[:, 0]
+            try:
+                mono = decode_pcm(message, sample_format, channels)
+            except AudioInputError as exc:  # "NaN or infinite samples"
+                raise AudioProtocolError(CloseCode.BAD_FRAME, str(exc)) from exc
             if resampler is not None:
                 mono = resampler.push(mono)
             if mono.size:
@@ -688,14 +683,15 @@ class _AudioRateLimit:
 def _static_response(connection: ServerConnection, request: Request, path: str) -> Response:
     """The caption page's file for ``GET /`` or ``GET /<name>``; 404 for anything else,
     including WebSocket upgrades to paths other than ``/events`` and ``/audio``."""
-    file = WEB_STATIC_DIR / ("index.html" if path == "/" else path[1:])
+    name = "index.html" if path == "/" else path[1:]
+    file = WEB_STATIC_DIR / name
     wants_upgrade = request.headers.get("Upgrade", "").lower() == "websocket"
     if wants_upgrade or not (path == "/" or _STATIC_NAME_RE.fullmatch(path)) or not file.is_file():
         return connection.respond(
             http.HTTPStatus.NOT_FOUND, "unknown path: use /events or /audio (or / for the page)\n"
         )
     body = file.read_bytes()
-    content_type = mimetypes.guess_type(file.name)[0] or "application/octet-stream"
+    content_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
     if content_type.startswith("text/") or content_type.endswith("javascript"):
         content_type += "; charset=utf-8"
     headers = Headers(

@@ -47,10 +47,10 @@ from agent.intents import intent_from_transcript, parse_intent
 from agent.runtime.fanout import EventBus
 from agent.runtime.worker import BatchReport, Final, InferenceWorker, Output, Request, Window
 from streaming.events import SegmentEnded, SegmentKind
+from streaming.pcm import SAMPLE_RATE_HZ as MODEL_RATE_HZ  # the model's input rate too
 
 logger = logging.getLogger(__name__)
 
-MODEL_RATE_HZ = 16000  # the model's input rate (model.salmonn.SAMPLE_RATE_HZ)
 MAX_WINDOW_S = 30.0  # the model hears at most 30 s at once (model.salmonn.MAX_AUDIO_S)
 _TASK_KIND = {
     "transcript": EventKind.TRANSCRIPT,

@@ -1,4 +1,5 @@
-"""The live caption page (``static/``), served by the agent at ``/``.
+"""Opens the live caption page, which the agent serves at ``/`` (its files are package data of
+``agent.protocols``: ``agent/protocols/web/``); this client only speaks HTTP to it.
 
 Run: ``python -m clients.web --help``.
 """

@@ -2,7 +2,8 @@
 
 Waits (retrying with backoff) until the agent answers, then prints the page's URL, with the
 token in it when one is given, and opens it in a browser with --open. The page itself is
-static (clients/web/static/) and can also be opened against another agent:
+static (served by the agent from agent/protocols/web/) and can also be opened against another
+agent:
 http://AGENT:8765/?agent=ws://OTHER:8765&token=TOKEN&stream=ID.
 
 Example: python -m clients.web --agent http://127.0.0.1:8765 --open
