@@ -16,8 +16,9 @@ returns uint8 class logits ``[1, 521]``. On first use it is converted once into
 graph's one Reshape to ``[1, -1]`` becomes ``[0, -1]``, "keep the batch"), and the 1024-d pooled
 embedding ``/model/GlobalAveragePool_output_0`` and the float logits ``class_scores_updated``
 (the classifier's output before its last QuantizeLinear) appended to the outputs. Every op is
-per-sample, so a batch of N patches gives the N single-patch answers: the uint8 scores bit for
-bit, the float logits to float rounding (the classifier's summation order follows the batch).
+per-sample, so a batch of N patches gives the N single-patch answers to float rounding (the
+classifier's summation order follows the batch; a uint8 score on a rounding boundary may land
+one code apart).
 
 The front end (`log_mel`, `log_mel_patches`) is written here from the facts of YAMNet's
 reference feature code (tensorflow/models ``research/audioset/yamnet/features.py`` and
@@ -525,13 +526,14 @@ def resolve_label_groups(
 # --------------------------------------------------------------------------------------------
 
 
-def pool(scores: npt.ArrayLike, method: Pooling = "max") -> FloatArray:
+def pool(scores: npt.ArrayLike, method: Pooling = "top3") -> FloatArray:
     """Pool per-patch scores over a window: (patches, classes) -> (classes,).
 
     - ``mean``: YAMNet's own clip score; dilutes a short sound in a long window;
     - ``max``: the loudest moment of each class; one odd patch can put a wrong class on top;
     - ``top3``: the mean of each class's 3 highest patches (all patches when fewer), between
-      the two.
+      the two and the default: best on average over whole clips and clips inside longer
+      windows on the dev split (docs/model.md).
     """
     values = np.asarray(scores, dtype=np.float32)
     if values.ndim != 2 or values.shape[0] == 0:

@@ -204,6 +204,10 @@ _LABELS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
 
 MUSIC_GROUP = "music"
 
+RECORDING_BUNDLES = ("memory-sound", "explore_farm_animals", "instruments", "explore_world_music")
+"""The activities built from recordings (the issue's material); the other labelled clips are
+game sound effects whose names say what they depict (a door, a helicopter, a train)."""
+
 
 @dataclass(frozen=True)
 class GcomprisClip:

@@ -30,7 +30,7 @@ from model.sound_tagger import (
     log_mel_patches,
     pool,
 )
-from training.gcompris import GcomprisClip, Split, clips_of, load_clip
+from training.gcompris import RECORDING_BUNDLES, GcomprisClip, Split, clips_of, load_clip
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,8 @@ def rank(
 
 
 def summarize(results: Sequence[ClipResult]) -> dict[str, Any]:
-    """Top-1 / top-3 accuracy overall and per sound class, and music heard as music (%)."""
+    """Top-1 / top-3 accuracy overall, per sound class and per source (the recordings of
+    `RECORDING_BUNDLES` or the games' effects), and music heard as music (%)."""
 
     def rates(items: Sequence[ClipResult]) -> dict[str, float | int]:
         return {
@@ -83,6 +84,14 @@ def summarize(results: Sequence[ClipResult]) -> dict[str, Any]:
     music = [r for r in results if r.clip.is_music]
     return {
         "overall": rates(results),
+        "per_source": {
+            source: rates(items)
+            for source, items in (
+                ("recordings", [r for r in results if r.clip.bundle in RECORDING_BUNDLES]),
+                ("game effects", [r for r in results if r.clip.bundle not in RECORDING_BUNDLES]),
+            )
+            if items
+        },
         "per_class": {
             name: rates([r for r in results if r.clip.sound_class == name]) for name in classes
         },
@@ -127,7 +136,8 @@ def patch_cost_ms(
 
 def _table(summary: dict[str, Any]) -> str:
     lines = [f"{'class':<16} {'clips':>5} {'top1 %':>7} {'top3 %':>7}"]
-    for name, row in [*summary["per_class"].items(), ("overall", summary["overall"])]:
+    rows = [*summary["per_class"].items(), *summary["per_source"].items()]
+    for name, row in [*rows, ("overall", summary["overall"])]:
         lines.append(f"{name:<16} {row['clips']:>5} {row['top1']:>7} {row['top3']:>7}")
     lines.append(f"music heard as music: {summary['music_as_music']} %")
     return "\n".join(lines)

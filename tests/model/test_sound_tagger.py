@@ -90,14 +90,19 @@ def reference_log_mel(audio: np.ndarray) -> np.ndarray:
     return np.log(magnitude @ weights + 0.001)
 
 
+@pytest.mark.numerics
 def test_log_mel_matches_the_float64_reference() -> None:
+    """float32 against float64: the log's error is the relative error of ``mel + 0.001``, at
+    most that of the mel energy: a 512-point FFT (~log2(512) u) then a 257-term dot product
+    (worst 257 u = 1.5e-5, u = 2^-24). Measured 8e-7; 2e-5 allowed. A symmetric instead of a
+    periodic Hann window moves it by 4.9e-2."""
     rng = np.random.default_rng(1)
     audio = (0.3 * rng.standard_normal(RATE) + tone(440.0, 1.0)).astype(np.float32)
     ours = log_mel(audio)
     reference = reference_log_mel(audio)
     assert ours.shape == reference.shape == (1 + (RATE - 400) // 160, 64)
     assert ours.dtype == np.float32
-    np.testing.assert_allclose(ours, reference, atol=2e-4)
+    np.testing.assert_allclose(ours, reference, rtol=0, atol=2e-5)
 
 
 def test_mel_filterbank_properties() -> None:
@@ -298,6 +303,7 @@ def test_converted_into_the_cache_not_the_repo(tagger: SoundTagger, tagger_cache
     assert codes.max() == 0
 
 
+@pytest.mark.numerics
 @needs_model
 def test_batched_equals_one_at_a_time(tagger: SoundTagger) -> None:
     rng = np.random.default_rng(3)
@@ -315,14 +321,17 @@ def test_batched_equals_one_at_a_time(tagger: SoundTagger) -> None:
         assert embedding.shape == (scores.shape[0], 1024)
         assert np.isfinite(embedding).all() and embedding.min() >= 0.0  # after ReLU
         assert ((scores >= 0) & (scores <= 1)).all()
-    # The graph's uint8 scores are the same bit for bit; its float logits to float rounding
-    # (the classifier's summation order depends on the batch).
+    # The float logits agree to float rounding: the classifier's 1024-term sums run in another
+    # order for another batch size (measured 7.6e-6 on logits of magnitude ~10). The graph's
+    # uint8 scores round those logits, so a logit on a rounding boundary may land one code
+    # apart; no more.
     patches = log_mel_patches(clips[2])
     one_by_one = np.concatenate([tagger.run_patches(p[None])[0] for p in patches])
     np.testing.assert_allclose(tagger.run_patches(patches)[0], one_by_one, rtol=0, atol=1e-4)
     quantized = load_sound_tagger(replace(tagger.config, score_output="quantized"))
     one_by_one = np.concatenate([quantized.run_patches(p[None])[0] for p in patches])
-    np.testing.assert_array_equal(quantized.run_patches(patches)[0], one_by_one)
+    step = tagger.quantization.class_scores_scale
+    assert np.abs(quantized.run_patches(patches)[0] - one_by_one).max() <= step * 1.001
     assert not np.allclose(embeddings[0][0], embeddings[1][0])
 
 
@@ -351,12 +360,14 @@ def test_dequantized_scores_are_the_float_logits_rounded(tagger: SoundTagger) ->
     assert np.abs(rounded - float_logits)[inside].max() <= step / 2 + 1e-4
 
 
+@pytest.mark.numerics
 @needs_model
 def test_threads_are_settable(tagger_cache: Path) -> None:
     two = load_sound_tagger(SoundTaggerConfig(intra_op_threads=2))
     one = load_sound_tagger(SoundTaggerConfig(intra_op_threads=1))
     clip = tone(700.0, 1.5)
-    np.testing.assert_allclose(two.scores(clip), one.scores(clip), atol=1e-6)
+    # Two threads split the sums differently: float rounding apart (scores, not logits).
+    np.testing.assert_allclose(two.scores(clip), one.scores(clip), rtol=0, atol=1e-5)
 
 
 # -- load errors ---------------------------------------------------------------------------
