@@ -26,6 +26,10 @@ _BENCHMARKS = {
         "bench.scenes",
         "plain `run` on recorded scenes: transcript WER, intents, captions, command latency",
     ),
+    "languages": (
+        "bench.languages",
+        "Whisper language detection, transcript WER and translation in eight languages",
+    ),
     "segment": (
         "bench.segment",
         "segmenter throughput (x real time per core) and quality on generated scenes",
