@@ -13,11 +13,10 @@ import dataclasses
 import json
 import logging
 import os
-import random
 import re
 import socket
 import ssl
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -26,6 +25,9 @@ from urllib.parse import unquote, urlsplit
 
 import aiomqtt
 
+# Used here too; re-exported until cluster imports move (agent.cluster.edge and .worker still
+# import them from this module).
+from agent.aio import backoff_s, cancel_and_wait, reraise_if_cancelling
 from agent.errors import AgentError, ConfigError
 from agent.events import EventKind
 from agent.protocols.homeassistant import (
@@ -58,50 +60,6 @@ class MqttConfigError(MqttError, ConfigError):
 
 class MqttConnectError(MqttError):
     """The broker refused the connection for a reason retrying cannot fix (credentials, TLS)."""
-
-
-def reraise_if_cancelling(exc: BaseException) -> None:
-    """Raise `asyncio.CancelledError` when the current task is being cancelled.
-
-    aiomqtt's ``__aexit__`` can turn a cancellation into ``MqttError`` (the disconnect times
-    out), which a reconnect loop would otherwise take for a lost connection and swallow.
-    """
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError from exc
-
-
-async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]]) -> list[BaseException | None]:
-    """Cancel tasks and wait until every one has finished, cancelling again while any runs;
-    the exception each raised (None for one that returned or was cancelled).
-
-    On Python 3.11, `asyncio.wait_for` (inside aiomqtt's publish) drops a cancellation that
-    arrives as its awaited result does; a plain cancel-then-gather can then wait forever.
-    """
-    tasks = list(tasks)
-    for task in tasks:
-        task.cancel()
-    pending = {t for t in tasks if not t.done()}
-    while pending:
-        _, pending = await asyncio.wait(pending, timeout=0.5)
-        for task in pending:
-            task.cancel()
-    return [None if t.cancelled() else t.exception() for t in tasks]
-
-
-# Doublings of `backoff_s` stop here: 2.0 ** 1024 overflows a float (OverflowError, after
-# 1025 failures), and 2 ** 1000 is far past any max_s / min_s ratio.
-_MAX_DOUBLINGS = 1000
-
-
-def backoff_s(failures: int, min_s: float, max_s: float) -> float:
-    """The wait before reconnection attempt ``failures`` (1, 2, ...): doubling from ``min_s``,
-    capped at ``max_s``, with jitter (80-100 %) so that clients do not retry in step.
-
-    Any number of failures is fine (a broker away for days): the doubling stops at the cap.
-    """
-    doublings = min(max(failures - 1, 0), _MAX_DOUBLINGS)
-    return min(max_s, min_s * 2.0**doublings) * random.uniform(0.8, 1.0)
 
 
 @dataclass(frozen=True)
