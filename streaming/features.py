@@ -10,14 +10,23 @@ frames that are active at all:
 
 :meth:`FrameAnalyzer.voice` (active frames only)
     ``peak_fraction``: share of the 80 Hz+ energy within +-110 Hz of the strongest bin (near
-    1 for a pure or dual tone, about 0.3 for voiced speech, near 0 for noise);
+    1 for a pure or dual tone, near 0 for noise);
+    ``line_fraction``: the same within +-min(110 Hz, half the pitch) of it: the strongest
+    line alone. A low voice (pitch 100 Hz) has its neighbouring harmonics within +-110 Hz of
+    its strongest one, so its ``peak_fraction`` reads like a tone's (above 0.6 on about half
+    of Piper joe's voiced frames) while ``line_fraction`` does not;
     ``harmonicity``: the highest normalised autocorrelation at lags of 2.5-12.5 ms, i.e. a
     pitch of 80-400 Hz (high for voiced speech and tones, low for noise and clicks);
+    ``pitch_hz``: the pitch at that lag, refined by a parabola through its neighbours (so
+    frame-to-frame changes well under one lag step show: a voice's pitch moves, a tone's
+    does not);
     ``low_fraction``: share of the 80 Hz+ energy below 1 kHz.
 
-A frame is *speech-like* when it is harmonic, not tonal, and has much of its energy low. On
-generated scenes this separates espeak voices from alarms, sirens, bells, ring tones and noise
-(distributions in ``docs/streaming.md``).
+A frame is *speech-like* when it is harmonic, much of its energy is low, and its strongest
+line does not dominate (:meth:`VoiceFeatures.speech_like`). Some vowels are a single line
+too (a high voice's /i/ can put 98 % of its energy in its first harmonic); the segmenter
+counts those when their pitch glides (see `streaming.segmenter`). Distributions on generated
+scenes and recordings are in ``docs/streaming.md``.
 """
 
 from __future__ import annotations
@@ -61,14 +70,25 @@ class VoiceFeatures:
     """Voice-versus-sound features of ``m`` frames (all arrays ``(m,)``).
 
     Attributes:
-        peak_fraction: 0..1, tonal concentration.
+        peak_fraction: 0..1, tonal concentration (+-110 Hz around the strongest bin).
         harmonicity: -1..1, best normalised autocorrelation in the pitch range.
         low_fraction: 0..1, energy share below 1 kHz.
+        line_fraction: 0..1, energy share of the strongest line alone (+-min(110 Hz,
+            pitch / 2) around the strongest bin).
+        pitch_hz: 80..400, the pitch of the best autocorrelation lag (sub-sample refined);
+            meaningful where ``harmonicity`` is high.
     """
 
     peak_fraction: FloatArray
     harmonicity: FloatArray
     low_fraction: FloatArray
+    line_fraction: FloatArray
+    pitch_hz: FloatArray
+
+    def harmonic(self, min_harmonicity: float = 0.5, min_low_fraction: float = 0.3) -> BoolArray:
+        """Frames that are periodic in the voice's pitch range with much of their energy low
+        (voiced speech, and also tones and many instruments)."""
+        return (self.harmonicity >= min_harmonicity) & (self.low_fraction >= min_low_fraction)
 
     def speech_like(
         self,
@@ -76,25 +96,29 @@ class VoiceFeatures:
         max_peak_fraction: float = 0.6,
         min_low_fraction: float = 0.3,
     ) -> BoolArray:
-        """Frames that look like voiced speech: harmonic, not tonal, energy mostly low.
+        """Frames that look like voiced speech: harmonic, energy mostly low, and no single
+        spectral line dominating (``line_fraction``).
 
         Args:
             min_harmonicity: Lowest pitch-range autocorrelation.
-            max_peak_fraction: Highest tonal concentration.
+            max_peak_fraction: Highest share of the strongest line.
             min_low_fraction: Lowest share of energy below 1 kHz.
 
         Returns:
             ``(m,)`` booleans.
         """
-        return (
-            (self.harmonicity >= min_harmonicity)
-            & (self.peak_fraction <= max_peak_fraction)
-            & (self.low_fraction >= min_low_fraction)
+        return self.harmonic(min_harmonicity, min_low_fraction) & (
+            self.line_fraction <= max_peak_fraction
         )
 
     def tonal(self, min_peak_fraction: float = 0.6) -> BoolArray:
-        """Frames dominated by one or two close tones (alarms, sirens, bells, ring tones)."""
+        """Frames dominated by one or two close tones (alarms, sirens, bells, ring tones; also
+        about half the voiced frames of a low voice, see the module docstring)."""
         return self.peak_fraction > min_peak_fraction
+
+    def line(self, min_line_fraction: float = 0.6) -> BoolArray:
+        """Frames dominated by their strongest line alone."""
+        return self.line_fraction > min_line_fraction
 
 
 class FrameAnalyzer:
@@ -129,6 +153,7 @@ class FrameAnalyzer:
         self._first_80 = int(np.searchsorted(voice_freqs, 80.0))
         self._first_1k = int(np.searchsorted(voice_freqs, 1000.0))
         bin_hz = sample_rate_hz / self.voice_fft
+        self._voice_bin_hz = bin_hz
         self._peak_half_bins = max(1, round(_PEAK_HALF_WIDTH_HZ / bin_hz))
         self._min_lag = int(sample_rate_hz / 400)
         self._max_lag = min(int(sample_rate_hz / 80), self.window_samples // 2)
@@ -179,7 +204,7 @@ class FrameAnalyzer:
         m = windows.shape[0]
         if m == 0:
             empty = np.zeros(0, np.float32)
-            return VoiceFeatures(empty, empty, empty)
+            return VoiceFeatures(empty, empty, empty, empty, empty)
         spectrum = np.fft.rfft(windows, self.voice_fft, axis=1)
         power = spectrum.real**2 + spectrum.imag**2
         upper = power[:, self._first_80 :]
@@ -195,9 +220,27 @@ class FrameAnalyzer:
         low_fraction = upper[:, : self._first_1k - self._first_80].sum(axis=1) / total
         autocorr = np.fft.irfft(power, self.voice_fft, axis=1)[:, : self._max_lag + 1]
         normalised = autocorr[:, self._min_lag :] / (autocorr[:, :1] + _FLOOR_POWER)
-        harmonicity = (normalised / self._window_ac[self._min_lag :]).max(axis=1)
+        corrected = normalised / self._window_ac[self._min_lag :]
+        best = corrected.argmax(axis=1)
+        harmonicity = corrected[np.arange(m), best]
+        # Parabola through the best lag and its neighbours: the sub-sample lag.
+        centre = np.clip(best, 1, corrected.shape[1] - 2)
+        y0, y1, y2 = (corrected[np.arange(m), centre + k] for k in (-1, 0, 1))
+        curvature = y0 - 2 * y1 + y2
+        shift = np.where(
+            curvature < 0, 0.5 * (y0 - y2) / np.where(curvature < 0, curvature, -1.0), 0.0
+        )
+        lag = centre + self._min_lag + np.clip(shift, -0.5, 0.5)
+        pitch_hz = self.sample_rate_hz / lag
+        # The strongest line alone: no wider than half the pitch, so a neighbouring harmonic
+        # (one pitch away) stays outside.
+        half = np.minimum(self._peak_half_bins, np.floor(0.5 * pitch_hz / self._voice_bin_hz))
+        in_line = np.abs(offsets)[None, :] <= half[:, None]
+        line_fraction = np.where(in_line, peak_energy, 0).sum(axis=1) / total
         return VoiceFeatures(
             peak_fraction.astype(np.float32),
             harmonicity.astype(np.float32),
             low_fraction.astype(np.float32),
+            line_fraction.astype(np.float32),
+            pitch_hz.astype(np.float32),
         )

@@ -23,10 +23,18 @@ into one hysteresis state machine:
    from there; when at least ``min_active_ms`` of activity would not follow the cut (the sound
    is just ending), the segment ends normally instead.
 
-A finished segment's kind is ``speech`` when at least ``speech_ratio`` of its active frames are
-speech-like and fewer than ``nonspeech_ratio`` are clearly non-speech (tonal and not
-speech-like), ``mixed`` when both are substantial or the speech-like share lies between
-``mixed_ratio`` and ``speech_ratio``, else ``sound``.
+A frame is *speech-like* when it is harmonic with much energy low and either no single spectral
+line dominates it, or one does but its pitch glides (it has been harmonic for 3 frames and its
+pitch moved by 0.2-5 % since the last frame, per 20 ms: a sung-out vowel of a high voice can be
+as pure as a tone, but a tone's pitch does not move). A finished segment's kind is ``speech``
+when at least ``speech_ratio`` of its active frames are speech-like and fewer than
+``nonspeech_ratio`` are clearly non-speech (one line dominating, not speech-like), ``mixed``
+when both are substantial or the speech-like share lies between ``mixed_ratio`` and
+``speech_ratio``, else ``sound``. Two segment-level vetoes: a segment tonal (+-110 Hz peak share
+above 0.6) on at least ``tone_ratio`` of its active frames is a tone (alarm, siren, bell, ring),
+its speech-like share counted as none; one whose pitch holds steady (under 0.3 % per 20 ms) on
+at least ``steady_pitch_ratio`` of its consecutive harmonic frame pairs is a held note, at most
+``mixed``. A voice's pitch never holds that still for long.
 
 ``mode="sound"`` opens segments on the sound detector alone and labels them all ``sound``.
 ``mode="speech"`` opens them on the VAD alone (the sound detector only supplies the noise floor
@@ -63,6 +71,21 @@ FloatArray = npt.NDArray[np.float32]
 
 #: Frame length the Silero backend imposes (512 samples at 16 kHz).
 SILERO_FRAME_MS = 32
+#: Pitch changes are measured in natural-log units per second of frames (0.15/s is 0.3 %
+#: per 20 ms frame). Below ``_STEADY_PER_S``: a steady pitch; within the glide range: a voice's
+#: pitch moving (measured on klettres, Piper and espeak voices against instruments and tones).
+_STEADY_PER_S = 0.15
+_GLIDE_PER_S = (0.1, 2.5)
+#: Consecutive harmonic frames (this one included) before a dominant line may count as gliding
+#: speech: a knock's damped resonance rings for two frames.
+_GLIDE_RUN = 3
+#: Fewer consecutive harmonic pairs than this and the steady-pitch veto does not apply.
+_MIN_PITCH_PAIRS = 5
+
+#: One frame's decisions: active, speech-like, speech-like only by its gliding pitch, clearly
+#: non-speech, tonal, harmonic pair (this and the previous frame harmonic), steady pitch within
+#: that pair, VAD speech, energy (dB).
+_Row = tuple[bool, bool, bool, bool, bool, bool, bool, bool, float]
 
 
 def frames_in(duration_ms: float, frame_ms: float) -> int:
@@ -101,6 +124,10 @@ class SegmenterConfig:
         mixed_ratio: Share of speech-like active frames below which the kind is ``sound``.
         nonspeech_ratio: Share of clearly non-speech frames that turns ``speech`` into
             ``mixed``.
+        tone_ratio: Share of tonal active frames at which a segment is a tone, never speech
+            (a voice is tonal on about half its frames at most, a siren on all).
+        steady_pitch_ratio: Share of consecutive harmonic frame pairs with a steady pitch at
+            which a segment is a held note, at most ``mixed``.
         ambient_every_s: Emit an :class:`AmbientWindow` of this length back to back (0: off).
     """
 
@@ -125,6 +152,8 @@ class SegmenterConfig:
     speech_ratio: float = 0.25
     mixed_ratio: float = 0.12
     nonspeech_ratio: float = 0.5
+    tone_ratio: float = 0.9
+    steady_pitch_ratio: float = 0.3
     ambient_every_s: float = 0.0
 
     def __post_init__(self) -> None:
@@ -313,6 +342,9 @@ class Segmenter:
         self._ambient = samples(cfg.ambient_every_s * 1000)
         self._reframer = Reframer(frame_samples)
         self._analyzer = FrameAnalyzer(frame_samples, rate)
+        frame_s = frame_samples / rate
+        self._steady_step = _STEADY_PER_S * frame_s
+        self._glide_step = (_GLIDE_PER_S[0] * frame_s, _GLIDE_PER_S[1] * frame_s)
         self._sound = SoundActivityDetector(
             frame_ms, cfg.sound_on_db, cfg.sound_flux_db, band_bins=self._analyzer.band_bins
         )
@@ -364,7 +396,9 @@ class Segmenter:
         self._ambient_start = 0
         self._frame = 0  # index of the next frame to process
         self._last_end = 0  # end sample of the previous segment (pre-roll never crosses it)
-        self._recent: deque[tuple[bool, bool, bool, bool, float]] = deque(maxlen=self._start_window)
+        self._recent: deque[_Row] = deque(maxlen=self._start_window)
+        self._harmonic_run = 0  # consecutive harmonic frames up to the last one processed
+        self._log_pitch = 0.0  # the last frame's log pitch
         self._in_segment = False
         self._flushed = False
         self._clear_segment()
@@ -423,14 +457,16 @@ class Segmenter:
         self._trailing_active = 0
         self._seg_active: list[bool] = []
         self._seg_speech_like: list[bool] = []
+        self._seg_glide: list[bool] = []
         self._seg_nonspeech: list[bool] = []
+        self._seg_tonal: list[bool] = []
+        self._seg_pair: list[bool] = []
+        self._seg_steady: list[bool] = []
         self._seg_vad: list[bool] = []
         self._seg_energy: list[float] = []
 
-    def _frame_decisions(
-        self, frames: FloatArray
-    ) -> tuple[list[bool], list[bool], list[bool], list[bool], list[float]]:
-        """Per frame: active, speech-like, clearly non-speech, VAD speech, energy (dB)."""
+    def _frame_decisions(self, frames: FloatArray) -> list[_Row]:
+        """Per frame: the decisions of :data:`_Row`."""
         cfg = self.config
         bands = self._analyzer.bands(frames)
         n = frames.shape[0]
@@ -444,24 +480,57 @@ class Segmenter:
         else:
             vad = np.zeros(n, np.bool_)
         active = vad | sound_active
-        speech_like = np.zeros(n, np.bool_)
-        nonspeech = np.zeros(n, np.bool_)
+        plain = np.zeros(n, np.bool_)  # speech-like without a dominant line
+        harmonic = np.zeros(n, np.bool_)
+        line = np.zeros(n, np.bool_)
+        tonal = np.zeros(n, np.bool_)
+        log_pitch = np.zeros(n, np.float64)
         index = np.flatnonzero(active)
         if index.size and cfg.mode != "sound":
             voice = self._analyzer.voice(bands.windows[index])
-            speech_like[index] = voice.speech_like()
-            nonspeech[index] = voice.tonal() & ~speech_like[index]
-        return (
-            active.tolist(),
-            speech_like.tolist(),
-            nonspeech.tolist(),
-            vad.tolist(),
-            bands.energy_db.tolist(),
+            plain[index] = voice.speech_like()
+            harmonic[index] = voice.harmonic()
+            line[index] = voice.line()
+            tonal[index] = voice.tonal()
+            log_pitch[index] = np.log(voice.pitch_hz)
+        # Runs of harmonic frames and pitch changes carry on from the previous call.
+        run = np.empty(n, np.int64)
+        count = self._harmonic_run
+        for i in range(n):
+            count = count + 1 if harmonic[i] else 0
+            run[i] = count
+        change = np.abs(np.diff(log_pitch, prepend=self._log_pitch))
+        self._harmonic_run = count
+        if n:
+            self._log_pitch = float(log_pitch[-1])
+        pair = run >= 2
+        steady = pair & (change < self._steady_step)
+        glide = (
+            (run >= _GLIDE_RUN)
+            & line
+            & (change > self._glide_step[0])
+            & (change < self._glide_step[1])
+        )
+        glide &= ~plain
+        speech_like = plain | glide
+        nonspeech = line & ~speech_like
+        return list(
+            zip(
+                active.tolist(),
+                speech_like.tolist(),
+                glide.tolist(),
+                nonspeech.tolist(),
+                tonal.tolist(),
+                pair.tolist(),
+                steady.tolist(),
+                vad.tolist(),
+                bands.energy_db.tolist(),
+                strict=True,
+            )
         )
 
     def _process(self, frames: FloatArray, events: list[Event]) -> None:
-        columns = self._frame_decisions(frames)
-        for row in zip(*columns, strict=True):
+        for row in self._frame_decisions(frames):
             f = self._frame
             self._frame += 1
             if not self._in_segment:
@@ -481,13 +550,15 @@ class Segmenter:
             self._add_frame(f, row, events)
         self._discard_old_audio()
 
-    def _add_frame(
-        self, f: int, row: tuple[bool, bool, bool, bool, float], events: list[Event]
-    ) -> None:
-        is_active, speech_like, nonspeech, vad, energy = row
+    def _add_frame(self, f: int, row: _Row, events: list[Event]) -> None:
+        is_active, speech_like, glide, nonspeech, tonal, pair, steady, vad, energy = row
         self._seg_active.append(is_active)
         self._seg_speech_like.append(speech_like)
+        self._seg_glide.append(glide)
         self._seg_nonspeech.append(nonspeech)
+        self._seg_tonal.append(tonal)
+        self._seg_pair.append(pair)
+        self._seg_steady.append(steady)
         self._seg_vad.append(vad)
         self._seg_energy.append(energy)
         self._push_trailing(is_active)
@@ -528,29 +599,43 @@ class Segmenter:
     def _start_kind(self) -> SegmentKind:
         if self.config.mode == "sound":
             return SegmentKind.SOUND
-        speech_like = sum(self._seg_speech_like)
-        active = max(1, self._active_count)
-        return (
-            SegmentKind.SPEECH
-            if speech_like >= self.config.speech_ratio * active
-            else SegmentKind.SOUND
+        _, voice, _ = self._shares(0, len(self._seg_active))
+        return SegmentKind.SPEECH if voice >= self.config.speech_ratio else SegmentKind.SOUND
+
+    def _shares(self, first: int, last: int) -> tuple[float, float, bool]:
+        """Of the segment frames ``[first, last)``: the speech-like share of the active frames;
+        that share after the vetoes (0 for a tone; for a held note, its frames speech-like only
+        by a gliding pitch are not counted: a steady tone's decay or vibrato moves its pitch
+        estimate); whether the pitch holds steady."""
+        active = sum(self._seg_active[first:last])
+        if active == 0:
+            return 0.0, 0.0, False
+        speech_share = sum(self._seg_speech_like[first:last]) / active
+        cfg = self.config
+        if sum(self._seg_tonal[first:last]) >= cfg.tone_ratio * active:
+            return speech_share, 0.0, False
+        pairs = sum(self._seg_pair[first:last])
+        steady = pairs >= _MIN_PITCH_PAIRS and (
+            sum(self._seg_steady[first:last]) >= cfg.steady_pitch_ratio * pairs
         )
+        if steady:
+            plain = speech_share - sum(self._seg_glide[first:last]) / active
+            return speech_share, plain, True
+        return speech_share, speech_share, False
 
     def _kind(self, first: int, last: int) -> tuple[SegmentKind, float]:
         """Kind and speech-like share of the segment frames ``[first, last)`` (list indices)."""
-        active = sum(self._seg_active[first:last])
-        if active == 0:
-            return SegmentKind.SOUND, 0.0
-        speech_share = sum(self._seg_speech_like[first:last]) / active
-        if self.config.mode == "sound":
-            return SegmentKind.SOUND, speech_share
-        nonspeech_share = sum(self._seg_nonspeech[first:last]) / active
+        speech_share, voice, steady = self._shares(first, last)
         cfg = self.config
-        if speech_share >= cfg.speech_ratio:
+        if cfg.mode == "sound":
+            return SegmentKind.SOUND, speech_share
+        active = max(1, sum(self._seg_active[first:last]))
+        nonspeech_share = sum(self._seg_nonspeech[first:last]) / active
+        if voice >= cfg.speech_ratio and not steady:
             kind = (
                 SegmentKind.MIXED if nonspeech_share >= cfg.nonspeech_ratio else SegmentKind.SPEECH
             )
-        elif speech_share >= cfg.mixed_ratio:
+        elif voice >= cfg.mixed_ratio:
             kind = SegmentKind.MIXED
         else:
             kind = SegmentKind.SOUND
@@ -627,7 +712,11 @@ class Segmenter:
         for name in (
             "_seg_active",
             "_seg_speech_like",
+            "_seg_glide",
             "_seg_nonspeech",
+            "_seg_tonal",
+            "_seg_pair",
+            "_seg_steady",
             "_seg_vad",
             "_seg_energy",
         ):
