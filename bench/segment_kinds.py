@@ -42,13 +42,21 @@ KLETTRES_GLOB = "en*/**/*.ogg"
 KLETTRES_DIR = Path("/usr/share/klettres")
 PIPER_SNRS_DB = (15.0, 20.0, 25.0)
 SOUND_SEEDS = (0, 1, 2, 3, 4)
-#: GCompris clips with a human or synthetic voice in them (listened to / tagged as speech):
-#: the game's spoken prompts and a few effects that are words.
+#: GCompris clips that hold a voice: those YAMNet (`model.sound_tagger`, max over patches)
+#: scores Speech >= 0.5 (spoken prompts, effects that are words), and the sung one (Italy:
+#: Chant 0.91). Australia's didgeridoo (Speech 0.79 beside Music 1.00) is kept: an instrument.
 GCOMPRIS_VOICES: frozenset[str] = frozenset(
-    {
-        "ballcatch:/gcompris/src/activities/ballcatch/resource/tuxok.wav",
-        "ballcatch:/gcompris/src/activities/ballcatch/resource/youcannot.wav",
-    }
+    f"{bundle}:/gcompris/src/{path}"
+    for bundle, path in (
+        ("ballcatch", "activities/ballcatch/resource/tuxok.wav"),
+        ("ballcatch", "activities/ballcatch/resource/youcannot.wav"),
+        ("chronos", "activities/chronos/resource/sound/3.ogg"),
+        ("core", "core/resource/sounds/bleep.wav"),
+        ("core", "core/resource/sounds/bonus.wav"),
+        ("erase", "activities/erase/resource/eraser2.wav"),
+        ("gnumch-equality", "activities/gnumch-equality/resource/eat.wav"),
+        ("explore_world_music", "activities/explore_world_music/resource/music/italy.ogg"),
+    )
 )
 GROUPS = ("klettres", "piper joe", "espeak", "synth sounds", "gcompris")
 
