@@ -562,7 +562,7 @@ def _parser() -> argparse.ArgumentParser:
         "--streams", default="1,2,4,8,16,32,64,128", help="batch sizes of the sweep"
     )
     parser.add_argument(
-        "--budget-s", type=float, default=420.0, help="stop starting new measurements after this"
+        "--budget-s", type=float, default=300.0, help="stop starting new measurements after this"
     )
     parser.add_argument(
         "--max-p95-s",
