@@ -20,6 +20,7 @@ _COMMAND_MODULES = (
     "agent.cli.run",
     "agent.cli.edge",
     "agent.cli.worker",
+    "agent.cli.wyoming",
     "training.cli",
     "bench.cli",
 )
