@@ -14,9 +14,10 @@ finished window goes to the worker pool over MQTT instead of a local inference t
   final per event id (``<window>/<task>``) is published, later ones (a window answered twice
   after a republication) are counted and dropped, as is anything for a finished window or for
   an earlier run of this edge. Partials are passed on only from the window's first worker.
-* `EdgePipeline` is the agent's `Pipeline` with its local queue replaced by `RemoteWindows`:
-  forwarded events get this edge's ``seq`` (strictly increasing, as in `run`), its
-  ``timing.emitted`` and a ``worker`` field naming who answered.
+* `RemoteWindows` is a `WindowSink`: the agent's own `Pipeline` hands it the windows in
+  place of the local model's queue, and passes its answers on (`Pipeline.window_event`) with
+  this edge's ``seq`` (strictly increasing, as in `run`), its ``timing.emitted`` and a
+  ``worker`` field naming who answered.
 """
 
 from __future__ import annotations
@@ -29,13 +30,14 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Protocol, Self
 
 import aiomqtt
 
+from agent.aio import backoff_s, cancel_and_wait, reraise_if_cancelling
 from agent.cluster.messages import (
     RESERVED_STREAMS,
     WireError,
@@ -52,11 +54,10 @@ from agent.cluster.messages import (
 from agent.config import AgentConfig
 from agent.errors import AgentError, ConfigError
 from agent.events import WallClock
-from agent.protocols.mqtt import backoff_s, cancel_and_wait, reraise_if_cancelling
-from agent.protocols.ws import WsServer
 from agent.runtime.app import Agent
-from agent.runtime.fanout import EventBus
-from agent.runtime.pipeline import Pipeline, StreamHandle
+from agent.runtime.pipeline import Pipeline
+from agent.runtime.window_queue import Drop
+from agent.runtime.window_sink import WindowDone, WindowListener, WindowSink
 from agent.runtime.worker import Window
 
 logger = logging.getLogger(__name__)
@@ -73,7 +74,6 @@ class Outstanding:
 
     Attributes:
         window: The window.
-        handle: Its stream.
         keys: Its request keys (the event ids it expects a final for).
         finals: The keys answered so far.
         attempt: Publications so far.
@@ -85,7 +85,6 @@ class Outstanding:
     """
 
     window: Window
-    handle: StreamHandle
     keys: frozenset[str]
     finals: set[str] = field(default_factory=set)
     attempt: int = 0
@@ -99,11 +98,17 @@ OnEvent = Callable[[dict[str, Any], str, Outstanding], None]
 OnDone = Callable[[Outstanding, str, str | None], None]
 
 
+class _Overloaded(Protocol):
+    """Anything that names an overload policy (a `StreamHandle`)."""
+
+    overload: str
+
+
 class RemoteWindows:
     """Windows out to the worker pool, deduplicated answers back; an async context manager.
 
-    It stands in for the `InferenceWorker` of the edge's pipeline (``model_name``, ``stats``,
-    ``cancel``).
+    It is the edge pipeline's `WindowSink` (`attach`, `put`, ...); `bind` and `submit` are the
+    same without a pipeline (``bench cluster``).
 
     Args:
         config: The validated configuration (``[mqtt]`` with a URL, ``[cluster]``).
@@ -132,6 +137,8 @@ class RemoteWindows:
         self._empty.set()
         self._on_event: OnEvent | None = None
         self._on_done: OnDone | None = None
+        self._overloads: dict[str, str] = {}  # open streams' policies
+        self._held: collections.Counter[str] = collections.Counter()  # outstanding per stream
         self._task: asyncio.Task[None] | None = None
         self._timer: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
@@ -188,10 +195,16 @@ class RemoteWindows:
         """Windows waiting for answers."""
         return len(self._outstanding)
 
-    def submit(self, window: Window, handle: StreamHandle) -> None:
+    def submit(self, window: Window, handle: _Overloaded) -> None:
         """Send a window to the pool (now, or once connected). When full and the window's
-        stream drops rather than waits, the oldest outstanding window is given up."""
-        if self.full and handle.overload == "drop_oldest":
+        stream drops rather than waits (``handle.overload``), the oldest outstanding window is
+        given up."""
+        self._submit(window, handle.overload)
+
+    def _submit(self, window: Window, overload: str) -> None:
+        # Counted first: giving up the oldest below must not find the window's stream idle.
+        self._held[window.stream] += 1
+        if self.full and overload == "drop_oldest":
             oldest = next(iter(self._outstanding.values()))
             logger.warning(
                 "edge %s: %d windows unanswered (cluster.max_in_flight): giving up %s",
@@ -200,7 +213,7 @@ class RemoteWindows:
                 oldest.window.id,
             )
             self._finish(oldest, "dropped", "too many unanswered windows (cluster.max_in_flight)")
-        item = Outstanding(window, handle, frozenset(r.key for r in window.requests))
+        item = Outstanding(window, frozenset(r.key for r in window.requests))
         self._outstanding[window.id] = item
         self._empty.clear()
         self.counters["windows"] += 1
@@ -217,8 +230,79 @@ class RemoteWindows:
         for item in list(self._outstanding.values()):
             self._finish(item, "window_unfinished", reason)
 
-    def cancel(self) -> None:
-        """Nothing runs here to cancel (the `InferenceWorker` interface)."""
+    # -- WindowSink ----------------------------------------------------------------------------
+
+    @property
+    def busy(self) -> bool:
+        """Windows wait for answers."""
+        return bool(self._outstanding)
+
+    def attach(self, listener: WindowListener) -> None:
+        """Report answers and finished windows to ``listener`` (the edge's pipeline)."""
+
+        def on_event(event: dict[str, Any], worker: str, item: Outstanding) -> None:
+            listener.window_event(event, item.window, worker)
+
+        def on_done(item: Outstanding, status: str, error: str | None) -> None:
+            unfinished = tuple(sorted(item.keys - item.finals))
+            listener.window_done(item.window, WindowDone(status, unfinished, error))
+
+        self.bind(on_event, on_done)
+
+    def check_stream(self, stream: str) -> None:
+        """Refuse the stream ids the cluster's topics use.
+
+        Raises:
+            ConfigError: a reserved id (``windows``, ``results``, ``workers``).
+        """
+        if stream in RESERVED_STREAMS:
+            raise ConfigError(
+                f"stream id {stream!r} is reserved on an edge (its events would share "
+                f"topics with the cluster's {list(RESERVED_STREAMS)}): rename the stream"
+            )
+
+    def open_stream(self, stream: str, overload: str) -> None:
+        """Note the stream's overload policy."""
+        self._overloads[stream] = overload
+
+    def close_stream(self, stream: str) -> None:
+        """Forget the stream."""
+        self._overloads.pop(stream, None)
+
+    def put(self, window: Window) -> Drop | None:
+        """`submit` for the pipeline: a window given up to make room is reported through
+        `WindowListener.window_done` (``dropped``), so nothing is returned."""
+        self._submit(window, self._overloads.get(window.stream, "drop_oldest"))
+        return None
+
+    def waiting(self, stream: str) -> tuple[Window, ...]:
+        """Nothing waits here: windows go out as they come."""
+        return ()
+
+    def in_flight(self, stream: str) -> int:
+        """The stream's windows waiting for answers."""
+        return self._held[stream]
+
+    def has_room(self, stream: str) -> bool:
+        """``backpressure`` sources wait while ``cluster.max_in_flight`` windows are out."""
+        return self._overloads.get(stream) != "backpressure" or not self.full
+
+    def serve(self) -> Coroutine[Any, Any, None]:
+        """Nothing to schedule: the connection's own tasks run from `__aenter__`."""
+        return asyncio.sleep(0)
+
+    async def wait_idle(self) -> None:
+        """Wait until every window is answered."""
+        await self._empty.wait()
+
+    async def shutdown(self, timeout_s: float) -> list[str]:
+        """Wait up to ``timeout_s`` for the answers; report the windows still out unfinished.
+        Returns no ids: each was reported on its own (``window_unfinished``)."""
+        left = await self.drain(timeout_s)
+        if left:
+            logger.warning("edge: %d window(s) unanswered at shutdown: %s", len(left), left)
+            self.abandon(f"no answer within worker.drain_timeout_s = {timeout_s} s of shutdown")
+        return []
 
     def stats(self) -> dict[str, Any]:
         """Counters, windows outstanding and the answers per worker."""
@@ -246,6 +330,10 @@ class RemoteWindows:
     def _finish(self, item: Outstanding, status: str, error: str | None) -> None:
         if self._outstanding.pop(item.window.id, None) is None:
             return
+        stream = item.window.stream
+        self._held[stream] -= 1
+        if not self._held[stream]:
+            del self._held[stream]
         self._recent[item.window.id] = None
         while len(self._recent) > _RECENT_WINDOWS:
             self._recent.popitem(last=False)
@@ -457,102 +545,6 @@ class RemoteWindows:
             self._set_deadline(item, self._settings.result_timeout_s)
 
 
-class EdgePipeline(Pipeline):
-    """The agent's pipeline with `RemoteWindows` in place of the local queue and worker.
-
-    Streams, segmenters, control commands and status events are the `Pipeline`'s own; each
-    window goes to the pool as soon as it is made, and its answers come back as events.
-    """
-
-    def __init__(
-        self, config: AgentConfig, remote: RemoteWindows, bus: EventBus, clock: WallClock
-    ) -> None:
-        super().__init__(config, remote, bus, clock)  # type: ignore[arg-type]
-        self.remote = remote
-        remote.bind(self._remote_event, self._remote_done)
-        self._draining = False
-
-    def open_stream(
-        self, settings: Any, *, origin: str, overload: str | None = None
-    ) -> StreamHandle:
-        """`Pipeline.open_stream`, refusing the stream ids the cluster's topics use.
-
-        Raises:
-            ConfigError: a reserved id (``windows``, ``results``, ``workers``).
-        """
-        if settings.id in RESERVED_STREAMS:
-            raise ConfigError(
-                f"stream id {settings.id!r} is reserved on an edge (its events would share "
-                f"topics with the cluster's {list(RESERVED_STREAMS)}): rename the stream"
-            )
-        return super().open_stream(settings, origin=origin, overload=overload)
-
-    def _enqueue(self, handle: StreamHandle, window: Window) -> None:
-        handle.counters["windows"] += 1
-        handle.in_flight += 1
-        self.remote.submit(window, handle)
-        self._sync_room()
-
-    def _sync_room(self) -> None:
-        """``backpressure`` sources wait while ``cluster.max_in_flight`` windows are out."""
-        full = self.remote.full
-        for handle in self._streams.values():
-            if handle.overload == "backpressure":
-                if full:
-                    handle._room.clear()
-                else:
-                    handle._room.set()
-
-    def _remote_event(self, event: dict[str, Any], worker: str, item: Outstanding) -> None:
-        now = time.monotonic()
-        out = dict(event)
-        out["seq"] = self.next_seq()
-        out["timing"] = {**event.get("timing", {}), "emitted": self.clock.wall(now)}
-        out["worker"] = worker
-        if not out.get("partial"):
-            self._latencies.append(now - item.window.segment_end)
-        self.bus.publish(out)
-
-    def _remote_done(self, item: Outstanding, status: str, error: str | None) -> None:
-        handle, window = item.handle, item.window
-        handle.in_flight -= 1
-        if status == "answered":
-            handle.counters["answered"] += 1
-        else:
-            handle.counters["dropped" if status == "dropped" else "failed"] += 1
-            self.emit_status(
-                {
-                    "status": "window_unfinished" if status == "dropped" else status,
-                    "stream": window.stream,
-                    "message": f"window {window.id} ({window.end_s:.2f} s): {error}",
-                    "detail": {
-                        "window": window.id,
-                        "requests": sorted(item.keys - item.finals),
-                        "error": error,
-                    },
-                }
-            )
-        handle._update_room(self.config.worker.max_pending_windows)
-        self._sync_room()
-        self._maybe_forget(handle)
-
-    async def close(self) -> None:
-        """End every stream (open segments become last windows), wait up to
-        ``worker.drain_timeout_s`` for their answers, then close as `Pipeline.close`."""
-        if not self._draining and not self._closing:
-            self._draining = True
-            for handle in list(self._streams.values()):
-                handle.end()
-            left = await self.remote.drain(self.config.worker.drain_timeout_s)
-            if left:
-                logger.warning("edge: %d window(s) unanswered at shutdown: %s", len(left), left)
-                self.remote.abandon(
-                    f"no answer within worker.drain_timeout_s = "
-                    f"{self.config.worker.drain_timeout_s} s of shutdown"
-                )
-        await super().close()
-
-
 def _no_model() -> Any:
     raise AgentError("an edge has no model: windows are answered by `salmonn-live worker`")
 
@@ -579,22 +571,19 @@ class Edge(Agent):
         self.run_id = secrets.token_hex(6)
         self.remote: RemoteWindows | None = None
 
-    async def __aenter__(self) -> Self:
-        self._shutdown = asyncio.Event()
-        try:
-            self.remote = await self._stack.enter_async_context(
-                RemoteWindows(self.config, device=self.device, run=self.run_id, clock=self.clock)
-            )
-            self.pipeline = await self._stack.enter_async_context(
-                EdgePipeline(self.config, self.remote, self.bus, self.clock)
-            )
-            if self.config.ws.enabled:
-                self.ws = WsServer(self.config, self.pipeline, self.bus, self.clock)
-                await self.ws.__aenter__()
-            for stream in self.config.streams:
-                if stream.kind in ("mic", "file"):
-                    self._start_feed(stream)
-        except BaseException:
-            await self.close()
-            raise
-        return self
+    async def _open_sink(self) -> WindowSink:
+        """The worker pool in place of the model (`Agent.__aenter__` does the rest)."""
+        self.remote = await self._stack.enter_async_context(
+            RemoteWindows(self.config, device=self.device, run=self.run_id, clock=self.clock)
+        )
+        return self.remote
+
+    async def _close_pipeline(self, pipeline: Pipeline) -> None:
+        """End every stream (open segments become last windows) and wait up to
+        ``worker.drain_timeout_s`` for the pool's answers, as streams still close one by
+        one (each with its ``stream_closed``); then close the pipeline."""
+        if self.remote is not None:
+            for handle in list(pipeline.streams.values()):
+                handle.end()
+            await self.remote.shutdown(self.config.worker.drain_timeout_s)
+        await pipeline.close()

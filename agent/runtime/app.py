@@ -1,7 +1,8 @@
 """`Agent`: the whole running agent (worker, pipeline, WebSocket server, local sources, sinks).
 
-`Agent` is an async context manager. Entering it loads the model on the worker thread, starts
-the pipeline, the WebSocket server and one feeding task per local stream (microphone or file).
+`Agent` is an async context manager. Entering it loads the model on the worker thread (the
+pipeline's `LocalWindows`; an edge enters its `RemoteWindows` instead), starts the pipeline,
+the WebSocket server and one feeding task per local stream (microphone or file).
 `Agent.run` waits for a shutdown request, the end of the local files (``exit_at_end``), or a
 pipeline failure. Leaving it shuts down in order:
 
@@ -30,6 +31,7 @@ from agent.protocols.rules import Rule, RuleAction, RuleEngine
 from agent.protocols.ws import WsServer
 from agent.runtime.fanout import EventBus, EventFilter, Subscription
 from agent.runtime.pipeline import Pipeline, StreamHandle
+from agent.runtime.window_sink import LocalWindows, WindowSink
 from agent.runtime.worker import InferenceWorker, check_whisper_text
 
 logger = logging.getLogger(__name__)
@@ -74,20 +76,9 @@ class Agent:
     async def __aenter__(self) -> Self:
         self._shutdown = asyncio.Event()
         try:
-            model = self.config.model
-            self.worker = await self._stack.enter_async_context(
-                InferenceWorker(
-                    self._load_model,
-                    max_new_tokens=model.max_new_tokens,
-                    partials=self.config.worker.partials,
-                    threads=model.threads,
-                    command_whisper=model.command_recogniser,
-                    pack_weights=model.pack_weights,
-                )
-            )
-            check_whisper_text(self.worker.model, model)
+            sink = await self._open_sink()
             self.pipeline = await self._stack.enter_async_context(
-                Pipeline(self.config, self.worker, self.bus, self.clock)
+                Pipeline(self.config, sink, self.bus, self.clock)
             )
             if self.config.ws.enabled:
                 self.ws = WsServer(self.config, self.pipeline, self.bus, self.clock)
@@ -107,6 +98,27 @@ class Agent:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+    async def _open_sink(self) -> WindowSink:
+        """Where the pipeline's windows go: the model, loaded on the worker thread and entered
+        into the exit stack (`agent.cluster.edge.Edge` puts the worker pool here instead)."""
+        model = self.config.model
+        self.worker = await self._stack.enter_async_context(
+            InferenceWorker(
+                self._load_model,
+                max_new_tokens=model.max_new_tokens,
+                partials=self.config.worker.partials,
+                threads=model.threads,
+                command_whisper=model.command_recogniser,
+                pack_weights=model.pack_weights,
+            )
+        )
+        check_whisper_text(self.worker.model, model)
+        return LocalWindows(self.config.worker, self.worker)
+
+    async def _close_pipeline(self, pipeline: Pipeline) -> None:
+        """Step 2 of the shutdown (`Pipeline.close`; the edge waits for its pool first)."""
+        await pipeline.close()
 
     # -- sinks ---------------------------------------------------------------------------------
 
@@ -306,7 +318,7 @@ class Agent:
         if self.ws is not None:
             await self.ws.stop_intake()
         if self.pipeline is not None:
-            await self.pipeline.close()
+            await self._close_pipeline(self.pipeline)
         self.bus.close()
         if self.ws is not None:
             await self.ws.close()

@@ -5,30 +5,37 @@ Data flow, all on the event loop except the model:
 1. A source (microphone, file, `/audio` client) pushes blocks into its `StreamHandle`, which
    runs the stream's own segmenter and turns each finished segment (or ambient window) into a
    `Window` carrying the stream's requests (per-kind tasks and standing questions).
-2. Windows wait in a bounded per-stream queue. When it is full the stream's overload policy
-   applies: ``drop_oldest`` (ambient windows first, never an early command read; counted,
-   each dropped window named in a ``window_dropped`` status event, summed up in at most one
-   ``overload`` event a second) or ``backpressure`` (the file source waits for room).
-3. One scheduler task hands the waiting windows of *all* streams, oldest first, to the
-   `InferenceWorker` in batches of up to ``worker.max_batch``; when the worker is idle it
-   waits up to ``worker.max_wait_ms`` for more windows to batch with the first.
-4. Worker outputs become `ModelEvent`s (partials, then a final per request) and status
-   changes become `StatusEvent`s; both are numbered (``seq``), stamped and published as
-   dicts on the `EventBus`.
+   While a speech segment is still open, the stream's `Endpointer` decides when its command
+   is read and emitted early (``model.early_command_ms``).
+2. The pipeline hands each window to its `WindowSink`: `LocalWindows` (the process's own
+   `InferenceWorker`) or the cluster's `RemoteWindows`. Locally, windows wait in a bounded
+   per-stream `WindowQueue`. When it is full the stream's overload policy applies:
+   ``drop_oldest`` (ambient windows first, never an early command read; counted, each dropped
+   window named in a ``window_dropped`` status event, summed up in at most one ``overload``
+   event a second) or ``backpressure`` (the file source waits for room). One scheduler task
+   hands the waiting windows of *all* streams, oldest first, to the worker in batches of up to
+   ``worker.max_batch``; when the worker is idle it waits up to ``worker.max_wait_ms`` for
+   more windows to batch with the first.
+3. The sink reports back to the pipeline (`WindowListener`): worker outputs become
+   `ModelEvent`s (partials, then a final per request) and status changes become
+   `StatusEvent`s; both are numbered (``seq``), stamped and published as dicts on the
+   `EventBus`.
+
+`StreamHandle` and `Pipeline` use only each other's public members; the endpointer and the
+queue are Sans-I/O classes that return decisions and never call out.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import dataclasses
 import itertools
 import logging
 import time
 from collections.abc import Mapping
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 import numpy as np
 import numpy.typing as npt
@@ -44,9 +51,12 @@ from agent.events import (
     WallClock,
 )
 from agent.intents import intent_from_transcript, parse_intent
+from agent.runtime.endpointer import Ask, Emit, Endpointer, Verdict
 from agent.runtime.fanout import EventBus
-from agent.runtime.worker import BatchReport, Final, InferenceWorker, Output, Request, Window
-from streaming.events import SegmentEnded, SegmentKind
+from agent.runtime.window_queue import Drop
+from agent.runtime.window_sink import LocalWindows, WindowDone, WindowSink
+from agent.runtime.worker import Final, InferenceWorker, Output, Request, Window
+from streaming.events import SegmentEnded
 from streaming.pcm import SAMPLE_RATE_HZ as MODEL_RATE_HZ  # the model's input rate too
 
 logger = logging.getLogger(__name__)
@@ -59,32 +69,12 @@ _TASK_KIND = {
     "answer": EventKind.ANSWER,
 }
 _OVERLOAD_REPORT_EVERY_S = 1.0
-#: At shutdown, after the drain timeout: how long the cancelled batch may take to stop (it
-#: stops at its next token; a long encoder call cannot be interrupted), seconds.
-_CANCEL_GRACE_S = 5.0
 #: After a client stops speaking, windows this close to its speech are still ignored (echo).
 SPEAKING_TAIL_S = 0.25
 _SPEAKING_SPANS = 64
 #: Capture times are kept for this much of the latest audio: a segment's end is looked up
 #: there, and it is never further back than the segmenter's end-of-speech hangover.
 _CAPTURE_HISTORY_S = 10.0
-#: Intents that never end an utterance early: the speaker may still be talking.
-_NOT_A_COMMAND = ("none", "question")
-#: Shortest audio an early command is read from, seconds.
-_MIN_EARLY_S = 0.2
-
-
-class _Speculation:
-    """An early command window about the open segment: running, or answered (``result``).
-    An answer that is a command waits for the whole pause (``is_command``); one that is not
-    is held: it becomes the segment's command if nothing more is said."""
-
-    def __init__(self, window: Window, start_sample: int, end_sample: int) -> None:
-        self.window = window
-        self.start_sample = start_sample
-        self.end_sample = end_sample
-        self.result: Final | None = None
-        self.is_command = False
 
 
 def _dbfs(samples: npt.NDArray[np.float32]) -> float | None:
@@ -92,7 +82,8 @@ def _dbfs(samples: npt.NDArray[np.float32]) -> float | None:
     if not samples.size:
         return None
     rms = float(np.sqrt(np.mean(np.square(samples, dtype=np.float64))))
-    return round(20.0 * np.log10(max(rms, 1e-10)), 1)
+    # float(): numpy's own rounding of its float64, as before, as a plain float.
+    return float(round(20.0 * np.log10(max(rms, 1e-10)), 1))
 
 
 class StreamHandle:
@@ -107,7 +98,9 @@ class StreamHandle:
         muted: While True, pushed audio is discarded.
         speaking: While True, a client says it is speaking (see `Pipeline.control`); windows
             overlapping its speech (plus `SPEAKING_TAIL_S`) are ignored.
-        counters: windows, answered, dropped, failed, muted_blocks, ignored_speaking.
+        counters: windows, answered, dropped, failed, muted_blocks, ignored_speaking,
+            early_windows, early_commands.
+        endpointer: The stream's early command state (`Endpointer`).
     """
 
     def __init__(
@@ -132,30 +125,17 @@ class StreamHandle:
             "early_windows": 0,
             "early_commands": 0,
         }
-        # Early command endpointing (model.early_command_ms): the speculation about the open
-        # segment, what to do with the answers of those whose segment ended while they ran
-        # (window id -> emit it as the segment's command), where the next command's audio
-        # starts (after a command emitted early) and how far the open segment was asked about.
+        # Early command endpointing (model.early_command_ms), for streams asked for commands.
         model = pipeline.config.model
         asks_commands = "command" in settings.prompts.tasks_for("speech")
-        self._early_samples = (
+        self.endpointer = Endpointer(
             int(model.early_ms * MODEL_RATE_HZ / 1000) if asks_commands else 0
         )
-        # Whisper is asked halfway through the pause, so its answer is ready when the pause
-        # is long enough; speech resuming before then makes the answer stale.
-        self._ask_samples = self._early_samples // 2
-        self._early: _Speculation | None = None
-        self._committed: _Speculation | None = None  # the open segment's latest early command
-        self._early_fate: dict[str, bool] = {}
-        self._command_from = 0
-        self._early_asked_end = -1
         # [start, end or None while speaking) on the stream clock (samples), newest last.
         self._speaking_spans: collections.deque[list[int | None]] = collections.deque(
             maxlen=_SPEAKING_SPANS
         )
         self._block_dbfs: float | None = None
-        self.pending: collections.deque[tuple[int, Window]] = collections.deque()
-        self.in_flight = 0
         self.ended = False
         self._pipeline = pipeline
         self._segmenter = Segmenter(settings.vad)
@@ -164,7 +144,8 @@ class StreamHandle:
         self._room = asyncio.Event()
         self._room.set()
         self._done = asyncio.Event()
-        self._last_overload_report = 0.0
+        #: When the last ``overload`` status event of this stream went out (`time.monotonic()`).
+        self.overload_reported_at = 0.0
 
     # -- source side ---------------------------------------------------------------------------
 
@@ -184,7 +165,7 @@ class StreamHandle:
         while len(self._captures) > 1 and self._captures[1][0] <= oldest:
             self._captures.popleft()
         self._handle(events)
-        if self._early_samples:
+        if self.endpointer.enabled:
             self._speculate()
 
     def end(self) -> None:
@@ -195,7 +176,7 @@ class StreamHandle:
         self.ended = True
         if not self.muted:
             self._handle(self._segmenter.flush())
-        self._pipeline._stream_ended(self)
+        self._pipeline.stream_ended(self)
 
     async def wait_room(self) -> None:
         """For ``backpressure`` sources: wait until fewer than the bound of windows wait."""
@@ -209,6 +190,16 @@ class StreamHandle:
     def done(self) -> bool:
         """True once ended and nothing of it waits or runs."""
         return self._done.is_set()
+
+    @property
+    def pending(self) -> tuple[Window, ...]:
+        """Its windows waiting for the model, oldest first."""
+        return tuple(self._pipeline.sink.waiting(self.id))
+
+    @property
+    def in_flight(self) -> int:
+        """Its windows being answered."""
+        return self._pipeline.sink.in_flight(self.id)
 
     @property
     def speaking(self) -> bool:
@@ -273,7 +264,14 @@ class StreamHandle:
             command_from: int | None = None
             heard: Final | None = None
             if isinstance(event, SegmentEnded):
-                command_from, heard = self._settle_speculation(event, kind)
+                settled = self.endpointer.segment_ended(
+                    event.start_sample,
+                    event.end_sample,
+                    asks_command="command" in self.settings.prompts.tasks_for(kind),
+                )
+                if settled.emit is not None:  # an early answer is the segment's command
+                    self._pipeline.emit_output(settled.emit)
+                command_from, heard = settled.command_from, settled.heard
             settings = self._pipeline.config.model
             # A read by the (smaller) command recogniser is not the transcript.
             reuse = (
@@ -283,14 +281,14 @@ class StreamHandle:
             )
             window = self._window(kind, event, now, command_from, skip_transcript=reuse)
             if window is not None:
-                self._pipeline._enqueue(self, window)
+                self._pipeline.enqueue(self, window)
             if (
                 reuse
                 and heard is not None
                 and "transcript" in self.settings.prompts.tasks_for(kind)
             ):
                 # An early read heard the whole segment: it is the transcript too.
-                self._pipeline._emit_output(
+                self._pipeline.emit_output(
                     dataclasses.replace(
                         heard,
                         request=Request(
@@ -305,7 +303,7 @@ class StreamHandle:
                 # Speech went on after a command emitted early: the rest is the next command.
                 rest = self._command_window(command_from, event.end_sample, now)
                 if rest is not None:
-                    self._pipeline._enqueue(self, rest)
+                    self._pipeline.enqueue(self, rest)
 
     def _segment_status(self, status: str, event: Any, level_dbfs: float | None) -> None:
         """``segment_started`` / ``segment_ended``: for "listening" indicators and level meters."""
@@ -357,7 +355,7 @@ class StreamHandle:
             whisper = (task == "transcript" and model.transcript == "whisper") or (
                 task == "command" and model.command == "whisper"
             )
-            engine = "whisper" if whisper else "llm"
+            engine: Literal["llm", "whisper"] = "whisper" if whisper else "llm"
             requests.append(
                 Request(
                     key=f"{window_id}/{task}",
@@ -397,40 +395,25 @@ class StreamHandle:
     # -- early command endpointing -------------------------------------------------------------
 
     def _speculate(self) -> None:
-        """Emit a command heard in an open speech segment once it has been quiet for
-        ``model.early_command_ms``, instead of waiting for its ``vad.end_silence_ms``: a robot
-        told "stop" should not wait half a second of silence to be sure. Whisper is asked
-        after half that pause, so its answer is usually ready by then."""
-        early = self._early
-        if early is not None and early.result is None:
-            return  # one at a time: its answer decides where the next one starts
-        segment = self._segmenter.open_segment()
-        if early is not None and early.is_command:
-            if segment is not None and segment.end_sample == early.end_sample:
-                if segment.silence_samples >= self._early_samples:
-                    self._commit(early)
-                return
-            self._early = None  # speech went on: the segment's own window reads it all
-        if (
-            segment is None
-            or segment.kind != SegmentKind.SPEECH
-            or segment.silence_samples < self._ask_samples
-            or segment.end_sample > self._segmenter.samples_pushed  # post-roll not heard yet
-            or segment.end_sample <= self._early_asked_end  # nothing new since the last ask
+        """After a block: let the endpointer decide about the open segment (see
+        `agent.runtime.endpointer`), and do what it says."""
+        step = self.endpointer.block(
+            self._segmenter.open_segment(),
+            self._segmenter.samples_pushed,
+            busy=self._pipeline.busy,
+        )
+        if isinstance(step, Emit):
+            self.counters["early_commands"] += 1
+            self._pipeline.emit_output(step.answer, early=True)
+        elif isinstance(step, Ask) and not self._overlaps_speaking(
+            step.start_sample, step.end_sample
         ):
-            return
-        if self._pipeline._pending_total() or self._pipeline._in_flight:
-            return  # only an idle worker reads early (asked again at the next block)
-        self._early_asked_end = segment.end_sample
-        start = max(segment.start_sample, self._command_from)
-        if segment.end_sample - start < _MIN_EARLY_S * MODEL_RATE_HZ:
-            return
-        if self._overlaps_speaking(start, segment.end_sample):
-            return
-        window = self._command_window(start, segment.end_sample, time.monotonic(), early=True)
-        if window is not None:
-            self._early = _Speculation(window, start, segment.end_sample)
-            self._pipeline._enqueue(self, window)
+            window = self._command_window(
+                step.start_sample, step.end_sample, time.monotonic(), early=True
+            )
+            if window is not None:
+                self.endpointer.asked(window, step.start_sample, step.end_sample)
+                self._pipeline.enqueue(self, window)
 
     def _command_window(
         self, start: int, end: int, now: float, *, early: bool = False
@@ -462,83 +445,30 @@ class StreamHandle:
             early=early,
         )
 
-    def _early_answer(self, output: Final) -> str | None:
-        """What to do with the answer of an early window: ``"early"`` (a command, emitted
-        now), ``"segment"`` (the command of a segment that has since ended with nothing
-        more said), or None (not emitted)."""
-        window = output.window
-        if window.id in self._early_fate:
-            return "segment" if self._early_fate.pop(window.id) else None
-        early = self._early
-        if early is None or early.window is not window:
-            return None
-        early.result = output
-        early.is_command = intent_from_transcript(output.text).get("intent") not in _NOT_A_COMMAND
-        if early.is_command:
-            segment = self._segmenter.open_segment()
-            if (
-                segment is not None
-                and segment.end_sample == early.end_sample
-                and segment.silence_samples >= self._early_samples
-            ):
-                self._commit(early, emit=False)
-                return "early"
-            # Not quiet long enough yet: `_speculate` emits it when it is, unless speech
-            # resumes first. Nor is an answer that is no command emitted yet: the speaker
-            # may go on; it becomes the segment's command if nothing more is said.
-        return None
+    # -- the pipeline's side -------------------------------------------------------------------
 
-    def _commit(self, early: _Speculation, *, emit: bool = True) -> None:
-        """Emit an early command: the segment's speech after it is the next command."""
-        self._command_from = early.end_sample
-        self._early = None
-        self._committed = early
-        self.counters["early_commands"] += 1
-        if emit and early.result is not None:
-            self._pipeline._emit_output(early.result, early=True)
+    def early_answer(self, output: Final) -> Verdict:
+        """What to do with the answer of an early window: ``"early"`` (a command, to emit now
+        as early), ``"segment"`` (the command of a segment that has since ended with nothing
+        more said), or None (not to emit)."""
+        verdict = self.endpointer.answer(output, self._segmenter.open_segment())
+        if verdict == "early":
+            self.counters["early_commands"] += 1
+        return verdict
 
-    def _settle_speculation(self, event: Any, kind: str) -> tuple[int | None, Final | None]:
-        """At a segment's end, settle the speculation about it.
+    def early_failed(self, window: Window) -> None:
+        """An early window of this stream got no answer."""
+        self.endpointer.failed(window)
 
-        Returns:
-            Where the segment's command audio starts (None: it was, or is being, answered
-            early), and an early read of exactly the whole segment, if there is one (its
-            text is the segment's transcript).
-        """
-        early, self._early = self._early, None
-        committed, self._committed = self._committed, None
-        command_from = max(event.start_sample, self._command_from)
-        committed_all = self._command_from >= event.end_sample
-        self._command_from = 0
-        nothing_new = early is not None and event.end_sample <= early.end_sample
-        if "command" not in self.settings.prompts.tasks_for(kind):
-            # The segment turned out not to be speech: no command, no transcript from a read.
-            if early is not None and early.result is None:
-                self._early_fate[early.window.id] = False
-            return command_from, None
-        if early is not None and early.result is None:  # still running: decide its fate
-            self._early_fate[early.window.id] = nothing_new
-            return (None if nothing_new else command_from), None
-        if early is not None and early.result is not None and nothing_new:
-            self._pipeline._emit_output(early.result)  # its answer is the segment's command
-            whole = early.start_sample <= event.start_sample
-            return None, early.result if whole else None
-        if committed_all:
-            whole = committed is not None and committed.start_sample <= event.start_sample
-            return None, committed.result if whole and committed is not None else None
-        return command_from, None
-
-    def _early_failed(self, window: Window) -> None:
-        self._early_fate.pop(window.id, None)
-        if self._early is not None and self._early.window is window:
-            self._early = None
-
-    def _update_room(self, bound: int) -> None:
-        if len(self.pending) < bound:
+    def refresh(self, *, room: bool, idle: bool) -> None:
+        """Set by the pipeline whenever its sink's hold on the stream changes: ``room``, a
+        ``backpressure`` source may push; ``idle``, nothing of the stream waits or runs
+        (once ended, the stream is done)."""
+        if room:
             self._room.set()
         else:
             self._room.clear()
-        if self.ended and not self.pending and not self.in_flight:
+        if self.ended and idle:
             self._done.set()
 
     def stats(self) -> dict[str, Any]:
@@ -555,11 +485,14 @@ class StreamHandle:
 
 
 class Pipeline:
-    """Streams, scheduler and event emission; an async context manager.
+    """Streams, their windows' way to a `WindowSink` and event emission; an async context
+    manager. It is the sink's `WindowListener` (`window_output`, `window_event`,
+    `window_done`, `room_changed`).
 
     Args:
         config: The validated agent configuration.
-        worker: A started `InferenceWorker`.
+        sink: Where windows go to be answered: a `WindowSink`, or a started `InferenceWorker`
+            (answered by `LocalWindows` over it).
         bus: Where events go.
         clock: Converts stamps to wall-clock time (one per agent).
     """
@@ -567,25 +500,21 @@ class Pipeline:
     def __init__(
         self,
         config: AgentConfig,
-        worker: InferenceWorker,
+        sink: WindowSink | InferenceWorker,
         bus: EventBus,
         clock: WallClock | None = None,
     ) -> None:
         self.config = config
-        self.worker = worker
+        self.sink: WindowSink = (
+            LocalWindows(config.worker, sink) if isinstance(sink, InferenceWorker) else sink
+        )
+        self.sink.attach(self)
         self.bus = bus
         self.clock = clock or WallClock()
         self.accepting = False
         self._streams: dict[str, StreamHandle] = {}
-        self._order = itertools.count()
         self._seq = itertools.count()
-        self._work: asyncio.Event | None = None
-        self._full: asyncio.Event | None = None
-        self._idle: asyncio.Event | None = None
-        self._in_flight: list[Window] = []
-        self._unfinished: list[str] = []  # windows cut by the shutdown (ids)
         self._tasks: set[asyncio.Task[None]] = set()
-        self._scheduler: asyncio.Task[None] | None = None
         self._closing = False
         self._closed = asyncio.Event()
         self.failure: BaseException | None = None
@@ -594,19 +523,16 @@ class Pipeline:
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
-        self._work = asyncio.Event()
-        self._full = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
         self.accepting = True
-        self._scheduler = self._spawn(self._schedule(), "scheduler")
+        self._spawn(self.sink.serve(), "scheduler")
         if self.config.agent.status_interval_s > 0:
             self._spawn(self._report_stats(), "stats")
+        model = self.sink.model_name
         self.emit_status(
             {
                 "status": "started",
-                "message": f"pipeline started with model {self.worker.model_name}",
-                "detail": {"model": self.worker.model_name, "worker": self._worker_settings()},
+                "message": f"pipeline started with model {model}",
+                "detail": {"model": model, "worker": self._worker_settings()},
             }
         )
         return self
@@ -642,8 +568,8 @@ class Pipeline:
 
     async def close(self) -> None:
         """Shut down (idempotent): stop intake, end every stream (open segments become
-        windows), answer what waits within ``worker.drain_timeout_s``, report the rest as
-        unfinished, then stop the tasks."""
+        windows), let the sink answer what waits within ``worker.drain_timeout_s`` and report
+        the rest as unfinished (`WindowSink.shutdown`), then stop the tasks."""
         if self._closing:
             await self._closed.wait()
             return
@@ -651,31 +577,11 @@ class Pipeline:
         self.accepting = False
         for handle in list(self._streams.values()):
             handle.end()
-        waiting = self._pending_total() + len(self._in_flight)
-        if waiting:
-            logger.info("shutting down: answering %d waiting window(s)", waiting)
-        if self._work is not None:
-            self._work.set()
-        if self._scheduler is not None and not await self._drain(
-            self.config.worker.drain_timeout_s
-        ):
-            left = len(self._in_flight) + self._pending_total()
-            logger.warning("drain timeout: cancelling %d unanswered window(s)", left)
-            # The running batch stops at its next token; the waiting windows then go through
-            # the scheduler at once, cancelled: each gets its `window_unfinished` event.
-            self.worker.cancel()
-            if not await self._drain(_CANCEL_GRACE_S):
-                logger.warning("the model did not stop within %.0f s of cancel", _CANCEL_GRACE_S)
-                self._unfinished += [w.id for w in self._in_flight] + [
-                    w.id for h in self._streams.values() for _, w in h.pending
-                ]
-        unfinished = list(dict.fromkeys(self._unfinished))
+        unfinished = await self.sink.shutdown(self.config.worker.drain_timeout_s)
         for task in list(self._tasks):
             task.cancel("pipeline closing")
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        for handle in self._streams.values():
-            handle.pending.clear()
         self.emit_status(
             {
                 "status": "stopped",
@@ -686,26 +592,13 @@ class Pipeline:
         )
         self._closed.set()
 
-    async def _drain(self, timeout_s: float) -> bool:
-        """Wait up to ``timeout_s`` for the scheduler to run out of windows; False on timeout."""
-        assert self._scheduler is not None
-        try:
-            async with asyncio.timeout(timeout_s):
-                await asyncio.shield(self._scheduler)
-        except TimeoutError:
-            return False
-        except Exception:  # the scheduler crashed; its failure is recorded
-            logger.debug("scheduler ended with an error", exc_info=True)
-        return True
-
     async def wait_closed(self) -> None:
         """Wait until `close` has finished."""
         await self._closed.wait()
 
     async def wait_idle(self) -> None:
         """Wait until no window waits or runs."""
-        assert self._idle is not None, "Pipeline used outside 'async with'"
-        await self._idle.wait()
+        await self.sink.wait_idle()
 
     # -- streams -------------------------------------------------------------------------------
 
@@ -721,8 +614,9 @@ class Pipeline:
 
         Raises:
             AgentError: the pipeline is not accepting streams.
-            ConfigError: a stream with this id is open.
+            ConfigError: a stream with this id is open, or the sink refuses the id.
         """
+        self.sink.check_stream(settings.id)
         if not self.accepting:
             raise AgentError("the pipeline is shutting down: no new streams")
         if settings.id in self._streams:
@@ -731,6 +625,7 @@ class Pipeline:
             )
         overload = settings.overload or overload or "drop_oldest"
         handle = StreamHandle(self, settings, overload, origin)
+        self.sink.open_stream(settings.id, overload)
         self._streams[settings.id] = handle
         self.emit_status(
             {
@@ -747,13 +642,31 @@ class Pipeline:
         """Open streams by id."""
         return dict(self._streams)
 
-    def _stream_ended(self, handle: StreamHandle) -> None:
-        handle._update_room(self.config.worker.max_pending_windows)
+    @property
+    def busy(self) -> bool:
+        """Windows wait for or run on the model (`WindowSink.busy`)."""
+        return self.sink.busy
+
+    def stream_ended(self, handle: StreamHandle) -> None:
+        """Called by `StreamHandle.end` once its last windows are made."""
+        self._refresh()
         self._maybe_forget(handle)
+
+    def _refresh(self) -> None:
+        """Tell every stream whether its source may push and whether anything of it is left
+        (a ``backpressure`` stream's room may depend on the others': the cluster's bound is
+        shared)."""
+        sink = self.sink
+        for handle in self._streams.values():
+            sid = handle.id
+            handle.refresh(
+                room=sink.has_room(sid), idle=not sink.waiting(sid) and not sink.in_flight(sid)
+            )
 
     def _maybe_forget(self, handle: StreamHandle) -> None:
         if handle.done and self._streams.get(handle.id) is handle and not self._closing:
             del self._streams[handle.id]
+            self.sink.close_stream(handle.id)
             self.emit_status(
                 {
                     "status": "stream_closed",
@@ -763,49 +676,22 @@ class Pipeline:
                 }
             )
 
-    def _pending_total(self) -> int:
-        return sum(len(h.pending) for h in self._streams.values())
+    def enqueue(self, handle: StreamHandle, window: Window) -> None:
+        """Hand a window of an open stream to the sink (the stream's windows come this way)."""
+        handle.counters["early_windows" if window.early else "windows"] += 1
+        drop = self.sink.put(window)
+        if drop is not None:
+            self._report_drop(handle, drop)
+        self._refresh()
 
     def _enqueue(self, handle: StreamHandle, window: Window) -> None:
-        assert self._work is not None and self._full is not None and self._idle is not None
-        bound = self.config.worker.max_pending_windows
-        handle.counters["early_windows" if window.early else "windows"] += 1
-        if (
-            self._in_flight
-            and window.requests
-            and all(r.engine == "whisper" for r in window.requests)
-        ):
-            # Whisper-only work (fast-path commands and transcripts) takes a fraction of a
-            # second: answer it between two tokens of the running batch, not after it. It
-            # takes no place in the queue, so it never pushes a waiting window out.
-            handle.in_flight += 1
-            handle._update_room(bound)
-            self.worker.submit_fast(
-                [window], self._on_output, lambda report: self._after_batch([window], report)
-            )
-            return
-        if len(handle.pending) >= bound and handle.overload == "drop_oldest":
-            self._drop_oldest(handle)
-        handle.pending.append((next(self._order), window))
-        handle._update_room(bound)
-        self._idle.clear()
-        self._work.set()
-        if self._pending_total() >= self.config.worker.max_batch:
-            self._full.set()
+        """`enqueue` under its old name, for `agent.cluster.worker` until it moves over."""
+        self.enqueue(handle, window)
 
-    def _drop_oldest(self, handle: StreamHandle) -> None:
-        """Make room in a full queue: drop the oldest waiting window, ambient ones first, and
-        tell the subscribers which one (``window_dropped``, one per window)."""
-        # Never an early command read: the segment it belongs to may already have left its
-        # command to it (`_settle_speculation`), so dropping it would lose that command. A
-        # stream has at most one waiting (they are taken only on an idle worker), so the
-        # queue then holds one window more than its bound.
-        droppable = [i for i, (_, w) in enumerate(handle.pending) if not w.early]
-        if not droppable:
-            return
-        index = next((i for i in droppable if handle.pending[i][1].kind == "ambient"), droppable[0])
-        _, victim = handle.pending[index]
-        del handle.pending[index]
+    def _report_drop(self, handle: StreamHandle, drop: Drop) -> None:
+        """Count a window dropped to make room and tell the subscribers which one
+        (``window_dropped``, one per window; ``overload`` at most once a second)."""
+        victim = drop.window
         handle.counters["dropped"] += 1
         logger.warning(
             "stream %s overloaded: dropped window %s (%d dropped so far)",
@@ -817,7 +703,7 @@ class Pipeline:
             "policy": "drop_oldest",
             "dropped_window": victim.id,
             "dropped_total": handle.counters["dropped"],
-            "pending": len(handle.pending),
+            "pending": drop.waiting,
         }
         self.emit_status(
             {
@@ -837,8 +723,8 @@ class Pipeline:
             }
         )
         now = time.monotonic()
-        if now - handle._last_overload_report >= _OVERLOAD_REPORT_EVERY_S:
-            handle._last_overload_report = now
+        if now - handle.overload_reported_at >= _OVERLOAD_REPORT_EVERY_S:
+            handle.overload_reported_at = now
             self.emit_status(
                 {
                     "status": "overload",
@@ -848,90 +734,67 @@ class Pipeline:
                 }
             )
 
-    def _take_batch(self) -> list[Window]:
-        batch: list[Window] = []
-        while len(batch) < self.config.worker.max_batch:
-            heads = [h for h in self._streams.values() if h.pending]
-            if not heads:
-                break
-            handle = min(heads, key=lambda h: h.pending[0][0])
-            _, window = handle.pending.popleft()
-            handle.in_flight += 1
-            handle._update_room(self.config.worker.max_pending_windows)
-            batch.append(window)
-        return batch
+    # -- what the sink reports (WindowListener) ------------------------------------------------
 
-    # -- scheduling ----------------------------------------------------------------------------
+    def room_changed(self) -> None:
+        """Windows left the sink's queue for the model: sources may push again."""
+        self._refresh()
 
-    async def _schedule(self) -> None:
-        assert self._work is not None and self._full is not None and self._idle is not None
-        max_wait_s = self.config.worker.max_wait_ms / 1000
-        while True:
-            if not self._pending_total():
-                self._idle.set()
-                if self._closing:
-                    return
-                self._work.clear()
-                await self._work.wait()
-                continue
-            if (
-                max_wait_s > 0
-                and not self._closing
-                and self._pending_total() < self.config.worker.max_batch
-            ):
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(max_wait_s):
-                        await self._full.wait()
-            self._full.clear()
-            batch = self._take_batch()
-            self._in_flight = batch
-            try:
-                report = await self.worker.run(batch, self._on_output)
-            finally:
-                self._in_flight = []
-            self._after_batch(batch, report)
+    def window_done(self, window: Window, done: WindowDone) -> None:
+        """The sink is done with a window: count it, report it if unanswered."""
+        handle = self._streams.get(window.stream)
+        answered = done.status == "answered"
+        if handle is not None:
+            if not window.early:
+                counter = "answered" if answered else "failed"
+                handle.counters["dropped" if done.status == "dropped" else counter] += 1
+            elif not answered:
+                handle.early_failed(window)
+        if not answered:
+            self.emit_status(
+                {
+                    "status": "window_unfinished" if done.status == "dropped" else done.status,
+                    "stream": window.stream,
+                    "message": f"window {window.id} ({window.end_s:.2f} s): {done.error}",
+                    "detail": {
+                        "window": window.id,
+                        "requests": list(done.unfinished),
+                        "error": done.error,
+                    },
+                }
+            )
+        if handle is not None:
+            self._refresh()
+            self._maybe_forget(handle)
 
-    def _after_batch(self, batch: list[Window], report: BatchReport) -> None:
-        for window in batch:
-            handle = self._streams.get(window.stream)
-            unfinished = [r.key for r in window.requests if r.key not in report.finished]
-            if handle is not None:
-                handle.in_flight -= 1
-                if not window.early:
-                    handle.counters["failed" if unfinished else "answered"] += 1
-                elif unfinished:
-                    handle._early_failed(window)
-            if unfinished:
-                status = "window_failed" if report.error else "window_unfinished"
-                reason = report.error or (
-                    "cancelled at shutdown" if report.cancelled else "no answer"
-                )
-                if not report.error:
-                    self._unfinished.append(window.id)
-                self.emit_status(
-                    {
-                        "status": status,
-                        "stream": window.stream,
-                        "message": f"window {window.id} ({window.end_s:.2f} s): {reason}",
-                        "detail": {"window": window.id, "requests": unfinished, "error": reason},
-                    }
-                )
-            if handle is not None:
-                handle._update_room(self.config.worker.max_pending_windows)
-                self._maybe_forget(handle)
-
-    def _on_output(self, output: Output) -> None:
+    def window_output(self, output: Output) -> None:
+        """An answer of the local model: an event, unless it is an early read the stream's
+        endpointer holds back."""
         if output.window.early:
             handle = self._streams.get(output.window.stream)
             if handle is None or not isinstance(output, Final):
                 return
-            verdict = handle._early_answer(output)
+            verdict = handle.early_answer(output)
             if verdict is not None:
-                self._emit_output(output, early=verdict == "early")
+                self.emit_output(output, early=verdict == "early")
             return
-        self._emit_output(output)
+        self.emit_output(output)
 
-    def _emit_output(self, output: Output, *, early: bool = False) -> None:
+    def window_event(self, event: dict[str, Any], window: Window, worker: str) -> None:
+        """A model event made by a remote worker: passed on with this agent's ``seq``, its
+        ``timing.emitted`` and a ``worker`` field naming who answered."""
+        now = time.monotonic()
+        out = dict(event)
+        out["seq"] = self.next_seq()
+        out["timing"] = {**event.get("timing", {}), "emitted": self.clock.wall(now)}
+        out["worker"] = worker
+        if not out.get("partial"):
+            self._latencies.append(now - window.segment_end)
+        self.bus.publish(out)
+
+    def emit_output(self, output: Output, *, early: bool = False) -> None:
+        """Publish an answer as a `ModelEvent` (``early``: a command emitted before its
+        segment ended)."""
         window, request = output.window, output.request
         final = isinstance(output, Final)
         intent = None
@@ -958,7 +821,7 @@ class Pipeline:
             start_s=window.start_s,
             end_s=window.end_s,
             segment=window.kind,
-            model=self.worker.model_name,
+            model=self.sink.model_name,
             timing=timing,
             question=request.question,
             lora_scale=request.lora_scale,
@@ -1121,7 +984,7 @@ class Pipeline:
             }
         return {
             "streams": self._stream_stats(),
-            "worker": self.worker.stats(),
+            "worker": self.sink.stats(),
             "sinks": {s.name: s.stats() for s in self.bus.subscriptions},
             "latency_after_segment_end": latency,
         }
