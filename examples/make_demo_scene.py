@@ -1,6 +1,6 @@
 """Regenerate the demo scene: `python examples/make_demo_scene.py` (needs Piper, see below).
 
-Writes `examples/demo_scene.wav` (26 s, 16 kHz mono, 16-bit) with four spoken commands and
+Writes `examples/demo_scene.wav` (29 s, 16 kHz mono, 16-bit) with four spoken commands and
 three sound events over dishwasher noise, and `examples/demo_scene.json`, its ground truth
 (each event's kind, label, start and end in seconds, SNR, and for speech the intent that
 `agent.intents.intent_from_transcript` reads from the sentence).
@@ -49,10 +49,11 @@ from training.scenes import SOUND_EVENTS, SR, Scene, TruthEvent, active_extent, 
 
 #: Seeds the background noise and onnxruntime's random draws (Piper's prosody noise).
 SEED = 4
-DURATION_S = 26.0
+DURATION_S = 29.0
 BACKGROUND = "dishwasher"
 NOISE_LEVEL_DBFS = -45.0
-#: Background before the first event, so the VAD's noise floor settles.
+#: At least this much background before the first event (the VAD's noise floor settles) and after
+#: the last.
 LEAD_S = 1.0
 
 
@@ -63,28 +64,29 @@ class Cue:
     Attributes:
         kind: ``"speech"`` or ``"sound"``.
         label: The sentence, or the `training.scenes.SOUND_EVENTS` synthesizer.
-        gap_s: Background between the previous event's clip (or the lead) and this one.
+        start_s: Where the clip is laid, in seconds from the start of the scene.
         snr_db: Active-part RMS over the background RMS, in dB.
         seed: The sound synthesizer's seed (unused for speech).
     """
 
     kind: str
     label: str
-    gap_s: float
+    start_s: float
     snr_db: float
     seed: int = 0
 
 
-#: The scene. The first 13 s (what the agent tests cut out of it) hold two sentences and two
-#: sounds, and nothing crosses 13 s.
+#: The scene. The agent's tests lean on its layout: they cut the first 13 s (a sound, a
+#: command, a sound), pause at 8 s inside the first command, expect the first sound to be over
+#: by 6 s and the second command over by 18 s. Keep those when changing it.
 TIMELINE: tuple[Cue, ...] = (
-    Cue("sound", "siren", 0.0, 20.0, seed=0),
-    Cue("speech", "switch off the kitchen lights", 1.6, 22.0),
-    Cue("sound", "doorbell_chime", 1.6, 23.0, seed=2),
-    Cue("speech", "turn left ninety degrees", 1.6, 20.0),
-    Cue("speech", "set the bedroom temperature to twenty one degrees", 2.0, 21.0),
-    Cue("sound", "running_water", 1.8, 22.0, seed=0),
-    Cue("speech", "what was that noise", 1.8, 23.0),
+    Cue("sound", "doorbell_chime", 3.1, 23.0, seed=2),
+    Cue("speech", "switch off the kitchen lights", 6.95, 22.0),
+    Cue("sound", "siren", 10.5, 20.0, seed=0),
+    Cue("speech", "turn left ninety degrees", 14.9, 20.0),
+    Cue("sound", "running_water", 18.6, 22.0, seed=0),
+    Cue("speech", "set the bedroom temperature to twenty one degrees", 22.3, 21.0),
+    Cue("speech", "what was that noise", 26.4, 23.0),
 )
 
 FloatArray = npt.NDArray[np.float32]
@@ -135,17 +137,22 @@ def build_scene(timeline: Sequence[Cue] = TIMELINE) -> Scene:
     rng = np.random.default_rng(SEED)
     audio = background(BACKGROUND, DURATION_S, rng).astype(np.float64) * noise_rms
     events: list[TruthEvent] = []
-    position = int(LEAD_S * SR)
+    position = int(LEAD_S * SR)  # the end of the previous clip
     for cue in timeline:
         if cue.kind == "speech":
             clip = spoken[cue.label].astype(np.float64)
         else:
             clip = SOUND_EVENTS[cue.label](np.random.default_rng(cue.seed))
-        position += int(cue.gap_s * SR)
+        if int(cue.start_s * SR) < position:
+            raise DemoSceneError(
+                f"{cue.label!r} starts at {cue.start_s:.2f} s, before the previous clip ends"
+                f" ({position / SR:.2f} s): move it later"
+            )
+        position = int(cue.start_s * SR)
         if position + clip.size > audio.size - int(LEAD_S * SR):
             raise DemoSceneError(
                 f"{cue.label!r} ends at {(position + clip.size) / SR:.2f} s; expected the"
-                f" timeline to end by {DURATION_S - LEAD_S:.2f} s: shorten the gaps"
+                f" timeline to end by {DURATION_S - LEAD_S:.2f} s: move it earlier"
             )
         scaled = clip * (noise_rms * 10 ** (cue.snr_db / 20) / _rms(clip))
         audio[position : position + clip.size] += scaled
