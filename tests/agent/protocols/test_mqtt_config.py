@@ -1,4 +1,5 @@
-"""`agent.protocols.mqtt.MqttConfig`: validation of the `[mqtt]` table and broker URLs."""
+"""`agent.config.MqttConfig`: validation of the `[mqtt]` table and broker URLs (also importable
+from `agent.protocols.mqtt`)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ def test_defaults() -> None:
 
 
 def test_unknown_key_names_it_and_lists_known() -> None:
-    with pytest.raises(MqttConfigError, match=r"unknown key 'urll'.*known keys: enabled, url"):
+    with pytest.raises(
+        MqttConfigError, match=r"unknown key\(s\) \['urll'\].*known keys: enabled, url"
+    ):
         MqttConfig.from_dict({"urll": "mqtt://x"})
     with pytest.raises(ValueError):  # the contract: a ValueError subclass
         MqttConfig.from_dict({"nope": 1})
@@ -26,8 +29,8 @@ def test_unknown_key_names_it_and_lists_known() -> None:
     ("d", "message"),
     [
         ({"qos": 3}, "qos: expected 0, 1 or 2"),
-        ({"qos": "1"}, "qos: expected int"),
-        ({"enabled": "yes"}, "enabled: expected bool"),
+        ({"qos": "1"}, "qos: expected an integer"),
+        ({"enabled": "yes"}, "enabled: expected true or false"),
         ({"url": "http://host"}, "expected mqtt://"),
         ({"url": "mqtt://"}, "no host"),
         ({"url": "mqtt://h:99999"}, "bad port"),

@@ -165,13 +165,13 @@ def test_several_rules_fire_in_order() -> None:
     ("items", "message"),
     [
         ([{"topic": "t"}], r"rules\[0\].*no match condition"),
-        ([{"kind": ["caption"]}], r"topic: missing"),
+        ([{"kind": ["caption"]}], r"missing key 'topic'"),
         (
             [{"kind": "caption", "topic": "t", "colour": 1}],
-            r"unknown key 'colour'.*known keys: name",
+            r"unknown key\(s\) \['colour'\].*known keys: name",
         ),
         ([{"regex": "(", "topic": "t"}], r"regex: invalid pattern"),
-        ([{"kind": [1], "topic": "t"}], r"kind: expected a list of strings"),
+        ([{"kind": [1], "topic": "t"}], r"kind\[0\]: expected a string"),
         ([{"kind": ["a"], "topic": "t/{text"}], r"unmatched"),
         ([{"kind": ["a"], "topic": "t/{}"}], r"unmatched"),
         ([{"kind": ["a"], "topic": "t", "cooldown_s": -1}], r"cooldown_s"),
@@ -187,7 +187,7 @@ def test_several_rules_fire_in_order() -> None:
             "duplicate",
         ),
         ("not a list", "expected a list"),
-        (["not a table"], r"rules\[0\]: expected a table"),
+        (["not a table"], r"\[rules\[0\]\]: expected a table"),
     ],
 )
 def test_invalid_rules(items: Any, message: str) -> None:
