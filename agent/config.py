@@ -247,8 +247,11 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
                 return _coerce(value, choice, where)
             except ValueProblem as exc:
                 problems.append(exc)
+        if problems and all(p.where == where for p in problems):
+            # Not any of the types: name them all ("a string or a table").
+            raise ValueProblem(where, " or ".join(p.expected for p in problems), value)
         if problems:
-            raise problems[0]
+            raise problems[0]  # an item of a list, say: its own message is the precise one
         raise ValueProblem(where, _type_name(annotation), value)
     if origin is Literal:
         choices = typing.get_args(annotation)
