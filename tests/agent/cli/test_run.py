@@ -20,7 +20,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from agent.cli.run import MQTT_URL_ENV, TOKEN_ENV, format_event
-from agent.protocols.mqtt import parse_url
+from agent.config import parse_url
 from agent.protocols.ws import CloseCode
 from tests.agent.conftest import TIMING, pcm_s16
 from tests.agent.mqtt_fixtures import Mosquitto, collector, mosquitto  # noqa: F401

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent.protocols.mqtt import MqttConfig, MqttConfigError, parse_url, redact_url
+from agent.config import MqttConfig, MqttConfigError, parse_url, redact_url
 
 
 def test_defaults() -> None:
@@ -73,3 +73,19 @@ def test_password_redacted() -> None:
     with pytest.raises(MqttConfigError) as err:
         MqttConfig(url="http://u:secret@h")
     assert "secret" not in str(err.value)
+
+
+def test_the_publisher_module_still_exports_the_config() -> None:
+    """`agent.protocols.mqtt` re-imports what moved to `agent.config` (the cluster and the
+    broker import some of it from there)."""
+    from agent.protocols import mqtt
+
+    assert (mqtt.MqttConfig, mqtt.MqttConfigError, mqtt.parse_url, mqtt.redact_url) == (
+        MqttConfig,
+        MqttConfigError,
+        parse_url,
+        redact_url,
+    )
+    assert issubclass(MqttConfigError, mqtt.MqttError) and issubclass(
+        mqtt.MqttConnectError, mqtt.MqttError
+    )

@@ -15,7 +15,8 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from agent.protocols.mqtt import MqttConfig, MqttConnectError, MqttPublisher, parse_url
+from agent.config import MqttConfig, parse_url
+from agent.protocols.mqtt import MqttConnectError, MqttPublisher
 from tests.agent.mqtt_fixtures import (
     Mosquitto,
     collector,
