@@ -40,6 +40,7 @@ import mimetypes
 import re
 import socket
 import ssl
+import struct
 import time
 from collections.abc import Mapping
 from importlib import resources
@@ -73,6 +74,15 @@ _ALL_KINDS = {str(k) for k in (*MODEL_KINDS, EventKind.TRIGGER, EventKind.STATUS
 #: and ``/<name>``.
 WEB_STATIC_DIR = resources.files("agent.protocols") / "web"
 _STATIC_NAME_RE = re.compile(r"/[A-Za-z0-9_-][A-Za-z0-9._-]*")
+#: The longest the agent waits, after closing a slow `/events` client with 4429, for that client
+#: to read up to the close frame while it keeps reading (one that stops is dropped after
+#: ``ws.send_timeout_s``). The frame waits behind what is already buffered for the client, up
+#: to the transport's 32 KiB write limit and the kernel send buffer (``ws.send_buffer_bytes``,
+#: which Linux doubles): at 1 kB/s that is a few minutes.
+SLOW_CLOSE_MAX_S = 300.0
+#: ``tcpi_bytes_acked`` in Linux's ``struct tcp_info`` (a u64 at this offset, since Linux 4.2).
+_TCPI_BYTES_ACKED = struct.Struct("=Q")
+_TCPI_BYTES_ACKED_OFFSET = 120
 
 
 class CloseCode(enum.IntEnum):
@@ -189,6 +199,8 @@ class WsServer:
         self._server: Server | None = None
         self._audio: set[ServerConnection] = set()
         self._events: set[ServerConnection] = set()
+        # /events clients closed as too slow whose close frame may still be on its way.
+        self._closing_slow: set[ServerConnection] = set()
         if config.ws.auth and not config.ws.token:
             raise OutputError(
                 "the WebSocket server needs a token (ws.token or SALMONN_LIVE_WS_TOKEN), "
@@ -308,6 +320,10 @@ class WsServer:
                 logger.warning(
                     "WebSocket handlers still running after the timeout: closing connections"
                 )
+                for connection in list(self._closing_slow):
+                    # Their close frame is queued and their `close_timeout` is off
+                    # (`_close_slow_client`): websockets' closing would wait on them for ever.
+                    connection.transport.abort()
                 self._server.close(close_connections=True)
                 await self._server.wait_closed()
         self._forget_secret()
@@ -457,7 +473,7 @@ class WsServer:
             behind = sub.dropped_since_caught_up
             if behind > self.ws.client_max_dropped:
                 await self._too_slow(
-                    connection, f"too slow: {behind} events dropped without catching up"
+                    connection, sub, f"too slow: {behind} events dropped without catching up"
                 )
                 return
             lost = sub.take_dropped()
@@ -478,14 +494,65 @@ class WsServer:
             except TimeoutError:
                 await self._too_slow(
                     connection,
+                    sub,
                     f"too slow: a message took over {self.ws.send_timeout_s:g} s to send",
                 )
                 return
 
-    async def _too_slow(self, connection: ServerConnection, reason: str) -> None:
+    async def _too_slow(self, connection: ServerConnection, sub: Subscription, reason: str) -> None:
         self.counters["events_too_slow"] += 1
         logger.warning("closing /events client %s: %s", connection.remote_address, reason)
-        await connection.close(CloseCode.TOO_SLOW, _reason(reason))
+        # It will read no more events: stop queueing them now, not when its close ends.
+        self.bus.unsubscribe(sub)
+        await self._close_slow_client(connection, CloseCode.TOO_SLOW, _reason(reason))
+
+    async def _close_slow_client(
+        self, connection: ServerConnection, code: int, reason: str
+    ) -> None:
+        """Close a client that is behind in reading so that it still receives the close frame.
+
+        The frame goes out behind everything already buffered for the client. websockets' own
+        `close` counts ``close_timeout`` from the moment the frame is queued and then aborts the
+        TCP connection, dropping the frame (and whatever is still in the agent's buffer) while
+        the client is still reading its backlog: slow clients saw 1006, not 4429. Here nothing
+        more is queued, and the connection stays while the client keeps reading; it is dropped
+        once the client has read nothing for ``ws.send_timeout_s`` (what is already in the
+        kernel still reaches it), after `SLOW_CLOSE_MAX_S`, or when the server shuts down.
+        """
+        connection.close_timeout = None  # the deadline is the one below
+        self._closing_slow.add(connection)
+        closing = asyncio.create_task(connection.close(code, reason), name="ws-events-close")
+        loop = asyncio.get_running_loop()
+        started = last_progress = loop.time()
+        progress = _read_progress(connection)
+        poll_s = min(0.25, self.ws.send_timeout_s / 4)
+        try:
+            while loop.time() - started < SLOW_CLOSE_MAX_S:
+                try:
+                    async with asyncio.timeout(poll_s):
+                        await connection.wait_closed()
+                    return
+                except TimeoutError:
+                    pass
+                now, seen = loop.time(), _read_progress(connection)
+                if seen > progress:
+                    progress, last_progress = seen, now
+                elif now - last_progress >= self.ws.send_timeout_s:
+                    logger.info(
+                        "dropping /events client %s: it read nothing for %g s after its close",
+                        connection.remote_address,
+                        self.ws.send_timeout_s,
+                    )
+                    return
+            logger.info(
+                "dropping /events client %s: still reading its backlog after %g s",
+                connection.remote_address,
+                SLOW_CLOSE_MAX_S,
+            )
+        finally:
+            self._closing_slow.discard(connection)
+            connection.transport.abort()  # a no-op once closed
+            await closing  # done as soon as websockets has seen the connection end
 
     # -- /audio --------------------------------------------------------------------------------
 
@@ -645,6 +712,23 @@ class WsServer:
             tail = resampler.flush()
             if tail.size:
                 handle.push(tail.astype(np.float32, copy=False), time.monotonic())
+
+
+def _read_progress(connection: ServerConnection) -> int:
+    """A number that grows as the client reads what was sent to it: the bytes its TCP stack
+    acknowledged (Linux's ``TCP_INFO``; with TLS too), else less the bytes still waiting in the
+    agent's transport buffer."""
+    sock = connection.transport.get_extra_info("socket")
+    tcp_info = getattr(socket, "TCP_INFO", None)
+    if sock is not None and tcp_info is not None:
+        try:
+            info = sock.getsockopt(socket.IPPROTO_TCP, tcp_info, 256)
+        except OSError:
+            info = b""
+        end = _TCPI_BYTES_ACKED_OFFSET + _TCPI_BYTES_ACKED.size
+        if len(info) >= end:
+            return int(_TCPI_BYTES_ACKED.unpack_from(info, _TCPI_BYTES_ACKED_OFFSET)[0])
+    return -connection.transport.get_write_buffer_size()
 
 
 class _AudioRateLimit:
