@@ -33,8 +33,8 @@ import aiomqtt
 import numpy as np
 import soundfile
 
+from agent.config import BrokerAddress, MqttConfig, MqttConfigError, parse_url
 from agent.errors import AgentError
-from agent.protocols.mqtt import BrokerAddress, MqttConfig, MqttConfigError, parse_url
 from agent.runtime.worker import Request, Window
 from streaming.pcm import SAMPLE_RATE_HZ
 

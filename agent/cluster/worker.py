@@ -31,6 +31,7 @@ from typing import Any, Self
 
 import aiomqtt
 
+from agent.aio import backoff_s, cancel_and_wait, reraise_if_cancelling
 from agent.cluster.messages import (
     WireError,
     broker_address,
@@ -46,9 +47,10 @@ from agent.cluster.messages import (
 from agent.config import AgentConfig
 from agent.errors import ConfigError
 from agent.events import EventKind, WallClock
-from agent.protocols.mqtt import backoff_s, cancel_and_wait, fatal_reason, reraise_if_cancelling
+from agent.protocols.mqtt import fatal_reason
 from agent.runtime.fanout import EventBus
 from agent.runtime.pipeline import Pipeline
+from agent.runtime.window_sink import LocalWindows
 from agent.runtime.worker import InferenceWorker, Window, check_whisper_text
 
 logger = logging.getLogger(__name__)
@@ -71,12 +73,12 @@ class _WorkerPipeline(Pipeline):
             ConfigError: the stream id is not a valid one.
             AgentError: the pipeline is shutting down.
         """
-        handle = self._streams.get(window.stream)
+        handle = self.streams.get(window.stream)
         if handle is None:
             handle = self.open_stream(
                 self.config.stream_settings(window.stream), origin=origin, overload="backpressure"
             )
-        self._enqueue(handle, window)
+        self.enqueue(handle, window)
 
 
 @dataclass
@@ -157,7 +159,9 @@ class ClusterWorker:
             )
             check_whisper_text(self.worker.model, model)
             self.pipeline = await self._stack.enter_async_context(
-                _WorkerPipeline(self.config, self.worker, self.bus, self.clock)
+                _WorkerPipeline(
+                    self.config, LocalWindows(self.config.worker, self.worker), self.bus, self.clock
+                )
             )
             subscription = self.bus.subscribe("cluster", maxsize=MAX_OUTGOING)
             self._spawn(self._forward(subscription), "forward")

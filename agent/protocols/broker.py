@@ -13,7 +13,7 @@ import logging
 from types import TracebackType
 from typing import Any
 
-from agent.protocols.mqtt import MqttError
+from agent.config import MqttError
 
 logger = logging.getLogger(__name__)
 

@@ -22,11 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiomqtt
 
-# Used here too; re-exported until cluster imports move (agent.cluster.edge and .worker still
-# import them from this module).
 from agent.aio import backoff_s, cancel_and_wait, reraise_if_cancelling
-
-# Also imported from here by agent.cluster.messages and agent.protocols.broker.
 from agent.config import (
     BrokerAddress,
     MqttConfig,

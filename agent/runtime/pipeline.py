@@ -40,7 +40,7 @@ from typing import Any, Literal, Self
 import numpy as np
 import numpy.typing as npt
 
-from agent.config import AgentConfig, QuestionConfig, StreamConfig, questions_from_list
+from agent.config import AgentConfig, QuestionConfig, StreamConfig, validate_control
 from agent.errors import AgentError, ConfigError, ControlError
 from agent.events import (
     AGENT_STREAM,
@@ -54,8 +54,8 @@ from agent.intents import intent_from_transcript, parse_intent
 from agent.runtime.endpointer import Ask, Emit, Endpointer, Verdict
 from agent.runtime.fanout import EventBus
 from agent.runtime.window_queue import Drop
-from agent.runtime.window_sink import LocalWindows, WindowDone, WindowSink
-from agent.runtime.worker import Final, InferenceWorker, Output, Request, Window
+from agent.runtime.window_sink import WindowDone, WindowSink
+from agent.runtime.worker import Final, Output, Request, Window
 from streaming.events import SegmentEnded
 from streaming.pcm import SAMPLE_RATE_HZ as MODEL_RATE_HZ  # the model's input rate too
 
@@ -491,8 +491,8 @@ class Pipeline:
 
     Args:
         config: The validated agent configuration.
-        sink: Where windows go to be answered: a `WindowSink`, or a started `InferenceWorker`
-            (answered by `LocalWindows` over it).
+        sink: Where windows go to be answered (`LocalWindows` over this process's model, or
+            the cluster's `RemoteWindows`).
         bus: Where events go.
         clock: Converts stamps to wall-clock time (one per agent).
     """
@@ -500,14 +500,12 @@ class Pipeline:
     def __init__(
         self,
         config: AgentConfig,
-        sink: WindowSink | InferenceWorker,
+        sink: WindowSink,
         bus: EventBus,
         clock: WallClock | None = None,
     ) -> None:
         self.config = config
-        self.sink: WindowSink = (
-            LocalWindows(config.worker, sink) if isinstance(sink, InferenceWorker) else sink
-        )
+        self.sink = sink
         self.sink.attach(self)
         self.bus = bus
         self.clock = clock or WallClock()
@@ -684,10 +682,6 @@ class Pipeline:
             self._report_drop(handle, drop)
         self._refresh()
 
-    def _enqueue(self, handle: StreamHandle, window: Window) -> None:
-        """`enqueue` under its old name, for `agent.cluster.worker` until it moves over."""
-        self.enqueue(handle, window)
-
     def _report_drop(self, handle: StreamHandle, drop: Drop) -> None:
         """Count a window dropped to make room and tell the subscribers which one
         (``window_dropped``, one per window; ``overload`` at most once a second)."""
@@ -855,52 +849,7 @@ class Pipeline:
             raise ControlError(
                 f"unknown stream {stream_id!r}; open streams: {sorted(self._streams)}"
             )
-        if not isinstance(command, Mapping) or not command:
-            raise ControlError(
-                f"control command: expected a non-empty JSON object, got {command!r}"
-            )
-        known = ("mute", "questions", "lora_scale", "speaking")
-        unknown = sorted(set(command) - set(known))
-        if unknown:
-            raise ControlError(
-                f"control command: unknown key(s) {unknown}; known keys: {list(known)}"
-            )
-        changes: dict[str, Any] = {}
-        if "mute" in command:
-            if not isinstance(command["mute"], bool):
-                raise ControlError(
-                    f"control command: 'mute' expects true or false, got {command['mute']!r}"
-                )
-            changes["muted"] = command["mute"]
-        if "speaking" in command:
-            if not isinstance(command["speaking"], bool):
-                raise ControlError(
-                    "control command: 'speaking' expects true or false, "
-                    f"got {command['speaking']!r}"
-                )
-            changes["speaking"] = command["speaking"]
-        if "questions" in command:
-            items = command["questions"]
-            if not isinstance(items, list):
-                raise ControlError(
-                    f"control command: 'questions' expects a list of objects, got {items!r}"
-                )
-            try:
-                changes["questions"] = questions_from_list(items, "questions")
-            except ConfigError as exc:
-                raise ControlError(f"control command: {exc}") from exc
-        if "lora_scale" in command:
-            scale = command["lora_scale"]
-            if scale is not None and (
-                isinstance(scale, bool)
-                or not isinstance(scale, int | float)
-                or not 0.0 <= scale <= 100.0
-            ):
-                raise ControlError(
-                    "control command: 'lora_scale' expects a number in 0..100 or null, "
-                    f"got {scale!r}"
-                )
-            changes["lora_scale"] = None if scale is None else float(scale)
+        changes = validate_control(command)  # ControlError with the reason; nothing changed
         for name, value in changes.items():
             setattr(handle, name, value)
         detail = {k: ([q.text for q in v] if k == "questions" else v) for k, v in changes.items()}
