@@ -533,6 +533,10 @@ class ModelSettings:
             ``model`` (or None): the model's own Whisper. Transcripts always come from the
             model's own Whisper. Read the effective source from `command_recogniser`.
         lora_scale: LoRA scale for every task without its own; None keeps alpha / r.
+        device: Where the model runs: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``
+            (`model.device.resolve_device_dtype`).
+        dtype: ``float32``, ``bfloat16`` or ``float16``; None: float32 on the CPU, bfloat16 on
+            a GPU that has it, else float16.
         pack_weights: Keep a oneDNN-packed copy of the decoders' weights for faster CPU
             token steps (`model.packing`; same answers, about 1.2 GB more memory for nano).
     """
@@ -614,6 +618,27 @@ class ModelSettings:
     )
     lora_scale: float | None = _lora_scale(
         flag("--lora-scale", "default LoRA scale (model.lora_scale)")
+    )
+    device: str = option(
+        "cpu",
+        pattern=re.compile(r"auto|cpu|cuda(:\d+)?"),
+        expected="auto, cpu, cuda or cuda:N",
+        flag=flag(
+            "--device",
+            "where the model runs: cpu (the default), cuda, cuda:N, or auto (CUDA when there"
+            " is one) (model.device)",
+            worker="where the model runs: cpu, cuda, cuda:N or auto (model.device)",
+        ),
+    )
+    dtype: str | None = option(
+        None,
+        choices=("float32", "bfloat16", "float16"),
+        flag=flag(
+            "--dtype",
+            "float32, bfloat16 or float16 (model.dtype; default float32 on the CPU, bfloat16"
+            " on a GPU that has it, else float16)",
+            worker="float32, bfloat16 or float16 (model.dtype)",
+        ),
     )
     pack_weights: bool = option(
         True,

@@ -37,6 +37,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("official", "trimmed"),
         help="official: pad to 30 s; trimmed: real length (default: the preset's)",
     )
+    group.add_argument(
+        "--device",
+        default="cpu",
+        help="where the model runs: cpu (default), cuda, cuda:N, or auto (CUDA when there is one)",
+    )
 
 
 def load_model_from_args(args: argparse.Namespace, *, trained_parts: bool = True) -> Any:
@@ -58,7 +63,9 @@ def load_model_from_args(args: argparse.Namespace, *, trained_parts: bool = True
     )
     if not trained_parts and args.checkpoint is None:
         config = config.replace(checkpoint=None)
-    return Salmonn.from_config(config)
+    # `train` has a --dtype of its own (autocast), so the weights' dtype is `model_dtype`.
+    dtype = getattr(args, "model_dtype", None)
+    return Salmonn.from_config(config, device=args.device, dtype=dtype)
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -73,6 +80,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "instruction", help='e.g. "Recognize the speech and give me the transcription."'
     )
     add_model_arguments(parser)
+    parser.add_argument(
+        "--dtype",
+        dest="model_dtype",
+        choices=("float32", "bfloat16", "float16"),
+        help="default: float32 on the CPU, bfloat16 on a GPU that has it, else float16",
+    )
     gen = parser.add_argument_group("generation")
     gen.add_argument(
         "--lora-scale",

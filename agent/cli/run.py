@@ -98,7 +98,7 @@ def _model_loader(settings: Any) -> Any:
             checkpoint=settings.checkpoint,
             input_mode=settings.input_mode,
         )
-        return Salmonn.from_config(config)
+        return Salmonn.from_config(config, device=settings.device, dtype=settings.dtype)
 
     return load
 

@@ -338,3 +338,13 @@ def test_invalid_control_commands(command: Any, message: str) -> None:
     """The messages `Pipeline.control` has always sent back (MQTT's error topic shows them)."""
     with pytest.raises(ControlError, match=message):
         validate_control(command)
+
+
+def test_model_device_and_dtype_are_checked_with_the_accepted_values() -> None:
+    config = load_config(None, {"model": {"device": "cuda:1", "dtype": "bfloat16"}})
+    assert (config.model.device, config.model.dtype) == ("cuda:1", "bfloat16")
+    assert load_config(None).model.device == "cpu" and load_config(None).model.dtype is None
+    with pytest.raises(ConfigError, match=r"model.device: expected auto, cpu, cuda or cuda:N"):
+        load_config(None, {"model": {"device": "gpu"}})
+    with pytest.raises(ConfigError, match=r"model.dtype.*float32.*bfloat16.*float16"):
+        load_config(None, {"model": {"dtype": "fp8"}})
