@@ -15,6 +15,18 @@ from dataclasses import dataclass, field
 
 from agent.runtime.worker import Window
 
+#: `WindowQueue._victim`'s answer when the offered window is the one to shed.
+_OFFERED = -1
+
+
+def shed_rank(window: Window) -> int:
+    """How much a window is worth keeping under overload: 2 with a command request (or an
+    early command read), 1 with a transcript request, 0 for captions and answers only."""
+    tasks = {request.task for request in window.requests}
+    if window.early or "command" in tasks:
+        return 2
+    return 1 if "transcript" in tasks else 0
+
 
 @dataclass(frozen=True)
 class Drop:
@@ -55,18 +67,16 @@ class _Lane:
 class WindowQueue:
     """Per-stream bounded queues of windows, taken oldest first across streams.
 
-    Policy today (``offer``): a stream holds at most ``bound`` waiting windows. When a window
-    comes to a full queue, a ``drop_oldest`` stream drops one waiting window: its oldest
-    ambient window, else its oldest window; never an early command read (the segment it
-    belongs to may already have left its command to it, so dropping it would lose that
-    command; a stream has at most one waiting, so its queue then holds one window more than
-    ``bound``). A ``backpressure`` stream drops nothing: its source waits for `has_room`.
-
-    Priorities (issue 21: under overload shed background captions and standing questions
-    first, transcripts next, commands never while anything else can be) belong in
-    `_victim` alone: it sees the whole lane and the window offered, and may rank the waiting
-    windows by their requests' tasks (``Window.requests``) instead of by kind and age, or
-    return None to refuse room. `offer`, `Drop` and the callers stay as they are.
+    Policy (``offer``): a stream holds at most ``bound`` waiting windows. When a window comes
+    to a full queue, a ``drop_oldest`` stream sheds one window by priority, never by arrival
+    alone (`shed_rank`): first a window that asks only for a caption or answers (ambient
+    windows before others), then one whose best request is a transcript, and a window with a
+    command request only when every window waiting holds one too; within a rank, the oldest.
+    The offered window itself is the one shed when it ranks below every waiting one (a caption
+    arriving at a queue full of commands). An early command read is never shed (the segment
+    it belongs to may already have left its command to it; a stream has at most one waiting,
+    so its queue then holds one window more than ``bound``). A ``backpressure`` stream sheds
+    nothing: its source waits for `has_room`.
 
     Args:
         bound: Most windows waiting per stream (``worker.max_pending_windows``).
@@ -98,11 +108,14 @@ class WindowQueue:
     # -- windows -------------------------------------------------------------------------------
 
     def offer(self, window: Window) -> Offer:
-        """Queue a window of an open stream, making room first if the policy says so."""
+        """Queue a window of an open stream, shedding one first if the policy says so (the
+        offered window itself, when it ranks lowest: it then never joins the queue)."""
         lane = self._lanes[window.stream]
         dropped = None
         if len(lane.pending) >= self.bound and lane.overload == "drop_oldest":
             index = self._victim(lane, window)
+            if index == _OFFERED:
+                return Offer(Drop(window, len(lane.pending)), self.pending_total >= self.max_batch)
             if index is not None:
                 _, victim = lane.pending[index]
                 del lane.pending[index]
@@ -111,12 +124,20 @@ class WindowQueue:
         return Offer(dropped, self.pending_total >= self.max_batch)
 
     def _victim(self, lane: _Lane, offered: Window) -> int | None:
-        """Which waiting window of a full ``drop_oldest`` lane makes room for ``offered``
-        (its index in ``lane.pending``), or None for none. The one place of the drop policy."""
+        """Which window of a full ``drop_oldest`` lane is shed for ``offered``: its index in
+        ``lane.pending``, `_OFFERED` for the offered one, or None for none. The one place of
+        the drop policy."""
         droppable = [i for i, (_, w) in enumerate(lane.pending) if not w.early]
         if not droppable:
             return None
-        return next((i for i in droppable if lane.pending[i][1].kind == "ambient"), droppable[0])
+        # Lowest rank first; ambient before other windows of that rank; then the oldest.
+        index = min(
+            droppable,
+            key=lambda i: (shed_rank(lane.pending[i][1]), lane.pending[i][1].kind != "ambient", i),
+        )
+        if not offered.early and shed_rank(offered) < shed_rank(lane.pending[index][1]):
+            return _OFFERED
+        return index
 
     def take_batch(self) -> list[Window]:
         """Up to ``max_batch`` waiting windows, oldest first across all streams; they count as

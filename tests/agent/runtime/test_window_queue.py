@@ -141,3 +141,35 @@ def test_a_stream_opens_once_and_is_forgotten_on_close() -> None:
     queue.open("s", "backpressure")  # a new stream of the same id
     with pytest.raises(KeyError):
         queue.offer(window("unknown"))
+
+
+def tasked(*tasks: str, stream: str = "s", kind: str = "sound") -> Window:
+    """A window asking for ``tasks`` (``caption``, ``answer``, ``transcript``, ``command``)."""
+    base = window(stream, kind)
+    requests = tuple(Request(f"{base.id}/{t}", t, "?") for t in tasks)
+    return Window(**{**base.__dict__, "requests": requests})
+
+
+def test_overload_sheds_captions_first_then_transcripts_and_commands_last() -> None:
+    queue = WindowQueue(bound=3, max_batch=8)
+    queue.open("s", "drop_oldest")
+    command = tasked("transcript", "command", kind="speech")
+    transcript = tasked("transcript", "caption", kind="mixed")
+    caption = tasked("caption")
+    for w in (command, transcript, caption):
+        assert queue.offer(w).dropped is None
+    # Full: a new command sheds the caption, though it is the newest waiting window.
+    second = tasked("transcript", "command", kind="speech")
+    assert queue.offer(second).dropped.window is caption  # type: ignore[union-attr]
+    # Then the transcript, not the older command.
+    third = tasked("transcript", "command", kind="speech")
+    assert queue.offer(third).dropped.window is transcript  # type: ignore[union-attr]
+    # Only commands wait: a caption arriving is itself shed and never joins the queue.
+    late = tasked("caption", "answer")
+    offer = queue.offer(late)
+    assert offer.dropped is not None and offer.dropped.window is late
+    assert ids(queue.waiting("s")) == ids([command, second, third])
+    # A command arriving at a queue of commands sheds the oldest one.
+    fourth = tasked("command", kind="speech")
+    assert queue.offer(fourth).dropped.window is command  # type: ignore[union-attr]
+    assert ids(queue.waiting("s")) == ids([second, third, fourth])
