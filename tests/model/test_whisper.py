@@ -555,14 +555,14 @@ def real_models(
     return {source: load_whisper(source) for source in REAL_SOURCES}
 
 
-@pytest.fixture(scope="module")
-def speech_clip(tmp_path_factory: pytest.TempPathFactory) -> np.ndarray:
-    """espeak-ng saying "turn left and stop", resampled by sox to 16 kHz mono float32."""
+def espeak_clip(folder: Path, text: str, *espeak_args: str) -> np.ndarray:
+    """espeak-ng saying ``text``, resampled by sox to 16 kHz mono float32."""
     if shutil.which("espeak-ng") is None or shutil.which("sox") is None:
         pytest.skip("needs the espeak-ng and sox programs (Debian packages espeak-ng, sox)")
-    folder = tmp_path_factory.mktemp("speech")
     raw, out = folder / "raw.wav", folder / "speech16k.wav"
-    subprocess.run(["espeak-ng", "-w", str(raw), PHRASE], check=True, capture_output=True)
+    subprocess.run(
+        ["espeak-ng", *espeak_args, "-w", str(raw), text], check=True, capture_output=True
+    )
     subprocess.run(
         ["sox", str(raw), "-r", str(SR), "-c", "1", "-b", "16", str(out)],
         check=True,
@@ -571,6 +571,12 @@ def speech_clip(tmp_path_factory: pytest.TempPathFactory) -> np.ndarray:
     audio, rate = sf.read(out, dtype="float32")
     assert rate == SR and audio.ndim == 1
     return audio
+
+
+@pytest.fixture(scope="module")
+def speech_clip(tmp_path_factory: pytest.TempPathFactory) -> np.ndarray:
+    """espeak-ng saying "turn left and stop"."""
+    return espeak_clip(tmp_path_factory.mktemp("speech"), PHRASE)
 
 
 @pytest.fixture(scope="module")
@@ -659,15 +665,8 @@ GERMAN = "Bitte schalte das Licht in der Küche aus."
 
 @pytest.fixture(scope="module")
 def german_clip(tmp_path_factory: pytest.TempPathFactory) -> np.ndarray:
-    """espeak-ng's German voice saying `GERMAN`, 16 kHz mono float32."""
-    if shutil.which("espeak-ng") is None or shutil.which("sox") is None:
-        pytest.skip("needs the espeak-ng and sox programs (Debian packages espeak-ng, sox)")
-    folder = tmp_path_factory.mktemp("german")
-    raw, out = folder / "raw.wav", folder / "de16k.wav"
-    subprocess.run(["espeak-ng", "-v", "de", "-w", str(raw), GERMAN], check=True)
-    subprocess.run(["sox", str(raw), "-r", str(SR), "-c", "1", "-b", "16", str(out)], check=True)
-    audio, _ = sf.read(out, dtype="float32")
-    return audio
+    """espeak-ng's German voice saying `GERMAN`."""
+    return espeak_clip(tmp_path_factory.mktemp("german"), GERMAN, "-v", "de")
 
 
 @pytest.mark.numerics
