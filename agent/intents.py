@@ -237,9 +237,9 @@ _DETERMINERS = ("the", "my", "our", "your", "this", "that")
 def _room(words: list[str]) -> str | None:
     """The room of "... in the living room" or "the living room lights/temperature ..."."""
     if "in" in words:
-        room = [w for w in _after(words, "in") if w not in (*_DETERMINERS, "lights", "light")]
-        if room:
-            return " ".join(room)
+        named = [w for w in _after(words, "in") if w not in (*_DETERMINERS, "lights", "light")]
+        if named:
+            return " ".join(named)
     room: list[str] = []
     first = next((i for i, w in enumerate(words) if w in _DETERMINERS), len(words))
     for word in words[first + 1 :]:

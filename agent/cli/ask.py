@@ -109,8 +109,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def run(args: argparse.Namespace) -> int:
+    from model.audio import SAMPLE_RATE_HZ
     from model.errors import AudioTooLongError
-    from model.salmonn import MAX_AUDIO_S, SAMPLE_RATE_HZ
+    from model.salmonn import MAX_AUDIO_S
     from streaming.audio_file import load_audio, open_sound_file
 
     if args.beams < 1 or args.max_new_tokens < 1:

@@ -27,7 +27,7 @@ FloatArray = npt.NDArray[np.float32]
 DEFAULT_SOUND_THRESHOLD = 0.5
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``wyoming`` sub-command."""
     from agent.protocols.wyoming import DEFAULT_URI
 

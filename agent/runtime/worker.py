@@ -280,18 +280,18 @@ class BatchRunner:
         whisper_items = [(w, r) for w in windows for r in w.requests if r.engine == "whisper"]
         if whisper_items:
             t0 = time.perf_counter()
-            own = self.model.transcribe_with_whisper
+            own: Callable[[list[FloatArray]], list[str]] = self.model.transcribe_with_whisper
 
             def recogniser(request: Request) -> Callable[[list[FloatArray]], list[str]]:
                 if request.recogniser == "command" and self.hear_commands is not None:
                     return self.hear_commands
                 return own
 
-            groups: dict[Callable[..., list[str]], dict[str, Window]] = {}
+            heard_by: dict[Callable[..., list[str]], dict[str, Window]] = {}
             for window, request in whisper_items:  # each window heard once by each recogniser
-                groups.setdefault(recogniser(request), {})[window.id] = window
+                heard_by.setdefault(recogniser(request), {})[window.id] = window
             texts: dict[tuple[Callable[..., list[str]], str], str] = {}
-            for hear, heard in groups.items():
+            for hear, heard in heard_by.items():
                 said = hear([w.audio for w in heard.values()])
                 texts.update(((hear, i), t.strip()) for i, t in zip(heard, said, strict=True))
             report.timings_ms["whisper_decode_ms"] = (time.perf_counter() - t0) * 1000
@@ -358,7 +358,6 @@ def _then(
     return both
 
 
-
 def check_whisper_text(model: Any, settings: Any) -> None:
     """Before the first window: a model asked for Whisper transcripts can make them.
 
@@ -376,8 +375,8 @@ def check_whisper_text(model: Any, settings: Any) -> None:
     if wants and getattr(model, "whisper_tokenizer", True) is None:
         raise ConfigError(
             f"model {settings.name!r}: its Whisper has no tokenizer, so it cannot write the "
-            f"transcripts that model.{' and model.'.join(wants)} = \"whisper\" needs; use "
-            "--transcript llm --command llm (TOML: transcript = \"llm\", command = \"llm\")"
+            f'transcripts that model.{" and model.".join(wants)} = "whisper" needs; use '
+            '--transcript llm --command llm (TOML: transcript = "llm", command = "llm")'
         )
 
 
@@ -547,9 +546,11 @@ class InferenceWorker:
                 return
             windows = [w for item_windows, _, _ in items for w in item_windows]
             emits = {w.id: emit for item_windows, emit, _ in items for w in item_windows}
-            report = self.runner.run(
-                windows, lambda output, to=emits: to[output.window.id](output), self._cancel
-            )
+
+            def route(output: Output, to: dict[str, Callable[[Output], None]] = emits) -> None:
+                to[output.window.id](output)
+
+            report = self.runner.run(windows, route, self._cancel)
             self.fast_windows += len(windows)
             for item_windows, _, done in items:
                 keys = {r.key for w in item_windows for r in w.requests}
