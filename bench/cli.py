@@ -34,6 +34,10 @@ _BENCHMARKS = {
         "bench.segment",
         "segmenter throughput (x real time per core) and quality on generated scenes",
     ),
+    "wyoming": (
+        "bench.wyoming",
+        "salmonn-live wyoming through the wyoming client: WER vs run's Whisper, latency, 8 clients",
+    ),
 }
 
 
