@@ -649,6 +649,12 @@ class Salmonn(nn.Module):
         self.llama_model.to(device)
         return self
 
+    def placement(self) -> tuple[torch.device, torch.dtype]:
+        """Where the model runs and its compute dtype (the Q-Former's and the projection's,
+        what `place` was given): e.g. ``(cpu, float32)`` or ``(cuda:0, bfloat16)``. The
+        worker loads its command recogniser there, and skips CPU weight packing elsewhere."""
+        return self._device(), self.speech_llama_proj.weight.dtype
+
     # -- trainable parts ------------------------------------------------------------------
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
@@ -740,6 +746,11 @@ class Salmonn(nn.Module):
         """
         from model.packing import pack_linears
 
+        device = self._device()
+        if device.type != "cpu":
+            # oneDNN packing is a CPU kernel; on a GPU the decoders' products stay cuBLAS's.
+            logger.info("weight packing skipped: the model runs on %s (CPU-only)", device)
+            return 0
         packed = pack_linears(self.llama_model)
         if self.whisper is not None:
             packed += pack_linears(self.whisper, skip=("model.encoder.",))  # decoder + head
@@ -802,9 +813,16 @@ class Salmonn(nn.Module):
         try:
             with torch.no_grad():
                 n_mels = self.speech_encoder.config.num_mel_bins
-                if self.config.input_mode == "trimmed":
-                    # Whisper's attention has no padding mask, so in a batch of different
-                    # lengths padding would leak into the shorter clips: encode each alone.
+                if self.config.input_mode == "trimmed" and _batch_trimmed(device, len(audio)):
+                    # On a GPU one padded pass beats one pass per clip: `encode` masks each
+                    # clip's padding out of self-attention, so its valid frames are those it
+                    # gets alone (up to float rounding).
+                    feats, valid = whisper_features(list(audio), trimmed=True, n_mels=n_mels)
+                    speech = encode(self.speech_encoder, feats.to(device), valid_frames=valid)
+                    speech_rows = [row[:n] for row, n in zip(speech.unbind(0), valid, strict=True)]
+                elif self.config.input_mode == "trimmed":
+                    # Each clip alone, at its own length: exact, and on the CPU the padding
+                    # of a batch of different lengths costs more than the separate passes.
                     speech_rows = []
                     for clip in audio:
                         feats, valid = whisper_features([clip], trimmed=True, n_mels=n_mels)
@@ -1103,6 +1121,12 @@ class Salmonn(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------
+
+
+def _batch_trimmed(device: torch.device, clips: int) -> bool:
+    """Whether trimmed mode encodes several clips in one masked Whisper pass (off the CPU)
+    rather than one pass per clip (on the CPU, where the padding costs more than it saves)."""
+    return clips > 1 and device.type != "cpu"
 
 
 def _pad_to_one_second(clip: np.ndarray) -> np.ndarray:

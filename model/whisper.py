@@ -623,7 +623,8 @@ def _greedy_decode(
     eot = model.generation_config.eos_token_id
     eot = eot[0] if isinstance(eot, list) else eot
     vocab = model.config.vocab_size
-    suppress = torch.zeros(vocab, dtype=torch.bool)
+    # On the logits' device: masked_fill refuses a CPU mask for CUDA logits.
+    suppress = torch.zeros(vocab, dtype=torch.bool, device=hidden.device)
     suppress[eot + 1 :] = True  # language, task and timestamp tokens never appear in the text
     config = model.generation_config
     suppress[[t for t in (getattr(config, "suppress_tokens", None) or []) if t < vocab]] = True

@@ -11,6 +11,14 @@ Two layers:
 * `InferenceWorker` runs the runner on a dedicated single thread (`ThreadPoolExecutor` with one
   worker), so torch never blocks the event loop, and hands outputs back with
   `call_soon_threadsafe`, in order, before the batch's await returns.
+
+On a GPU (``model.device``): the model is where `Salmonn.from_config` put it, and everything
+here follows it. A batch's windows, from every stream, go through the encoders together and
+each LoRA group is one `generate_from_tokens` call on the device (its KV cache is the LLM's,
+on the device); Whisper's fast path decodes there too. The command recogniser is loaded on the
+model's device in its dtype (`model_placement`). Only the audio arrives from the host (log-mel
+features are computed there in float32, as the official code), and tokens go back to it one
+step at a time for streaming. CPU weight packing (`model.packing`) is skipped off the CPU.
 """
 
 from __future__ import annotations
@@ -25,12 +33,15 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import TYPE_CHECKING, Any, Literal, Self
 
 import numpy as np
 import numpy.typing as npt
 
 from agent.errors import AgentError
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -328,20 +339,51 @@ class BatchRunner:
         report.timings_ms["generate_ms"] = (time.perf_counter() - t0) * 1000
 
 
-def _command_recogniser(source: str, pack: bool) -> Callable[[list[FloatArray]], list[str]]:
-    """A second Whisper (e.g. the smaller tiny.en) that transcribes command windows."""
-    from model.packing import pack_linears
-    from model.whisper import load_whisper, transcribe
+def model_placement(model: Any) -> tuple[torch.device, torch.dtype]:
+    """Where a loaded model runs and its compute dtype (`Salmonn.placement`); the CPU in
+    float32 for a model that does not say (test doubles, remote pools)."""
+    import torch
 
-    whisper, tokenizer = load_whisper(source)
-    if pack:
-        pack_linears(whisper, skip=("model.encoder.",))  # decoder steps, as the main model's
-    logger.info("command recogniser: Whisper from %s", source)
+    placement = getattr(model, "placement", None)
+    if callable(placement):
+        device, dtype = placement()
+        return torch.device(device), dtype
+    return torch.device("cpu"), torch.float32
 
-    def hear(audio: list[FloatArray]) -> list[str]:
-        return transcribe(whisper, tokenizer, audio, short_context=True)
 
-    return hear
+class CommandRecogniser:
+    """A second Whisper (e.g. the smaller tiny.en) that transcribes command windows.
+
+    Loaded on the model's device in the model's dtype, so its windows never cross to another
+    device; its log-mel features stay float32 up to its first layer (`model.whisper.encode`).
+
+    Args:
+        source: any `model.whisper.load_whisper` source.
+        device: where the model runs.
+        dtype: the model's compute dtype.
+        pack: pack its decoder for CPU token steps (`model.packing`); skipped off the CPU.
+    """
+
+    def __init__(
+        self, source: str, *, device: torch.device, dtype: torch.dtype, pack: bool
+    ) -> None:
+        from model.device import dtype_name
+        from model.packing import pack_linears
+        from model.whisper import load_whisper
+
+        self.whisper, self.tokenizer = load_whisper(source, dtype=dtype, device=device)
+        if pack and device.type == "cpu":
+            pack_linears(self.whisper, skip=("model.encoder.",))  # decoder steps, as the model's
+        elif pack:
+            logger.info("command recogniser: weight packing skipped on %s (CPU-only)", device)
+        logger.info(
+            "command recogniser: Whisper from %s on %s in %s", source, device, dtype_name(dtype)
+        )
+
+    def __call__(self, audio: list[FloatArray]) -> list[str]:
+        from model.whisper import transcribe
+
+        return transcribe(self.whisper, self.tokenizer, audio, short_context=True)
 
 
 def _then(
@@ -392,7 +434,12 @@ class InferenceWorker:
             lazy initialisation.
         command_whisper: Whisper weights (any `model.whisper.load_whisper` source) loaded
             beside the model to read ``recogniser="command"`` requests.
-        pack_weights: Pack the decoders' weights for CPU token steps (`model.packing`).
+        pack_weights: Pack the decoders' weights for CPU token steps (`model.packing`);
+            skipped, with a log line, when the model is on a GPU.
+
+    Attributes:
+        device: Where the loaded model runs (`model_placement`); None until loaded.
+        dtype: Its compute dtype; None until loaded.
     """
 
     def __init__(
@@ -415,6 +462,8 @@ class InferenceWorker:
         self.threads = threads
         self.warm_up = warm_up
         self.model: Any = None
+        self.device: torch.device | None = None
+        self.dtype: torch.dtype | None = None
         self.runner: BatchRunner | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._cancel = threading.Event()
@@ -454,11 +503,22 @@ class InferenceWorker:
 
             torch.set_num_threads(self.threads)
         model = self._load_model()
+        device, dtype = model_placement(model)
+        self.device, self.dtype = device, dtype
         pack = getattr(model, "pack_for_inference", None)
         if pack is not None and self.pack_weights:  # faster token steps, same answers
-            pack()
+            if device.type == "cpu":
+                pack()
+            else:
+                logger.info(
+                    "weight packing skipped: the model runs on %s, and packing is for CPU "
+                    "decoding (model.pack_weights has no effect there)",
+                    device,
+                )
         if self.command_whisper:
-            self._hear_commands = _command_recogniser(self.command_whisper, self.pack_weights)
+            self._hear_commands = CommandRecogniser(
+                self.command_whisper, device=device, dtype=dtype, pack=self.pack_weights
+            )
             if self.warm_up:
                 self._hear_commands([np.zeros(16000, np.float32)])
         if self.warm_up:
@@ -466,7 +526,9 @@ class InferenceWorker:
             silence = np.zeros(16000, np.float32)
             tokens = model.encode_audio([silence])
             model.generate_from_tokens([tokens.row(0)], ["Describe the audio."], max_new_tokens=2)
-            logger.info("model warmed up in %.0f ms", (time.perf_counter() - started) * 1000)
+            logger.info(
+                "model warmed up on %s in %.0f ms", device, (time.perf_counter() - started) * 1000
+            )
         return model
 
     async def __aexit__(

@@ -321,6 +321,47 @@ def test_loading_logs_peak_host_memory(caplog) -> None:
     assert "peak host memory" in caplog.text and "(resident set)" in caplog.text
 
 
+def test_placement_is_the_device_and_compute_dtype(bf16_model: Salmonn) -> None:
+    assert bf16_model.placement() == (CPU, torch.bfloat16)
+
+
+def test_trimmed_batches_in_one_masked_pass_off_the_cpu_as_each_clip_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import model.salmonn
+    import model.whisper
+
+    torch.manual_seed(0)
+    m = Salmonn.from_config(resolve_model("tiny-random", input_mode="trimmed"))
+    clips = [_clip(2.0, 5), _clip(1.2, 6), _clip(3.3, 7)]
+    alone = m.encode_audio(clips)
+    passes: list[int] = []
+    real_encode = model.whisper.encode
+
+    def spy(encoder, features, *args, **kwargs):
+        passes.append(features.shape[0])
+        return real_encode(encoder, features, *args, **kwargs)
+
+    monkeypatch.setattr(model.whisper, "encode", spy)
+    monkeypatch.setattr(model.salmonn, "_batch_trimmed", lambda device, clips: True)
+    batched = m.encode_audio(clips)
+    assert passes == [3]  # what a GPU gets: one Whisper pass for the batch
+    assert batched.counts == alone.counts
+    torch.testing.assert_close(batched.embeds, alone.embeds, rtol=1e-4, atol=1e-5)
+
+
+def test_packing_is_skipped_off_the_cpu(monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    torch.manual_seed(0)
+    m = Salmonn.from_config(resolve_model("tiny-random"))
+    monkeypatch.setattr(m, "_device", lambda: torch.device("cuda", 0))
+    with caplog.at_level(logging.INFO, logger="model.salmonn"):
+        assert m.pack_for_inference() == 0
+    assert "weight packing skipped: the model runs on cuda:0" in caplog.text
+    from model.packing import PackedLinear
+
+    assert not any(isinstance(module, PackedLinear) for module in m.modules())
+
+
 # -- on a GPU (opt-in: pytest -m gpu) -----------------------------------------------------
 
 
