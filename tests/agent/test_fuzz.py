@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import hashlib
 import io
 import json
 import logging
@@ -31,11 +32,16 @@ import pytest
 import soundfile
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+from wyoming.asr import Transcribe
+from wyoming.audio import AudioChunk, AudioStart, AudioStop
+from wyoming.client import AsyncTcpClient
+from wyoming.info import Describe
 
 from agent.cli import main
 from agent.config import AgentConfig
 from agent.protocols.mqtt import with_mqtt
 from agent.protocols.ws import CloseCode, headers_with_token
+from agent.protocols.wyoming import WyomingLimits
 from agent.runtime.app import Agent, run_agent
 from agent.runtime.fanout import Subscription
 from agent.runtime.pipeline import StreamHandle
@@ -43,6 +49,14 @@ from streaming.events import SegmentEnded
 from tests.agent.conftest import DEMO_WAV, TIMING, make_config, pcm_s16
 from tests.agent.mqtt_fixtures import Mosquitto, collector, mosquitto  # noqa: F401
 from tests.agent.protocols.test_ws import FRAME_BYTES, comparable, recv_json, url
+from tests.agent.protocols.test_wyoming import BAD_INPUTS as WYOMING_BAD_INPUTS
+from tests.agent.protocols.test_wyoming import START_16K as WYOMING_START_16K
+from tests.agent.protocols.test_wyoming import command_audio as wyoming_command_audio
+from tests.agent.protocols.test_wyoming import events_until as wyoming_events_until
+from tests.agent.protocols.test_wyoming import header as wyoming_header
+from tests.agent.protocols.test_wyoming import raw_exchange as wyoming_raw_exchange
+from tests.agent.protocols.test_wyoming import s16 as wyoming_s16
+from tests.agent.protocols.test_wyoming import serving as wyoming_serving
 from tests.agent.runtime.test_early_commands import BLOCK, RATE, ScriptedWhisper, _clip, _silence
 
 TOKEN = "fuzz-token-Zq8r2Lw"
@@ -1126,3 +1140,124 @@ def test_bad_raw_stdin_for_segment(
     out, err = capsys.readouterr()
     assert out == "" and "Traceback" not in err
     assert re.search(message, err.strip().splitlines()[-1]), err
+
+
+# -- Wyoming (issue 18) -----------------------------------------------------------------------
+#
+# Each bad input alone, with its code, is tested in tests/agent/protocols/test_wyoming.py; here
+# they all come at once, with seeded binary garbage and randomly mutated sessions, while a good
+# client streams a command through the `wyoming` package's own client.
+
+
+async def hashing_transcriber(audio: np.ndarray) -> AsyncIterator[str]:
+    """The text is a digest of the samples, so the good client's transcript shows that its
+    audio came through whole; streamed in two steps, as a model's partial texts are."""
+    yield "heard"
+    await asyncio.sleep(0)
+    yield f"heard {audio.size} samples, sha256 {hashlib.sha256(audio.tobytes()).hexdigest()[:16]}"
+
+
+def wyoming_garbage(seed: int = 18) -> list[bytes]:
+    """Binary garbage: random bytes (with and without newlines), long lines of NUL and 0xff,
+    random data sections and payloads behind valid headers, and a valid session (transcribe,
+    audio-start, three chunks, audio-stop) with 1 to 8 of its bytes replaced at random."""
+    rng = np.random.default_rng(seed)
+    chunks = b"".join(
+        wyoming_header("audio-chunk", payload_length=640) + rng.bytes(640) for _ in range(3)
+    )
+    session = (
+        wyoming_header("transcribe", data={"language": "en"})
+        + WYOMING_START_16K
+        + chunks
+        + wyoming_header("audio-stop")
+    )
+    cases = [rng.bytes(int(rng.integers(1, 4096))) for _ in range(8)]
+    for _ in range(4):
+        blob = bytearray(rng.bytes(int(rng.integers(64, 4096))))
+        for at in rng.integers(0, len(blob), 4):
+            blob[at] = 0x0A  # newlines: several "header lines" of garbage
+        cases.append(bytes(blob))
+    cases += [b"\0" * 1000 + b"\n", b"\xff" * 1000 + b"\n"]
+    cases.append(wyoming_header("transcribe", data_length=200) + rng.bytes(200))
+    cases.append(
+        WYOMING_START_16K + wyoming_header("audio-chunk", payload_length=1000) + rng.bytes(1050)
+    )
+    for flips in range(1, 9):
+        mutated = bytearray(session)
+        for at in rng.integers(0, len(mutated), flips):
+            mutated[at] = int(rng.integers(0, 256))
+        cases.append(bytes(mutated))
+    return cases
+
+
+async def test_malformed_wyoming_input_while_a_good_client_transcribes(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Every bad input of the Wyoming table, two stalled clients and 24 pieces of binary
+    garbage, each on its own connection and all at once, while a good client is mid-command:
+    the good client gets exactly what it gets alone, each table case its code and each stall
+    its time-out, every garbage connection ends (with at most one error, never `failed`),
+    nothing is logged as an error, and the server answers afterwards."""
+    pcm = wyoming_s16(wyoming_command_audio())
+
+    async def good(port: int, fuzz: Callable[[], Awaitable[Any]]) -> list[tuple[str, str]]:
+        async with AsyncTcpClient("127.0.0.1", port) as client:
+            await client.write_event(Transcribe(language="en").event())
+            await client.write_event(AudioStart(rate=16000, width=2, channels=1).event())
+            step = 640  # 20 ms
+            task = None
+            for i in range(0, len(pcm), step):
+                chunk = AudioChunk(rate=16000, width=2, channels=1, audio=pcm[i : i + step])
+                await client.write_event(chunk.event())
+                if task is None and i > len(pcm) // 3:
+                    task = asyncio.create_task(fuzz())  # the stream is open while it runs
+                await asyncio.sleep(0)
+            assert task is not None
+            await task
+            await client.write_event(AudioStop().event())
+            events = await wyoming_events_until(client, "transcript-stop")
+        return [(e.type, str(e.data.get("text", ""))) for e in events]
+
+    async with wyoming_serving(hashing_transcriber) as alone:
+        reference = await good(alone.address.port, lambda: asyncio.sleep(0))
+    assert reference[-2][1].startswith(f"heard {len(pcm) // 2} samples")
+
+    garbage = wyoming_garbage()
+    limits = WyomingLimits(
+        idle_timeout_s=0.5 * TIMING, audio_timeout_s=0.5 * TIMING, max_connections=128
+    )
+    results: list[list[Any]] = []
+    async with (
+        no_errors_logged(caplog),
+        wyoming_serving(hashing_transcriber, limits=limits) as server,
+    ):
+        port = server.address.port
+
+        async def fuzz() -> None:
+            results.extend(
+                await asyncio.gather(
+                    *(wyoming_raw_exchange(port, data) for _, data, _ in WYOMING_BAD_INPUTS),
+                    *(
+                        wyoming_raw_exchange(port, data, eof=False)
+                        for data in (b'{"type": "desc', WYOMING_START_16K)
+                    ),
+                    *(wyoming_raw_exchange(port, data) for data in garbage),
+                )
+            )
+
+        seen = await good(port, fuzz)
+        async with AsyncTcpClient("127.0.0.1", port) as client:  # still serving
+            await client.write_event(Describe().event())
+            await wyoming_events_until(client, "info")
+    assert seen == reference
+    table = len(WYOMING_BAD_INPUTS)
+    codes = [[e.data.get("code") for e in events if e.type == "error"] for events in results]
+    assert codes[:table] == [[str(kind)] for _, _, kind in WYOMING_BAD_INPUTS]
+    assert codes[table : table + 2] == [["timeout"], ["timeout"]]
+    for events in results[table + 2 :]:
+        errors = [i for i, e in enumerate(events) if e.type == "error"]
+        assert errors in ([], [len(events) - 1]), [e.type for e in events]  # an error ends it
+    closed = server.stats.as_dict()["closed"]
+    assert closed["failed"] == 0 and closed["busy"] == 0, closed
+    assert sum(closed.values()) == sum(map(len, codes))  # one count per error sent
+    print(f"wyoming fuzz: {len(results)} bad connections at once, closed {closed}")
