@@ -1,13 +1,25 @@
-"""Home Assistant MQTT discovery: salmonn-live appears as one device with five entities.
+"""Home Assistant MQTT discovery: salmonn-live appears as one device with its entities.
 
 One retained device-based discovery message on `<discovery_prefix>/device/<device_id>/config`
-(Home Assistant 2024.11+) declares:
+(Home Assistant 2024.11+) declares five entities, plus two per sound label group when the
+sound tagger is on:
 
 - `event` "Voice command": fed by `<prefix>/+/command`; `event_type` is the command's
   `intent.intent` (`turn`, `lights_off`, ... see `agent.intents`) when it is one of
   `command_event_types`, else `command`; the intent's slots are attributes.
 - `event` "Sound event": fed by `<prefix>/+/caption`; `event_type` is the first of
-  `sound_event_types` whose keywords occur in the caption, else `sound`.
+  `sound_event_types` whose keywords occur in the caption, else `sound`. The keyword table's
+  types are named as the tagger's label groups (`smoke_alarm`, `glass`, `baby`, ...), so a
+  caption and a tagged sound give the same name.
+- per label group (`sound_groups`), fed by the sound events on `<prefix>/+/sound` (one
+  subscription shared by all; each entity's template keeps its own group's events and
+  renders nothing for the others, which Home Assistant skips):
+  - `event` "<Group>": `event_type` is the event's `state`, `start` / `end` (and `update`
+    for a sustained group), with the occurrence id, stream, score, labels, segment and stream
+    times as attributes;
+  - `binary_sensor` "<Group> heard" (sustained groups only, device class `sound`): on at
+    `start` and `update`, off at `end`. It follows the last event of the group from any
+    stream.
 - `sensor` "Last transcript" / "Last caption": the text of the last final transcript or
   caption of any stream (first 255 characters, Home Assistant's limit), with the stream,
   event id and full text as attributes.
@@ -28,7 +40,7 @@ import json
 import logging
 import re
 import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from importlib import metadata
 from typing import Any
 
@@ -46,16 +58,39 @@ INITIAL_CONTROL_STATE: Mapping[str, Any] = types.MappingProxyType({"mute": False
 
 #: The intents of `agent.intents`, plus `command` for an intent outside the list.
 DEFAULT_COMMAND_EVENT_TYPES: tuple[str, ...] = ("command", *INTENTS)
+#: Caption keywords of the "Sound event" entity, tried in order; the event types are the
+#: sound tagger's label group names (`model.sound_tagger.LABEL_GROUPS`).
 DEFAULT_SOUND_EVENT_TYPES: Mapping[str, Sequence[str]] = {
-    "alarm": ("smoke alarm", "fire alarm", "alarm", "siren", "beeping"),
-    "glass_breaking": ("glass",),
-    "baby_crying": ("baby", "infant"),
-    "dog_barking": ("dog", "bark"),
+    "smoke_alarm": ("smoke alarm", "smoke detector", "fire alarm"),
+    "siren": ("siren",),
+    "alarm": ("alarm", "beeping"),
+    "glass": ("glass",),
+    "baby": ("baby", "infant"),
+    "dog": ("dog", "bark"),
     "doorbell": ("doorbell", "door bell", "ding dong"),
-    "knocking": ("knock",),
+    "knock": ("knock",),
     "speech": ("speech", "speaking", "talking", "voice"),
     "music": ("music", "singing", "guitar", "piano"),
 }
+#: The `state`s of a sound event (`agent.events.SoundEvent`), as its entity's event types.
+SOUND_STATES: tuple[str, ...] = ("start", "update", "end")
+#: Icons of some label groups' entities (others: `mdi:waveform`).
+SOUND_GROUP_ICONS: Mapping[str, str] = {
+    "smoke_alarm": "mdi:smoke-detector-variant-alert",
+    "alarm": "mdi:alarm-light",
+    "siren": "mdi:alarm-light",
+    "baby": "mdi:baby-face-outline",
+    "dog": "mdi:dog",
+    "cat": "mdi:cat",
+    "music": "mdi:music",
+    "doorbell": "mdi:doorbell",
+    "knock": "mdi:door-closed",
+    "glass": "mdi:glass-fragile",
+    "water": "mdi:water",
+    "appliance": "mdi:washing-machine",
+}
+# Group names appear in ids and templates: keep them to what `SoundsConfig` allows.
+_GROUP_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
 _ID_RE = re.compile(r"[^a-zA-Z0-9_-]+")
 
 
@@ -94,6 +129,83 @@ def _sound_template(types: Mapping[str, Sequence[str]]) -> str:
     )
 
 
+def _group_event_template(group: str) -> str:
+    """The group's sound events as event entity payloads; nothing for other groups."""
+    return (
+        "{% if value_json.group is defined and value_json.group == " + json.dumps(group) + " %}"
+        "{{ {'event_type': value_json.state, 'id': value_json.id | default(''), "
+        "'stream': value_json.stream | default(''), 'score': value_json.score | default(0), "
+        "'labels': value_json.labels | default([]), 'segment': value_json.segment | default(''), "
+        "'start': value_json.start | default(0), 'end': value_json.end | default(0)} | tojson }}"
+        "{% endif %}"
+    )
+
+
+def _group_sensor_template(group: str) -> str:
+    """``ON`` at the group's start and updates, ``OFF`` at its end; nothing for other groups."""
+    return (
+        "{% if value_json.group is defined and value_json.group == " + json.dumps(group) + " %}"
+        "{{ 'OFF' if value_json.state == 'end' else 'ON' }}"
+        "{% endif %}"
+    )
+
+
+def _group_title(group: str) -> str:
+    """``smoke_alarm`` -> ``Smoke alarm``."""
+    return group.replace("_", " ").capitalize()
+
+
+def sound_group_components(
+    uid: str, prefix: str, sound_groups: Sequence[str], sustained_groups: Collection[str]
+) -> dict[str, dict[str, Any]]:
+    """The entities of the label groups: an `event` each, a `binary_sensor` per sustained one.
+
+    Args:
+        uid: The device id (entity unique ids start with it).
+        prefix: The event topic prefix.
+        sound_groups: The label groups, in the order Home Assistant lists them.
+        sustained_groups: Those that get start / update / end (and a binary sensor).
+
+    Raises:
+        ValueError: a group name that is not `[a-z][a-z0-9_]*` (up to 32 characters).
+    """
+    components: dict[str, dict[str, Any]] = {}
+    topic = f"{prefix}/+/sound"
+    for group in dict.fromkeys(sound_groups):
+        if not _GROUP_RE.fullmatch(group):
+            raise ValueError(
+                f"sound group {group!r}: expected lower-case letters, digits and '_' "
+                "(starting with a letter, up to 32)"
+            )
+        sustained = group in sustained_groups
+        key = f"{uid}_sound_{group}"
+        event: dict[str, Any] = {
+            "p": "event",
+            "unique_id": key,
+            "name": _group_title(group),
+            "icon": SOUND_GROUP_ICONS.get(group, "mdi:waveform"),
+            "state_topic": topic,
+            "event_types": list(SOUND_STATES if sustained else ("start", "end")),
+            "value_template": _group_event_template(group),
+        }
+        if group == "doorbell":
+            event["device_class"] = "doorbell"
+        components[key] = event
+        if sustained:
+            components[f"{uid}_heard_{group}"] = {
+                "p": "binary_sensor",
+                "unique_id": f"{uid}_heard_{group}",
+                "name": f"{_group_title(group)} heard",
+                "icon": SOUND_GROUP_ICONS.get(group, "mdi:waveform"),
+                "device_class": "sound",
+                "state_topic": topic,
+                "value_template": _group_sensor_template(group),
+                "payload_on": "ON",
+                "payload_off": "OFF",
+            }
+    return components
+
+
 def discovery_message(
     *,
     prefix: str,
@@ -102,6 +214,8 @@ def discovery_message(
     device_name: str = "salmonn-live",
     command_event_types: Sequence[str] = DEFAULT_COMMAND_EVENT_TYPES,
     sound_event_types: Mapping[str, Sequence[str]] = DEFAULT_SOUND_EVENT_TYPES,
+    sound_groups: Sequence[str] = (),
+    sustained_groups: Collection[str] = (),
 ) -> tuple[str, str]:
     """Build the retained device-based discovery message.
 
@@ -114,12 +228,16 @@ def discovery_message(
             if missing (it is the fallback).
         sound_event_types: `event_type` -> keywords (lower-case substrings of the caption)
             of the sound event entity, tried in order; `sound` is the fallback.
+        sound_groups: The tagger's label groups that make sound events (none: the tagger is
+            off, and only the five entities above are declared); see
+            `sound_group_components`.
+        sustained_groups: Those of `sound_groups` with a start / update / end lifecycle.
 
     Returns:
         `(topic, payload)`, the payload a JSON object string.
 
     Raises:
-        ValueError: if `device_id` has characters Home Assistant rejects.
+        ValueError: if `device_id` or a group name has characters Home Assistant rejects.
     """
     if not device_id or _ID_RE.search(device_id):
         raise ValueError(
@@ -186,6 +304,7 @@ def discovery_message(
             "state_on": "ON",
             "state_off": "OFF",
         },
+        **sound_group_components(uid, prefix, sound_groups, sustained_groups),
     }
     payload = {
         "dev": {
