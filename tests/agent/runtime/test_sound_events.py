@@ -252,3 +252,13 @@ def test_reset_forgets_everything() -> None:
     assert tracker.open_occurrences == {} and tracker.clock_s == -math.inf
     [start] = tracker.observe(0.0, 0.96, {"dog": 0.9})
     assert start.occurrence_id == "s:sound:0"
+
+
+def test_default_groups_are_tagger_groups_and_the_config_agrees() -> None:
+    from agent.config import SoundsConfig
+    from model.sound_tagger import LABEL_GROUPS
+
+    assert set(LABEL_GROUPS) >= DEFAULT_SUSTAINED_GROUPS
+    assert set(LABEL_GROUPS) >= DEFAULT_IGNORED_GROUPS
+    assert set(SoundsConfig().ignore) == DEFAULT_IGNORED_GROUPS
+    assert SoundsConfig().tracker_config().sustained == DEFAULT_SUSTAINED_GROUPS
