@@ -19,6 +19,13 @@ are needed, since the cost of a forward pass does not depend on the values. Meas
 
 The figures come out as a Markdown section for BENCHMARKS.md (stdout, and ``--out FILE``).
 
+``--pipeline-streams 1,2,4,...`` then drives the real agent pipeline (the segmenter, the
+window queue, the batching worker: `bench pipeline`'s measurement, ``bench.pipeline``) with the
+``--pipeline-size`` shapes in trimmed mode, one generated scene per stream at real-time pace,
+and reports dropped windows and end-of-utterance latency per stream count. The scenes are
+rendered beforehand where espeak-ng is installed (``--write-scenes FILE``) and read from
+``--scenes FILE``, as the GPU machine has no espeak-ng.
+
 ``--dry-run`` builds the shapes on the meta device only and prints their parameter counts: it
 runs anywhere (the tests run it on the CPU). ``--sizes tiny --device cpu`` runs the whole
 measurement on tiny shapes on the CPU (also tested). The command for the device tool is in
@@ -527,6 +534,121 @@ def markdown(results: Sequence[dict[str, Any]], header: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------------
+# The agent pipeline on the GPU
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SceneAudio:
+    """What `bench.pipeline`'s measurement reads of a scene: its samples."""
+
+    audio: np.ndarray
+
+
+def write_scenes(path: Path, count: int, seconds: float) -> None:
+    """Render `bench pipeline`'s scenes (espeak-ng speech, synthetic sounds) into an ``.npz``
+    of 16-bit samples (half the size to carry; what a microphone gives anyway)."""
+    from bench.pipeline import _scenes
+
+    pcm = [(np.clip(s.audio, -1.0, 1.0) * 32767).astype(np.int16) for s in _scenes(count, seconds)]
+    np.savez_compressed(path, *pcm)
+
+
+def read_scenes(path: Path) -> list[SceneAudio]:
+    """The scenes `write_scenes` saved, in order."""
+    with np.load(path) as data:
+        pcm = [data[f"arr_{i}"] for i in range(len(data.files))]
+    return [SceneAudio(samples.astype(np.float32) / 32768.0) for samples in pcm]
+
+
+def measure_pipeline(
+    shapes: Shapes,
+    device: torch.device,
+    dtype: torch.dtype,
+    scenes: Sequence[SceneAudio],
+    *,
+    counts: Sequence[int],
+    new_tokens: int,
+    max_batch: int,
+    max_p95_s: float,
+    deadline: float,
+    log: Callable[[str], None],
+) -> list[dict[str, Any]]:
+    """The agent pipeline (`bench.pipeline`'s real-time run) on a random model of ``shapes``:
+    one row per stream count, as `bench pipeline` reports them. LLM answers only (a random
+    model's Whisper has no tokenizer), each run to ``new_tokens`` (random weights never stop)."""
+    import asyncio
+
+    from agent.config import ModelSettings
+    from bench import pipeline
+
+    parser = argparse.ArgumentParser()
+    pipeline.add_arguments(parser)
+    args = parser.parse_args(
+        [
+            "--model",
+            shapes.preset,
+            "--transcript",
+            "llm",
+            "--command",
+            "llm",
+            "--max-new-tokens",
+            str(new_tokens),
+            "--max-batch",
+            str(max_batch),
+            "--device",
+            str(device),
+        ]
+    )
+    settings = ModelSettings(command=args.command, early_command_ms=args.early_command_ms)
+    args.early_command_ms = settings.early_ms  # resolved as `bench pipeline` resolves them
+    args.command_whisper = settings.command_recogniser
+    model = build_random(shapes, device, dtype, input_mode="trimmed")
+    rows: list[dict[str, Any]] = []
+    for count in counts:
+        if count > len(scenes):
+            log(f"pipeline: {count} streams need {count} scenes, {len(scenes)} written")
+            break
+        if time.perf_counter() > deadline:
+            log(f"pipeline: time budget reached before {count} streams")
+            break
+        started = time.perf_counter()
+        row = asyncio.run(pipeline._realtime(model, list(scenes[:count]), args))
+        row["wall_s"] = round(time.perf_counter() - started, 1)
+        row["sustained"] = row["dropped"] == 0 and row["eou_p95"] <= max_p95_s
+        log(f"pipeline {shapes.name}: {row}")
+        rows.append(row)
+        if row["dropped"]:
+            break  # more streams drop more
+    del model
+    gc.collect()
+    return rows
+
+
+def pipeline_markdown(
+    size: str, rows: Sequence[dict[str, Any]], scene_s: float, max_p95_s: float
+) -> str:
+    """The pipeline rows as a Markdown table."""
+    lines = [
+        "",
+        f"Agent pipeline (`bench.pipeline`'s real-time run, trimmed input), {size} shapes, "
+        f"one {scene_s:g} s scene per stream (2 commands, 2 sound events), LLM answers only. "
+        "Latency: end of utterance (500 ms hangover included) to the final `command` event; "
+        f"sustained: nothing dropped and p95 <= {max_p95_s:g} s.",
+        "",
+        "| streams | windows | dropped | p50 | p95 | windows / worker-s | sustained |",
+        "|---:|---:|---:|---:|---:|---:|:---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['streams']} | {r['windows']} | {r['dropped']} | {r['eou_p50']:.2f} s "
+            f"| {r['eou_p95']:.2f} s | {r['windows_per_busy_s']:.2f} "
+            f"| {'yes' if r['sustained'] else 'no'} |"
+        )
+    return "\n".join(lines)
+
+
 def _header(device: torch.device, dtype: torch.dtype, args: argparse.Namespace) -> dict[str, str]:
     from model.device import dtype_name
 
@@ -565,12 +687,42 @@ def _parser() -> argparse.ArgumentParser:
         "--budget-s", type=float, default=300.0, help="stop starting new measurements after this"
     )
     parser.add_argument(
+        "--pipeline-budget-s",
+        type=float,
+        default=180.0,
+        help="more seconds, after --budget-s, in which pipeline runs may still start",
+    )
+    parser.add_argument(
         "--max-p95-s",
         type=float,
         default=None,
         help="batch p95 under which its streams count as sustained (default: the command's length)",
     )
     parser.add_argument("--out", type=Path, help="also write the Markdown here (and .json)")
+    parser.add_argument(
+        "--pipeline-streams",
+        default="",
+        help="stream counts for the agent pipeline run, e.g. 1,4,16,32 ('' = none)",
+    )
+    parser.add_argument("--pipeline-size", default="7b", help="shapes of the pipeline run")
+    parser.add_argument(
+        "--pipeline-max-batch", type=int, default=32, help="worker.max_batch of the pipeline run"
+    )
+    parser.add_argument(
+        "--pipeline-max-p95-s",
+        type=float,
+        default=2.0,
+        help="p95 under which the pipeline's streams count as sustained (bench pipeline's)",
+    )
+    parser.add_argument("--scenes", type=Path, help="scenes for the pipeline run (.npz)")
+    parser.add_argument(
+        "--write-scenes",
+        type=Path,
+        metavar="FILE",
+        help="render --scene-count scenes of --scene-s into FILE (.npz; needs espeak-ng), exit",
+    )
+    parser.add_argument("--scene-count", type=int, default=32, help="scenes --write-scenes makes")
+    parser.add_argument("--scene-s", type=float, default=20.0, help="length of each scene, s")
     parser.add_argument(
         "--dry-run",
         "--shapes-only",
@@ -597,6 +749,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         _emit(f"unknown sizes {unknown}; known: {sorted(SIZES)}", sys.stderr)
         return 2
+    if args.write_scenes is not None:
+        write_scenes(args.write_scenes, args.scene_count, args.scene_s)
+        _emit(f"{args.scene_count} scenes of {args.scene_s:g} s written to {args.write_scenes}")
+        return 0
     if args.dry_run:
         dtype = torch.float32 if args.dtype is None else resolve_device_dtype("cpu", args.dtype)[1]
         _emit(shapes_table(dtype, sizes))
@@ -642,6 +798,34 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
     text = markdown(results, _header(device, dtype, args))
+    counts = [int(c) for c in args.pipeline_streams.split(",") if c.strip()]
+    if counts:
+        try:
+            if args.scenes is None:
+                raise ValueError("--pipeline-streams needs --scenes (from --write-scenes)")
+            scenes = read_scenes(args.scenes)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            rows = measure_pipeline(
+                SIZES[args.pipeline_size],
+                device,
+                dtype,
+                scenes,
+                counts=counts,
+                new_tokens=args.new_tokens,
+                max_batch=args.pipeline_max_batch,
+                max_p95_s=args.pipeline_max_p95_s,
+                deadline=deadline + args.pipeline_budget_s,
+                log=log,
+            )
+            scene_s = len(scenes[0].audio) / 16000 if scenes else 0.0
+            text += "\n" + pipeline_markdown(
+                args.pipeline_size, rows, scene_s, args.pipeline_max_p95_s
+            )
+            results.append({"pipeline": rows, "size": args.pipeline_size})
+        except Exception:  # the model-level figures above still come back
+            failures += 1
+            log(f"pipeline failed:\n{traceback.format_exc()}")
     _emit(text)
     if args.out is not None:
         args.out.write_text(text + "\n")

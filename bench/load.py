@@ -86,6 +86,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="model.command (default: run's, whisper; llm for tiny-random)",
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads in the agent")
+    parser.add_argument(
+        "--device", default="cpu", help="model.device: cpu, cuda, cuda:N or auto (default cpu)"
+    )
+    parser.add_argument(
+        "--dtype", default=None, help="model.dtype: float32, bfloat16 or float16 (default: auto)"
+    )
     parser.add_argument("--scene-s", type=float, default=20.0, help="scene length (looped), s")
     parser.add_argument(
         "--max-slope-mib-min",
@@ -134,6 +140,8 @@ async def _serve(spec: dict[str, Any]) -> None:
                 "name": spec["model"],
                 "max_new_tokens": spec["max_new_tokens"],
                 "threads": spec["threads"],
+                "device": spec["device"],
+                "dtype": spec["dtype"],
                 "input_mode": "trimmed",
                 "transcript": spec["transcript"],
                 "command": spec["command"],
@@ -148,7 +156,12 @@ async def _serve(spec: dict[str, Any]) -> None:
         from model.presets import resolve_model
         from model.salmonn import Salmonn
 
-        return Salmonn.from_config(resolve_model(spec["model"], input_mode="trimmed"))
+        settings = config.model
+        return Salmonn.from_config(
+            resolve_model(spec["model"], input_mode="trimmed"),
+            device=settings.device,
+            dtype=settings.dtype,
+        )
 
     agent = Agent(config, load)
     # The probes store into flat arrays, so their own bookkeeping does not look like a leak.
@@ -352,6 +365,8 @@ async def _drive(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "model": args.model,
         "max_new_tokens": args.max_new_tokens,
         "threads": args.threads,
+        "device": args.device,
+        "dtype": args.dtype,
         **answer_paths(args.model, args.transcript, args.command),
         "report": str(report_path),
     }

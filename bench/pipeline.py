@@ -85,6 +85,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-wait-ms", type=float, default=20.0)
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument(
+        "--device", default="cpu", help="where the model runs: cpu, cuda, cuda:N or auto"
+    )
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        help="float32, bfloat16 or float16 (default: float32 on the CPU, bfloat16 or float16"
+        " on a GPU)",
+    )
+    parser.add_argument(
         "--max-p95-s",
         type=float,
         default=2.0,
@@ -199,7 +208,9 @@ def _baseline(model_name: str, scene: Any, args: argparse.Namespace) -> dict[str
     from streaming.events import SegmentEnded
     from streaming.segmenter import Segmenter
 
-    model = Salmonn.from_config(resolve_model(model_name, input_mode="official"))
+    model = Salmonn.from_config(
+        resolve_model(model_name, input_mode="official"), device=args.device, dtype=args.dtype
+    )
     segmenter = Segmenter()
     windows = [
         e for e in segmenter.push(scene.audio) + segmenter.flush() if isinstance(e, SegmentEnded)
@@ -277,6 +288,17 @@ def _plot(
     return path
 
 
+def _placement(model: Any) -> str:
+    """``cpu in float32``, ``cuda:0 (NVIDIA H200) in bfloat16``: where the model ran."""
+    import torch
+
+    from model.device import dtype_name
+
+    device, dtype = model.placement()
+    name = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
+    return f"{device}{name} in {dtype_name(dtype)}"
+
+
 def _out(line: str) -> None:
     print(line, flush=True)  # noqa: T201 (benchmark output)
 
@@ -306,7 +328,7 @@ def run(args: argparse.Namespace) -> int:
         n *= 2
     counts.append(args.streams)
     scenes = _scenes(max(counts), args.scene_s)
-    model = Salmonn.from_config(resolve_model(args.model))
+    model = Salmonn.from_config(resolve_model(args.model), device=args.device, dtype=args.dtype)
     rows = []
     for count in counts:
         started = time.perf_counter()
@@ -324,7 +346,8 @@ def run(args: argparse.Namespace) -> int:
     heading = f"## Pipeline: live latency and capacity (`bench pipeline --streams {args.streams}`)"
     _out(f"\n{heading}\n")
     _out(
-        f"Model `{args.model}`, transcripts by {args.transcript}, commands by "
+        f"Model `{args.model}` on {_placement(model)}, transcripts by {args.transcript}, "
+        "commands by "
         f"{'the grammar on Whisper' if args.command == 'whisper' else 'the LLM'}, "
         f"{args.max_new_tokens} new tokens per LLM answer, "
         f"max batch {args.max_batch}, max wait {args.max_wait_ms:g} ms, "

@@ -453,6 +453,73 @@ def test_gpu_check_measures_tiny_shapes_on_the_cpu(capsys, tmp_path) -> None:
         assert one["tokens"] <= 3
 
 
+def test_gpu_check_scenes_round_trip_as_16_bit(monkeypatch, tmp_path) -> None:
+    import bench.pipeline
+    from bench import gpu_check
+
+    rendered = [
+        type("Scene", (), {"audio": _clip(1.0, i)})() for i in range(3)
+    ]  # what bench.pipeline._scenes gives (espeak-ng not needed here)
+    monkeypatch.setattr(bench.pipeline, "_scenes", lambda count, seconds: rendered[:count])
+    path = tmp_path / "scenes.npz"
+    assert gpu_check.main(["--write-scenes", str(path), "--scene-count", "3"]) == 0
+    scenes = gpu_check.read_scenes(path)
+    assert len(scenes) == 3
+    for scene, want in zip(scenes, rendered, strict=True):
+        assert scene.audio.dtype == np.float32
+        np.testing.assert_allclose(scene.audio, want.audio, atol=1 / 16000)
+
+
+def test_gpu_check_pipeline_without_scenes_fails_but_keeps_the_figures(capsys) -> None:
+    from bench import gpu_check
+
+    tiny = ["--sizes", "tiny", "--device", "cpu", "--repeats", "1", "--streams", "1"]
+    status = gpu_check.main(
+        [*tiny, "--input-modes", "trimmed", "--new-tokens", "2", "--pipeline-streams", "1"]
+    )
+    captured = capsys.readouterr()
+    assert status == 1 and "--pipeline-streams needs --scenes" in captured.err
+    assert "| tiny | trimmed |" in captured.out
+
+
+@pytest.mark.parametrize("bench_name", ["pipeline", "load", "model"])
+def test_bench_commands_take_device_and_dtype(bench_name: str) -> None:
+    import argparse
+    import importlib
+
+    parser = argparse.ArgumentParser()
+    importlib.import_module(f"bench.{bench_name}").add_arguments(parser)
+    args = parser.parse_args(["--device", "cuda:1", "--dtype", "bfloat16"])
+    assert args.device == "cuda:1"
+    assert getattr(args, "model_dtype" if bench_name == "model" else "dtype") == "bfloat16"
+    defaults = parser.parse_args([])
+    assert defaults.device == "cpu"
+
+
+def test_bench_pipeline_loads_its_model_on_the_device(monkeypatch) -> None:
+    import argparse
+
+    import bench.pipeline
+
+    seen: dict[str, object] = {}
+
+    class Loaded(Exception):
+        pass
+
+    def fake_from_config(config, **kwargs):
+        seen.update(kwargs)
+        raise Loaded
+
+    monkeypatch.setattr(bench.pipeline, "_scenes", lambda count, seconds: [])
+    monkeypatch.setattr(Salmonn, "from_config", fake_from_config)
+    parser = argparse.ArgumentParser()
+    bench.pipeline.add_arguments(parser)
+    args = parser.parse_args(["--model", "tiny-random", "--streams", "1", "--dtype", "bf16"])
+    with pytest.raises(Loaded):
+        bench.pipeline.run(args)
+    assert seen == {"device": "cpu", "dtype": "bf16"}
+
+
 def test_gpu_check_refuses_cuda_without_cuda(no_cuda, monkeypatch, capsys) -> None:
     from bench import gpu_check
 

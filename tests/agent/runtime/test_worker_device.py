@@ -176,14 +176,21 @@ def test_the_command_recogniser_goes_to_the_models_gpu(
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("mode", ["trimmed", "official"])
-async def test_worker_on_cuda_answers_every_stream(mode: str) -> None:
+def test_worker_on_cuda_answers_every_stream(mode: str) -> None:
+    # Synchronous (asyncio.run): the GPU machine runs these without pytest-asyncio.
+    import asyncio
+
     model = _loader("cuda", None, mode)()
     device, dtype = model_placement(model)
     assert device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
     windows = [_window("a", 2.0, 1, "caption"), _window("b", 1.3, 2, "caption", "transcript")]
     outputs: list[Any] = []
-    async with InferenceWorker(lambda: model, max_new_tokens=4) as worker:
-        report = await worker.run(windows, outputs.append)
+
+    async def answer() -> Any:
+        async with InferenceWorker(lambda: model, max_new_tokens=4) as worker:
+            return await worker.run(windows, outputs.append)
+
+    report = asyncio.run(answer())
     assert report.error is None
     assert report.finished == {r.key for w in windows for r in w.requests}
     tokens = model.encode_audio([w.audio for w in windows])
