@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import glob
 import logging
+import os
 import platform
 import sys
 from collections import Counter
@@ -433,7 +434,12 @@ def cost(tagger: SoundTagger, seconds: float) -> list[str]:
     rows = {n: patch_cost_ms(tagger, n, seconds) for n in (1, 8, 16)}
     single = rows[1]["total_ms"]
     lines = [
-        "## Cost per 0.96 s patch, one core (one onnxruntime thread)",
+        "## Cost per 0.96 s patch, one core (one onnxruntime thread, CPU time of the process)",
+        "",
+        "numpy's BLAS threads: OPENBLAS_NUM_THREADS="
+        + os.environ.get("OPENBLAS_NUM_THREADS", "unset")
+        + " (set it to 1 for a one-core figure: a threaded OpenBLAS spins on the front end's"
+        " small mel matmul, several ms of CPU per patch)",
         "",
         "| patches per call | front end ms | graph ms | total ms | ratio to one patch |",
         "|---|---|---|---|---|",

@@ -130,7 +130,9 @@ class SoundTaggerConfig:
     max_batch_patches: int = 64
     score_output: Literal["float", "quantized"] = "float"
     pooling: Pooling = "top3"
-    generic_yield: float = 0.5
+    # 0.6 chosen on the GCompris dev split (docs/model.md): at 0.5 "Vehicle" yielded to a
+    # weaker "Aircraft" for a car engine and "Door" to "Knock" for a door opening.
+    generic_yield: float = 0.6
     sample_rate_hz: int = SAMPLE_RATE_HZ
     window_samples: int = 400  # 25 ms STFT window
     hop_samples: int = 160  # 10 ms STFT hop
