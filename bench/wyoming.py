@@ -5,9 +5,9 @@ the `wyoming` package's own `AsyncTcpClient` (a client no one here wrote), sendi
 16-bit audio in 1024-frame chunks, as Home Assistant's speech-to-text does, at the speed it
 is spoken (``--pace realtime``, the default) or as fast as the socket takes it (``fast``).
 
-The audio: household commands of about 3 s spoken by Piper's joe voice (`training.piper`;
-espeak-ng when Piper is missing), and the real recordings of English words that
-``klettres-data`` ships (one person each, under a second) when it is installed.
+The audio: household commands of about 3 s (2.6 to 3.2 s) spoken by Piper's joe voice
+(`training.piper`; espeak-ng when Piper is missing), and the real recordings of English words
+that ``klettres-data`` ships (one word each, about 2 s with its silences) when it is installed.
 
 Measured:
 
@@ -52,18 +52,18 @@ import numpy as np
 
 from bench.languages import word_error_rate
 
-#: ~3 s household commands (Piper joe speaks 2.5 to 3.5 s of each, its silences included).
+#: Household commands of 2.6 to 3.2 s in Piper joe's voice (its silences included).
 COMMANDS = (
-    "Turn off the lights in the living room.",
-    "Set the thermostat in the hall a little warmer.",
-    "Open the garage door and turn on the porch light.",
-    "What is the weather going to be like tomorrow?",
-    "Play some quiet music in the bedroom please.",
-    "Lock the front door and close the blinds.",
-    "Remind me to water the plants in the garden tonight.",
-    "Turn the kitchen lights down a little bit please.",
-    "Start the vacuum cleaner in the hallway.",
-    "Is the back door locked right now?",
+    "Please turn off all the lights in the living room.",
+    "Set the thermostat in the hallway a little bit warmer.",
+    "Open the garage door and switch on the porch light.",
+    "What is the weather going to be like tomorrow morning in town?",
+    "Play some quiet music in the bedroom for half an hour.",
+    "Lock the front door and close the blinds in the kitchen.",
+    "Remind me to water the plants in the garden this evening.",
+    "Turn the kitchen lights down a little bit, it is too bright.",
+    "Start the vacuum cleaner in the hallway and the office.",
+    "Is the back door locked, or did somebody leave it open?",
 )
 KLETTRES_SYLLABLES = Path("/usr/share/klettres/en/syllab")
 #: The klettres English recordings that are words (``aw``, ``ch`` and ``th`` are sounds).
@@ -170,6 +170,7 @@ class Report:
     clients: int
     started_s: float
     stopped_cleanly: bool
+    load: tuple[float, float]  # the 1-minute load average before and after
     server_problems: list[str] = field(default_factory=list)
 
     @property
@@ -428,7 +429,8 @@ def render(report: Report) -> str:
         f"## bench wyoming: {report.whisper}, {report.voice}, {report.pace} pace",
         "",
         f"{when}; {platform.machine()}, {cores} cores, Python {platform.python_version()};"
-        f" the service took {report.started_s:.1f} s to load and listen.",
+        f" the service took {report.started_s:.1f} s to load and listen; 1-minute load"
+        f" average {report.load[0]:.1f} before, {report.load[1]:.1f} after.",
         "",
         "### Transcripts: Wyoming vs run's Whisper path (transcribe_with_whisper)",
         "",
@@ -485,6 +487,7 @@ def run(args: argparse.Namespace) -> int:
         print("bench wyoming: needs Piper or espeak-ng (Debian package espeak-ng)")  # noqa: T201
         return 2
     source = args.whisper or resolve_model(args.model).whisper
+    load_before = os.getloadavg()[0]  # other work on the machine shows in the timings
     service = Service(args.model, args.whisper)
     stopped = False
     try:
@@ -507,6 +510,7 @@ def run(args: argparse.Namespace) -> int:
         clients=args.clients,
         started_s=started_s,
         stopped_cleanly=stopped,
+        load=(load_before, os.getloadavg()[0]),
         server_problems=service.problems(),
     )
     text = render(report)
