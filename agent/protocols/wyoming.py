@@ -13,14 +13,17 @@ section, as the reference library does. The framing is written here (not taken f
 ``wyoming`` package) because the server must bound what it reads: a header line longer than
 ``max_header_bytes``, a ``data_length`` or ``payload_length`` over its limit, deeply nested
 JSON, or a client that stops mid-event each end that connection with one log line, an
-``error`` event (``{"text", "code"}``, which Home Assistant logs) and a close; the other
-connections go on. Tests talk to it with the ``wyoming`` package's own client.
+``error`` event (``{"text", "code"}``) and a close; the other connections go on. (Home
+Assistant's speech-to-text reads past an ``error`` and fails the request when the connection
+closes, so the reason is in this server's log line.) Tests talk to it with the ``wyoming``
+package's own client.
 
 Events served:
 
 - ``describe`` -> ``info``: one ``asr`` program (the model, its languages, transcript
   streaming) and, with a `SoundDetector`, one ``wake`` program whose models are the detector's
-  label groups (``doorbell``, ``glass_breaking``, ...).
+  label groups (for the sound tagger, `model.sound_tagger.LABEL_GROUPS`: ``doorbell``,
+  ``glass``, ``smoke_alarm``, ...).
 - ``transcribe`` (optional ``language``), ``audio-start`` / ``audio-chunk``* / ``audio-stop``
   -> ``transcript-start``, ``transcript-chunk``* (the new text as it grows),
   ``transcript``, ``transcript-stop`` (the streaming events of protocol 1.7; a client that
@@ -233,8 +236,9 @@ class SoundDetection:
 class SoundDetector(Protocol):
     """Sound-event detection for ``detect``: label groups reported like wake words.
 
-    ``names`` are the label groups (``doorbell``, ``glass_breaking``, ...): ``info`` lists
-    them as the models of a ``wake`` program, which is what Home Assistant reads.
+    ``names`` are the label groups (the sound tagger's `model.sound_tagger.LABEL_GROUPS`:
+    ``doorbell``, ``glass``, ``smoke_alarm``, ...): ``info`` lists them as the models of a
+    ``wake`` program, which is what Home Assistant reads.
     """
 
     @property

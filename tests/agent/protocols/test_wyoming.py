@@ -96,7 +96,7 @@ class FakeDetector:
     """Reports ``name`` at the first chunk louder than ``threshold`` (RMS), once per stream;
     yields ``also`` (a group not asked for) first, to check that it is filtered."""
 
-    names = ("alarm", "doorbell", "dog_barking")
+    names = ("smoke_alarm", "doorbell", "dog")  # sound tagger group names
 
     def __init__(self, name: str = "doorbell", threshold: float = 0.1, also: str = "") -> None:
         self.name = name
@@ -313,8 +313,9 @@ async def test_describe_lists_the_asr_model_and_the_sound_groups() -> None:
     (model,) = asr.models
     assert (model.name, model.languages, model.version) == ("whisper-base.en", ["en"], "1")
     (wake,) = info.wake
-    assert [m.name for m in wake.models] == ["alarm", "doorbell", "dog_barking"]
-    assert [m.phrase for m in wake.models] == ["alarm", "doorbell", "dog barking"]
+    assert [m.name for m in wake.models] == ["smoke_alarm", "doorbell", "dog"]
+    assert [m.phrase for m in wake.models] == ["smoke alarm", "doorbell", "dog"]
+    assert [m.description for m in wake.models] == ["Smoke alarm", "Doorbell", "Dog"]
     assert all(m.installed for m in wake.models)
     assert info.satellite is None  # Home Assistant would then set up no platforms at all
 
@@ -472,7 +473,7 @@ async def test_an_address_in_use_is_a_clear_error() -> None:
 async def test_detect_reports_the_requested_group_as_home_assistant_asks() -> None:
     """Home Assistant's flow: detect(names=[one]), audio-start, chunks; a detection of a group
     it did not ask for is not sent; a stream with nothing heard ends in not-detected."""
-    detector = FakeDetector(name="doorbell", also="dog_barking")
+    detector = FakeDetector(name="doorbell", also="dog")
     silence = np.zeros(8000, np.float32)
     ring = 0.5 * np.sin(2 * np.pi * 880 * np.arange(4000) / SAMPLE_RATE_HZ).astype(np.float32)
     async with serving(detector=detector) as server:
