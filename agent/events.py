@@ -1,8 +1,10 @@
-"""The agent's output events: typed, frozen, and turned into JSON-ready dicts at the sink boundary.
+"""The agent's output events: typed and frozen until a sink serialises them, once.
 
-Inside the pipeline every event is a frozen dataclass. Sinks (WebSocket clients, MQTT, the
-console) receive ``event.to_dict()``: a plain dict that follows the versioned schema documented
-in ``docs/events.md``. Bump :data:`SCHEMA_VERSION` on any incompatible change.
+Every event is a frozen dataclass (:data:`Event`), and the bus (`agent.runtime.fanout`) carries
+them as such, each wrapped in a :class:`Published` that turns it into the JSON-ready dict of the
+versioned schema (``docs/events.md``) and into JSON text at most once, however many sinks
+(WebSocket clients, MQTT, the console, rules) read it. Bump :data:`SCHEMA_VERSION` on any
+incompatible change.
 
 Clocks:
     * ``start`` / ``end``: seconds on the *stream clock* (0 = the stream's first sample).
@@ -13,9 +15,12 @@ Clocks:
 from __future__ import annotations
 
 import enum
+import functools
+import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 #: Version of the event schema (the ``schema`` field of every event).
 SCHEMA_VERSION = 1
@@ -32,6 +37,7 @@ class EventKind(enum.StrEnum):
     ANSWER = "answer"  # a standing question's answer
     COMMAND = "command"  # speech -> structured intent (see agent/intents.py)
     TRIGGER = "trigger"  # a smart-home rule fired on an event (see agent/protocols/rules.py)
+    SOUND = "sound"  # a sound heard by the tagger: start / update / end of one occurrence
     STATUS = "status"  # agent and stream state, overload counters, errors
 
 
@@ -59,6 +65,11 @@ class WallClock:
         if monotonic_s is None:
             return None
         return round(monotonic_s + self._offset_s, 4)
+
+    def monotonic(self, wall_s: float) -> float:
+        """The monotonic stamp of a Unix time (the inverse of `wall`, for stamps made by
+        another agent, such as a cluster worker's)."""
+        return wall_s - self._offset_s
 
 
 @dataclass(frozen=True)
@@ -116,6 +127,7 @@ class ModelEvent:
         intent: For final commands, the parsed intent (see ``docs/intents.md``).
         source: Who produced the text: ``llm`` or ``whisper``.
         early: A command read before its segment ended (``model.early_command_ms``).
+        worker: The cluster worker that answered (events an edge passes on), else None.
     """
 
     id: str
@@ -135,6 +147,50 @@ class ModelEvent:
     intent: dict[str, Any] | None = None
     source: str = "llm"
     early: bool = False
+    worker: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], clock: WallClock) -> ModelEvent:
+        """The event of a schema dict made by another agent (a cluster worker's answer);
+        its timing stamps are mapped onto this agent's clock.
+
+        Raises:
+            ValueError: not a model event of this schema, or a field of the wrong type.
+        """
+        try:
+            kind = EventKind(data["kind"])
+            timing = data.get("timing") or {}
+            stamps = {
+                name: None if timing.get(name) is None else clock.monotonic(float(timing[name]))
+                for name in ("captured", "segment_end", "model_start", "first_token", "emitted")
+            }
+            event = cls(
+                id=str(data["id"]),
+                seq=int(data["seq"]),
+                stream=str(data["stream"]),
+                kind=kind,
+                window=str(data["window"]),
+                text=str(data["text"]),
+                partial=bool(data["partial"]),
+                start_s=float(data["start"]),
+                end_s=float(data["end"]),
+                segment=str(data["segment"]),
+                model=str(data["model"]),
+                timing=Timing(**stamps),
+                question=None if data.get("question") is None else str(data["question"]),
+                lora_scale=None if data.get("lora_scale") is None else float(data["lora_scale"]),
+                intent=dict(data["intent"]) if data.get("intent") is not None else None,
+                source=str(data.get("source", "llm")),
+                early=bool(data.get("early", False)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"not a model event of schema {SCHEMA_VERSION}: {exc!r}") from exc
+        if data.get("schema") != SCHEMA_VERSION or kind not in MODEL_KINDS:
+            raise ValueError(
+                f"not a model event of schema {SCHEMA_VERSION}: schema {data.get('schema')!r}, "
+                f"kind {kind}"
+            )
+        return event
 
     def to_dict(self, clock: WallClock) -> dict[str, Any]:
         """The JSON-ready dict of the schema (see ``docs/events.md``)."""
@@ -162,6 +218,8 @@ class ModelEvent:
             out["intent"] = self.intent
         if self.early:
             out["early"] = True
+        if self.worker is not None:
+            out["worker"] = self.worker
         return out
 
 
@@ -186,6 +244,8 @@ class StatusEvent:
     message: str
     emitted: float
     detail: dict[str, Any] = field(default_factory=dict)
+    kind: ClassVar[EventKind] = EventKind.STATUS
+    partial: ClassVar[bool] = False
 
     def to_dict(self, clock: WallClock) -> dict[str, Any]:
         """The JSON-ready dict of the schema (see ``docs/events.md``)."""
@@ -239,6 +299,8 @@ class TriggerEvent:
     text: str
     emitted: float
     source_timing: dict[str, float | None] = field(default_factory=dict)
+    kind: ClassVar[EventKind] = EventKind.TRIGGER
+    partial: ClassVar[bool] = False
 
     def to_dict(self, clock: WallClock) -> dict[str, Any]:
         """The JSON-ready dict of the schema (see ``docs/events.md``)."""
@@ -261,6 +323,95 @@ class TriggerEvent:
             "text": self.text,
             "timing": timing,
         }
+
+
+@dataclass(frozen=True)
+class SoundEvent:
+    """A sound the tagger heard: one occurrence of a label group, from ``start`` to ``end``.
+
+    Short sounds (a bark, a knock) get a ``start`` and an ``end``; sustained ones (an alarm
+    that keeps ringing, music) also get ``update`` events while they go on. All events of one
+    occurrence share its ``id`` (see ``docs/events.md``).
+
+    Attributes:
+        id: ``<stream>:sound:<n>``: one per occurrence.
+        seq: Agent-wide emission counter.
+        stream: Stream id.
+        state: ``start``, ``update`` or ``end``.
+        group: The label group (``smoke_alarm``, ``dog``, ``music``, ...).
+        score: The group's highest score so far in this occurrence (0-1).
+        labels: The top AudioSet classes heard, with their scores.
+        sustained: Whether the group is a sustained one (it gets ``update`` events).
+        start_s: Where the occurrence began, stream clock seconds.
+        end_s: Where it was last heard, stream clock seconds.
+        segment: What the segmenter saw: sound, mixed, ambient, or background.
+        model: The tagger's name.
+        timing: Latency stamps.
+    """
+
+    id: str
+    seq: int
+    stream: str
+    state: str
+    group: str
+    score: float
+    labels: tuple[tuple[str, float], ...]
+    sustained: bool
+    start_s: float
+    end_s: float
+    segment: str
+    model: str
+    timing: Timing
+    kind: ClassVar[EventKind] = EventKind.SOUND
+    partial: ClassVar[bool] = False
+
+    def to_dict(self, clock: WallClock) -> dict[str, Any]:
+        """The JSON-ready dict of the schema (see ``docs/events.md``)."""
+        return {
+            "schema": SCHEMA_VERSION,
+            "id": self.id,
+            "seq": self.seq,
+            "stream": self.stream,
+            "kind": str(EventKind.SOUND),
+            "state": self.state,
+            "group": self.group,
+            "score": round(self.score, 4),
+            "labels": [{"name": name, "score": round(score, 4)} for name, score in self.labels],
+            "sustained": self.sustained,
+            "start": round(self.start_s, 3),
+            "end": round(self.end_s, 3),
+            "segment": self.segment,
+            "model": self.model,
+            "timing": self.timing.to_dict(clock),
+        }
+
+
+#: Every event the bus carries.
+Event = ModelEvent | StatusEvent | TriggerEvent | SoundEvent
+
+
+@dataclass(frozen=True, eq=False)
+class Published:
+    """One event as the sinks receive it: the typed event, plus its schema dict and its JSON
+    text, each made at most once however many sinks read them (read them, never change them).
+
+    Attributes:
+        event: The event.
+        clock: The publishing agent's clock (its Unix times).
+    """
+
+    event: Event
+    clock: WallClock
+
+    @functools.cached_property
+    def data(self) -> dict[str, Any]:
+        """The JSON-ready dict of the schema (``docs/events.md``)."""
+        return self.event.to_dict(self.clock)
+
+    @functools.cached_property
+    def json(self) -> str:
+        """The dict as compact JSON text (UTF-8 kept as is), as WebSocket and MQTT send it."""
+        return json.dumps(self.data, ensure_ascii=False, separators=(",", ":"))
 
 
 def client_notice(

@@ -130,7 +130,6 @@ async def _serve(spec: dict[str, Any]) -> None:
     """Run the agent with a lag ticker, a memory sampler and a recorder of published seqs;
     write a JSON report to ``spec["report"]`` after SIGTERM's clean shutdown."""
     from agent.config import AgentConfig
-    from agent.protocols.mqtt import with_mqtt
     from agent.runtime.app import Agent
 
     config = AgentConfig.from_dict(
@@ -169,7 +168,8 @@ async def _serve(spec: dict[str, Any]) -> None:
     closed: dict[str, dict[str, Any]] = {}
     first_opened: list[int] = []
 
-    def record(event: dict[str, Any]) -> None:
+    def record(item: Any) -> None:
+        event = item.data
         published.append(event["seq"])
         if event.get("status") == "stream_opened" and not first_opened:
             first_opened.append(event["seq"])
@@ -212,7 +212,7 @@ async def _serve(spec: dict[str, Any]) -> None:
     loop.add_signal_handler(signal.SIGTERM, agent.request_shutdown, "SIGTERM")
     probes = [loop.create_task(ticker()), loop.create_task(sampler())]
     try:
-        async with with_mqtt(agent):
+        async with agent:
             assert agent.ws is not None
             ready = loop.time()  # the model is loaded and the server listens
             sys.stdout.write(json.dumps({"url": agent.ws.url}) + "\n")

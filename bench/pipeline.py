@@ -172,8 +172,8 @@ async def _realtime(model: Any, scenes: list[Any], args: argparse.Namespace) -> 
         busy_s = agent.worker.busy_s
         stats = {h.id: dict(h.counters) for h in handles}
     events = []
-    while (event := sub.get_nowait()) is not None:
-        events.append(event)
+    while (item := sub.get_nowait()) is not None:
+        events.append(item.data)
     wall_offset = agent.clock.wall(start_mono) or 0.0
     eou, vad = [], []
     early = 0

@@ -17,6 +17,8 @@ import json
 import logging
 from typing import Any
 
+from agent.events import Published
+
 logger = logging.getLogger(__name__)
 
 
@@ -65,7 +67,6 @@ async def _main(config: Any) -> int:
     from agent.cli.run import SHUTDOWN_SIGNALS, _out, format_event
     from agent.cluster.edge import Edge
     from agent.cluster.messages import default_name
-    from agent.protocols.mqtt import with_mqtt
 
     device = config.cluster.device or default_name()
     config = dataclasses.replace(config, cluster=dataclasses.replace(config.cluster, device=device))
@@ -78,12 +79,12 @@ async def _main(config: Any) -> int:
     if printing != "none":
         partials = config.agent.print_partials
 
-        def show(event: dict[str, Any]) -> None:
-            _out(json.dumps(event) if printing == "json" else format_event(event))
+        def show(item: Published) -> None:
+            _out(item.json if printing == "json" else format_event(item.data))
 
-        edge.add_sink("console", show, accept=lambda e: partials or not e.get("partial", False))
+        edge.add_sink("console", show, accept=lambda item: partials or not item.event.partial)
     try:
-        async with with_mqtt(edge):
+        async with edge:
             reason = await edge.run()
             logger.info("edge %s stopping: %s", edge.device, reason)
     finally:

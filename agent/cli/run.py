@@ -21,6 +21,7 @@ from typing import Any
 from agent.cli.logsetup import stream_broken
 from agent.cli.options import add_config_options, config_overrides
 from agent.config import MQTT_URL_ENV, TOKEN_ENV
+from agent.events import Published
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +134,6 @@ def _check_sources(config: Any) -> None:
 
 
 async def _main(config: Any) -> int:
-    from agent.protocols.mqtt import with_mqtt
     from agent.runtime.app import Agent
 
     agent = Agent(config, _model_loader(config.model))
@@ -145,16 +145,16 @@ async def _main(config: Any) -> int:
         partials = config.agent.print_partials
         console_only = not config.ws.enabled and not config.mqtt.enabled
 
-        def show(event: dict[str, Any]) -> None:
+        def show(item: Published) -> None:
             if not stream_broken(sys.stdout):
-                _out(json.dumps(event) if printing == "json" else format_event(event))
+                _out(item.json if printing == "json" else format_event(item.data))
             if console_only and stream_broken(sys.stdout):
                 # Nobody is left to hear anything: stop as if signalled (idempotent).
                 agent.request_shutdown("stdout closed and no other output")
 
-        agent.add_sink("console", show, accept=lambda e: partials or not e.get("partial", False))
+        agent.add_sink("console", show, accept=lambda item: partials or not item.event.partial)
     try:
-        async with with_mqtt(agent):
+        async with agent:
             reason = await agent.run()
             logger.info("stopping: %s", reason)
     finally:

@@ -46,9 +46,9 @@ from agent.cluster.messages import (
 )
 from agent.config import AgentConfig
 from agent.errors import ConfigError
-from agent.events import EventKind, WallClock
+from agent.events import ModelEvent, StatusEvent, WallClock
 from agent.protocols.mqtt import fatal_reason
-from agent.runtime.fanout import EventBus
+from agent.runtime.fanout import EventBus, Subscription
 from agent.runtime.pipeline import Pipeline
 from agent.runtime.window_sink import LocalWindows
 from agent.runtime.worker import InferenceWorker, Window, check_whisper_text
@@ -113,7 +113,7 @@ class ClusterWorker:
         self._prefix = config.mqtt.prefix
         self.clock = WallClock()
         self._wall_offset_s = self.clock.wall(0.0) or 0.0
-        self.bus = EventBus()
+        self.bus = EventBus(self.clock)
         self.worker: InferenceWorker | None = None
         self.pipeline: _WorkerPipeline | None = None
         self.subscribed = asyncio.Event()
@@ -373,28 +373,31 @@ class ClusterWorker:
 
     # -- results -------------------------------------------------------------------------------
 
-    async def _forward(self, subscription: Any) -> None:
+    async def _forward(self, subscription: Subscription) -> None:
         """Turn the pipeline's events into result messages for the windows' edges."""
-        async for event in subscription:
-            if event.get("kind") == EventKind.STATUS:
+        async for item in subscription:
+            event = item.event
+            if isinstance(event, StatusEvent):
                 self._forward_status(event)
                 continue
-            route = self._routes.get(event.get("window", ""))
+            if not isinstance(event, ModelEvent):
+                continue
+            route = self._routes.get(event.window)
             if route is None:
                 continue
-            self._queue(route, "event", event["window"], event=event)
-            if not event.get("partial"):
-                route.remaining.discard(event["id"])
+            self._queue(route, "event", event.window, event=item.data)
+            if not event.partial:
+                route.remaining.discard(event.id)
                 if not route.remaining:
-                    del self._routes[event["window"]]
+                    del self._routes[event.window]
                     self.counters["answered"] += 1
 
-    def _forward_status(self, event: dict[str, Any]) -> None:
-        status = event.get("status")
+    def _forward_status(self, event: StatusEvent) -> None:
+        status = event.status
         if status not in ("window_failed", "window_unfinished"):
-            logger.debug("worker %s: status %s: %s", self.id, status, event.get("message"))
+            logger.debug("worker %s: status %s: %s", self.id, status, event.message)
             return
-        window = event["detail"].get("window", "")
+        window = str(event.detail.get("window", ""))
         route = self._routes.pop(window, None)
         if route is None or status == "window_unfinished":
             # Cut by the shutdown drain: say nothing; the edge republishes it when this
@@ -405,6 +408,6 @@ class ClusterWorker:
             route,
             "failed",
             window,
-            error=str(event["detail"].get("error", status)),
+            error=str(event.detail.get("error", status)),
             requests=sorted(route.remaining),
         )

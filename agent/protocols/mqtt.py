@@ -1,9 +1,11 @@
-"""MQTT output: the publisher and its wiring into the agent.
+"""MQTT output: the publisher.
 
-`MqttPublisher` publishes events to a broker through a bounded on-disk outbox; `with_mqtt`
-enters an agent with it. The `[mqtt]` slice it is configured by (`MqttConfig`), broker URLs
-(`parse_url`) and `MqttConfigError` live in `agent.config` with every other slice, and are
-importable from here too.
+`MqttPublisher` publishes events to a broker through a bounded on-disk outbox and hands control
+messages to a callback. It is entered with ``async with`` and never knows its caller: the agent
+(`agent.runtime.app.Agent`) enters it into its exit stack beside the WebSocket server, feeds it
+through a sink and turns its `on_status` reports into status events (`status_line`). The
+`[mqtt]` slice it is configured by (`MqttConfig`), broker URLs (`parse_url`) and
+`MqttConfigError` live in `agent.config` with every other slice.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import logging
 import re
 import socket
 import ssl
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +33,7 @@ from agent.config import (
     parse_url,
     redact_url,
 )
-from agent.events import EventKind
+from agent.events import Published, TriggerEvent
 from agent.protocols.homeassistant import (
     ALL_STREAMS,
     DEFAULT_COMMAND_EVENT_TYPES,
@@ -69,8 +71,6 @@ OPERATION_TIMEOUT_S = 10.0
 KEEPALIVE_S = 30
 # Shutdown: how long to keep delivering the outbox before disconnecting, seconds.
 DRAIN_TIMEOUT_S = 2.0
-# Connection changes kept for the agent while its pipeline starts (see `with_mqtt`).
-_EARLY_STATUS_MAX = 16
 # Drops are reported through on_status at most this often, seconds.
 DROP_REPORT_INTERVAL_S = 1.0
 # CONNACK codes (MQTT 3.1.1 values and their MQTT 5 reason codes) that retrying cannot fix.
@@ -334,50 +334,37 @@ class MqttPublisher:
 
     # -- intake ---------------------------------------------------------------------------
 
-    def submit(self, event: Mapping[str, Any]) -> None:
+    def submit(self, item: Published) -> None:
         """Queue an event for publication (sync, never blocks on the network).
 
         The event goes to the outbox (bounded: beyond `outbox_max_events` the oldest message
-        is dropped and counted) and the sender is woken. A `trigger` event (a smart-home rule
-        fired, `agent.events.TriggerEvent`) first puts the rule's own message: its `payload`
-        on its `topic`, with its `qos` and `retain`. Events with `partial: true` are skipped
-        unless `publish_partials` is set.
+        is dropped and counted) as its JSON text on ``<prefix>/<stream>/<kind>``, and the
+        sender is woken. A `trigger` event (a smart-home rule fired,
+        `agent.events.TriggerEvent`) first puts the rule's own message: its `payload` on its
+        `topic`, with its `qos` and `retain` (validated with the rules, `agent.config.RuleSpec`).
+        Events with `partial: true` are skipped unless `publish_partials` is set.
 
         Args:
-            event: a JSON-ready dict with at least `stream` and `kind` (topic levels: no
-                `/`, `+` or `#`); a trigger also has `topic`, `payload`, `qos`, `retain`.
+            item: The published event (stream ids are valid topic levels: `check_stream_id`).
 
         Raises:
-            ValueError: if `stream` or `kind` cannot be a topic level, a trigger's message
-                fields are missing or invalid, or the event is not JSON-serialisable.
             RuntimeError: before `start()` or after `close()`.
         """
         if self._outbox is None or self._closing:
             raise RuntimeError(
                 "MqttPublisher.submit() before start() or after close(); events are dropped"
             )
-        stream, kind = event.get("stream"), event.get("kind")
-        for name, value in (("stream", stream), ("kind", kind)):
-            if not isinstance(value, str) or not _TOPIC_LEVEL_RE.match(value) or "/" in value:
-                raise ValueError(
-                    f"event {name}: expected a non-empty string without '/', '+' or '#', "
-                    f"got {value!r}"
-                )
-        if event.get("partial") and not self._config.publish_partials:
+        event = item.event
+        if event.partial and not self._config.publish_partials:
             self._counters["skipped_partial"] += 1
             return
-        rule_message = _rule_message(event) if kind == EventKind.TRIGGER else None
-        try:
-            payload = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"event is not JSON-serialisable: {exc}") from exc
         self._counters["submitted"] += 1
         dropped = 0
-        if rule_message is not None:
+        if isinstance(event, TriggerEvent):
             self._counters["rule_messages"] += 1
-            dropped += self._outbox.put(*rule_message)
+            dropped += self._outbox.put(event.topic, event.payload, event.qos, event.retain)
         dropped += self._outbox.put(
-            f"{self._config.prefix}/{stream}/{kind}", payload, self._config.qos
+            f"{self._config.prefix}/{event.stream}/{event.kind}", item.json, self._config.qos
         )
         if dropped:
             self._schedule_drop_report()
@@ -679,32 +666,6 @@ class MqttPublisher:
         )
 
 
-def _rule_message(trigger: Mapping[str, Any]) -> tuple[str, str, int, bool]:
-    """The rule's own message carried by a `trigger` event: (topic, payload, qos, retain).
-
-    Raises:
-        ValueError: a field is missing or invalid.
-    """
-    topic, payload = trigger.get("topic"), trigger.get("payload")
-    qos, retain = trigger.get("qos", 1), trigger.get("retain", False)
-    if (
-        not isinstance(topic, str)
-        or not topic
-        or "+" in topic
-        or "#" in topic
-        or not isinstance(payload, str)
-        or isinstance(qos, bool)
-        or qos not in (0, 1, 2)
-        or not isinstance(retain, bool)
-    ):
-        raise ValueError(
-            "trigger event: expected topic (str, no wildcards), payload (str), qos (0-2) and "
-            f"retain (bool), got topic={topic!r} payload={payload!r} qos={qos!r} "
-            f"retain={retain!r}"
-        )
-    return topic, payload, int(qos), retain
-
-
 def _port_free(host: str, port: int) -> bool:
     """Whether a TCP listener could bind `host:port` now (as asyncio's server would)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -739,78 +700,27 @@ def fatal_reason(exc: BaseException) -> str | None:
     return None
 
 
-# --------------------------------------------------------------------------------------
-# Wiring into the agent
-# --------------------------------------------------------------------------------------
+def status_line(info: Mapping[str, Any]) -> tuple[str, str]:
+    """The status word and message of an `on_status` report (for the agent's status events).
 
+    Args:
+        info: What `MqttPublisher` passed to `on_status` (``{"mqtt": what, ...}``).
 
-@contextlib.asynccontextmanager
-async def with_mqtt(agent: Any) -> AsyncIterator[MqttPublisher | None]:
-    """Enter `agent` (an `agent.runtime.app.Agent`) with MQTT around it, as `salmonn-live run` does.
-
-    With `agent.config.mqtt.enabled`, the publisher starts first (bad credentials fail before
-    the model loads), the `[[rules]]` are added to the agent (`Agent.add_rules`: firings are
-    `trigger` events), every event of the agent goes to the publisher through a sink (a
-    trigger also publishes its rule's message), control messages go to
-    `agent.runtime.pipeline.control` (stream `*` = every open stream), and connection changes and
-    drops become status events (those from before the pipeline is up, such as the first
-    `mqtt_connected`, as soon as it is). On exit the agent shuts down first (its last events
-    reach the outbox), then the publisher delivers what it can and says `offline`.
-
-    Yields:
-        The publisher, or None when MQTT is off.
+    Returns:
+        ``("mqtt_<what>", one human-readable line)``.
     """
-    cfg = agent.config.mqtt
-    if not isinstance(cfg, MqttConfig) or not cfg.enabled:
-        async with agent:
-            yield None
-        return
-
-    def on_control(stream: str, payload: dict[str, Any]) -> None:
-        pipeline = agent.pipeline
-        if pipeline is None:
-            raise ValueError("the agent is still starting; try again")
-        if stream != ALL_STREAMS:
-            pipeline.control(stream, payload)
-            return
-        streams = sorted(pipeline.streams)
-        if not streams:
-            raise ValueError("no open stream to control")
-        for stream_id in streams:  # the same checks for each: the first one rejects or none
-            pipeline.control(stream_id, payload)
-
-    # Status changes while the model loads wait here for the pipeline (bounded: a broker
-    # that keeps failing during a long load reports its last changes only).
-    early: collections.deque[dict[str, Any]] = collections.deque(maxlen=_EARLY_STATUS_MAX)
-
-    def on_status(info: dict[str, Any]) -> None:
-        early.append(info)
-        pipeline = agent.pipeline
-        while pipeline is not None and early:  # the earlier ones first, in order
-            report(pipeline, early.popleft())
-
-    def report(pipeline: Any, info: dict[str, Any]) -> None:
-        what = str(info.get("mqtt", "state"))
-        if what == "dropped":
-            message = f"MQTT outbox full: dropped {info['new']} oldest ({info['dropped']} total)"
-        elif what == "outbox_error":
-            message = (
-                f"MQTT outbox journal unusable ({info.get('error')}): undelivered events are "
-                "kept in memory only (bounded) until the disk works again"
-            )
-        elif what == "outbox_ok":
-            message = f"MQTT outbox journal {info.get('path')} writable again"
-        elif what == "disconnected":
-            message = f"MQTT broker unreachable: {info.get('error')}"
-        else:
-            message = f"MQTT {what} to {info.get('url')}"
-        pipeline.emit_status({"status": f"mqtt_{what}", "message": message, "detail": info})
-
-    async with MqttPublisher(cfg, on_control=on_control, on_status=on_status) as publisher:
-        if agent.config.rules:
-            agent.add_rules(agent.config.rules)
-        agent.add_sink("mqtt", publisher.submit)  # before entering: `started` goes out too
-        async with agent:
-            while early:
-                report(agent.pipeline, early.popleft())
-            yield publisher
+    what = str(info.get("mqtt", "state"))
+    if what == "dropped":
+        message = f"MQTT outbox full: dropped {info['new']} oldest ({info['dropped']} total)"
+    elif what == "outbox_error":
+        message = (
+            f"MQTT outbox journal unusable ({info.get('error')}): undelivered events are "
+            "kept in memory only (bounded) until the disk works again"
+        )
+    elif what == "outbox_ok":
+        message = f"MQTT outbox journal {info.get('path')} writable again"
+    elif what == "disconnected":
+        message = f"MQTT broker unreachable: {info.get('error')}"
+    else:
+        message = f"MQTT {what} to {info.get('url')}"
+    return f"mqtt_{what}", message

@@ -57,7 +57,7 @@ from websockets.protocol import State
 
 from agent.config import AgentConfig, check_stream_id
 from agent.errors import AgentError, AudioProtocolError, ConfigError, OutputError
-from agent.events import MODEL_KINDS, EventKind, WallClock, client_notice
+from agent.events import AGENT_STREAM, EventKind, Published, WallClock, client_notice
 from agent.runtime.fanout import EventBus, Subscription, SubscriptionClosed
 from agent.runtime.pipeline import Pipeline
 from streaming.errors import AudioInputError
@@ -69,7 +69,7 @@ logger = logging.getLogger(__name__)
 #: flood of tiny frames is limited like a flood of audio.
 MIN_FRAME_CHARGE_S = 0.01
 _HELLO_KEYS = {"stream", "sample_rate", "format", "channels"}
-_ALL_KINDS = {str(k) for k in (*MODEL_KINDS, EventKind.TRIGGER, EventKind.STATUS)}
+_ALL_KINDS = {str(k) for k in EventKind}
 #: The caption page's files (package data of `agent.protocols`), served at ``/`` (index.html)
 #: and ``/<name>``.
 WEB_STATIC_DIR = resources.files("agent.protocols") / "web"
@@ -260,15 +260,13 @@ class WsServer:
             "required" if self._token else "not required",
         )
         self.pipeline.emit_status(
-            {
-                "status": "listening",
-                "message": f"WebSocket server on {self.url}",
-                "detail": {
-                    "url": self.url,
-                    "paths": ["/events", "/audio"],
-                    "token_required": self._token is not None,
-                },
-            }
+            "listening",
+            f"WebSocket server on {self.url}",
+            detail={
+                "url": self.url,
+                "paths": ["/events", "/audio"],
+                "token_required": self._token is not None,
+            },
         )
         return self
 
@@ -415,12 +413,13 @@ class WsServer:
             return
         partial = (_first(params, "partial") or "1").lower() not in ("0", "false", "no")
 
-        def accept(event: Mapping[str, Any]) -> bool:
-            if kinds and event.get("kind") not in kinds:
+        def accept(item: Published) -> bool:
+            event = item.event
+            if kinds and event.kind not in kinds:
                 return False
-            if streams and event.get("stream") not in streams and event.get("stream") != "*":
+            if streams and event.stream not in streams and event.stream != AGENT_STREAM:
                 return False
-            return partial or not event.get("partial", False)
+            return partial or not event.partial
 
         sock = connection.transport.get_extra_info("socket")
         if sock is not None and self.ws.send_buffer_bytes:
@@ -490,7 +489,7 @@ class WsServer:
                                 )
                             )
                         )
-                    await connection.send(json.dumps(event))
+                    await connection.send(event.json)  # one serialisation for every client
             except TimeoutError:
                 await self._too_slow(
                     connection,

@@ -1,8 +1,12 @@
-"""`Agent`: the whole running agent (worker, pipeline, WebSocket server, local sources, sinks).
+"""`Agent`: the whole running agent (worker, pipeline, protocols, local sources, sinks).
 
-`Agent` is an async context manager. Entering it loads the model on the worker thread (the
-pipeline's `LocalWindows`; an edge enters its `RemoteWindows` instead), starts the pipeline,
-the WebSocket server and one feeding task per local stream (microphone or file).
+`Agent` is an async context manager. Entering it enters, into one exit stack and in this
+order: the MQTT publisher when ``[mqtt]`` is on (so bad credentials fail before the model
+loads; its events go through a sink, its `[[rules]]` fire as `trigger` events), the model on
+the worker thread (the pipeline's `LocalWindows`; an edge enters its `RemoteWindows` instead),
+the pipeline, the WebSocket server when ``ws.listen`` is set, then one feeding task per local
+stream (microphone or file). The protocol modules never know the agent: each gets what it
+serves (the bus, the pipeline, a control callback).
 `Agent.run` waits for a shutdown request, the end of the local files (``exit_at_end``), or a
 pipeline failure. Leaving it shuts down in order:
 
@@ -12,12 +16,15 @@ pipeline failure. Leaving it shuts down in order:
    are reported in the ``stopped`` status event;
 3. close the sinks: each drains its queue; `/events` clients are then closed with 1001 and a
    reason;
-4. wait for the tasks with a timeout, cancel what remains (with a message), stop the worker.
+4. wait for the tasks with a timeout, cancel what remains (with a message), then leave the
+   exit stack: the worker stops, and last the MQTT publisher delivers what it can of its
+   outbox and says `offline`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -26,7 +33,9 @@ from types import TracebackType
 from typing import Any, Self
 
 from agent.config import AgentConfig, StreamConfig
-from agent.events import AGENT_STREAM, TriggerEvent, WallClock
+from agent.errors import ControlError
+from agent.events import AGENT_STREAM, ModelEvent, Published, TriggerEvent, WallClock
+from agent.protocols.mqtt import MqttPublisher, status_line
 from agent.protocols.rules import Rule, RuleAction, RuleEngine
 from agent.protocols.ws import WsServer
 from agent.runtime.fanout import EventBus, EventFilter, Subscription
@@ -37,6 +46,7 @@ from agent.runtime.worker import InferenceWorker, check_whisper_text
 logger = logging.getLogger(__name__)
 
 _SINK_CLOSE_TIMEOUT_S = 5.0
+_EARLY_STATUS_MAX = 16
 _FILE_BLOCK_MS = 50
 
 
@@ -51,6 +61,7 @@ class Agent:
         pipeline: The pipeline (for `control` and `emit_status`), once entered.
         bus: The event fan-out (for extra sinks), once entered.
         ws: The WebSocket server, or None when `ws.listen` is ``off``.
+        mqtt: The MQTT publisher, or None when ``[mqtt]`` is off.
         rules: The smart-home rule engine (per-rule counters in its `stats()`), once
             `add_rules` was called; None before.
         stop_reason: Why `run` returned.
@@ -60,10 +71,11 @@ class Agent:
         self.config = config
         self._load_model = load_model
         self.clock = WallClock()
-        self.bus = EventBus()
+        self.bus = EventBus(self.clock)
         self.worker: InferenceWorker | None = None
         self.pipeline: Pipeline | None = None
         self.ws: WsServer | None = None
+        self.mqtt: MqttPublisher | None = None
         self.rules: RuleEngine | None = None
         self.stop_reason = ""
         self._stack = contextlib.AsyncExitStack()
@@ -72,17 +84,37 @@ class Agent:
         self._shutdown: asyncio.Event | None = None
         self._closed = False
         self.source_errors: list[str] = []
+        # Status reports of the protocols from before the pipeline is up (bounded: a broker
+        # that keeps failing during a long model load reports its last changes only).
+        self._early_status: collections.deque[tuple[str, str, dict[str, Any]]] = collections.deque(
+            maxlen=_EARLY_STATUS_MAX
+        )
+        self._reporting = False  # True once the pipeline takes status reports directly
 
     async def __aenter__(self) -> Self:
         self._shutdown = asyncio.Event()
         try:
+            if self.config.mqtt.enabled:
+                self.mqtt = await self._stack.enter_async_context(
+                    MqttPublisher(
+                        self.config.mqtt, on_control=self.control, on_status=self._mqtt_status
+                    )
+                )
+                if self.config.rules and self.rules is None:
+                    self.add_rules(self.config.rules)
+                self.add_sink("mqtt", self.mqtt.submit)  # `started` goes out too
             sink = await self._open_sink()
             self.pipeline = await self._stack.enter_async_context(
                 Pipeline(self.config, sink, self.bus, self.clock)
             )
             if self.config.ws.enabled:
-                self.ws = WsServer(self.config, self.pipeline, self.bus, self.clock)
-                await self.ws.__aenter__()
+                self.ws = await self._stack.enter_async_context(
+                    WsServer(self.config, self.pipeline, self.bus, self.clock)
+                )
+            while self._early_status:  # in order, after `started` and `listening`
+                word, message, detail = self._early_status.popleft()
+                self.pipeline.emit_status(word, message, detail=detail)
+            self._reporting = True
             for stream in self.config.streams:
                 if stream.kind in ("mic", "file"):
                     self._start_feed(stream)
@@ -120,12 +152,41 @@ class Agent:
         """Step 2 of the shutdown (`Pipeline.close`; the edge waits for its pool first)."""
         await pipeline.close()
 
+    # -- what the protocols report and ask ---------------------------------------------------
+
+    def control(self, stream: str, command: dict[str, Any]) -> None:
+        """Apply a control command (`Pipeline.control`) to one open stream, or to every open
+        stream when ``stream`` is ``"*"`` (all or nothing: the first stream rejects it or none).
+
+        Raises:
+            ControlError: the agent is still starting, no stream is open, or the command is
+                invalid (nothing is changed).
+        """
+        pipeline = self.pipeline
+        if pipeline is None:
+            raise ControlError("the agent is still starting; try again")
+        if stream != AGENT_STREAM:
+            pipeline.control(stream, command)
+            return
+        streams = sorted(pipeline.streams)
+        if not streams:
+            raise ControlError("no open stream to control")
+        for stream_id in streams:
+            pipeline.control(stream_id, command)
+
+    def _mqtt_status(self, info: dict[str, Any]) -> None:
+        word, message = status_line(info)
+        if not self._reporting or self.pipeline is None:
+            self._early_status.append((word, message, info))
+        else:
+            self.pipeline.emit_status(word, message, detail=info)
+
     # -- sinks ---------------------------------------------------------------------------------
 
     def add_sink(
         self,
         name: str,
-        deliver: Callable[[dict[str, Any]], None],
+        deliver: Callable[[Published], None],
         *,
         maxsize: int = 1024,
         accept: EventFilter | None = None,
@@ -140,7 +201,7 @@ class Agent:
                 try:
                     deliver(event)
                 except Exception:
-                    logger.error("sink %s failed on event %s", name, event.get("id"), exc_info=True)
+                    logger.error("sink %s failed on event %s", name, event.event.id, exc_info=True)
 
         task = asyncio.get_running_loop().create_task(pump(), name=f"sink-{name}")
         self._sinks.add(task)
@@ -154,7 +215,8 @@ class Agent:
         events only, never on `trigger` events). Each firing becomes a `trigger` event
         (`agent.events.TriggerEvent`) published right after the event that fired it, so
         every sink sees it: `/events`, the console, and MQTT, which publishes the rule's own
-        message from it (see `agent.protocols.mqtt.with_mqtt`). Call it before entering the agent.
+        message from it (`MqttPublisher.submit`). Entering the agent with ``[mqtt]`` on adds
+        ``config.rules`` itself; call it before entering the agent.
 
         Args:
             rules: The validated rules (`AgentConfig.rules`).
@@ -171,36 +233,33 @@ class Agent:
         self.bus.add_listener(self._fire_rules)
         return self.rules
 
-    def _fire_rules(self, event: Mapping[str, Any]) -> None:
+    def _fire_rules(self, item: Published) -> None:
         assert self.rules is not None
-        for action in self.rules.evaluate(event):
-            self._emit_trigger(event, action)
+        if isinstance(item.event, TriggerEvent):  # rules never fire on their own triggers
+            return
+        for action in self.rules.evaluate(item.data):
+            self._emit_trigger(item, action)
 
-    def _emit_trigger(self, source: Mapping[str, Any], action: RuleAction) -> None:
+    def _emit_trigger(self, item: Published, action: RuleAction) -> None:
         pipeline = self.pipeline
         if pipeline is None:  # events come from the pipeline: cannot happen
             return
+        source = item.event
         seq = pipeline.next_seq()  # one `seq` order over every event of the agent
-        timing = source.get("timing")
-        text = source.get("text")
         trigger = TriggerEvent(
             id=f"trigger:{seq}",
             seq=seq,
-            stream=str(source.get("stream", AGENT_STREAM)),
+            stream=source.stream,
             rule=action.rule,
             topic=action.topic,
             payload=action.payload,
             qos=action.qos,
             retain=action.retain,
-            source_id=str(source.get("id", "")),
-            source_kind=str(source.get("kind", "")),
-            text=text if isinstance(text, str) else "",
+            source_id=source.id,
+            source_kind=str(source.kind),
+            text=source.text if isinstance(source, ModelEvent) else "",
             emitted=time.monotonic(),
-            source_timing=(
-                {k: float(v) for k, v in timing.items() if isinstance(v, int | float)}
-                if isinstance(timing, Mapping)
-                else {}
-            ),
+            source_timing=item.data["timing"],
         )
         logger.info(
             "rule %s fired on %s: %s %s",
@@ -209,7 +268,7 @@ class Agent:
             action.topic,
             action.payload[:200],
         )
-        self.bus.publish(trigger.to_dict(self.clock))
+        self.bus.publish(trigger)
 
     # -- local sources -------------------------------------------------------------------------
 
@@ -252,12 +311,7 @@ class Agent:
             self.source_errors.append(f"{stream.id}: {exc}")
             logger.error("stream %s: source failed: %s", stream.id, exc)
             self.pipeline.emit_status(
-                {
-                    "status": "source_error",
-                    "stream": stream.id,
-                    "message": str(exc),
-                    "detail": {"source": stream.source},
-                }
+                "source_error", str(exc), stream=stream.id, detail={"source": stream.source}
             )
         finally:
             handle.end()

@@ -1,6 +1,8 @@
-"""Fan-out of event dicts to sinks, each with its own bounded queue.
+"""Fan-out of typed events to sinks, each with its own bounded queue.
 
-`EventBus.publish` is synchronous and never blocks: it appends the event to every matching
+`EventBus.publish` takes an event object (`agent.events.Event`), wraps it once in a
+`agent.events.Published` (which makes its schema dict and JSON text at most once, for every
+sink together) and is synchronous and never blocks: it appends it to every matching
 subscription's queue. A full queue drops its *oldest* event and counts it, so a slow sink
 (a WebSocket client on a bad link, a broker that is away) never slows the pipeline or the other
 sinks. Each sink drains its `Subscription` in its own task.
@@ -15,14 +17,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+
+from agent.events import Event, Published, WallClock
 
 logger = logging.getLogger(__name__)
 
-EventDict = dict[str, Any]
-EventFilter = Callable[[Mapping[str, Any]], bool]
-EventListener = Callable[[Mapping[str, Any]], None]
+EventFilter = Callable[[Published], bool]
+EventListener = Callable[[Published], None]
 
 
 class SubscriptionClosed(Exception):
@@ -30,7 +32,7 @@ class SubscriptionClosed(Exception):
 
 
 class Subscription:
-    """One sink's bounded queue of event dicts (drop oldest when full).
+    """One sink's bounded queue of published events (drop oldest when full).
 
     Args:
         name: For logs and stats (e.g. ``ws:127.0.0.1:50522``).
@@ -52,11 +54,11 @@ class Subscription:
         self.delivered = 0
         self._unreported = 0  # drops not yet reported by take_dropped()
         self._since_caught_up = 0  # drops since the queue was last empty
-        self._queue: collections.deque[EventDict] = collections.deque()
+        self._queue: collections.deque[Published] = collections.deque()
         self._ready = asyncio.Event()
         self._closed = False
 
-    def offer(self, event: EventDict) -> bool:
+    def offer(self, event: Published) -> bool:
         """Queue an event if the filter accepts it; never blocks.
 
         Returns:
@@ -90,7 +92,7 @@ class Subscription:
         count, self._unreported = self._unreported, 0
         return count
 
-    def get_nowait(self) -> EventDict | None:
+    def get_nowait(self) -> Published | None:
         """The oldest waiting event, or None."""
         if not self._queue:
             return None
@@ -102,7 +104,7 @@ class Subscription:
                 self._ready.clear()
         return event
 
-    async def get(self) -> EventDict:
+    async def get(self) -> Published:
         """Wait for the oldest event.
 
         Raises:
@@ -126,7 +128,7 @@ class Subscription:
         """True after `close`."""
         return self._closed
 
-    async def __aiter__(self) -> AsyncIterator[EventDict]:
+    async def __aiter__(self) -> AsyncIterator[Published]:
         while True:
             try:
                 yield await self.get()
@@ -139,9 +141,14 @@ class Subscription:
 
 
 class EventBus:
-    """Hands every published event to every open subscription (see the module docstring)."""
+    """Hands every published event to every open subscription (see the module docstring).
 
-    def __init__(self) -> None:
+    Args:
+        clock: The agent's clock: the sinks' Unix times.
+    """
+
+    def __init__(self, clock: WallClock) -> None:
+        self.clock = clock
         self._subscriptions: dict[int, Subscription] = {}
         self._listeners: list[EventListener] = []
         self.published = 0
@@ -164,19 +171,20 @@ class EventBus:
         sub.close()
         self._subscriptions.pop(id(sub), None)
 
-    def publish(self, event: EventDict) -> None:
+    def publish(self, event: Event) -> None:
         """Offer an event to every subscription; never blocks."""
         self.published += 1
+        item = Published(event, self.clock)
         for sub in list(self._subscriptions.values()):
-            if not sub.offer(event) and (sub.dropped in (1, 10, 100) or sub.dropped % 1000 == 0):
+            if not sub.offer(item) and (sub.dropped in (1, 10, 100) or sub.dropped % 1000 == 0):
                 logger.warning(
                     "sink %s is behind: %d event(s) dropped so far", sub.name, sub.dropped
                 )
         for listener in list(self._listeners):
             try:
-                listener(event)
+                listener(item)
             except Exception:
-                logger.error("event listener failed on event %s", event.get("id"), exc_info=True)
+                logger.error("event listener failed on event %s", event.id, exc_info=True)
 
     @property
     def subscriptions(self) -> list[Subscription]:

@@ -247,18 +247,16 @@ class StreamHandle:
             if self._overlaps_speaking(event.start_sample, event.end_sample):
                 self.counters["ignored_speaking"] += 1
                 self._pipeline.emit_status(
-                    {
-                        "status": "window_ignored",
-                        "stream": self.id,
-                        "message": f"{kind} {event.start_s:.2f}-{event.end_s:.2f} s ignored: "
-                        "captured while a client was speaking",
-                        "detail": {
-                            "reason": "speaking",
-                            "segment": kind,
-                            "start": round(event.start_s, 3),
-                            "end": round(event.end_s, 3),
-                        },
-                    }
+                    "window_ignored",
+                    f"{kind} {event.start_s:.2f}-{event.end_s:.2f} s ignored: "
+                    "captured while a client was speaking",
+                    stream=self.id,
+                    detail={
+                        "reason": "speaking",
+                        "segment": kind,
+                        "start": round(event.start_s, 3),
+                        "end": round(event.end_s, 3),
+                    },
                 )
                 continue
             command_from: int | None = None
@@ -317,12 +315,10 @@ class StreamHandle:
             detail["end"] = round(event.end_s, 3)
         where = f"{event.end_s:.2f}" if status == "segment_ended" else f"{event.start_s:.2f}"
         self._pipeline.emit_status(
-            {
-                "status": status,
-                "stream": self.id,
-                "message": f"{event.kind} {status.split('_')[1]} at {where} s",
-                "detail": detail,
-            }
+            status,
+            f"{event.kind} {status.split('_')[1]} at {where} s",
+            stream=self.id,
+            detail=detail,
         )
 
     def _window(
@@ -527,11 +523,9 @@ class Pipeline:
             self._spawn(self._report_stats(), "stats")
         model = self.sink.model_name
         self.emit_status(
-            {
-                "status": "started",
-                "message": f"pipeline started with model {model}",
-                "detail": {"model": model, "worker": self._worker_settings()},
-            }
+            "started",
+            f"pipeline started with model {model}",
+            detail={"model": model, "worker": self._worker_settings()},
         )
         return self
 
@@ -581,12 +575,10 @@ class Pipeline:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         self.emit_status(
-            {
-                "status": "stopped",
-                "message": "pipeline stopped"
-                + (f"; {len(unfinished)} window(s) unanswered" if unfinished else ""),
-                "detail": {"unfinished_windows": unfinished, "streams": self._stream_stats()},
-            }
+            "stopped",
+            "pipeline stopped"
+            + (f"; {len(unfinished)} window(s) unanswered" if unfinished else ""),
+            detail={"unfinished_windows": unfinished, "streams": self._stream_stats()},
         )
         self._closed.set()
 
@@ -626,12 +618,10 @@ class Pipeline:
         self.sink.open_stream(settings.id, overload)
         self._streams[settings.id] = handle
         self.emit_status(
-            {
-                "status": "stream_opened",
-                "stream": settings.id,
-                "message": f"stream {settings.id} opened ({origin}, {overload})",
-                "detail": {"origin": origin, "overload": overload, "muted": handle.muted},
-            }
+            "stream_opened",
+            f"stream {settings.id} opened ({origin}, {overload})",
+            stream=settings.id,
+            detail={"origin": origin, "overload": overload, "muted": handle.muted},
         )
         return handle
 
@@ -666,12 +656,10 @@ class Pipeline:
             del self._streams[handle.id]
             self.sink.close_stream(handle.id)
             self.emit_status(
-                {
-                    "status": "stream_closed",
-                    "stream": handle.id,
-                    "message": f"stream {handle.id} closed",
-                    "detail": handle.stats(),
-                }
+                "stream_closed",
+                f"stream {handle.id} closed",
+                stream=handle.id,
+                detail=handle.stats(),
             )
 
     def enqueue(self, handle: StreamHandle, window: Window) -> None:
@@ -700,32 +688,28 @@ class Pipeline:
             "pending": drop.waiting,
         }
         self.emit_status(
-            {
-                "status": "window_dropped",
-                "stream": handle.id,
-                "message": f"window {victim.id} ({victim.kind} {victim.start_s:.2f}-"
-                f"{victim.end_s:.2f} s) dropped: the model is behind",
-                "detail": {
-                    "window": victim.id,
-                    "reason": "overload",
-                    "segment": victim.kind,
-                    "start": round(victim.start_s, 3),
-                    "end": round(victim.end_s, 3),
-                    "requests": [r.key for r in victim.requests],
-                    **detail,
-                },
-            }
+            "window_dropped",
+            f"window {victim.id} ({victim.kind} {victim.start_s:.2f}-"
+            f"{victim.end_s:.2f} s) dropped: the model is behind",
+            stream=handle.id,
+            detail={
+                "window": victim.id,
+                "reason": "overload",
+                "segment": victim.kind,
+                "start": round(victim.start_s, 3),
+                "end": round(victim.end_s, 3),
+                "requests": [r.key for r in victim.requests],
+                **detail,
+            },
         )
         now = time.monotonic()
         if now - handle.overload_reported_at >= _OVERLOAD_REPORT_EVERY_S:
             handle.overload_reported_at = now
             self.emit_status(
-                {
-                    "status": "overload",
-                    "stream": handle.id,
-                    "message": f"{handle.id}: model behind, dropped the oldest waiting window",
-                    "detail": detail,
-                }
+                "overload",
+                f"{handle.id}: model behind, dropped the oldest waiting window",
+                stream=handle.id,
+                detail=detail,
             )
 
     # -- what the sink reports (WindowListener) ------------------------------------------------
@@ -746,16 +730,14 @@ class Pipeline:
                 handle.early_failed(window)
         if not answered:
             self.emit_status(
-                {
-                    "status": "window_unfinished" if done.status == "dropped" else done.status,
-                    "stream": window.stream,
-                    "message": f"window {window.id} ({window.end_s:.2f} s): {done.error}",
-                    "detail": {
-                        "window": window.id,
-                        "requests": list(done.unfinished),
-                        "error": done.error,
-                    },
-                }
+                "window_unfinished" if done.status == "dropped" else done.status,
+                f"window {window.id} ({window.end_s:.2f} s): {done.error}",
+                stream=window.stream,
+                detail={
+                    "window": window.id,
+                    "requests": list(done.unfinished),
+                    "error": done.error,
+                },
             )
         if handle is not None:
             self._refresh()
@@ -774,17 +756,25 @@ class Pipeline:
             return
         self.emit_output(output)
 
-    def window_event(self, event: dict[str, Any], window: Window, worker: str) -> None:
-        """A model event made by a remote worker: passed on with this agent's ``seq``, its
-        ``timing.emitted`` and a ``worker`` field naming who answered."""
+    def window_event(self, event: Mapping[str, Any], window: Window, worker: str) -> None:
+        """A model event made by a remote worker (its schema dict): passed on with this
+        agent's ``seq``, its ``timing.emitted`` and a ``worker`` field naming who answered.
+        One that is not a model event of this schema is logged and dropped."""
         now = time.monotonic()
-        out = dict(event)
-        out["seq"] = self.next_seq()
-        out["timing"] = {**event.get("timing", {}), "emitted": self.clock.wall(now)}
-        out["worker"] = worker
-        if not out.get("partial"):
+        try:
+            remote = ModelEvent.from_dict(event, self.clock)
+        except ValueError as exc:
+            logger.warning("window %s: event from worker %s dropped: %s", window.id, worker, exc)
+            return
+        relayed = dataclasses.replace(
+            remote,
+            seq=self.next_seq(),
+            timing=dataclasses.replace(remote.timing, emitted=now),
+            worker=worker,
+        )
+        if not relayed.partial:
             self._latencies.append(now - window.segment_end)
-        self.bus.publish(out)
+        self.bus.publish(relayed)
 
     def emit_output(self, output: Output, *, early: bool = False) -> None:
         """Publish an answer as a `ModelEvent` (``early``: a command emitted before its
@@ -825,7 +815,7 @@ class Pipeline:
         )
         if final:
             self._latencies.append(now - window.segment_end)
-        self.bus.publish(event.to_dict(self.clock))
+        self.bus.publish(event)
 
     # -- control and status --------------------------------------------------------------------
 
@@ -854,13 +844,10 @@ class Pipeline:
             setattr(handle, name, value)
         detail = {k: ([q.text for q in v] if k == "questions" else v) for k, v in changes.items()}
         self.emit_status(
-            {
-                "status": "control",
-                "stream": stream_id,
-                "message": f"stream {stream_id}: "
-                + ", ".join(f"{k} = {v}" for k, v in detail.items()),
-                "detail": detail,
-            }
+            "control",
+            f"stream {stream_id}: " + ", ".join(f"{k} = {v}" for k, v in detail.items()),
+            stream=stream_id,
+            detail=detail,
         )
 
     def next_seq(self) -> int:
@@ -868,45 +855,35 @@ class Pipeline:
         pipeline, such as rule triggers)."""
         return next(self._seq)
 
-    def emit_status(self, status: Mapping[str, Any]) -> None:
+    def emit_status(
+        self,
+        status: str,
+        message: str,
+        *,
+        stream: str = AGENT_STREAM,
+        detail: Mapping[str, Any] | None = None,
+    ) -> None:
         """Publish a status event (also for other components: MQTT connection state, ...).
 
         Args:
-            status: ``{"status": word, "message": str, "stream"?: id or "*",
-                "detail"?: JSON-ready dict}``.
-
-        Raises:
-            ValueError: missing or mistyped fields.
+            status: A short machine-readable word (``docs/events.md`` lists them).
+            message: One human-readable line.
+            stream: The stream it concerns, or ``"*"`` (the whole agent).
+            detail: JSON-ready details (counters, window ids, ...).
         """
-        allowed = {"status", "message", "stream", "detail"}
-        if not isinstance(status, Mapping) or set(status) - allowed:
-            raise ValueError(f"status: expected keys among {sorted(allowed)}, got {status!r}")
-        word, message = status.get("status"), status.get("message", "")
-        stream = status.get("stream", AGENT_STREAM)
-        detail = status.get("detail", {})
-        if (
-            not isinstance(word, str)
-            or not word
-            or not isinstance(message, str)
-            or not isinstance(stream, str)
-            or not isinstance(detail, Mapping)
-        ):
-            raise ValueError(
-                f"status: expected status, message, stream: str and detail: dict; got {status!r}"
-            )
         seq = next(self._seq)
         event = StatusEvent(
             id=f"status:{seq}",
             seq=seq,
             stream=stream,
-            status=word,
+            status=status,
             message=message,
             emitted=time.monotonic(),
-            detail=dict(detail),
+            detail=dict(detail or {}),
         )
         # DEBUG: the console printer and the sinks already show every status event.
-        logger.debug("status %s [%s]: %s", word, stream, message)
-        self.bus.publish(event.to_dict(self.clock))
+        logger.debug("status %s [%s]: %s", status, stream, message)
+        self.bus.publish(event)
 
     def _worker_settings(self) -> dict[str, Any]:
         w = self.config.worker
@@ -941,6 +918,4 @@ class Pipeline:
     async def _report_stats(self) -> None:
         while True:
             await asyncio.sleep(self.config.agent.status_interval_s)
-            self.emit_status(
-                {"status": "stats", "message": "periodic counters", "detail": self.stats()}
-            )
+            self.emit_status("stats", "periodic counters", detail=self.stats())

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -56,7 +56,7 @@ class WindowListener(Protocol):
     def window_output(self, output: Output) -> None:
         """A partial or final answer of the local model."""
 
-    def window_event(self, event: dict[str, Any], window: Window, worker: str) -> None:
+    def window_event(self, event: Mapping[str, Any], window: Window, worker: str) -> None:
         """A model event made by ``worker`` elsewhere for ``window``, to pass on."""
 
     def window_done(self, window: Window, done: WindowDone) -> None:

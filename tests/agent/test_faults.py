@@ -25,7 +25,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from agent.protocols.mqtt import with_mqtt
+from agent.events import Published
 from agent.protocols.ws import CloseCode
 from agent.runtime.app import Agent, run_agent
 from tests.agent.conftest import TIMING, make_config, pcm_s16
@@ -48,8 +48,8 @@ class Recorder:
         self.events: list[dict[str, Any]] = []
         self._changed = asyncio.Event()
 
-    def __call__(self, event: dict[str, Any]) -> None:
-        self.events.append(event)
+    def __call__(self, item: Published) -> None:
+        self.events.append(item.data)
         self._changed.set()
 
     def statuses(self, word: str) -> list[dict[str, Any]]:
@@ -122,7 +122,8 @@ async def test_broker_down_at_start_agent_buffers_then_delivers_everything(
         local = Recorder()
         agent.add_sink("local", local, maxsize=100_000)
         try:
-            async with with_mqtt(agent) as publisher:
+            async with agent:
+                publisher = agent.mqtt
                 assert publisher is not None and not publisher.connected
                 assert await agent.run() == "end of input"
                 before = mqtt_bound(local.events)
@@ -155,7 +156,8 @@ async def test_broker_killed_and_restarted_three_times_loses_nothing(
     agent = Agent(config, lambda: tiny_model)
     local = Recorder()
     agent.add_sink("local", local, maxsize=100_000)
-    async with persistent_subscriber(mosquitto, "restart-sub") as sub, with_mqtt(agent) as mqtt:
+    async with persistent_subscriber(mosquitto, "restart-sub") as sub, agent:
+        mqtt = agent.mqtt
         assert mqtt is not None and agent.pipeline is not None
         pipeline = agent.pipeline
         stop = asyncio.Event()
@@ -163,7 +165,7 @@ async def test_broker_killed_and_restarted_three_times_loses_nothing(
         async def produce() -> None:  # a live agent: news every few ms, outage or not
             n = 0
             while not stop.is_set():
-                pipeline.emit_status({"status": "tick", "message": f"tick {n}"})
+                pipeline.emit_status("tick", f"tick {n}")
                 n += 1
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), 0.005)
@@ -372,7 +374,8 @@ async def test_outbox_directory_unwritable_counts_reports_and_still_delivers(
         local = Recorder()
         agent.add_sink("local", local, maxsize=100_000)
         try:
-            async with with_mqtt(agent) as publisher:
+            async with agent:
+                publisher = agent.mqtt
                 assert publisher is not None
                 assert await agent.run() == "end of input"
                 await local.wait_for(lambda _: local.statuses("mqtt_dropped"))
@@ -415,15 +418,14 @@ async def test_outbox_disk_full_mid_run_is_reported_and_recovers(
         agent = Agent(config, lambda: tiny_model)
         local = Recorder()
         agent.add_sink("local", local, maxsize=100_000)
-        async with persistent_subscriber(mosquitto, "full-sub") as sub, with_mqtt(agent) as mqtt:
+        async with persistent_subscriber(mosquitto, "full-sub") as sub, agent:
+            mqtt = agent.mqtt
             assert mqtt is not None and agent.pipeline is not None
             await asyncio.to_thread(mosquitto.stop)
             await local.wait_for(lambda _: local.statuses("mqtt_disconnected"))
             padding = "x" * 600  # about 40 events fill the disk
             for i in range(120):
-                agent.pipeline.emit_status(
-                    {"status": "news", "message": f"news {i}", "detail": {"pad": padding}}
-                )
+                agent.pipeline.emit_status("news", f"news {i}", detail={"pad": padding})
             await local.wait_for(lambda _: local.statuses("mqtt_outbox_error"))
             error = local.statuses("mqtt_outbox_error")[0]["detail"]["error"]
             assert "No space left on device" in error
@@ -437,7 +439,7 @@ async def test_outbox_disk_full_mid_run_is_reported_and_recovers(
             await asyncio.wait_for(mqtt.drain(), 10 * TIMING)
             # Drained: the journal gives its space back and is used again.
             await local.wait_for(lambda _: local.statuses("mqtt_outbox_ok"))
-            agent.pipeline.emit_status({"status": "news", "message": "after the disk recovered"})
+            agent.pipeline.emit_status("news", "after the disk recovered")
             await asyncio.wait_for(mqtt.drain(), 10 * TIMING)
             stats = mqtt.stats()["outbox"]
             assert stats["dropped"] == 0 and stats["put"] == stats["acked"]

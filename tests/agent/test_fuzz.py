@@ -39,7 +39,6 @@ from wyoming.info import Describe
 
 from agent.cli import main
 from agent.config import AgentConfig
-from agent.protocols.mqtt import with_mqtt
 from agent.protocols.ws import CloseCode, headers_with_token
 from agent.protocols.wyoming import WyomingLimits
 from agent.runtime.app import Agent, run_agent
@@ -783,7 +782,7 @@ async def _finish(handle: StreamHandle, sub: Subscription) -> list[dict[str, Any
         await handle.wait_done()
     events = []
     while (event := sub.get_nowait()) is not None:
-        events.append(event)
+        events.append(event.data)
     return events
 
 
@@ -900,9 +899,10 @@ async def test_malformed_mqtt_control_while_a_good_stream_is_heard(
     async with (
         no_errors_logged(caplog),
         collector(mosquitto.port, "salmonn/+/error", "salmonn/+/state", client_id="fz") as c,
-        with_mqtt(agent) as publisher,
+        agent,
         background() as start,
     ):
+        publisher = agent.mqtt
         assert publisher is not None
         events = await connect(
             url(agent, f"/events?stream={GOOD}&partial=0"), additional_headers=AUTH

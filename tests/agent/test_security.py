@@ -29,10 +29,11 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 import agent.protocols.ws
 from agent.config import AgentConfig
 from agent.errors import ConfigError
-from agent.protocols.mqtt import MqttConfig, MqttConnectError, MqttPublisher, with_mqtt
+from agent.protocols.mqtt import MqttConfig, MqttConnectError, MqttPublisher
 from agent.protocols.ws import CloseCode, headers_with_token
 from agent.runtime.app import Agent, run_agent
 from tests.agent.conftest import TIMING, make_config, pcm_s16
+from tests.agent.events_fixtures import model_event
 from tests.agent.mqtt_fixtures import (
     BrokerTls,
     Mosquitto,
@@ -231,10 +232,10 @@ async def test_mqtt_over_tls_with_credentials_delivers(
         ) as publisher,
     ):
         assert publisher.connected
-        event = {"id": "e1", "stream": "mic", "kind": "caption", "text": "a dog", "partial": False}
+        event = model_event(1, "caption", text="a dog")
         publisher.submit(event)
         got = await c.wait_for(lambda ms: any(m.topic == "salmonn/mic/caption" for m in ms))
-    assert [json.loads(m.payload) for m in got if m.topic == "salmonn/mic/caption"] == [event]
+    assert [json.loads(m.payload) for m in got if m.topic == "salmonn/mic/caption"] == [event.data]
     assert "s3cret" not in repr(publisher.url) and "s3cret" not in repr(
         _mqtt_config(mosquitto_tls.tls_url("robot:s3cret"), tmp_path, cert)
     )
@@ -428,9 +429,7 @@ async def test_a_stalled_events_client_is_caught_by_the_agent(tiny_model: Any) -
         stalled = await connect(url(agent_, "/events?kind=status"), sock=sock, max_queue=1)
         padding = "x" * 4096
         for i in range(600):
-            agent_.pipeline.emit_status(
-                {"status": "load", "message": str(i), "detail": {"pad": padding}}
-            )
+            agent_.pipeline.emit_status("load", str(i), detail={"pad": padding})
             await asyncio.sleep(0)  # let the pump run, as with a real event source
         async with asyncio.timeout(20 * TIMING):
             await gave_up.seen.wait()  # the agent's "closing ... too slow" warning
@@ -526,7 +525,7 @@ async def test_no_audio_is_written_to_disk(
     )
     agent_ = Agent(config, lambda: tiny_model)
     pcm = pcm_s16(clip_path)
-    async with with_mqtt(agent_), connect(url(agent_, "/events?partial=0")) as events:
+    async with agent_, connect(url(agent_, "/events?partial=0")) as events:
         await recv_json(events)
         async with connect(url(agent_, "/audio")) as audio:
             await audio.send(hello("private"))

@@ -34,7 +34,6 @@ from agent.cluster.messages import (
 from agent.cluster.worker import ClusterWorker
 from agent.config import AgentConfig
 from agent.events import MODEL_KINDS
-from agent.protocols.mqtt import with_mqtt
 from agent.runtime.worker import Request, Window
 from tests.agent.conftest import TIMING, make_config
 from tests.agent.mqtt_fixtures import (  # noqa: F401
@@ -98,7 +97,7 @@ async def running_worker(config: AgentConfig, model: Any) -> AsyncIterator[Clust
 async def run_edge(config: AgentConfig) -> Edge:
     """Run an edge over its files until every window is answered; returns it (closed)."""
     edge = Edge(config)
-    async with with_mqtt(edge):
+    async with edge:
         reason = await asyncio.wait_for(edge.run(), 60 * TIMING)
         assert reason == "end of input"
     return edge

@@ -9,9 +9,10 @@ from typing import Any
 
 import aiomqtt
 
-from agent.protocols.mqtt import with_mqtt
+from agent.events import ModelEvent
 from agent.runtime.app import Agent
 from tests.agent.conftest import make_config
+from tests.agent.events_fixtures import model_event
 from tests.agent.mqtt_fixtures import Mosquitto, collector, mosquitto  # noqa: F401
 
 MODEL_KINDS = ("transcript", "caption", "answer", "command")
@@ -45,9 +46,9 @@ async def test_file_source_events_reach_an_independent_subscriber(
     agent = Agent(config, lambda: tiny_model)
     local: list[dict[str, Any]] = []
     async with collector(mosquitto.port, "salmonn/#", "home/#", client_id="e2e") as c:
-        async with with_mqtt(agent) as mqtt:
-            assert mqtt is not None
-            agent.add_sink("local", local.append, maxsize=100_000)
+        async with agent:
+            assert agent.mqtt is not None
+            agent.add_sink("local", lambda item: local.append(item.data), maxsize=100_000)
             assert await agent.run() == "end of input"
         # The agent is closed: its `stopped` status went out before `offline`.
         got = await c.wait_for(lambda ms: any(m.payload == b"offline" for m in ms))
@@ -123,7 +124,7 @@ async def test_mqtt_control_mutes_every_stream_and_rejects_bad_commands(
     agent = Agent(config, lambda: tiny_model)
     async with (
         collector(mosquitto.port, "salmonn/+/error", "salmonn/+/state", client_id="ctl") as c,
-        with_mqtt(agent),
+        agent,
     ):
         assert agent.pipeline is not None
         a = agent.pipeline.open_stream(config.stream_settings("a"), origin="test")
@@ -175,16 +176,16 @@ async def test_rules_fire_on_matches_respect_cooldown_and_never_on_others(
     agent = Agent(config, lambda: tiny_model)
     local: list[dict[str, Any]] = []
 
-    def event(i: int, kind: str, text: str, partial: bool = False) -> dict[str, Any]:
-        timing = {"emitted": 1.0}
-        return {"id": f"mic:{i}/{kind}", "stream": "mic", "kind": kind, "text": text,
-                "partial": partial, "timing": timing}  # fmt: skip
+    def event(i: int, kind: str, text: str, partial: bool = False) -> ModelEvent:
+        made = model_event(i, kind, "mic", id=f"mic:{i}/{kind}", text=text, partial=partial)
+        assert isinstance(made.event, ModelEvent)
+        return made.event
 
     async with (
         collector(mosquitto.port, "home/#", "salmonn/mic/#", client_id="rules") as c,
-        with_mqtt(agent),
+        agent,
     ):
-        agent.add_sink("local", local.append, maxsize=1000)
+        agent.add_sink("local", lambda item: local.append(item.data), maxsize=1000)
         for e in (
             event(1, "caption", "a dog barking"),
             event(2, "transcript", "turn on the kitchen lights"),
@@ -193,11 +194,11 @@ async def test_rules_fire_on_matches_respect_cooldown_and_never_on_others(
             event(5, "caption", "Glass breaking in the hall"),
             event(6, "caption", "smoke alarm beeping"),  # the alarm rule's cooldown
             event(7, "command", "please turn off the kitchen light"),
-            event(8, "sentinel", ""),
+            event(8, "answer", ""),
         ):
             agent.bus.publish(e)
-        # Delivery is in order: once the sentinel is here, every rule message is too.
-        got = await c.wait_for(lambda ms: any(m.topic.endswith("/sentinel") for m in ms))
+        # Delivery is in order: once the last answer is here, every rule message is too.
+        got = await c.wait_for(lambda ms: any(m.topic.endswith("/answer") for m in ms))
     triggers = [e for e in local if e["kind"] == "trigger"]
     assert [(t["rule"], t["source_id"]) for t in triggers] == [
         ("alarm", "mic:5/caption"),

@@ -119,9 +119,7 @@ async def test_slow_events_client_does_not_delay_a_fast_one(tiny_model: Any) -> 
         seen = 0
         for burst in range(100):
             for i in range(32):
-                agent.pipeline.emit_status(
-                    {"status": "load", "message": f"{burst}/{i}", "detail": {"pad": padding}}
-                )
+                agent.pipeline.emit_status("load", f"{burst}/{i}", detail={"pad": padding})
             async with asyncio.timeout(5 * TIMING):  # every burst reaches the fast client promptly
                 while seen < (burst + 1) * 32:
                     event = json.loads(await fast.recv())

@@ -20,7 +20,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from agent.events import WallClock
+from agent.events import StatusEvent, WallClock
 from agent.protocols.ws import CloseCode, WsServer
 from agent.runtime.fanout import EventBus
 from agent.runtime.pipeline import Pipeline
@@ -41,8 +41,21 @@ class _StubPipeline:
     def __init__(self, bus: EventBus) -> None:
         self.bus = bus
 
-    def emit_status(self, status: Mapping[str, Any]) -> None:
-        self.bus.publish({"kind": "status", "stream": "*", **status})
+    def emit_status(
+        self,
+        status: str,
+        message: str,
+        *,
+        stream: str = "*",
+        detail: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.bus.publish(_status(status, message, dict(detail or {})))
+
+
+def _status(status: str, message: str, detail: dict[str, Any]) -> StatusEvent:
+    return StatusEvent(
+        id="status:0", seq=0, stream="*", status=status, message=message, emitted=0.0, detail=detail
+    )
 
 
 class _TooSlowLog(logging.Handler):
@@ -65,13 +78,14 @@ class _TooSlowLog(logging.Handler):
 
 @contextlib.asynccontextmanager
 async def _server(**ws: Any) -> AsyncIterator[tuple[WsServer, EventBus, _TooSlowLog]]:
-    bus = EventBus()
+    clock = WallClock()
+    bus = EventBus(clock)
     log = _TooSlowLog()
     ws_logger = logging.getLogger("agent.protocols.ws")
     ws_logger.addHandler(log)
     config = make_config(ws=ws)
     try:
-        async with WsServer(config, cast(Pipeline, _StubPipeline(bus)), bus, WallClock()) as server:
+        async with WsServer(config, cast(Pipeline, _StubPipeline(bus)), bus, clock) as server:
             yield server, bus, log
             bus.close()  # as the agent does before closing the server
     finally:
@@ -140,15 +154,7 @@ async def test_stalled_clients_see_4429_with_its_reason_and_fast_ones_lose_nothi
             async def publish_burst() -> None:
                 nonlocal published
                 for _ in range(BURST):
-                    bus.publish(
-                        {
-                            "kind": "status",
-                            "stream": "*",
-                            "status": "load",
-                            "message": str(published),
-                            "detail": {"seq": published, "pad": PAD},
-                        }
-                    )
+                    bus.publish(_status("load", str(published), {"seq": published, "pad": PAD}))
                     published += 1
                 for ws, seqs in zip(fast, fast_seqs, strict=True):
                     await _read_burst(ws, seqs, BURST)
@@ -197,7 +203,7 @@ async def test_a_client_that_never_reads_again_is_dropped_and_does_not_hold_up_s
                 closed = log.event(ws.local_address[1])
                 while not closed.is_set():
                     for _ in range(BURST):
-                        bus.publish({"kind": "status", "status": "load", "detail": {"pad": PAD}})
+                        bus.publish(_status("load", "", {"pad": PAD}))
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(0.05):  # publish while waiting
                             await closed.wait()

@@ -83,7 +83,7 @@ class Run:
         """The next transcript or command event (status events are kept, skipped)."""
         async with asyncio.timeout(WAIT_S):
             while True:
-                event = await self.sub.get()
+                event = (await self.sub.get()).data
                 self.events.append(event)
                 if event["kind"] in ("command", "transcript") and not event["partial"]:
                     return event
@@ -98,7 +98,7 @@ class Run:
         """Wait for the next status event ``name``."""
         async with asyncio.timeout(WAIT_S):
             while True:
-                event = await self.sub.get()
+                event = (await self.sub.get()).data
                 self.events.append(event)
                 if event.get("status") == name:
                     return
@@ -106,7 +106,7 @@ class Run:
     def drain(self) -> list[dict[str, Any]]:
         """Every event so far (those waiting are taken into ``events``)."""
         while (event := self.sub.get_nowait()) is not None:
-            self.events.append(event)
+            self.events.append(event.data)
         return self.events
 
     async def finish(self) -> list[dict[str, Any]]:

@@ -53,7 +53,7 @@ async def test_whisper_commands_share_one_transcription_per_window(
             assert await agent.run() == "end of input"
     events = []
     while (event := sub.get_nowait()) is not None:
-        events.append(event)
+        events.append(event.data)
     commands = [e for e in events if e["kind"] == "command" and not e["partial"]]
     transcripts = [e for e in events if e["kind"] == "transcript" and not e["partial"]]
     assert commands and len(commands) == len(transcripts)
