@@ -41,7 +41,6 @@ from agent.intents import COMMAND_INSTRUCTION
 
 if TYPE_CHECKING:
     from agent.protocols.rules import Rule
-    from agent.runtime.sound_events import SoundTrackerConfig
 
 logger = logging.getLogger(__name__)
 
@@ -1403,7 +1402,7 @@ class SoundsConfig:
     0.96 s patch every `background_every_s`, so that what the segmenter folds into the
     background (music, an appliance, a long alarm) is still heard. Each label group's scores
     drive a start / update / end lifecycle (`agent.runtime.sound_events.SoundTracker`, built
-    by `tracker_config`).
+    by `agent.runtime.sound_events.tracker_config`).
 
     Attributes:
         enabled: Tag audio and publish ``sound`` events.
@@ -1573,39 +1572,6 @@ class SoundsConfig:
             if group.name not in out and group.labels is not None:
                 out[group.name] = group.labels
         return out
-
-    def tracker_config(
-        self, label_groups: Mapping[str, Sequence[str | tuple[str, str]]] | None = None
-    ) -> SoundTrackerConfig:
-        """The `agent.runtime.sound_events.SoundTrackerConfig` of this slice.
-
-        Args:
-            label_groups: The effective groups (`label_groups`): each group's classes then
-                filter the labels its events list. None: events list every label fed.
-        """
-        from agent.runtime.sound_events import DEFAULT_SUSTAINED_GROUPS, SoundTrackerConfig
-
-        sustained = set(DEFAULT_SUSTAINED_GROUPS)
-        sustained |= {g.name for g in self.groups if g.sustained is True}
-        sustained -= {g.name for g in self.groups if g.sustained is False}
-        classes = None
-        if label_groups is not None:
-            classes = {
-                name: frozenset(m for m in members if isinstance(m, str))
-                for name, members in label_groups.items()
-            }
-        return SoundTrackerConfig(
-            threshold=self.threshold,
-            thresholds={g.name: g.threshold for g in self.groups if g.threshold is not None},
-            off_ratio=self.off_ratio,
-            min_patches=self.min_patches,
-            min_duration_s=self.min_duration_s,
-            end_after_s=self.end_after_s,
-            update_every_s=self.update_every_s,
-            sustained=frozenset(sustained),
-            ignore=frozenset(self.ignore),
-            group_classes=classes,
-        )
 
 
 def _closest(name: str, candidates: Sequence[str] | Mapping[str, Any], what: str) -> str:

@@ -38,6 +38,8 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from agent.config import SoundsConfig
+
 SoundState = Literal["start", "update", "end"]
 
 #: Groups of `model.sound_tagger.LABEL_GROUPS` that go on for a while and get `update`s: an
@@ -368,3 +370,37 @@ def _check_time(name: str, value: float) -> None:
 def _check_score(name: str, value: float) -> None:
     if not _is_number(value) or not 0.0 <= value <= 1.0:  # NaN fails both comparisons
         raise ValueError(f"{name}: expected a number in 0..1, got {value!r}")
+
+
+def tracker_config(
+    sounds: SoundsConfig,
+    label_groups: Mapping[str, Sequence[str | tuple[str, str]]] | None = None,
+) -> SoundTrackerConfig:
+    """The tracker settings of a `[sounds]` slice.
+
+    Args:
+        sounds: The validated slice (`agent.config.SoundsConfig`).
+        label_groups: The effective groups (`SoundsConfig.label_groups`): each group's classes
+            then filter the labels its events list. None: events list every label fed.
+    """
+    sustained = set(DEFAULT_SUSTAINED_GROUPS)
+    sustained |= {g.name for g in sounds.groups if g.sustained is True}
+    sustained -= {g.name for g in sounds.groups if g.sustained is False}
+    classes = None
+    if label_groups is not None:
+        classes = {
+            name: frozenset(m for m in members if isinstance(m, str))
+            for name, members in label_groups.items()
+        }
+    return SoundTrackerConfig(
+        threshold=sounds.threshold,
+        thresholds={g.name: g.threshold for g in sounds.groups if g.threshold is not None},
+        off_ratio=sounds.off_ratio,
+        min_patches=sounds.min_patches,
+        min_duration_s=sounds.min_duration_s,
+        end_after_s=sounds.end_after_s,
+        update_every_s=sounds.update_every_s,
+        sustained=frozenset(sustained),
+        ignore=frozenset(sounds.ignore),
+        group_classes=classes,
+    )

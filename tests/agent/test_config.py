@@ -33,6 +33,7 @@ from agent.config import (
     validate_control,
 )
 from agent.errors import ConfigError, ControlError
+from agent.runtime.sound_events import tracker_config
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "agent.toml"
 
@@ -412,7 +413,7 @@ def test_sound_groups_add_to_and_replace_the_built_in_ones() -> None:
     assert "Boiling" not in groups["water"] and "Liquid" in groups["water"]
     resolved = resolve_label_groups(names, groups)
     assert names.index("Boiling") in resolved["kettle"]
-    tracker = sounds.tracker_config(groups)
+    tracker = tracker_config(sounds, groups)
     assert tracker.thresholds == {"kettle": 0.3, "knock": 0.7} and tracker.threshold == 0.5
     assert "knock" in tracker.sustained and "kettle" not in tracker.sustained
     assert tracker.group_classes is not None and tracker.group_classes["kettle"] == {"Boiling"}

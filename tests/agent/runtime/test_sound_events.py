@@ -15,6 +15,7 @@ from agent.runtime.sound_events import (
     SoundDecision,
     SoundTracker,
     SoundTrackerConfig,
+    tracker_config,
 )
 
 HOP_S = 0.48
@@ -261,4 +262,4 @@ def test_default_groups_are_tagger_groups_and_the_config_agrees() -> None:
     assert set(LABEL_GROUPS) >= DEFAULT_SUSTAINED_GROUPS
     assert set(LABEL_GROUPS) >= DEFAULT_IGNORED_GROUPS
     assert set(SoundsConfig().ignore) == DEFAULT_IGNORED_GROUPS
-    assert SoundsConfig().tracker_config().sustained == DEFAULT_SUSTAINED_GROUPS
+    assert tracker_config(SoundsConfig()).sustained == DEFAULT_SUSTAINED_GROUPS
