@@ -53,7 +53,7 @@ from agent.events import (
 from agent.intents import intent_from_transcript, parse_intent
 from agent.runtime.endpointer import Ask, Emit, Endpointer, Verdict
 from agent.runtime.fanout import EventBus
-from agent.runtime.window_queue import Drop
+from agent.runtime.window_queue import Drop, no_drops, shed_kind
 from agent.runtime.window_sink import WindowDone, WindowSink
 from agent.runtime.worker import Final, Output, Request, Window
 from streaming.events import SegmentEnded
@@ -125,6 +125,9 @@ class StreamHandle:
             "early_windows": 0,
             "early_commands": 0,
         }
+        # Windows shed under overload by their best task (`shed_kind`): a robot's "stop"
+        # must be visibly never among them.
+        self.dropped_by_kind = no_drops()
         # Early command endpointing (model.early_command_ms), for streams asked for commands.
         model = pipeline.config.model
         asks_commands = "command" in settings.prompts.tasks_for("speech")
@@ -471,6 +474,7 @@ class StreamHandle:
         """Counters for status events."""
         return {
             **self.counters,
+            "dropped_by_kind": dict(self.dropped_by_kind),
             "pending": len(self.pending),
             "in_flight": self.in_flight,
             "muted": self.muted,
@@ -513,6 +517,9 @@ class Pipeline:
         self._closed = asyncio.Event()
         self.failure: BaseException | None = None
         self._latencies: collections.deque[float] = collections.deque(maxlen=1000)
+        # Windows dropped by kind, all streams together (closed ones too): the stats event's
+        # ``dropped_by_kind``.
+        self._dropped_by_kind = no_drops()
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -674,7 +681,7 @@ class Pipeline:
         """Count a window dropped to make room and tell the subscribers which one
         (``window_dropped``, one per window; ``overload`` at most once a second)."""
         victim = drop.window
-        handle.counters["dropped"] += 1
+        kind = self._count_drop(handle, victim)
         logger.warning(
             "stream %s overloaded: dropped window %s (%d dropped so far)",
             handle.id,
@@ -686,6 +693,8 @@ class Pipeline:
             "dropped_window": victim.id,
             "dropped_total": handle.counters["dropped"],
             "pending": drop.waiting,
+            "kind": kind,
+            "dropped_by_kind": dict(handle.dropped_by_kind),
         }
         self.emit_status(
             "window_dropped",
@@ -712,6 +721,14 @@ class Pipeline:
                 detail=detail,
             )
 
+    def _count_drop(self, handle: StreamHandle, window: Window) -> str:
+        """Count a dropped window in its stream and per kind; returns the kind (`shed_kind`)."""
+        kind = shed_kind(window)
+        handle.counters["dropped"] += 1
+        handle.dropped_by_kind[kind] += 1
+        self._dropped_by_kind[kind] += 1
+        return kind
+
     # -- what the sink reports (WindowListener) ------------------------------------------------
 
     def room_changed(self) -> None:
@@ -723,9 +740,10 @@ class Pipeline:
         handle = self._streams.get(window.stream)
         answered = done.status == "answered"
         if handle is not None:
-            if not window.early:
-                counter = "answered" if answered else "failed"
-                handle.counters["dropped" if done.status == "dropped" else counter] += 1
+            if not window.early and done.status == "dropped":
+                self._count_drop(handle, window)
+            elif not window.early:
+                handle.counters["answered" if answered else "failed"] += 1
             elif not answered:
                 handle.early_failed(window)
         if not answered:
@@ -913,6 +931,7 @@ class Pipeline:
             "worker": self.sink.stats(),
             "sinks": {s.name: s.stats() for s in self.bus.subscriptions},
             "latency_after_segment_end": latency,
+            "dropped_by_kind": dict(self._dropped_by_kind),
         }
 
     async def _report_stats(self) -> None:

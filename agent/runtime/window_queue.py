@@ -28,6 +28,24 @@ def shed_rank(window: Window) -> int:
     return 1 if "transcript" in tasks else 0
 
 
+#: The kinds a shed window is counted under (`shed_kind`), most worth keeping first.
+SHED_KINDS = ("command", "transcript", "caption", "answer")
+
+
+def shed_kind(window: Window) -> str:
+    """What a window dropped under overload is counted as: its best task, in the order of
+    `SHED_KINDS` (a window with a command and a transcript counts as a command; one with a
+    caption and standing questions as a caption). A window without requests counts as an
+    ``answer``: it is worth the least."""
+    tasks = {request.task for request in window.requests}
+    return next((kind for kind in SHED_KINDS if kind in tasks), "answer")
+
+
+def no_drops() -> dict[str, int]:
+    """A count of 0 per kind of `SHED_KINDS` (every kind present, so readers find each key)."""
+    return dict.fromkeys(SHED_KINDS, 0)
+
+
 @dataclass(frozen=True)
 class Drop:
     """A waiting window pushed out of a full queue to make room.
@@ -40,6 +58,11 @@ class Drop:
 
     window: Window
     waiting: int
+
+    @property
+    def kind(self) -> str:
+        """What the dropped window counts as (`shed_kind`)."""
+        return shed_kind(self.window)
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from agent.runtime.window_queue import Drop, WindowQueue
+from agent.runtime.window_queue import SHED_KINDS, Drop, WindowQueue, no_drops, shed_kind
 from agent.runtime.worker import Request, Window
 
 _numbers: dict[str, int] = {}
@@ -173,3 +173,39 @@ def test_overload_sheds_captions_first_then_transcripts_and_commands_last() -> N
     fourth = tasked("command", kind="speech")
     assert queue.offer(fourth).dropped.window is command  # type: ignore[union-attr]
     assert ids(queue.waiting("s")) == ids([second, third, fourth])
+
+
+def test_a_shed_window_counts_as_its_best_task() -> None:
+    assert shed_kind(tasked("transcript", "command", kind="speech")) == "command"
+    assert shed_kind(tasked("caption", "transcript", kind="mixed")) == "transcript"
+    assert shed_kind(tasked("answer", "caption")) == "caption"
+    assert shed_kind(tasked("answer", kind="ambient")) == "answer"
+    assert shed_kind(tasked()) == "answer"  # nothing asked: worth the least
+    assert list(no_drops()) == list(SHED_KINDS) and set(no_drops().values()) == {0}
+
+
+def test_drops_counted_per_kind_and_stream_leave_commands_at_zero_while_others_wait() -> None:
+    """Two full streams offered a steady mix: each drop's kind, tallied per stream, has no
+    command while a caption or transcript could go, and the queue keeps every command."""
+    queue = WindowQueue(bound=2, max_batch=8)
+    counts = {s: no_drops() for s in ("a", "b")}
+    commands: dict[str, list[Window]] = {"a": [], "b": []}
+    for stream in counts:
+        queue.open(stream, "drop_oldest")
+    for _ in range(2):
+        for stream in counts:
+            for made in (
+                tasked("caption", "answer", stream=stream),
+                tasked("transcript", stream=stream, kind="speech"),
+                tasked("transcript", "command", stream=stream, kind="speech"),
+            ):
+                if "command" in {r.task for r in made.requests}:
+                    commands[stream].append(made)
+                offer = queue.offer(made)
+                if offer.dropped is not None:
+                    counts[offer.dropped.window.stream][offer.dropped.kind] += 1
+    # Each stream: 6 offered, 2 kept (its two commands), 4 shed: 2 captions, 2 transcripts.
+    expected = {"command": 0, "transcript": 2, "caption": 2, "answer": 0}
+    assert counts == {"a": expected, "b": expected}
+    for stream, made in commands.items():
+        assert ids(queue.waiting(stream)) == ids(made)
