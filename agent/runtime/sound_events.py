@@ -404,3 +404,14 @@ def tracker_config(
         ignore=frozenset(sounds.ignore),
         group_classes=classes,
     )
+
+
+def entity_groups(
+    sounds: SoundsConfig, label_groups: Mapping[str, object]
+) -> tuple[tuple[str, ...], frozenset[str]]:
+    """The label groups a smart home sees (Home Assistant discovery): those that make sound
+    events (the effective groups, ``label_groups``, minus `SoundsConfig.ignore`) and those of
+    them that are sustained (get updates)."""
+    config = tracker_config(sounds)
+    groups = tuple(g for g in label_groups if g not in config.ignore)
+    return groups, frozenset(g for g in groups if g in config.sustained)

@@ -135,6 +135,44 @@ class Final:
 Output = Partial | Final
 
 
+@dataclass(frozen=True)
+class PatchTags:
+    """What the sound tagger heard in one 0.96 s patch of a clip.
+
+    Attributes:
+        start_s: Where the patch starts, seconds from the clip's start.
+        end_s: Where it ends (the clip's end for the last, padded patch of a short clip).
+        groups: Label group -> its score (the best of its classes), 0..1.
+        labels: The patch's best AudioSet classes, (display name, score), best first.
+    """
+
+    start_s: float
+    end_s: float
+    groups: dict[str, float]
+    labels: tuple[tuple[str, float], ...]
+
+
+@dataclass(frozen=True)
+class TagResult:
+    """The tagger's answer for one `InferenceWorker.submit_tags` call.
+
+    Attributes:
+        clips: Per clip, its patches in order (at least one each; empty on error).
+        model_start: ``time.monotonic()`` when the tagger call began.
+        error: The exception's text when tagging failed.
+    """
+
+    clips: tuple[tuple[PatchTags, ...], ...]
+    model_start: float
+    error: str | None = None
+
+
+#: AudioSet classes listed per tagged patch (a group's events keep only their own classes).
+TAG_LABELS = 10
+# One `InferenceWorker.submit_tags` call waiting: its clips and where its result goes.
+_TagItem = tuple[Sequence[FloatArray], Callable[[TagResult], None]]
+
+
 @dataclass
 class BatchReport:
     """What happened to one batch.
@@ -422,6 +460,55 @@ def check_whisper_text(model: Any, settings: Any) -> None:
         )
 
 
+def limit_blas_threads(threads: int) -> bool:
+    """Limit numpy's OpenBLAS to ``threads`` on the calling thread only (OpenBLAS >= 0.3.27,
+    ``openblas_set_num_threads_local``), so the tagger's front end does not wake a pool of
+    BLAS threads that spin against torch's on the worker thread (BENCHMARKS.md "Sound
+    tagger"). Returns False, changing nothing, where numpy's OpenBLAS has no such call."""
+    import ctypes
+    import glob
+    import os
+
+    libs = os.path.join(os.path.dirname(os.path.dirname(np.__file__)), "numpy.libs")
+    for path in sorted(glob.glob(os.path.join(libs, "*openblas*.so*"))):
+        try:
+            setter = ctypes.CDLL(path).openblas_set_num_threads_local
+        except (OSError, AttributeError):
+            continue
+        setter.argtypes = [ctypes.c_int]
+        setter.restype = ctypes.c_int
+        setter(threads)
+        return True
+    return False
+
+
+def tag_clips(tagger: Any, clips: Sequence[FloatArray]) -> list[tuple[PatchTags, ...]]:
+    """Tag clips with a `model.sound_tagger.SoundTagger` in one batched call: per clip its
+    patches (at YAMNet's 0.48 s hop; a clip shorter than a patch is padded to one), each with
+    its group scores (a generic parent that yields to a specific class of another group does
+    not count for its own: ``generic_yields``) and best labels."""
+    config = tagger.config
+    rate = float(config.sample_rate_hz)
+    patch_s = config.patch_samples / rate
+    hop_s = config.patch_hop_samples / rate
+    out = []
+    for clip, scores in zip(clips, tagger.scores_batch(clips), strict=True):
+        length_s = clip.shape[0] / rate
+        patches = []
+        for i, row in enumerate(scores):
+            start_s = min(i * hop_s, length_s)
+            patches.append(
+                PatchTags(
+                    start_s=start_s,
+                    end_s=max(start_s, min(start_s + patch_s, length_s)),
+                    groups=tagger.group_scores(row, generic_yields=True),
+                    labels=tuple(tagger.top_labels(row, TAG_LABELS)),
+                )
+            )
+        out.append(tuple(patches))
+    return out
+
+
 class InferenceWorker:
     """Owns the model on one dedicated thread; an async context manager.
 
@@ -436,10 +523,14 @@ class InferenceWorker:
             beside the model to read ``recogniser="command"`` requests.
         pack_weights: Pack the decoders' weights for CPU token steps (`model.packing`);
             skipped, with a log line, when the model is on a GPU.
+        load_tagger: Loads the sound tagger (`model.sound_tagger.load_sound_tagger`); called
+            once on the worker thread after the model (`[sounds]` on), which then limits
+            numpy's BLAS to one thread there (`limit_blas_threads`). None: no tagger.
 
     Attributes:
         device: Where the loaded model runs (`model_placement`); None until loaded.
         dtype: Its compute dtype; None until loaded.
+        sound_tagger: The loaded `model.sound_tagger.SoundTagger`, or None.
     """
 
     def __init__(
@@ -452,8 +543,17 @@ class InferenceWorker:
         warm_up: bool = True,
         command_whisper: str | None = None,
         pack_weights: bool = True,
+        load_tagger: Callable[[], Any] | None = None,
     ) -> None:
         self._load_model = load_model
+        self._load_tagger = load_tagger
+        self.sound_tagger: Any = None
+        # Tagging asked for (clips, done) and not yet run; `_batch_running` counts the `run`
+        # calls in flight: tags then go between two tokens instead of behind the batch.
+        self._tags: queue.SimpleQueue[_TagItem] = queue.SimpleQueue()
+        self._batch_running = 0
+        self.tag_calls = 0
+        self.tagged_patches = 0
         self.pack_weights = pack_weights
         self.command_whisper = command_whisper
         self._hear_commands: Callable[[list[FloatArray]], list[str]] | None = None
@@ -521,6 +621,12 @@ class InferenceWorker:
             )
             if self.warm_up:
                 self._hear_commands([np.zeros(16000, np.float32)])
+        if self._load_tagger is not None:
+            self.sound_tagger = self._load_tagger()
+            if not limit_blas_threads(1):
+                logger.info("sound tagger: numpy's OpenBLAS threads could not be limited")
+            if self.warm_up:
+                self.sound_tagger.scores(np.zeros(16000, np.float32))
         if self.warm_up:
             started = time.perf_counter()
             silence = np.zeros(16000, np.float32)
@@ -559,13 +665,17 @@ class InferenceWorker:
                 loop.call_soon_threadsafe(on_output, output)
 
         started = time.monotonic()
-        report = await asyncio.shield(
-            loop.run_in_executor(self._executor, runner.run, windows, emit, self._cancel)
-        )
-        # Fast-lane work submitted after the batch's last token still runs before we return:
-        # the caller submits only while a batch is in flight.
-        while not self._fast.empty() and self._executor is not None:
-            await asyncio.shield(loop.run_in_executor(self._executor, self._run_fast))
+        self._batch_running += 1
+        try:
+            report = await asyncio.shield(
+                loop.run_in_executor(self._executor, runner.run, windows, emit, self._cancel)
+            )
+            # Fast-lane work submitted after the batch's last token still runs before we
+            # return: the caller submits only while a batch is in flight.
+            while (not self._fast.empty() or not self._tags.empty()) and self._executor:
+                await asyncio.shield(loop.run_in_executor(self._executor, self._run_fast))
+        finally:
+            self._batch_running -= 1
         self.busy_s += time.monotonic() - started
         self.batches += 1
         self.windows += len(windows)
@@ -597,8 +707,10 @@ class InferenceWorker:
 
     def _run_fast(self) -> None:
         """On the worker thread: answer every fast-lane item waiting, as one batch (commands
-        said at once on several streams share Whisper's decoder steps)."""
+        said at once on several streams share Whisper's decoder steps), and the tagging
+        waiting (`submit_tags`)."""
         assert self.runner is not None
+        self._run_tags()
         while True:
             items = []
             with contextlib.suppress(queue.Empty):
@@ -626,6 +738,54 @@ class InferenceWorker:
                     )
                 )
 
+    def submit_tags(
+        self, clips: Sequence[FloatArray], on_done: Callable[[TagResult], None]
+    ) -> None:
+        """Tag clips with the sound tagger on the worker thread, batched with the tagging of
+        every other stream that waits: at once when the worker is idle, else between two
+        tokens of the running batch (never behind it). ``on_done`` is called on the loop,
+        calls in the order of submission; on shutdown it may never be called.
+
+        Raises:
+            AgentError: no tagger is loaded, or the worker is closed.
+        """
+        if self.sound_tagger is None or self._executor is None or self._closed.is_set():
+            raise AgentError("the sound tagger is not loaded or the worker is closed")
+        loop = asyncio.get_running_loop()
+
+        def done(result: TagResult) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(on_done, result)
+
+        self._tags.put((clips, done))
+        if not self._batch_running:
+            # Idle: run now (a batch submitted after this one waits for it: milliseconds).
+            self._executor.submit(self._run_tags)
+
+    def _run_tags(self) -> None:
+        """On the worker thread: tag every clip waiting, all streams in one tagger call."""
+        items: list[_TagItem] = []
+        with contextlib.suppress(queue.Empty):
+            while True:
+                items.append(self._tags.get_nowait())
+        if not items:
+            return
+        clips = [clip for item_clips, _ in items for clip in item_clips]
+        started = time.monotonic()
+        try:
+            tagged = tag_clips(self.sound_tagger, clips)
+        except Exception as exc:  # a tagger failure must not kill the worker
+            logger.error("sound tagger failed on %d clip(s)", len(clips), exc_info=True)
+            for _, done in items:
+                done(TagResult((), started, f"{type(exc).__name__}: {exc}"))
+            return
+        self.tag_calls += 1
+        self.tagged_patches += sum(len(p) for p in tagged)
+        at = 0
+        for item_clips, done in items:
+            done(TagResult(tuple(tagged[at : at + len(item_clips)]), started))
+            at += len(item_clips)
+
     def cancel(self) -> None:
         """Stop the running batch at its next token (its unfinished requests are reported
         by the caller); later batches are cancelled at once."""
@@ -652,4 +812,9 @@ class InferenceWorker:
             "mean_batch": round(self.windows / self.batches, 2) if self.batches else 0.0,
             "fast_windows": self.fast_windows,
             "busy_s": round(self.busy_s, 3),
+            **(
+                {"tag_calls": self.tag_calls, "tagged_patches": self.tagged_patches}
+                if self.sound_tagger is not None
+                else {}
+            ),
         }
