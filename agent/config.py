@@ -1577,6 +1577,99 @@ class SoundsConfig:
         return out
 
 
+_WYOMING_URI = "tcp://127.0.0.1:10300"  # agent.protocols.wyoming.DEFAULT_URI (a leaf: no import)
+
+
+@dataclass(frozen=True)
+class WyomingConfig:
+    """`[wyoming]`: a Wyoming speech-to-text service inside `run` (Home Assistant's own
+    protocol; docs/homeassistant.md), answered by the agent's own worker: one model loaded.
+
+    Attributes:
+        enabled: Serve it.
+        uri: ``tcp://HOST:PORT`` (port 0: any free port) or ``unix://PATH``; loopback by
+            default, as `salmonn-live wyoming`. Wyoming has no authentication: a LAN address
+            serves anyone on that network.
+        zeroconf: Announce the service over mDNS as ``_wyoming._tcp`` (TCP only).
+        zeroconf_name: The announced instance name; None: ``salmonn-live-<hostname>``.
+        language: The language transcribed and listed in ``info``. The agent's Whisper path
+            transcribes English; `salmonn-live wyoming --language` serves the others.
+        sounds: Also serve ``detect``: the sound tagger's label groups (``[sounds]`` tagger,
+            class map and groups) as Wyoming wake models.
+        sound_threshold: Score (0..1) at which ``detect`` reports a group.
+        max_connections: Connections served at once; one more gets a ``busy`` error.
+        max_audio_s: Longest audio stream, seconds.
+        idle_timeout_s: Outside an audio stream, the longest wait for the next event.
+        audio_timeout_s: Inside an audio stream, the longest wait for the next event.
+        transcribe_timeout_s: The longest one transcription may take (queueing included).
+    """
+
+    enabled: bool = option(
+        False,
+        flag=flag("--wyoming", "also serve Wyoming speech-to-text (wyoming.enabled)"),
+    )
+    uri: str = option(
+        _WYOMING_URI,
+        flag=flag(
+            "--wyoming-uri",
+            f"where Wyoming listens: tcp://HOST:PORT or unix://PATH (wyoming.uri, default "
+            f"{_WYOMING_URI})",
+            metavar="URI",
+        ),
+    )
+    zeroconf: bool = option(
+        False,
+        flag=flag("--wyoming-zeroconf", "announce Wyoming over mDNS (wyoming.zeroconf, TCP only)"),
+    )
+    zeroconf_name: str | None = option(
+        None,
+        pattern=re.compile(r"[^.\x00]{1,63}"),
+        expected="1 to 63 characters without '.'",
+    )
+    language: str = option(
+        "en",
+        choices=("en",),
+        expected="'en' (the agent's Whisper path is English; salmonn-live wyoming --language "
+        "serves other languages)",
+    )
+    sounds: bool = option(
+        False,
+        flag=flag("--wyoming-sounds", "serve detect: the sound tagger's groups (wyoming.sounds)"),
+    )
+    sound_threshold: float = option(0.5, above=0, maximum=1, expected="a score in (0, 1]")
+    max_connections: int = option(16, minimum=1)
+    max_audio_s: float = option(60.0, above=0, maximum=600, expected="seconds in (0, 600]")
+    idle_timeout_s: float = option(60.0, above=0, expected="> 0 s")
+    audio_timeout_s: float = option(5.0, above=0, expected="> 0 s")
+    transcribe_timeout_s: float = option(30.0, above=0, expected="> 0 s")
+
+    def __post_init__(self) -> None:
+        check_fields(self, "wyoming")
+        from agent.protocols.wyoming import parse_uri
+
+        try:
+            address = parse_uri(self.uri)
+        except ConfigError as exc:
+            raise ConfigError(f"wyoming.uri: {exc}") from None
+        if self.zeroconf and address.scheme != "tcp":
+            raise ConfigError(
+                f"wyoming.zeroconf: announces TCP services only, and wyoming.uri is {self.uri!r}; "
+                "use a tcp:// URI or zeroconf = false"
+            )
+
+    def limits(self) -> Any:
+        """The server's `agent.protocols.wyoming.WyomingLimits` (the rest at their defaults)."""
+        from agent.protocols.wyoming import WyomingLimits
+
+        return WyomingLimits(
+            max_connections=self.max_connections,
+            max_audio_s=self.max_audio_s,
+            idle_timeout_s=self.idle_timeout_s,
+            audio_timeout_s=self.audio_timeout_s,
+            transcribe_timeout_s=self.transcribe_timeout_s,
+        )
+
+
 def _closest(name: str, candidates: Sequence[str] | Mapping[str, Any], what: str) -> str:
     """``closest: 'A', 'B'`` for a misspelt name: the candidates holding it (any case), then
     the most similar ones."""
@@ -1745,6 +1838,7 @@ class AgentConfig:
         rules: `[[rules]]`, compiled (`agent.protocols.rules.Rule`).
         cluster: `[cluster]`: the edge and worker roles.
         sounds: `[sounds]`: sound events from the AudioSet tagger.
+        wyoming: `[wyoming]`: the Wyoming speech-to-text service inside `run`.
     """
 
     agent: AgentSettings = field(default_factory=AgentSettings)
@@ -1760,6 +1854,7 @@ class AgentConfig:
     rules: tuple[Rule, ...] = ()
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     sounds: SoundsConfig = field(default_factory=SoundsConfig)
+    wyoming: WyomingConfig = field(default_factory=WyomingConfig)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AgentConfig:
@@ -1801,6 +1896,9 @@ class AgentConfig:
                 **validate_table(ClusterConfig, data.get("cluster", {}), "cluster")
             ),
             sounds=SoundsConfig.from_dict(data.get("sounds", {})),
+            wyoming=WyomingConfig(
+                **validate_table(WyomingConfig, data.get("wyoming", {}), "wyoming")
+            ),
         )
 
     def stream_settings(self, stream_id: str) -> StreamConfig:
@@ -1826,6 +1924,7 @@ class AgentConfig:
             "ws": self.ws.redacted(),
             "cluster": dataclasses.asdict(self.cluster),
             "sounds": dataclasses.asdict(self.sounds),
+            "wyoming": dataclasses.asdict(self.wyoming),
             "streams": [
                 {
                     "id": s.id,
@@ -1850,6 +1949,7 @@ FLAG_SECTIONS: Mapping[str, type] = {
     "mqtt": MqttConfig,
     "cluster": ClusterConfig,
     "sounds": SoundsConfig,
+    "wyoming": WyomingConfig,
 }
 
 

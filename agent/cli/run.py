@@ -37,6 +37,7 @@ RUN_GROUPS = (
     ("WebSocket ([ws])", "ws"),
     ("MQTT ([mqtt], [[rules]]; see docs/mqtt.md)", "mqtt"),
     ("sound events ([sounds])", "sounds"),
+    ("Wyoming speech-to-text ([wyoming]; see docs/homeassistant.md)", "wyoming"),
 )
 
 

@@ -4,14 +4,17 @@
 order: the MQTT publisher when ``[mqtt]`` is on (so bad credentials fail before the model
 loads; its events go through a sink, its `[[rules]]` fire as `trigger` events), the model on
 the worker thread (the pipeline's `LocalWindows`; an edge enters its `RemoteWindows` instead),
-the pipeline, the WebSocket server when ``ws.listen`` is set, then one feeding task per local
-stream (microphone or file). The protocol modules never know the agent: each gets what it
-serves (the bus, the pipeline, a control callback).
+the pipeline, the WebSocket server when ``ws.listen`` is set, the Wyoming server when
+``[wyoming]`` is on (its transcripts go through the same worker: `WorkerTranscriber`), then
+one feeding task per local stream (microphone or file). The protocol modules never know the
+agent: each gets what it serves (the bus, the pipeline, a control callback, a transcriber).
 `Agent.run` waits for a shutdown request, the end of the local files (``exit_at_end``), or a
 pipeline failure. Leaving it shuts down in order:
 
 1. stop intake: local sources stop, the server stops listening and closes `/audio` clients
-   (1001); every stream's open segment becomes a last window;
+   (1001), the Wyoming server stops listening and ends its connections (a transcription in
+   flight is abandoned: its client sees the connection close); every stream's open segment
+   becomes a last window;
 2. flush the pipeline: waiting windows are answered within ``worker.drain_timeout_s``, the rest
    are reported in the ``stopped`` status event;
 3. close the sinks: each drains its queue; `/events` clients are then closed with 1001 and a
@@ -26,11 +29,15 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
+
+import numpy as np
+import numpy.typing as npt
 
 from agent.config import AgentConfig, StreamConfig
 from agent.errors import ControlError
@@ -41,7 +48,18 @@ from agent.protocols.ws import WsServer
 from agent.runtime.fanout import EventBus, EventFilter, Subscription
 from agent.runtime.pipeline import Pipeline, StreamHandle
 from agent.runtime.window_sink import LocalWindows, WindowSink
-from agent.runtime.worker import InferenceWorker, check_whisper_text
+from agent.runtime.worker import (
+    BatchReport,
+    Final,
+    InferenceWorker,
+    Output,
+    Request,
+    Window,
+    check_whisper_text,
+)
+
+if TYPE_CHECKING:
+    from agent.protocols.wyoming import WyomingServer
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +79,7 @@ class Agent:
         pipeline: The pipeline (for `control` and `emit_status`), once entered.
         bus: The event fan-out (for extra sinks), once entered.
         ws: The WebSocket server, or None when `ws.listen` is ``off``.
+        wyoming: The Wyoming server, or None when ``[wyoming]`` is off.
         mqtt: The MQTT publisher, or None when ``[mqtt]`` is off.
         rules: The smart-home rule engine (per-rule counters in its `stats()`), once
             `add_rules` was called; None before.
@@ -75,6 +94,7 @@ class Agent:
         self.worker: InferenceWorker | None = None
         self.pipeline: Pipeline | None = None
         self.ws: WsServer | None = None
+        self.wyoming: WyomingServer | None = None
         self.mqtt: MqttPublisher | None = None
         self.rules: RuleEngine | None = None
         self.stop_reason = ""
@@ -114,6 +134,9 @@ class Agent:
                 self.ws = await self._stack.enter_async_context(
                     WsServer(self.config, self.pipeline, self.bus, self.clock)
                 )
+            if self.config.wyoming.enabled:
+                self.wyoming = await self._stack.enter_async_context(self._wyoming_server(sink))
+                self._wyoming_listening(self.wyoming)
             while self._early_status:  # in order, after `started` and `listening`
                 word, message, detail = self._early_status.popleft()
                 self.pipeline.emit_status(word, message, detail=detail)
@@ -192,6 +215,61 @@ class Agent:
     async def _close_pipeline(self, pipeline: Pipeline) -> None:
         """Step 2 of the shutdown (`Pipeline.close`; the edge waits for its pool first)."""
         await pipeline.close()
+
+    def _wyoming_server(self, sink: WindowSink) -> WyomingServer:
+        """The ``[wyoming]`` service on this agent's worker (entered after the pipeline).
+
+        Raises:
+            ConfigError: no local worker (an edge), or the model's Whisper cannot write
+                text (no tokenizer: the model that needs ``--transcript llm``).
+        """
+        from agent.errors import ConfigError
+        from agent.protocols.wyoming import WyomingDescription, WyomingServer
+
+        settings = self.config.wyoming
+        worker = self.worker
+        if worker is None:
+            raise ConfigError(
+                "[wyoming] needs the model in this process, and this agent sends its windows "
+                "to a worker pool; turn wyoming.enabled off here and run `salmonn-live "
+                "wyoming` (or `run` with [wyoming]) where a model is loaded"
+            )
+        if getattr(worker.model, "whisper_tokenizer", True) is None:
+            raise ConfigError(
+                f"[wyoming]: model {self.config.model.name!r} has no Whisper decoder (its "
+                "Whisper has no tokenizer, which is why it runs with --transcript llm), and "
+                "Wyoming transcribes with Whisper's own decoder; load a model whose Whisper "
+                "has one (e.g. --model nano) or turn [wyoming] off (wyoming.enabled = false)"
+            )
+        # What Home Assistant shows as the model: the package, or the directory's name.
+        whisper = getattr(getattr(worker.model, "config", None), "whisper", None)
+        name = str(whisper).removeprefix("package:").rstrip("/").rsplit("/", 1)[-1]
+        description = WyomingDescription(
+            model=name if whisper else worker.model_name, languages=(settings.language,)
+        )
+        return WyomingServer(
+            WorkerTranscriber(worker, lambda: sink.busy),
+            description,
+            uri=settings.uri,
+            limits=settings.limits(),
+            zeroconf=settings.zeroconf,
+            zeroconf_name=settings.zeroconf_name,
+        )
+
+    def _wyoming_listening(self, server: WyomingServer) -> None:
+        assert self.pipeline is not None
+        # The same line as `salmonn-live wyoming`: tools wait for it (the bound port in it).
+        logger.info("wyoming: listening on %s", server.uri)
+        self.pipeline.emit_status(
+            "wyoming_listening",
+            f"Wyoming speech-to-text on {server.uri}",
+            detail={
+                "uri": server.uri,
+                "languages": list(server.description.languages),
+                "sounds": list(server.sound_names),
+                "zeroconf": server.zeroconf,
+            },
+        )
 
     # -- what the protocols report and ask ---------------------------------------------------
 
@@ -412,6 +490,8 @@ class Agent:
         await asyncio.gather(*self._feeds, return_exceptions=True)
         if self.ws is not None:
             await self.ws.stop_intake()
+        if self.wyoming is not None:
+            await self.wyoming.close()
         if self.pipeline is not None:
             await self._close_pipeline(self.pipeline)
         self.bus.close()
@@ -423,6 +503,90 @@ class Agent:
                 task.cancel(f"sink did not finish within {_SINK_CLOSE_TIMEOUT_S} s of shutdown")
             await asyncio.gather(*pending, return_exceptions=True)
         await self._stack.aclose()
+
+
+class WorkerTranscriber:
+    """A Wyoming transcriber (`agent.protocols.wyoming.Transcriber`) on an `InferenceWorker`:
+    each utterance becomes a window of one Whisper transcript request, ``wyoming:<n>``, so
+    the text is what the worker writes for a stream's transcript window (the same call on
+    the same weights) and the model is loaded once.
+
+    While the agent's batch runs, the window goes to the worker's fast lane and is answered
+    between two of its tokens (`InferenceWorker.submit_fast`); when the worker is idle it is
+    a batch of its own (`InferenceWorker.run`). Several utterances in the fast lane share
+    Whisper's decoder steps with each other and with the streams' command windows.
+
+    Args:
+        worker: A started worker whose model's Whisper has a tokenizer.
+        busy: True while the worker has a batch running or about to run (the pipeline's
+            `WindowSink.busy`); None: never (a worker of its own, as `salmonn-live wyoming`).
+        stream: The stream name of the windows (never a configured stream: ids have no ':').
+    """
+
+    def __init__(
+        self,
+        worker: InferenceWorker,
+        busy: Callable[[], bool] | None = None,
+        stream: str = "wyoming",
+    ) -> None:
+        self.worker = worker
+        self.busy = busy
+        self.stream = stream
+        self._ids = itertools.count()
+        self.fast = 0  # answered in the fast lane
+        self.alone = 0  # answered in a batch of their own
+
+    def window(self, samples: npt.NDArray[np.float32]) -> Window:
+        """The window one utterance becomes."""
+        window_id = f"{self.stream}:{next(self._ids)}"
+        now = time.monotonic()
+        request = Request(
+            key=f"{window_id}/transcript", task="transcript", instruction="", engine="whisper"
+        )
+        return Window(
+            id=window_id,
+            stream=self.stream,
+            kind="speech",
+            audio=samples,
+            start_s=0.0,
+            end_s=samples.size / 16000,
+            captured=now,
+            segment_end=now,
+            requests=(request,),
+        )
+
+    async def __call__(self, samples: npt.NDArray[np.float32]) -> str:
+        """The transcript of 16 kHz mono float32 samples.
+
+        Raises:
+            AgentError: the worker failed, was cancelled or is closed.
+        """
+        from agent.errors import AgentError
+
+        window = self.window(samples)
+        answer: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+        def on_output(output: Output) -> None:
+            if isinstance(output, Final) and not answer.done():
+                answer.set_result(output.text)
+
+        def on_done(report: BatchReport) -> None:
+            if not answer.done():
+                why = report.error or ("cancelled" if report.cancelled else "no answer")
+                answer.set_exception(AgentError(f"the worker did not transcribe: {why}"))
+
+        try:
+            if self.busy is not None and self.busy():
+                self.fast += 1
+                self.worker.submit_fast([window], on_output, on_done)
+            else:
+                self.alone += 1
+                on_done(await self.worker.run([window], on_output))
+            return await answer
+        finally:
+            # Abandoned (the client went away, shutdown): a late answer is dropped.
+            if not answer.done():
+                answer.cancel()
 
 
 @contextlib.asynccontextmanager
