@@ -36,7 +36,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Literal, Protocol, Self
+from typing import TYPE_CHECKING, Any, Literal, Protocol, Self
 
 import numpy as np
 import numpy.typing as npt
@@ -67,6 +67,9 @@ from agent.runtime.window_sink import WindowDone, WindowSink
 from agent.runtime.worker import Final, Output, Request, TagResult, Window
 from streaming.events import SegmentEnded
 from streaming.pcm import SAMPLE_RATE_HZ as MODEL_RATE_HZ  # the model's input rate too
+
+if TYPE_CHECKING:
+    from streaming.segmenter import OpenSegment
 
 logger = logging.getLogger(__name__)
 
@@ -191,8 +194,7 @@ class StreamHandle:
         self._handle(events)
         if self.sounds is not None:
             segmenter = self._segmenter
-            open_now = segmenter.open_segment() is not None
-            self.sounds.block(samples, segmenter.samples_pushed, open_now, captured)
+            self.sounds.block(samples, segmenter.samples_pushed, segmenter.open_segment(), captured)
         if self.endpointer.enabled:
             self._speculate()
 
@@ -293,7 +295,7 @@ class StreamHandle:
                 # Speech segments too: the segmenter's detector takes a bark or a cry for
                 # speech at times, and the tracker ignores the speech group itself.
                 captured = min(self._captured_at(event.end_sample), now)
-                self.sounds.window(kind, event.start_s, event.audio, captured)
+                self.sounds.window(kind, event.start_sample, event.audio, captured)
             command_from: int | None = None
             heard: Final | None = None
             if isinstance(event, SegmentEnded):
@@ -1067,16 +1069,24 @@ SOUND_MODEL = "yamnet"
 class StreamSounds:
     """One stream's sound events: what it hands the tagger and its `SoundTracker`.
 
-    `StreamHandle` calls `window` for each segment (speech too: a bark or a cry may be taken
-    for speech by the segmenter's detector) and ambient window, and `block` after
-    each block; `block` takes one patch of the latest audio every `SoundsConfig.
-    background_every_s` while no segment is open (audio the segmenter folds into the
-    background), unless the stream makes ambient windows (they cover that audio already).
+    The stream's audio is tagged in stream order, in 0.96 s patches at YAMNet's 0.48 s hop
+    while something is heard, and sparsely while nothing is (`StreamHandle` calls `block`
+    after each block and `window` for each segment and ambient window):
+
+    - while a segment is open, one patch of its latest audio every 0.48 s of it (so a
+      sustained sound starts its event while it goes on, not when its segment ends);
+    - at a segment's end (speech too: the segmenter's detector takes a bark or a cry for
+      speech at times, and the tracker ignores the speech group itself) or an ambient
+      window, the part not tagged yet, from one patch before it (a window shorter than a
+      patch is padded by the tagger);
+    - between segments, one patch of the latest audio every `SoundsConfig.background_every_s`
+      (audio the segmenter folds into the background: music, an appliance, a long alarm),
+      unless the stream makes ambient windows (they cover that audio).
+
     The tagger's answers come back in submission order; each patch goes to the tracker on the
-    stream clock (a patch that starts before the tracker's clock, such as a segment's
-    pre-roll after a background patch, is taken from the clock on), and each decision is
-    published as a `SoundEvent` (`Pipeline.emit_sound`). After `end`, once every answer is in,
-    the tracker is closed: what is open ends.
+    stream clock (a patch that starts before the tracker's clock is taken from the clock
+    on), and each decision is published as a `SoundEvent` (`Pipeline.emit_sound`). After
+    `end`, once every answer is in, the tracker is closed: what is open ends.
 
     Args:
         pipeline: Where events go.
@@ -1105,10 +1115,13 @@ class StreamSounds:
         self._on_idle = on_idle
         self.tracker = SoundTracker(stream, tracker)
         self.patch_samples = int(config.patch_samples)
+        self.hop_samples = int(config.patch_hop_samples)
         every = int(sounds.background_every_s * MODEL_RATE_HZ) if background else 0
         self._every = every
         self._next_background = max(every, self.patch_samples)
-        # The latest blocks (newest last), enough for one background patch.
+        self._next_live = 0  # the stream position of the open segment's next patch
+        self._tagged_until = 0  # the end of the latest audio handed to the tagger (samples)
+        # The latest blocks (newest last), enough for one patch.
         self._recent: collections.deque[npt.NDArray[np.float32]] = collections.deque()
         self._recent_samples = 0
         self.pending = 0
@@ -1117,7 +1130,12 @@ class StreamSounds:
         self.ended = False
         self.closed = False
         self._last_segment = "background"  # what the last answer tagged (for closing ends)
-        self.counters = {"tagged_windows": 0, "background_patches": 0, "sound_events": 0}
+        self.counters = {
+            "tagged_windows": 0,
+            "live_patches": 0,
+            "background_patches": 0,
+            "sound_events": 0,
+        }
 
     @property
     def idle(self) -> bool:
@@ -1129,37 +1147,52 @@ class StreamSounds:
         await self._idle.wait()
 
     def window(
-        self, kind: str, start_s: float, audio: npt.NDArray[np.float32], captured: float
+        self, kind: str, start_sample: int, audio: npt.NDArray[np.float32], captured: float
     ) -> None:
-        """Tag a segment or ambient window that starts at ``start_s`` (stream clock)."""
-        if self.ended:
+        """Tag what is not tagged yet of a segment or ambient window starting at
+        ``start_sample`` (stream clock), from one patch before it."""
+        end_sample = start_sample + audio.size
+        if self.ended or self._tagged_until >= end_sample:
             return
+        begin = max(start_sample, self._tagged_until - (self.patch_samples - self.hop_samples))
+        begin = min(begin, max(start_sample, end_sample - self.patch_samples))
+        self._tagged_until = end_sample
         self.counters["tagged_windows"] += 1
-        self._submit(kind, start_s, audio, captured)
+        self._submit(kind, begin / MODEL_RATE_HZ, audio[begin - start_sample :], captured)
 
     def block(
         self,
         samples: npt.NDArray[np.float32],
         pushed: int,
-        segment_open: bool,
+        segment: OpenSegment | None,
         captured: float,
     ) -> None:
-        """After a block (``pushed``: the stream's samples so far): keep the latest audio, and
-        tag one patch of it when a background patch is due and no segment is open."""
-        if not self._every or self.ended:
+        """After a block (``pushed``: the stream's samples so far; ``segment``: the one
+        open, if any): tag the latest patch when one is due."""
+        if self.ended:
             return
         self._recent.append(samples)
         self._recent_samples += samples.size
         while self._recent and self._recent_samples - self._recent[0].size >= self.patch_samples:
             self._recent_samples -= self._recent.popleft().size
-        if pushed < self._next_background:
+        if segment is not None:
+            if pushed - segment.start_sample >= self.patch_samples and pushed >= self._next_live:
+                self._next_live = pushed + self.hop_samples
+                self.counters["live_patches"] += 1
+                self._tag_latest(str(segment.kind), pushed, captured)
+            return
+        if not self._every or pushed < self._next_background:
             return
         self._next_background = pushed + self._every
-        if segment_open or self._recent_samples < self.patch_samples:
+        self.counters["background_patches"] += 1
+        self._tag_latest("background", pushed, captured)
+
+    def _tag_latest(self, segment: str, pushed: int, captured: float) -> None:
+        if self._recent_samples < self.patch_samples:
             return
         patch = np.concatenate(self._recent)[-self.patch_samples :]
-        self.counters["background_patches"] += 1
-        self._submit("background", (pushed - patch.size) / MODEL_RATE_HZ, patch, captured)
+        self._tagged_until = pushed
+        self._submit(segment, (pushed - patch.size) / MODEL_RATE_HZ, patch, captured)
 
     def end(self) -> None:
         """The stream ended: close the tracker once the answers still out are in."""
