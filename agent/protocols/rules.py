@@ -9,10 +9,14 @@ cannot fire on its own firing).
 
 Matching (every condition a rule sets must hold; at least one must be set):
 
-- `kind`: list of event kinds, any of (`transcript`, `caption`, `command`, ...).
+- `kind`: list of event kinds, any of (`transcript`, `caption`, `command`, `sound`, ...).
 - `keywords`: list of words or phrases, any of, case-insensitive, matched on whole words
   of the event's `text`.
 - `regex`: a Python regular expression searched in `text`, case-insensitive.
+
+A `sound` event has no text: `keywords` and `regex` are matched on ``"<group> <state>"``
+instead (``"smoke_alarm start"``), so ``kind = ["sound"], regex = "^smoke_alarm start$"``
+fires when a smoke alarm is first heard and ``keywords = ["dog"]`` on every dog event.
 - `intent`: table of field -> value (or list of values, any of) that must equal the
   event's `intent` fields (strings compared case-insensitively).
 
@@ -153,7 +157,8 @@ class Rule:
         if self.kind and event.get("kind") not in self.kind:
             return None
         text = event.get("text")
-        text = text if isinstance(text, str) else ""
+        if not isinstance(text, str):
+            text = _sound_text(event) if event.get("kind") == EventKind.SOUND else ""
         if self._keyword_res:
             for kw, kw_re in zip(self.keywords, self._keyword_res, strict=True):
                 if kw_re.search(text):
@@ -175,6 +180,11 @@ class Rule:
                 if key not in intent or not any(_equal(intent[key], a) for a in allowed):
                     return None
         return extra
+
+
+def _sound_text(event: Mapping[str, Any]) -> str:
+    """What `keywords` and `regex` read in a sound event: ``"<group> <state>"``."""
+    return f"{event.get('group', '')} {event.get('state', '')}"
 
 
 def _equal(got: Any, want: Any) -> bool:

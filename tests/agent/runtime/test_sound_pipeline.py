@@ -187,3 +187,32 @@ async def test_a_corrupt_tagger_fails_at_start_naming_the_file(
     with pytest.raises(ModelLoadError, match=re.escape(str(bad))):
         async with run_agent(config, lambda: tiny_model):
             pass
+
+
+def test_rules_match_a_sound_event_on_its_group_and_state() -> None:
+    """`[[rules]]` with ``kind = ["sound"]``: keywords and regex read ``"<group> <state>"``."""
+    from agent.protocols.rules import RuleEngine, rules_from_config
+
+    engine = RuleEngine(
+        rules_from_config(
+            [
+                {
+                    "name": "smoke",
+                    "kind": ["sound"],
+                    "regex": "^smoke_alarm start$",
+                    "topic": "home/alarm",
+                    "payload": "{group} {state} {score}",
+                },
+                {"name": "dog", "kind": ["sound"], "keywords": ["dog"], "topic": "home/dog"},
+            ]
+        )
+    )
+
+    def sound(group: str, state: str) -> dict[str, Any]:
+        return {"kind": "sound", "stream": "k", "group": group, "state": state, "score": 0.9}
+
+    fired = engine.evaluate(sound("smoke_alarm", "start"))
+    assert [(a.rule, a.payload) for a in fired] == [("smoke", "smoke_alarm start 0.9")]
+    assert engine.evaluate(sound("smoke_alarm", "end")) == []
+    assert [a.rule for a in engine.evaluate(sound("dog", "end"))] == ["dog"]
+    assert engine.evaluate(sound("doorbell", "start")) == []
