@@ -437,6 +437,37 @@ def flag_fields(cls: type) -> Iterator[tuple[dataclasses.Field[Any], Flag, Any]]
         yield f, fl, annotation
 
 
+#: The language codes of the multilingual Whisper vocabularies up to large-v2 (the base weights
+#: we ship), in token order: what `model.whisper.language_codes` reads from their tokenizer
+#: (tests/agent/test_config.py checks the two agree). Written out here: this module is read
+#: before any model, and without torch.
+_WHISPER_CODES = (
+    "en zh de es ru ko fr ja pt tr pl ca nl ar sv it id hi fi vi he uk el ms cs ro da hu ta no "
+    "th ur hr bg lt la mi ml cy sk te fa lv bn sr az sl kn et mk br eu is hy ne mn bs kk sq sw "
+    "gl mr pa si km sn yo so af oc ka be tg sd gu am yi lo uz fo ht ps tk nn mt sa lb my bo tl "
+    "mg as tt haw ln ha ba jw su"
+)
+WHISPER_LANGUAGES: tuple[str, ...] = tuple(_WHISPER_CODES.split())
+#: The `language` value that lets Whisper detect the language of each window.
+AUTO_LANGUAGE = "auto"
+#: Whisper's tasks: text in the spoken language, or its English translation.
+WhisperTask = Literal["transcribe", "translate"]
+LANGUAGE_EXPECTED = (
+    f"'{AUTO_LANGUAGE}' (detect it) or one of Whisper's {len(WHISPER_LANGUAGES)} language "
+    f"codes: {' '.join(WHISPER_LANGUAGES)}"
+)
+
+
+def _language(default: str | None, flag: Flag | None = None) -> Any:
+    """A Whisper language field: ``auto`` or a code of `WHISPER_LANGUAGES`."""
+    return option(
+        default,
+        choices=(AUTO_LANGUAGE, *WHISPER_LANGUAGES),
+        expected=LANGUAGE_EXPECTED,
+        flag=flag,
+    )
+
+
 def _lora_scale(flag: Flag | None = None) -> Any:
     """A LoRA scale field: None (the stream's / the trained alpha / r) or 0..100."""
     return option(
@@ -460,6 +491,11 @@ class AgentSettings:
         print: Console output: ``text`` lines, ``json`` lines (the event dicts) or ``none``.
         print_partials: Also print partial events.
         status_interval_s: Seconds between periodic ``stats`` status events; 0 turns them off.
+        language: The spoken language of every stream without its own: a Whisper code
+            (``en``, ``es``, ...) or ``auto`` (Whisper detects it per window, on the encoder
+            pass it transcribes with). Whisper transcripts and commands only.
+        task: ``transcribe`` (text in the spoken language) or ``translate`` (Whisper's
+            English translation) for every stream without its own.
     """
 
     exit_at_end: bool = option(
@@ -494,6 +530,23 @@ class AgentSettings:
             "--status-interval",
             "seconds between stats status events, 0 = off (agent.status_interval_s)",
             metavar="S",
+        ),
+    )
+    language: str = _language(
+        "en",
+        flag(
+            "--language",
+            "spoken language of the streams: a Whisper code (en, es, de, ...) or auto to"
+            " detect it per window (agent.language, default en)",
+            metavar="CODE",
+        ),
+    )
+    task: Literal["transcribe", "translate"] = option(
+        "transcribe",
+        flag=flag(
+            "--task",
+            "Whisper's text in the spoken language (transcribe, the default) or its English"
+            " translation (translate) (agent.task)",
         ),
     )
 
@@ -1068,6 +1121,8 @@ class StreamConfig:
             than real time, drop_oldest otherwise.
         muted: Start muted (audio is discarded until unmuted).
         lora_scale: LoRA scale of this stream's tasks (None: `model.lora_scale`).
+        language: Its spoken language, a Whisper code or ``auto`` (None: `agent.language`).
+        task: ``transcribe`` or ``translate`` (None: `agent.task`).
         prompts: What each window kind is asked.
         questions: Standing questions.
         vad: Segmenter settings (a `streaming.segmenter.SegmenterConfig`).
@@ -1084,6 +1139,8 @@ class StreamConfig:
     overload: Overload | None = None
     muted: bool = False
     lora_scale: float | None = _lora_scale()
+    language: str | None = _language(None)
+    task: WhisperTask | None = None
     prompts: PromptConfig = field(default_factory=PromptConfig)
     questions: tuple[QuestionConfig, ...] = ()
     vad: Any = None  # streaming.segmenter.SegmenterConfig (imported lazily: numpy, webrtcvad)
@@ -1751,6 +1808,8 @@ class ControlCommand:
         questions: Replace its standing questions (tables as in `[[questions]]`).
         lora_scale: Its LoRA scale; None (``null``): `model.lora_scale`.
         speaking: A client (a speaker) is talking: windows overlapping it are ignored.
+        language: Its spoken language: a Whisper code or ``auto`` (as `[[streams]]`).
+        task: ``transcribe`` or ``translate`` (as `[[streams]]`).
     """
 
     mute: bool = False
@@ -1759,6 +1818,8 @@ class ControlCommand:
         None, minimum=0, maximum=100, expected="a number in 0..100 or null"
     )
     speaking: bool = False
+    language: str = _language("en")
+    task: WhisperTask = "transcribe"
 
 
 #: `ControlCommand` keys -> the stream attribute each sets (in the order they are applied).
@@ -1767,6 +1828,8 @@ CONTROL_ATTRIBUTES: Mapping[str, str] = {
     "speaking": "speaking",
     "questions": "questions",
     "lora_scale": "lora_scale",
+    "language": "language",
+    "task": "task",
 }
 
 
@@ -1775,12 +1838,13 @@ def validate_control(command: Any) -> dict[str, Any]:
 
     Args:
         command: The decoded JSON object, e.g. ``{"mute": true}``, ``{"questions": [{"text":
-            "Is it raining?"}]}``, ``{"lora_scale": 2.0}`` or ``{"speaking": false}``.
+            "Is it raining?"}]}``, ``{"lora_scale": 2.0}``, ``{"speaking": false}``,
+            ``{"language": "auto"}`` or ``{"task": "translate"}``.
 
     Returns:
         Stream attribute -> new value (``muted``, ``speaking``, ``questions`` as a tuple of
-        `QuestionConfig`, ``lora_scale`` as a float or None), for the keys given, in the order
-        `CONTROL_ATTRIBUTES` lists them.
+        `QuestionConfig`, ``lora_scale`` as a float or None, ``language`` and ``task`` as
+        strings), for the keys given, in the order `CONTROL_ATTRIBUTES` lists them.
 
     Raises:
         ControlError: (a ``ValueError``) not a non-empty object, an unknown key, or an invalid

@@ -128,6 +128,13 @@ class ModelEvent:
         source: Who produced the text: ``llm`` or ``whisper``.
         early: A command read before its segment ended (``model.early_command_ms``).
         worker: The cluster worker that answered (events an edge passes on), else None.
+        language: Whisper's code of the spoken language (fixed by the stream's ``language``
+            or detected); None where unknown (LLM answers).
+        language_probability: Whisper's probability of that language, when it was detected
+            (``language = "auto"``); None when it was fixed.
+        translated: The text (with ``task = "translate"``) or, for a command, the text its
+            intent was read from is Whisper's English translation of another language.
+        english: For a translated command: the English text the intent grammar read.
     """
 
     id: str
@@ -148,6 +155,10 @@ class ModelEvent:
     source: str = "llm"
     early: bool = False
     worker: str | None = None
+    language: str | None = None
+    language_probability: float | None = None
+    translated: bool = False
+    english: str | None = None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], clock: WallClock) -> ModelEvent:
@@ -182,6 +193,14 @@ class ModelEvent:
                 intent=dict(data["intent"]) if data.get("intent") is not None else None,
                 source=str(data.get("source", "llm")),
                 early=bool(data.get("early", False)),
+                language=None if data.get("language") is None else str(data["language"]),
+                language_probability=(
+                    None
+                    if data.get("language_probability") is None
+                    else float(data["language_probability"])
+                ),
+                translated=bool(data.get("translated", False)),
+                english=None if data.get("english") is None else str(data["english"]),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"not a model event of schema {SCHEMA_VERSION}: {exc!r}") from exc
@@ -220,6 +239,14 @@ class ModelEvent:
             out["early"] = True
         if self.worker is not None:
             out["worker"] = self.worker
+        if self.language is not None:
+            out["language"] = self.language
+        if self.language_probability is not None:
+            out["language_probability"] = self.language_probability
+        if self.translated:
+            out["translated"] = True
+        if self.english is not None:
+            out["english"] = self.english
         return out
 
 

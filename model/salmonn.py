@@ -47,6 +47,7 @@ from model.errors import ModelLoadError
 
 if TYPE_CHECKING:
     from model.sound_tagger import SoundTagger
+    from model.whisper import Transcript
 
 logger = logging.getLogger(__name__)
 
@@ -1266,6 +1267,31 @@ class Salmonn(nn.Module):
 
         return transcribe(
             self.whisper, self.whisper_tokenizer, list(audio), short_context=short_context, **kwargs
+        )
+
+    def whisper_transcripts(
+        self,
+        audio: Sequence[np.ndarray],
+        *,
+        language: str | None = "en",
+        task: str = "transcribe",
+        translate_other: bool = False,
+        short_context: bool = True,
+    ) -> list[Transcript]:
+        """Whisper transcripts with each clip's language (`model.whisper.transcripts`): a
+        fixed language or, with None, the one detected on the same encoder pass; the
+        ``translate`` task; ``translate_other`` adds the English translation of clips that
+        are not English (`Transcript.english`), from the same encoder output."""
+        from model.whisper import transcripts
+
+        return transcripts(
+            self.whisper,
+            self.whisper_tokenizer,
+            list(audio),
+            language=language,
+            task=task,
+            translate_other=translate_other,
+            short_context=short_context,
         )
 
 

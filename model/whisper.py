@@ -38,6 +38,7 @@ from transformers import (
     WhisperForConditionalGeneration,
     WhisperTokenizerFast,
 )
+from transformers.modeling_outputs import BaseModelOutput
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from model.audio import SAMPLE_RATE_HZ
@@ -334,12 +335,15 @@ class Transcript:
         language_probability: The probability Whisper gave that language among all it knows;
             1.0 when the language was fixed by the caller.
         task: ``"transcribe"`` or ``"translate"`` (the text is then English).
+        english: With ``translate_other``: the English translation of a clip whose language
+            is not English, decoded from the same encoder output; None otherwise.
     """
 
     text: str
     language: str
     language_probability: float
     task: str
+    english: str | None = None
 
 
 def language_codes(tokenizer: WhisperTokenizerFast) -> tuple[str, ...]:
@@ -438,6 +442,7 @@ def transcripts(
     task: str = "transcribe",
     max_new_tokens: int = 100,
     short_context: bool = False,
+    translate_other: bool = False,
 ) -> list[Transcript]:
     """Transcribe or translate clips with Whisper's own decoder, with each clip's language.
 
@@ -457,6 +462,10 @@ def transcripts(
             (at most 30 s) and decoded by `_greedy_decode`, with each clip's budget also
             capped by its length. Several times faster on short commands; its accuracy against
             the official window is measured in BENCHMARKS.md.
+        translate_other: With task ``transcribe``: also decode the English translation of
+            every clip whose language (fixed or detected) is not English, on the same encoder
+            output (`Transcript.english`), for readers that need English (the agent's command
+            grammar).
 
     Returns:
         One `Transcript` per clip.
@@ -469,8 +478,13 @@ def transcripts(
     if tokenizer is None:
         raise ModelError("transcribe needs a tokenizer; this Whisper source has none")
     check_language(model, tokenizer, language, task)
+    translate_other = translate_other and task == "transcribe"
+    if translate_other:
+        check_language(model, tokenizer, language, "translate")
     if not short_context:
-        return _transcripts_official(model, tokenizer, audio, language, task, max_new_tokens)
+        return _transcripts_official(
+            model, tokenizer, audio, language, task, max_new_tokens, translate_other
+        )
     clips = _prepare_clips(audio, MAX_AUDIO_SAMPLES)
     longest_s = max(c.shape[0] for c in clips) / SAMPLE_RATE_HZ
     context_s = min(30.0, max(SHORT_CONTEXT_MIN_S, longest_s + SHORT_CONTEXT_TAIL_S))
@@ -483,29 +497,59 @@ def transcripts(
     with torch.inference_mode():
         hidden = encode(model.model.encoder, features)  # (B, T, d_model), silence included
         detected = _languages(model, tokenizer, hidden, language)
-        # One decode per language: the prompt's language token differs between groups.
-        tokens: list[list[int]] = [[] for _ in clips]
-        for code in dict.fromkeys(code for code, _ in detected):
-            rows = [i for i, (c, _) in enumerate(detected) if c == code]
-            found = _greedy_decode(
+        texts = _decode_short(model, tokenizer, hidden, detected, task, budgets)
+        english: list[str | None] = [None] * len(clips)
+        foreign = [i for i, (code, _) in enumerate(detected) if code != "en"]
+        if translate_other and foreign:  # the same encoder output, the translate prompt
+            said = _decode_short(
                 model,
-                hidden[rows],
-                _prompt_ids(model, tokenizer, code, task),
-                [budgets[i] for i in rows],
-                looping=lambda ids: _repeat_start(_words(tokenizer.decode(ids))) is not None,
+                tokenizer,
+                hidden[foreign],
+                [detected[i] for i in foreign],
+                "translate",
+                [budgets[i] for i in foreign],
             )
-            for row, ids in zip(rows, found, strict=True):
-                tokens[row] = ids
-    results = []
-    for ids, (code, probability) in zip(tokens, detected, strict=True):
+            for row, text in zip(foreign, said, strict=True):
+                english[row] = text
+    return [
+        Transcript(text, code, round(probability, 4), task, english[i])
+        for i, (text, (code, probability)) in enumerate(zip(texts, detected, strict=True))
+    ]
+
+
+def _decode_short(
+    model: WhisperForConditionalGeneration,
+    tokenizer: WhisperTokenizerFast,
+    hidden: torch.Tensor,
+    detected: Sequence[tuple[str, float]],
+    task: str,
+    budgets: list[int],
+) -> list[str]:
+    """Short-context greedy decoding of encoder output with each row's language and one task;
+    the text of each row, any decoding loop cut after its first copy."""
+    # One decode per language: the prompt's language token differs between groups.
+    tokens: list[list[int]] = [[] for _ in detected]
+    for code in dict.fromkeys(code for code, _ in detected):
+        rows = [i for i, (c, _) in enumerate(detected) if c == code]
+        found = _greedy_decode(
+            model,
+            hidden[rows],
+            _prompt_ids(model, tokenizer, code, task),
+            [budgets[i] for i in rows],
+            looping=lambda ids: _repeat_start(_words(tokenizer.decode(ids))) is not None,
+        )
+        for row, ids in zip(rows, found, strict=True):
+            tokens[row] = ids
+    texts = []
+    for ids in tokens:
         text = tokenizer.decode(ids, skip_special_tokens=True).strip()
         cut = _repeat_start(_words(text))
         if cut is not None:  # keep the first copy: drop tokens until only `cut` words remain
             while ids and len(_words(tokenizer.decode(ids))) > cut:
                 ids = ids[:-1]
             text = tokenizer.decode(ids, skip_special_tokens=True).strip()
-        results.append(Transcript(text, code, round(probability, 4), task))
-    return results
+        texts.append(text)
+    return texts
 
 
 def _transcripts_official(
@@ -515,6 +559,7 @@ def _transcripts_official(
     language: str | None,
     task: str,
     max_new_tokens: int,
+    translate_other: bool = False,
 ) -> list[Transcript]:
     """The official 30 s window, decoded by transformers' `generate`."""
     features, _ = whisper_features(audio, trimmed=False, n_mels=model.config.num_mel_bins)
@@ -527,10 +572,24 @@ def _transcripts_official(
         if _is_multilingual(model):
             kwargs.update(language=[code for code, _ in detected], task=task)
         tokens = model.generate(encoder_outputs=encoded, **kwargs)
+        english: list[str | None] = [None] * len(detected)
+        foreign = [i for i, (code, _) in enumerate(detected) if code != "en"]
+        if translate_other and foreign:  # the same encoder output, the translate task
+            hidden = encoded.last_hidden_state[foreign]
+            again = model.generate(
+                encoder_outputs=BaseModelOutput(last_hidden_state=hidden),
+                max_new_tokens=max_new_tokens,
+                language=[detected[i][0] for i in foreign],
+                task="translate",
+            )
+            for row, text in zip(
+                foreign, tokenizer.batch_decode(again, skip_special_tokens=True), strict=True
+            ):
+                english[row] = text.strip()
     texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
     return [
-        Transcript(text.strip(), code, round(probability, 4), task)
-        for text, (code, probability) in zip(texts, detected, strict=True)
+        Transcript(text.strip(), code, round(probability, 4), task, english[i])
+        for i, (text, (code, probability)) in enumerate(zip(texts, detected, strict=True))
     ]
 
 

@@ -46,6 +46,7 @@ from agent.config import (
     QuestionConfig,
     SoundsConfig,
     StreamConfig,
+    WhisperTask,
     validate_control,
 )
 from agent.errors import AgentError, ConfigError, ControlError
@@ -113,6 +114,9 @@ class StreamHandle:
         counters: windows, answered, dropped, failed, muted_blocks, ignored_speaking,
             early_windows, early_commands.
         endpointer: The stream's early command state (`Endpointer`).
+        language: Whisper's language for its windows: a code or ``auto`` (the stream's
+            ``language``, else ``agent.language``; a control command changes it).
+        task: Whisper's task for them: ``transcribe`` or ``translate`` (likewise).
     """
 
     def __init__(
@@ -126,6 +130,9 @@ class StreamHandle:
         self.overload = overload
         self.muted = settings.muted
         self.lora_scale = settings.lora_scale
+        defaults = pipeline.config.agent
+        self.language: str = settings.language or defaults.language
+        self.task: WhisperTask = settings.task or defaults.task
         self.questions: tuple[QuestionConfig, ...] = settings.questions
         self.counters = {
             "windows": 0,
@@ -331,7 +338,10 @@ class StreamHandle:
                             task="transcript",
                             instruction=self.settings.prompts.instruction("transcript"),
                             engine="whisper",
+                            language=heard.request.language,
+                            whisper_task=heard.request.whisper_task,
                         ),
+                        english=None,  # a command's reading aid, not the transcript's
                     )
                 )
             if command_from is not None and command_from > event.start_sample:
@@ -396,6 +406,8 @@ class StreamHandle:
                     instruction=self.settings.prompts.instruction(task),
                     lora_scale=default_scale if engine == "llm" else None,
                     engine=engine,
+                    language=self.language,
+                    whisper_task=self.task,
                 )
             )
         for i, question in enumerate(self.questions):
@@ -464,6 +476,8 @@ class StreamHandle:
             instruction=self.settings.prompts.instruction("command"),
             engine="whisper",
             recogniser="command",
+            language=self.language,
+            whisper_task=self.task,
         )
         return Window(
             id=window_id,
@@ -862,10 +876,24 @@ class Pipeline:
         window, request = output.window, output.request
         final = isinstance(output, Final)
         intent = None
-        if final and request.task == "command":
-            # A Whisper command's text is the transcript, read by the grammar.
-            read = intent_from_transcript if request.engine == "whisper" else parse_intent
-            intent = read(output.text)
+        language = probability = english = None
+        translated = False
+        if isinstance(output, Final):
+            language, probability = output.language, output.language_probability
+            # Whisper's English from speech in another language: its translate task, or the
+            # translation of a command decoded beside its transcript.
+            translated = language not in (None, "en") and (
+                request.whisper_task == "translate" or output.english is not None
+            )
+        if isinstance(output, Final) and request.task == "command":
+            if request.engine == "whisper":
+                # A Whisper command's text is the transcript, read by the English grammar:
+                # the English translation of the same audio when it is in another language.
+                if translated:
+                    english = output.english if output.english is not None else output.text
+                intent = intent_from_transcript(output.text if english is None else english)
+            else:
+                intent = parse_intent(output.text)
         now = time.monotonic()
         timing = Timing(
             captured=window.captured,
@@ -892,6 +920,10 @@ class Pipeline:
             intent=intent,
             source=request.engine,
             early=early,
+            language=language,
+            language_probability=probability,
+            translated=translated,
+            english=english,
         )
         if final:
             self._latencies.append(now - window.segment_end)

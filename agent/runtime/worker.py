@@ -63,6 +63,9 @@ class Request:
             ``command`` (the worker's command recogniser, ``model.command_whisper``, when one
             is loaded).
         question: For answers, the standing question.
+        language: For ``whisper`` requests: the stream's spoken language, a Whisper code or
+            ``auto`` (detected per window on the same encoder pass).
+        whisper_task: For ``whisper`` requests: ``transcribe`` or ``translate`` (English).
     """
 
     key: str
@@ -72,6 +75,13 @@ class Request:
     engine: Literal["llm", "whisper"] = "llm"
     question: str | None = None
     recogniser: Literal["model", "command"] = "model"
+    language: str = "en"
+    whisper_task: Literal["transcribe", "translate"] = "transcribe"
+
+    @property
+    def english_whisper(self) -> bool:
+        """Whisper transcribing English: the path any recogniser (tiny.en too) can take."""
+        return self.language == "en" and self.whisper_task == "transcribe"
 
 
 @dataclass(frozen=True)
@@ -122,6 +132,10 @@ class Final:
     Attributes:
         first_token: None when the text was not streamed (Whisper) or no token came.
         tokens: Generated tokens (0 for Whisper).
+        language: Whisper's language of the window (fixed or detected); None for the LLM.
+        language_probability: Whisper's probability of it, when it was detected.
+        english: For a Whisper command whose language is not English: the English translation
+            of the same audio (the intent grammar reads it); None otherwise.
     """
 
     window: Window
@@ -130,6 +144,9 @@ class Final:
     model_start: float
     first_token: float | None
     tokens: int
+    language: str | None = None
+    language_probability: float | None = None
+    english: str | None = None
 
 
 Output = Partial | Final
@@ -314,6 +331,81 @@ class BatchRunner:
             report.error = f"{type(exc).__name__}: {exc}"
         return report
 
+    def _whisper(
+        self,
+        items: Sequence[tuple[Window, Request]],
+        emit: Callable[[Output], None],
+        start: float,
+        report: BatchReport,
+    ) -> None:
+        """Answer the ``whisper`` requests: each window heard once per way of hearing it
+        (a recogniser for English transcription; the model's own multilingual Whisper per
+        language and task otherwise, with the English translation of foreign commands
+        decoded from the same encoder output)."""
+        from agent.config import AUTO_LANGUAGE
+
+        own: Callable[[list[FloatArray]], list[str]] = self.model.transcribe_with_whisper
+
+        def hearing(request: Request) -> tuple[Any, ...]:
+            if not request.english_whisper:  # tiny.en and its like know English only
+                return ("model", request.language, request.whisper_task)
+            if request.recogniser == "command" and self.hear_commands is not None:
+                return ("english", self.hear_commands)
+            return ("english", own)
+
+        groups: dict[tuple[Any, ...], dict[str, Window]] = {}
+        for window, request in items:
+            groups.setdefault(hearing(request), {})[window.id] = window
+        heard: dict[tuple[tuple[Any, ...], str], tuple[str, str, float | None, str | None]] = {}
+        for how, group in groups.items():
+            audio = [w.audio for w in group.values()]
+            if how[0] == "english":
+                said = how[1](audio)
+                heard.update(
+                    ((how, i), (t.strip(), "en", None, None))
+                    for i, t in zip(group, said, strict=True)
+                )
+                continue
+            _, language, task = how
+            commands = any(
+                r.task == "command" and hearing(r) == how and w.id in group for w, r in items
+            )
+            found = self.model.whisper_transcripts(
+                audio,
+                language=None if language == AUTO_LANGUAGE else language,
+                task=task,
+                translate_other=commands and task == "transcribe",
+            )
+            detected = language == AUTO_LANGUAGE
+            heard.update(
+                (
+                    (how, i),
+                    (
+                        t.text.strip(),
+                        t.language,
+                        t.language_probability if detected else None,
+                        t.english,
+                    ),
+                )
+                for i, t in zip(group, found, strict=True)
+            )
+        for window, request in items:
+            text, language, probability, english = heard[hearing(request), window.id]
+            report.finished.add(request.key)
+            emit(
+                Final(
+                    window,
+                    request,
+                    text,
+                    start,
+                    None,
+                    0,
+                    language=language,
+                    language_probability=probability,
+                    english=english if request.task == "command" else None,
+                )
+            )
+
     def _run(
         self,
         windows: Sequence[Window],
@@ -329,24 +421,8 @@ class BatchRunner:
         whisper_items = [(w, r) for w in windows for r in w.requests if r.engine == "whisper"]
         if whisper_items:
             t0 = time.perf_counter()
-            own: Callable[[list[FloatArray]], list[str]] = self.model.transcribe_with_whisper
-
-            def recogniser(request: Request) -> Callable[[list[FloatArray]], list[str]]:
-                if request.recogniser == "command" and self.hear_commands is not None:
-                    return self.hear_commands
-                return own
-
-            heard_by: dict[Callable[..., list[str]], dict[str, Window]] = {}
-            for window, request in whisper_items:  # each window heard once by each recogniser
-                heard_by.setdefault(recogniser(request), {})[window.id] = window
-            texts: dict[tuple[Callable[..., list[str]], str], str] = {}
-            for hear, heard in heard_by.items():
-                said = hear([w.audio for w in heard.values()])
-                texts.update(((hear, i), t.strip()) for i, t in zip(heard, said, strict=True))
+            self._whisper(whisper_items, emit, start, report)
             report.timings_ms["whisper_decode_ms"] = (time.perf_counter() - t0) * 1000
-            for window, request in whisper_items:
-                report.finished.add(request.key)
-                emit(Final(window, request, texts[recogniser(request), window.id], start, None, 0))
         if not llm_windows or cancel.is_set():
             if cancel.is_set():
                 report.cancelled = True

@@ -318,7 +318,7 @@ def test_valid_control_commands(command: dict[str, Any], changes: dict[str, Any]
         (
             {"mute": False, "volume": 3},
             r"^control command: unknown key\(s\) \['volume'\]; known keys: "
-            r"\['mute', 'questions', 'lora_scale', 'speaking'\]$",
+            r"\['mute', 'questions', 'lora_scale', 'speaking', 'language', 'task'\]$",
         ),
         ({"mute": "yes"}, r"^control command: 'mute' expects true or false, got 'yes'$"),
         ({"mute": 1}, r"'mute' expects true or false, got 1"),
