@@ -3,7 +3,11 @@
 Home Assistant's Wyoming integration connects to it (docs/homeassistant.md). Speech-to-text is
 Whisper's own decoder on the whole utterance the client sends (the client finds the end of the
 command); with ``--sounds``, ``detect`` reports the sound tagger's label groups as they are
-heard. One model thread serves every connection in turn, so the event loop never blocks.
+heard. Whisper runs on an `InferenceWorker` of this command's own, through the transcriber
+`run` uses for ``[wyoming]`` (`agent.runtime.app.WorkerTranscriber`: the same windows and the
+same Whisper call), one utterance after another; the tagger runs on a thread of its own. The
+event loop never blocks. To serve Wyoming beside streams, on one model, use ``[wyoming]`` in
+`run` instead.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import asyncio
 import concurrent.futures
 import logging
 import signal
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -71,131 +75,114 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.set_defaults(func=_main)
 
 
-class TaggerDetector:
-    """The sound tagger as a Wyoming `SoundDetector`: each label group once per stream.
-
-    Audio is cut into the tagger's 0.96 s patches at its 0.48 s hop as it arrives; every
-    patch's group scores are checked against the threshold.
+def tagger_detector(tagger: Any, threshold: float, run: Any) -> Any:
+    """The sound tagger as a Wyoming `SoundDetector` (`agent.protocols.wyoming.PatchDetector`
+    on the tagger's 0.96 s patches at its 0.48 s hop).
 
     Args:
         tagger: A loaded `model.sound_tagger.SoundTagger`.
-        threshold: The score (0..1) that reports a group.
-        run: Runs a blocking call off the event loop (the model thread).
+        threshold: The score (0..1] that reports a group.
+        run: Awaits a blocking call off the event loop (the tagger's thread).
     """
+    from agent.protocols.wyoming import PatchDetector
 
-    def __init__(self, tagger: Any, threshold: float, run: Any) -> None:
-        if not 0.0 < threshold < 1.0:
-            from agent.errors import ConfigError
-
-            raise ConfigError(f"--sound-threshold must lie in (0, 1), got {threshold}")
-        self.tagger = tagger
-        self.threshold = threshold
-        self._run = run
-
-    @property
-    def names(self) -> Sequence[str]:
-        """The tagger's label groups."""
-        return tuple(self.tagger.groups)
-
-    async def detect(
-        self, audio: AsyncIterator[FloatArray], names: frozenset[str]
-    ) -> AsyncIterator[Any]:
-        """Yield a `SoundDetection` the first time each asked-for group is heard."""
-        from agent.protocols.wyoming import SoundDetection
-
-        patch = self.tagger.config.patch_samples
-        hop = self.tagger.config.patch_hop_samples
-        buffer = np.zeros(0, np.float32)
-        consumed = 0  # samples dropped from the front of `buffer`
-        covered = 0  # the end of the last patch scored, in samples since audio-start
-        heard: set[str] = set()
-
-        async def score(windows: list[FloatArray], ends: list[int]) -> AsyncIterator[Any]:
-            for end, groups in zip(ends, await self._run(self._group_scores, windows), strict=True):
-                for name, value in groups.items():
-                    if name in names and name not in heard and value >= self.threshold:
-                        heard.add(name)
-                        yield SoundDetection(name, end)
-
-        async for chunk in audio:
-            buffer = np.concatenate([buffer, chunk])
-            if buffer.size < patch:
-                continue
-            count = (buffer.size - patch) // hop + 1
-            windows = [buffer[i * hop : i * hop + patch] for i in range(count)]
-            ends = [consumed + i * hop + patch for i in range(count)]
-            async for detection in score(windows, ends):
-                yield detection
-            covered = ends[-1]
-            buffer = buffer[count * hop :]
-            consumed += count * hop
-        # A short sound, or the end of a long one, that no whole patch covered: its last patch
-        # (the tagger pads a short one), unless it is under a tenth of a second.
-        end = consumed + buffer.size
-        if end - covered >= patch // 10:
-            async for detection in score([buffer[-patch:]], [end]):
-                yield detection
-
-    def _group_scores(self, windows: list[FloatArray]) -> list[dict[str, float]]:
+    def group_scores(windows: list[FloatArray]) -> list[dict[str, float]]:
         # Each window is one patch long; max covers the tagger padding it into two.
-        return [self.tagger.group_scores(s.max(axis=0)) for s in self.tagger.scores_batch(windows)]
+        return [tagger.group_scores(s.max(axis=0)) for s in tagger.scores_batch(windows)]
+
+    async def score(windows: list[FloatArray]) -> list[dict[str, float]]:
+        return list(await run(group_scores, windows))
+
+    return PatchDetector(
+        tuple(tagger.groups),
+        score,
+        patch_samples=tagger.config.patch_samples,
+        hop_samples=tagger.config.patch_hop_samples,
+        threshold=threshold,
+    )
+
+
+class WhisperOnly:
+    """Whisper alone as the worker's model: `transcribe_with_whisper` is `Salmonn`'s call on
+    these weights, in ``language``; the worker asks nothing else of it (no warm-up)."""
+
+    def __init__(self, whisper: Any, tokenizer: Any, language: str) -> None:
+        self.whisper = whisper
+        self.whisper_tokenizer = tokenizer
+        self.language = language
+
+    def transcribe_with_whisper(self, audio: Sequence[FloatArray], **kwargs: Any) -> list[str]:
+        """`model.salmonn.Salmonn.transcribe_with_whisper` with this service's language."""
+        from model.salmonn import Salmonn
+
+        return Salmonn.transcribe_with_whisper(self, audio, language=self.language, **kwargs)  # type: ignore[arg-type]
 
 
 def _main(args: argparse.Namespace) -> int:
     from agent.errors import ConfigError
-    from agent.protocols.wyoming import WyomingDescription, WyomingServer
+    from agent.protocols.wyoming import WyomingDescription
     from model.presets import resolve_model
-    from model.whisper import check_language, load_whisper, transcripts
+    from model.whisper import check_language, load_whisper
 
     source = args.whisper or resolve_model(args.model).whisper
     whisper, tokenizer = load_whisper(source)
     if tokenizer is None:
         raise ConfigError(f"the Whisper of {source!r} has no tokenizer: it cannot transcribe")
     check_language(whisper, tokenizer, args.language)
-    # One thread: the models are called one at a time, whichever connection asks.
-    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="wyoming-model")
+    tagger = None
+    if args.sounds:
+        from model.sound_tagger import load_sound_tagger
+
+        tagger = load_sound_tagger()
+    description = WyomingDescription(
+        model=source.removeprefix("package:"), languages=(args.language,)
+    )
+    asyncio.run(_serve(WhisperOnly(whisper, tokenizer, args.language), tagger, description, args))
+    return 0
+
+
+async def _serve(
+    model: WhisperOnly, tagger: Any, description: Any, args: argparse.Namespace
+) -> None:
+    """Serve until SIGINT, SIGTERM or SIGHUP, then close every connection.
+
+    Transcripts go through an `InferenceWorker` of this command's own, as `run`'s do
+    (`agent.runtime.app.WorkerTranscriber`: the same windows, the same Whisper call); the sound
+    tagger, when asked for, runs on a thread of its own.
+    """
+    from agent.protocols.wyoming import WyomingServer
+    from agent.runtime.app import WorkerTranscriber
+    from agent.runtime.worker import InferenceWorker
+
+    # One thread for the tagger: its calls come one at a time, whichever connection asks.
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="wyoming-tagger")
 
     async def run_blocking(function: Any, *arguments: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(pool, function, *arguments)
 
-    def transcribe_blocking(samples: FloatArray) -> str:
-        [found] = transcripts(
-            whisper, tokenizer, [samples], language=args.language, short_context=True
-        )
-        return found.text
-
-    async def transcribe(samples: FloatArray) -> str:
-        return str(await run_blocking(transcribe_blocking, samples))
-
     detector = None
-    if args.sounds:
-        from model.sound_tagger import load_sound_tagger
-
-        detector = TaggerDetector(load_sound_tagger(), args.sound_threshold, run_blocking)
-    description = WyomingDescription(
-        model=source.removeprefix("package:"), languages=(args.language,)
-    )
-    server = WyomingServer(
-        transcribe, description, uri=args.uri, detector=detector, zeroconf=args.zeroconf
-    )
-    try:
-        asyncio.run(_serve(server))
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-    return 0
-
-
-async def _serve(server: Any) -> None:
-    """Serve until SIGINT, SIGTERM or SIGHUP, then close every connection."""
+    if tagger is not None:
+        detector = tagger_detector(tagger, args.sound_threshold, run_blocking)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
-    await server.start()
-    # A line tools and tests can wait for: where the service listens, the bound port included.
-    logger.info("wyoming: listening on %s", server.uri)
     try:
-        await stop.wait()
+        async with InferenceWorker(lambda: model, max_new_tokens=1, warm_up=False) as worker:
+            server = WyomingServer(
+                WorkerTranscriber(worker),
+                description,
+                uri=args.uri,
+                detector=detector,
+                zeroconf=args.zeroconf,
+            )
+            await server.start()
+            # A line tools and tests can wait for: where it listens, the bound port included.
+            logger.info("wyoming: listening on %s", server.uri)
+            try:
+                await stop.wait()
+            finally:
+                logger.info("wyoming: stopping")
+                await server.close()
     finally:
-        logger.info("wyoming: stopping")
-        await server.close()
+        pool.shutdown(wait=True, cancel_futures=True)

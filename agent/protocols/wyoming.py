@@ -262,6 +262,94 @@ class SoundDetector(Protocol):
         ...
 
 
+#: Scores sound patches: 16 kHz mono float32 windows in, each window's label group scores
+#: (0..1) out.
+PatchScorer = Callable[[list[FloatArray]], Awaitable[Sequence[Mapping[str, float]]]]
+
+
+class PatchDetector:
+    """A `SoundDetector` from a patch scorer (the sound tagger): each label group once per
+    stream, the first time one patch scores at least ``threshold`` for it.
+
+    Audio is cut into patches of ``patch_samples`` at ``hop_samples`` as it arrives (the
+    sound tagger's 0.96 s at 0.48 s), and each chunk's new patches are scored in one call.
+    Where the tagger runs is the caller's: a thread of its own (`salmonn-live wyoming`) or
+    the agent's worker (``[wyoming]`` in `run`).
+
+    Args:
+        names: The label groups the scorer reports.
+        score: Scores a list of patches (see `PatchScorer`).
+        patch_samples: Samples per patch.
+        hop_samples: Samples between two patch starts.
+        threshold: The score (0..1] that reports a group.
+
+    Raises:
+        ConfigError: a threshold outside (0, 1], or patch sizes that are not positive.
+    """
+
+    def __init__(
+        self,
+        names: Sequence[str],
+        score: PatchScorer,
+        *,
+        patch_samples: int,
+        hop_samples: int,
+        threshold: float,
+    ) -> None:
+        if not 0.0 < threshold <= 1.0:
+            raise ConfigError(f"the sound threshold must lie in (0, 1], got {threshold}")
+        if patch_samples <= 0 or hop_samples <= 0:
+            raise ConfigError(f"patches of {patch_samples} at {hop_samples}: expected > 0")
+        self._names = tuple(names)
+        self.score = score
+        self.patch_samples = patch_samples
+        self.hop_samples = hop_samples
+        self.threshold = threshold
+
+    @property
+    def names(self) -> Sequence[str]:
+        """The label groups."""
+        return self._names
+
+    async def detect(
+        self, audio: AsyncIterator[FloatArray], names: frozenset[str]
+    ) -> AsyncIterator[SoundDetection]:
+        """Yield a `SoundDetection` the first time each asked-for group is heard."""
+        patch, hop = self.patch_samples, self.hop_samples
+        buffer = np.zeros(0, np.float32)
+        consumed = 0  # samples dropped from the front of `buffer`
+        covered = 0  # the end of the last patch scored, in samples since audio-start
+        heard: set[str] = set()
+
+        async def detections(windows: list[FloatArray], ends: list[int]) -> list[SoundDetection]:
+            found = []
+            for end, groups in zip(ends, await self.score(windows), strict=True):
+                for name, value in groups.items():
+                    if name in names and name not in heard and value >= self.threshold:
+                        heard.add(name)
+                        found.append(SoundDetection(name, end))
+            return found
+
+        async for chunk in audio:
+            buffer = np.concatenate([buffer, chunk])
+            if buffer.size < patch:
+                continue
+            count = (buffer.size - patch) // hop + 1
+            windows = [buffer[i * hop : i * hop + patch] for i in range(count)]
+            ends = [consumed + i * hop + patch for i in range(count)]
+            for detection in await detections(windows, ends):
+                yield detection
+            covered = ends[-1]
+            buffer = buffer[count * hop :]
+            consumed += count * hop
+        # A short sound, or the end of a long one, that no whole patch covered: its last patch
+        # (the tagger pads a short one), unless it is under a tenth of a second.
+        end = consumed + buffer.size
+        if end - covered >= patch // 10 and buffer.size:
+            for detection in await detections([buffer[-patch:]], [end]):
+                yield detection
+
+
 #: The transcriber: 16 kHz mono float32 samples of one audio stream in, the text out, either
 #: as a string or as an async iterator of the text so far (each item the whole text up to
 #: then, the last one final), or an awaitable of either.

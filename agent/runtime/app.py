@@ -54,12 +54,13 @@ from agent.runtime.worker import (
     InferenceWorker,
     Output,
     Request,
+    TagResult,
     Window,
     check_whisper_text,
 )
 
 if TYPE_CHECKING:
-    from agent.protocols.wyoming import WyomingServer
+    from agent.protocols.wyoming import PatchDetector, WyomingServer
 
 logger = logging.getLogger(__name__)
 
@@ -241,6 +242,9 @@ class Agent:
                 "Wyoming transcribes with Whisper's own decoder; load a model whose Whisper "
                 "has one (e.g. --model nano) or turn [wyoming] off (wyoming.enabled = false)"
             )
+        detector = None
+        if settings.sounds:
+            detector = self._wyoming_detector(worker)
         # What Home Assistant shows as the model: the package, or the directory's name.
         whisper = getattr(getattr(worker.model, "config", None), "whisper", None)
         name = str(whisper).removeprefix("package:").rstrip("/").rsplit("/", 1)[-1]
@@ -252,8 +256,28 @@ class Agent:
             description,
             uri=settings.uri,
             limits=settings.limits(),
+            detector=detector,
             zeroconf=settings.zeroconf,
             zeroconf_name=settings.zeroconf_name,
+        )
+
+    def _wyoming_detector(self, worker: InferenceWorker) -> PatchDetector:
+        """``detect`` on the worker's sound tagger (`worker_patch_scorer`)."""
+        from agent.errors import ConfigError
+        from agent.protocols.wyoming import PatchDetector
+
+        tagger = worker.sound_tagger
+        if tagger is None:
+            raise ConfigError(
+                "wyoming.sounds serves the sound tagger, which the agent loads with [sounds]: "
+                "set sounds.enabled = true (--sounds) too, or wyoming.sounds = false"
+            )
+        return PatchDetector(
+            tuple(tagger.groups),
+            worker_patch_scorer(worker),
+            patch_samples=tagger.config.patch_samples,
+            hop_samples=tagger.config.patch_hop_samples,
+            threshold=self.config.wyoming.sound_threshold,
         )
 
     def _wyoming_listening(self, server: WyomingServer) -> None:
@@ -587,6 +611,40 @@ class WorkerTranscriber:
             # Abandoned (the client went away, shutdown): a late answer is dropped.
             if not answer.done():
                 answer.cancel()
+
+
+def worker_patch_scorer(
+    worker: InferenceWorker,
+) -> Callable[[list[npt.NDArray[np.float32]]], Any]:
+    """A Wyoming `agent.protocols.wyoming.PatchScorer` on the worker's sound tagger: the
+    patches are tagged on the worker thread with the streams' tagging
+    (`InferenceWorker.submit_tags`), at once when idle, between two tokens of a batch else.
+    """
+
+    async def score(windows: list[npt.NDArray[np.float32]]) -> list[dict[str, float]]:
+        from agent.errors import AgentError
+
+        done: asyncio.Future[TagResult] = asyncio.get_running_loop().create_future()
+
+        def on_done(result: TagResult) -> None:
+            if not done.done():
+                done.set_result(result)
+
+        worker.submit_tags(windows, on_done)
+        try:
+            result = await done
+        finally:
+            if not done.done():  # abandoned: a late result is dropped
+                done.cancel()
+        if result.error is not None:
+            raise AgentError(f"the sound tagger failed: {result.error}")
+        # A window one patch long may come back as two (the tagger pads): the best of each.
+        return [
+            {group: max(p.groups[group] for p in patches) for group in patches[0].groups}
+            for patches in result.clips
+        ]
+
+    return score
 
 
 @contextlib.asynccontextmanager

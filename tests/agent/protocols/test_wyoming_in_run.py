@@ -24,6 +24,7 @@ from wyoming.audio import AudioChunk, AudioStart
 from wyoming.client import AsyncTcpClient
 from wyoming.info import Describe
 from wyoming.ping import Ping
+from wyoming.wake import Detect
 
 from agent.config import AgentConfig, load_config
 from agent.errors import ConfigError
@@ -265,3 +266,43 @@ async def test_a_client_mid_stream_does_not_block_the_idle_timeout(
             [error] = await events_until(client, "error", 30)
             assert error.data["code"] == "timeout"
         assert agent.wyoming.stats.closed["timeout"] == 1
+
+
+async def test_detects_sounds_with_the_agents_own_tagger(
+    tiny_model: Any, whisper_base: tuple[Any, Any]
+) -> None:
+    """``wyoming.sounds``: ``detect`` is answered by the tagger `[sounds]` loaded in the
+    worker (no second tagger), its groups listed as the models of a wake program."""
+    from training.scenes import SOUND_EVENTS
+
+    model = WithWhisper(tiny_model, *whisper_base)
+    config = make_config(
+        wyoming={"enabled": True, "uri": "tcp://127.0.0.1:0", "sounds": True},
+        sounds={"enabled": True},
+        ws={"listen": "off"},
+    )
+    alarm = SOUND_EVENTS["alarm_beeping"](np.random.default_rng(0))
+    pcm = (np.clip(alarm, -1, 1) * 32767 * 0.5).astype("<i2").tobytes()
+    async with Agent(config, lambda: model) as agent:
+        assert agent.wyoming is not None and agent.worker is not None
+        tagger = agent.worker.sound_tagger
+        assert tagger is not None
+        calls = agent.worker.tag_calls
+        async with AsyncTcpClient("127.0.0.1", agent.wyoming.address.port) as client:
+            await client.write_event(Describe().event())
+            [info] = await events_until(client, "info", 30)
+            assert [m["name"] for m in info.data["wake"][0]["models"]] == list(tagger.groups)
+            await client.write_event(Detect(names=["smoke_alarm"]).event())
+            await send_audio(client, pcm)
+            got = await events_until(client, "detection", 60)
+            assert got[-1].data["name"] == "smoke_alarm"
+        assert agent.worker.tag_calls > calls  # the worker's tagger heard it
+
+
+async def test_sounds_without_the_tagger_is_refused(
+    tiny_model: Any, whisper_base: tuple[Any, Any]
+) -> None:
+    model = WithWhisper(tiny_model, *whisper_base)
+    with pytest.raises(ConfigError, match=r"sounds\.enabled = true \(--sounds\)"):
+        async with Agent(_config(sounds=True), lambda: model):
+            pass
