@@ -24,6 +24,12 @@ Measured:
   model thread serves every connection, so with several clients the latency includes the
   wait for the others' transcriptions.
 
+With ``--in-run`` the service is `salmonn-live run` with ``[wyoming]`` on (``--wyoming``): the
+transcripts come from the agent's own worker, the same that answers its streams; with
+``--beside FILE`` too, that file plays as a looped real-time stream of the agent meanwhile, so
+the Wyoming windows share the worker with its batches (answered in the fast lane, between
+two tokens). The whole model (not Whisper alone) is loaded then.
+
 The report is markdown, printed and (with ``--out``) written to a file; exit code 1 when a
 client saw an error or the service did not stop cleanly.
 """
@@ -127,6 +133,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="realtime",
         help="send audio at the speed it is spoken (as a microphone does) or all at once",
     )
+    parser.add_argument(
+        "--in-run",
+        action="store_true",
+        help="serve through `salmonn-live run --wyoming` (the agent's worker) instead of "
+        "`salmonn-live wyoming`",
+    )
+    parser.add_argument(
+        "--beside",
+        type=Path,
+        metavar="FILE",
+        help="with --in-run: an audio file the agent plays meanwhile as a looped real-time stream",
+    )
     parser.add_argument("--out", type=Path, help="also write the markdown report here")
 
 
@@ -171,6 +189,7 @@ class Report:
     started_s: float
     stopped_cleanly: bool
     load: tuple[float, float]  # the 1-minute load average before and after
+    service: str = "salmonn-live wyoming"
     server_problems: list[str] = field(default_factory=list)
 
     @property
@@ -234,9 +253,19 @@ class Service:
     warnings and errors are kept for the report.
     """
 
-    def __init__(self, model: str, whisper: str | None) -> None:
-        command = [sys.executable, "-m", "agent.cli", "wyoming", "--uri", "tcp://127.0.0.1:0"]
+    def __init__(
+        self, model: str, whisper: str | None, in_run: bool = False, beside: Path | None = None
+    ) -> None:
+        command = [sys.executable, "-m", "agent.cli"]
+        if in_run:  # the agent, its console quiet; its stderr log has the same listening line
+            command += ["run", "--wyoming", "--wyoming-uri", "tcp://127.0.0.1:0", "--ws", "off"]
+            command += ["--no-mqtt", "--print", "none"]
+            if beside is not None:
+                command += ["--source", f"file:{beside}", "--loop", "--realtime"]
+        else:
+            command += ["wyoming", "--uri", "tcp://127.0.0.1:0"]
         command += ["--model", model] + (["--whisper", whisper] if whisper else [])
+        self.command = command[3:]
         self.started = time.monotonic()
         self.proc = subprocess.Popen(
             command,
@@ -270,7 +299,8 @@ class Service:
         if not self._listening.wait(START_TIMEOUT_S) or not self.port:
             self.stop()
             tail = "\n".join(self.lines[-15:])
-            raise RuntimeError(f"salmonn-live wyoming did not start; its stderr ends:\n{tail}")
+            what = " ".join(self.command[:1])
+            raise RuntimeError(f"salmonn-live {what} did not start; its stderr ends:\n{tail}")
         return time.monotonic() - self.started
 
     def stop(self) -> bool:
@@ -426,7 +456,8 @@ def render(report: Report) -> str:
     when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     cores = os.cpu_count() or 0
     lines = [
-        f"## bench wyoming: {report.whisper}, {report.voice}, {report.pace} pace",
+        f"## bench wyoming: {report.whisper}, {report.voice}, {report.pace} pace, "
+        f"served by {report.service}",
         "",
         f"{when}; {platform.machine()}, {cores} cores, Python {platform.python_version()};"
         f" the service took {report.started_s:.1f} s to load and listen; 1-minute load"
@@ -488,7 +519,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     source = args.whisper or resolve_model(args.model).whisper
     load_before = os.getloadavg()[0]  # other work on the machine shows in the timings
-    service = Service(args.model, args.whisper)
+    if args.beside is not None and not (args.in_run and args.beside.is_file()):
+        print("bench wyoming: --beside needs --in-run and an audio file")  # noqa: T201
+        return 2
+    service = Service(args.model, args.whisper, args.in_run, args.beside)
     stopped = False
     try:
         clips, voice = _clips(args)
@@ -512,6 +546,7 @@ def run(args: argparse.Namespace) -> int:
         stopped_cleanly=stopped,
         load=(load_before, os.getloadavg()[0]),
         server_problems=service.problems(),
+        service=" ".join(["salmonn-live", *service.command]).replace(" --print none", ""),
     )
     text = render(report)
     print(text, end="")  # noqa: T201
