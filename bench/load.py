@@ -21,6 +21,21 @@ segmenters, batching, fan-out, WebSockets. ``--model nano`` runs the real small 
 The machine's load average is reported beside the lag: on a shared machine a loop that is
 not given a CPU looks exactly like a blocked loop. ``SALMONN_BENCH_LOOP_DEBUG=1`` runs the
 agent's loop in asyncio debug mode and prints its log, naming callbacks that took over 50 ms.
+
+Soaks (issue 21): ``--minutes N`` runs for N minutes, and the report gets a row per
+``--interval-s`` (60 s): windows in and dropped per kind (a window counts as its best task,
+`agent.runtime.window_queue.shed_kind`), command p50/p95 and all-kinds p95 latency (the final
+event's ``emitted - captured``: from the window's last sample to its answer) and the agent's
+RSS. One fast client (the *recorder*) parses every event for those rows. Memory is judged
+from its curve (`memory_verdict`): the warm-up ends where the slope over every later
+``--slope-window-s`` stays under ``--max-slope-mib-min``; the slope after it is reported, and a
+curve that never levels off is a leak (exit code 1). A PNG plots RSS and command p95 over time
+(``--plot``; matplotlib is the ``bench`` extra, and without it the plot is skipped with a
+note). ``--find-capacity`` runs the whole soak at each stream count of ``--capacity-steps``
+(2, 4, 6, 8, ...) and reports the largest with 0 command windows dropped and under 1 % of all
+windows dropped (`sustained`). Slow clients keep no keepalive of their own
+(``ping_interval=None``): a websockets client pings every 20 s and gives up when the pong
+waits behind its backlog, which would end it before it reads the agent's 4429.
 """
 
 from __future__ import annotations
@@ -55,9 +70,18 @@ logger = logging.getLogger(__name__)
 
 TICK_S = 0.01  # the lag ticker's period
 SAMPLE_S = 1.0  # memory sampling period
-WARMUP_S = 30.0  # memory samples before this (and before half the run) are not in the slope
+#: The kinds a window counts as, best first (`agent.runtime.window_queue.SHED_KINDS`).
+KINDS = ("command", "transcript", "caption", "answer")
+#: A stream count is sustained when at most this share of its windows was dropped (and no
+#: command window).
+MAX_DROPPED_SHARE = 0.01
+#: Fewest RSS samples in a slope window for the memory verdict to judge at all.
+_MIN_WINDOW_SAMPLES = 5
 ROOT = Path(__file__).resolve().parents[1]
-_SEQ_RE = re.compile(r'"seq": (-?\d+)')
+# Events are compact JSON now (``"seq":41``); older agents wrote ``"seq": 41``.
+_SEQ_RE = re.compile(r'"seq":\s*(-?\d+)')
+_STREAM_CLOSED_RE = re.compile(r'"status":\s*"stream_closed"')
+_DROPPED_NOTICE_RE = re.compile(r'"status":\s*"dropped"')
 _START_TIMEOUT_S = 180.0
 _SETTLE_TIMEOUT_S = 120.0
 
@@ -65,6 +89,25 @@ _SETTLE_TIMEOUT_S = 120.0
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the benchmark's options."""
     parser.add_argument("--seconds", type=float, default=60.0, help="how long the streams run")
+    parser.add_argument(
+        "--minutes", type=float, default=None, help="how long the streams run, minutes (a soak)"
+    )
+    parser.add_argument(
+        "--interval-s", type=float, default=60.0, help="one row of the report per this, s"
+    )
+    parser.add_argument(
+        "--find-capacity",
+        action="store_true",
+        help="run at each of --capacity-steps streams; report the largest sustained",
+    )
+    parser.add_argument(
+        "--capacity-steps",
+        default="2,4,6,8,10,12,16",
+        help="stream counts for --find-capacity (comma-separated, rising)",
+    )
+    parser.add_argument(
+        "--plot", default="docs/img/bench_load.png", help="PNG of RSS and command p95 ('' = none)"
+    )
     parser.add_argument("--subscribers", type=int, default=50, help="/events clients")
     parser.add_argument("--slow", type=int, default=5, help="how many subscribers read slowly")
     parser.add_argument(
@@ -98,6 +141,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=1.0,
         help="RSS slope under which memory counts as flat, MiB/min",
+    )
+    parser.add_argument(
+        "--slope-window-s",
+        type=float,
+        default=60.0,
+        help="the RSS slope is judged over windows this long (at most a third of the run)",
     )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
@@ -241,6 +290,7 @@ async def _serve(spec: dict[str, Any]) -> None:
                 wait for when, wait in zip(lag_at, starved, strict=False) if ready <= when
             ),
             "run_s": shutdown - ready,
+            "ready_wall": agent.clock.wall(ready),  # loop.time() is time.monotonic()
             "worst_lag_at_s": [
                 [round(when - ready, 2), round(lag * 1000, 1)]
                 for when, lag in sorted(zip(lag_at, lags, strict=True), key=lambda x: -x[1])
@@ -262,12 +312,197 @@ async def _serve(spec: dict[str, Any]) -> None:
 # -- the client side (this process) ---------------------------------------------------------
 
 
+class _Record:
+    """What the recorder client keeps of the events for the per-interval rows (wall times)."""
+
+    def __init__(self) -> None:
+        self.t0: float | None = None  # the first stream_opened
+        self.finals: list[tuple[float, str, str, float]] = []  # emitted, window, task, latency
+        self.drops: list[tuple[float, str, str]] = []  # emitted, window, kind
+
+    def add(self, event: dict[str, Any]) -> None:
+        """Keep what the rows need of one event."""
+        timing = event.get("timing") or {}
+        emitted = timing.get("emitted")
+        if emitted is None:
+            return
+        if event.get("kind") == "status":
+            if event.get("status") == "stream_opened" and self.t0 is None:
+                self.t0 = emitted
+            elif event.get("status") == "window_dropped":
+                detail = event.get("detail", {})
+                self.drops.append((emitted, detail.get("window", ""), detail.get("kind", "")))
+        elif event.get("kind") in KINDS and not event.get("partial"):
+            captured = timing.get("captured")
+            latency = emitted - captured if captured is not None else float("nan")
+            self.finals.append((emitted, event.get("window", ""), event["kind"], latency))
+
+
+# -- pure functions (the report's logic, tested on synthetic data) ----------------------------
+
+
+def slope_mib_per_min(samples: list[tuple[float, float]]) -> float:
+    """Least-squares slope of ``(seconds, MiB)`` samples, MiB/min (nan for under 3)."""
+    if len(samples) < 3:
+        return float("nan")
+    t = np.array([p[0] for p in samples], dtype=np.float64)
+    v = np.array([p[1] for p in samples], dtype=np.float64)
+    spread = float(((t - t.mean()) ** 2).sum())
+    if spread == 0:
+        return float("nan")
+    return float(((t - t.mean()) * (v - v.mean())).sum() / spread * 60.0)
+
+
+def memory_verdict(
+    samples: list[tuple[float, float]], max_slope_mib_min: float, window_s: float
+) -> dict[str, Any]:
+    """Judge an RSS curve, ``(seconds, MiB)`` samples in time order.
+
+    The slope is fitted over every window of ``window_s`` that fits in the run (one starting
+    at each sample). The warm-up ends at the start of the first window after which no window's
+    slope exceeds ``max_slope_mib_min`` (shrinking counts as level): memory has levelled off
+    there, and the slope over everything after it is the one judged. When even the last
+    window climbs faster, the curve never levelled off: a leak. A run too short for one window
+    of ``_MIN_WINDOW_SAMPLES`` samples is not judged.
+
+    Returns:
+        ``warmup_s`` (None when never levelled or not judged), ``slope_mib_per_min`` (after
+        the warm-up; over the whole run when there is none), ``levelled``, ``leak``,
+        ``judged`` and ``window_s``.
+    """
+    out: dict[str, Any] = {
+        "warmup_s": None,
+        "slope_mib_per_min": slope_mib_per_min(samples),
+        "levelled": False,
+        "leak": False,
+        "judged": False,
+        "window_s": window_s,
+    }
+    if not samples:
+        return out
+    times = [t for t, _ in samples]
+    end = times[-1]
+    slopes: list[tuple[int, float]] = []  # (first sample, slope) of each whole window
+    last = 0
+    for first, start in enumerate(times):
+        if start + window_s > end:
+            break
+        while last < len(times) and times[last] <= start + window_s:
+            last += 1
+        window = samples[first:last]
+        if len(window) >= _MIN_WINDOW_SAMPLES:
+            slopes.append((first, slope_mib_per_min(window)))
+    if not slopes:
+        return out
+    out["judged"] = True
+    levelled_from: int | None = None
+    for first, slope in reversed(slopes):
+        if slope > max_slope_mib_min:
+            break
+        levelled_from = first
+    if levelled_from is None:
+        out["leak"] = True
+        return out
+    out["warmup_s"] = times[levelled_from] - times[0]
+    out["slope_mib_per_min"] = slope_mib_per_min(samples[levelled_from:])
+    out["levelled"] = True
+    return out
+
+
+def best_kind(tasks: set[str]) -> str:
+    """What a window counts as: its best task (`agent.runtime.window_queue.shed_kind`)."""
+    return next((k for k in KINDS if k in tasks), "answer")
+
+
+def _p(values: list[float], q: float) -> float | None:
+    values = [v for v in values if v == v]  # no nan
+    return round(_percentile(values, q), 3) if values else None
+
+
+def interval_rows(
+    finals: list[tuple[float, str, str, float]],
+    drops: list[tuple[float, str, str]],
+    rss: list[tuple[float, float]],
+    interval_s: float,
+) -> list[dict[str, Any]]:
+    """One row per ``interval_s`` from the run's start (times are seconds from it).
+
+    ``finals``: ``(t, window, task, latency s)`` of final model events; ``drops``: ``(t,
+    window, kind)`` of ``window_dropped`` events; ``rss``: ``(t, MiB)``. A window answered
+    counts in the interval of its first final, as its best task; a dropped one in the
+    interval of its drop, as the kind named. Each row: ``end_s``, ``windows`` and ``dropped``
+    per kind, ``command_p50_s``/``command_p95_s``, ``all_p95_s`` and ``rss_mib`` (the last
+    sample in the interval)."""
+    windows: dict[str, tuple[float, set[str]]] = {}
+    for t, window, task, _ in finals:
+        first, tasks = windows.get(window, (t, set()))
+        tasks.add(task)
+        windows[window] = (min(first, t), tasks)
+    ends = [t for t, *_ in finals] + [t for t, *_ in drops] + [t for t, _ in rss]
+    count = int(max(ends, default=0.0) // interval_s) + 1 if ends else 0
+    rows: list[dict[str, Any]] = [
+        {
+            "end_s": round((i + 1) * interval_s, 1),
+            "windows": dict.fromkeys(KINDS, 0),
+            "dropped": dict.fromkeys(KINDS, 0),
+            "command_latency": [],
+            "all_latency": [],
+            "rss_mib": None,
+        }
+        for i in range(count)
+    ]
+
+    def row(t: float) -> dict[str, Any] | None:
+        return rows[int(t // interval_s)] if t >= 0 else None
+
+    for first, tasks in windows.values():
+        if (r := row(first)) is not None:
+            r["windows"][best_kind(tasks)] += 1
+    for t, _, kind in drops:
+        if (r := row(t)) is not None and kind in KINDS:
+            r["windows"][kind] += 1
+            r["dropped"][kind] += 1
+    for t, _, task, latency in finals:
+        if (r := row(t)) is not None:
+            r["all_latency"].append(latency)
+            if task == "command":
+                r["command_latency"].append(latency)
+    for t, mib in rss:
+        if (r := row(t)) is not None:
+            r["rss_mib"] = round(mib, 1)
+    for r in rows:
+        command, every = r.pop("command_latency"), r.pop("all_latency")
+        r["command_p50_s"], r["command_p95_s"] = _p(command, 50), _p(command, 95)
+        r["all_p95_s"] = _p(every, 95)
+    return rows
+
+
+def sustained(windows: int, dropped_by_kind: dict[str, int]) -> bool:
+    """A run sustained its load: no command window dropped, and under `MAX_DROPPED_SHARE` of
+    all its windows."""
+    dropped = sum(dropped_by_kind.values())
+    return dropped_by_kind.get("command", 0) == 0 and dropped < MAX_DROPPED_SHARE * max(windows, 1)
+
+
+def capacity(steps: list[dict[str, Any]]) -> int | None:
+    """The largest stream count sustained, counting only up to the first step that was not
+    (``steps``: ``streams`` and ``sustained``, in rising order); None when none was."""
+    best = None
+    for step in steps:
+        if not step["sustained"]:
+            break
+        best = step["streams"]
+    return best
+
+
 class _Subscriber:
     """One `/events` client: the seqs it received and how it ended."""
 
-    def __init__(self, index: int, slow: bool) -> None:
+    def __init__(self, index: int, slow: bool, recorder: bool = False) -> None:
         self.index = index
         self.slow = slow
+        self.recorder = recorder
+        self.record = _Record()
         self.seqs: list[int] = []
         self.dropped_notices = 0
         self.dropped_reported = 0
@@ -289,7 +524,8 @@ class _Subscriber:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             sock.setblocking(False)
             await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
-            kwargs = {"sock": sock, "max_queue": 1}
+            # No keepalive of its own: the agent, not the client's pings, must end it (4429).
+            kwargs = {"sock": sock, "max_queue": 1, "ping_interval": None}
         ws = await connect(url, max_size=None, open_timeout=60, **kwargs)
         try:
             await ws.recv()  # the `subscribed` notice
@@ -301,11 +537,13 @@ class _Subscriber:
                 seq = int(match.group(1)) if match else -1
                 if seq >= 0:
                     self.seqs.append(seq)
-                    if '"status": "stream_closed"' in message:
+                    if self.recorder:
+                        self.record.add(json.loads(message))
+                    if _STREAM_CLOSED_RE.search(message):
                         self.streams_closed += 1
                         if self.streams_closed >= self.expect_closed:
                             self.all_streams_closed.set()
-                elif '"status": "dropped"' in message:
+                elif _DROPPED_NOTICE_RE.search(message):
                     self.dropped_notices += 1
                     self.dropped_reported += json.loads(message)["detail"]["dropped"]
                 if self.slow:
@@ -347,19 +585,8 @@ async def _stream(url: str, stream_id: str, pcm: bytes, seconds: float) -> int:
     return sent
 
 
-def _slope_mib_per_min(samples: list[tuple[float, float]]) -> float:
-    # Warm-up: allocator arenas, torch's buffers for each new window length, and the 10 s of
-    # block capture times each stream keeps fill up first (measured: within 30 s).
-    end = samples[-1][0] if samples else 0.0
-    points = [(t, v) for t, v in samples if t >= min(WARMUP_S, end / 2)]
-    if len(points) < 3:
-        return float("nan")
-    t = np.array([p[0] for p in points])
-    v = np.array([p[1] for p in points])
-    return float(np.polyfit(t, v, 1)[0] * 60.0)
-
-
-async def _drive(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+async def _drive(args: argparse.Namespace, workdir: Path, streams: int) -> dict[str, Any]:
+    """One run at ``streams`` streams: the agent in a child process, the clients here."""
     report_path = workdir / "agent-report.json"
     spec = {
         "model": args.model,
@@ -370,7 +597,7 @@ async def _drive(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         **answer_paths(args.model, args.transcript, args.command),
         "report": str(report_path),
     }
-    scenes = _scenes(args.streams, args.scene_s)
+    scenes = _scenes(streams, args.scene_s)
     pcms = [(np.clip(s.audio, -1.0, 1.0) * 32767).astype("<i2").tobytes() for s in scenes]
     log_path = workdir / "agent.log"
     with log_path.open("wb") as log:
@@ -392,9 +619,10 @@ async def _drive(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             raise RuntimeError(f"the agent did not start: {log_path.read_text()[-3000:]}")
         base = json.loads(line)["url"]
         subscribed = asyncio.Semaphore(0)
-        subs = [_Subscriber(i, i < args.slow) for i in range(args.subscribers)]
+        # The first fast client also records every event for the per-interval rows.
+        subs = [_Subscriber(i, i < args.slow, i == args.slow) for i in range(args.subscribers)]
         for sub in subs:
-            sub.expect_closed = args.streams
+            sub.expect_closed = streams
         sub_tasks = [
             asyncio.create_task(s.run(f"{base}/events", subscribed, args.slow_read_s)) for s in subs
         ]
@@ -405,7 +633,7 @@ async def _drive(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         sent = await asyncio.gather(
             *(
                 _stream(f"{base}/audio", f"load{i}", pcms[i % len(pcms)], args.seconds)
-                for i in range(args.streams)
+                for i in range(streams)
             )
         )
         streamed_s = time.monotonic() - started
@@ -428,7 +656,7 @@ async def _drive(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     agent = json.loads(report_path.read_text())
     if os.environ.get("SALMONN_BENCH_LOOP_DEBUG"):
         logger.warning("agent log:\n%s", log_path.read_text(errors="replace")[-20000:])
-    return _summarise(args, agent, subs, sent, streamed_s, code, log_path)
+    return _summarise(args, streams, agent, subs, sent, streamed_s, code, log_path)
 
 
 _TOO_SLOW_RE = re.compile(r"closing /events client .*?: (too slow: .*)")
@@ -436,6 +664,7 @@ _TOO_SLOW_RE = re.compile(r"closing /events client .*?: (too slow: .*)")
 
 def _summarise(
     args: argparse.Namespace,
+    stream_count: int,
     agent: dict[str, Any],
     subs: list[_Subscriber],
     sent: list[int],
@@ -464,7 +693,22 @@ def _summarise(
     streams = agent["streams"]
     windows = {k: sum(int(d.get(k, 0)) for d in streams.values()) for k in (
         "windows", "answered", "dropped", "failed")}  # fmt: skip
-    slope = _slope_mib_per_min(rss)
+    dropped_by_kind = {
+        k: sum(int(d.get("dropped_by_kind", {}).get(k, 0)) for d in streams.values()) for k in KINDS
+    }
+    run_s = rss[-1][0] if rss else 0.0
+    memory = memory_verdict(rss, args.max_slope_mib_min, min(args.slope_window_s, run_s / 3))
+    slope = memory["slope_mib_per_min"]
+    # Rows from the first stream's opening (the recorder's clock is the agent's wall clock).
+    record = next((s.record for s in subs if s.recorder), _Record())
+    t0 = record.t0 if record.t0 is not None else agent.get("ready_wall") or 0.0
+    ready = agent.get("ready_wall") or t0
+    rows = interval_rows(
+        [(t - t0, w, k, lat) for t, w, k, lat in record.finals],
+        [(t - t0, w, k) for t, w, k in record.drops],
+        [(ready + t - t0, mib) for t, mib in rss],
+        args.interval_s,
+    )
     log_text = log_path.read_text(errors="replace")
     server_reasons = collections.Counter(
         re.sub(r"\d+(\.\d+)?", "N", m.group(1)) for m in _TOO_SLOW_RE.finditer(log_text)
@@ -476,9 +720,12 @@ def _summarise(
         "subscribers": len(subs),
         "fast": len(fast),
         "slow": len(slow),
-        "streams": args.streams,
+        "streams": stream_count,
         "frames_sent": sum(sent),
         "windows": windows,
+        "dropped_by_kind": dropped_by_kind,
+        "sustained": sustained(windows["windows"], dropped_by_kind),
+        "intervals": rows,
         "streams_closed": len(streams),
         "events_published": len(expected),
         "events_per_s": round(len(expected) / streamed_s, 1) if streamed_s else 0.0,
@@ -510,7 +757,12 @@ def _summarise(
             "start": round(rss[0][1], 1) if rss else None,
             "end": round(rss[-1][1], 1) if rss else None,
             "slope_mib_per_min": round(slope, 2),
-            "flat": bool(abs(slope) <= args.max_slope_mib_min),
+            "warmup_s": memory["warmup_s"],
+            "levelled": memory["levelled"],
+            "leak": memory["leak"],
+            "judged": memory["judged"],
+            "slope_window_s": round(memory["window_s"], 1),
+            "flat": bool(memory["levelled"] and slope <= args.max_slope_mib_min),
             "samples": len(rss),
             "every_s": [round(v, 1) for _, v in rss],
             "python_blocks_start_end": [
@@ -533,9 +785,19 @@ def _out(line: str) -> None:
 
 
 def _trend(rss: dict[str, Any]) -> str:
-    if rss["flat"]:
-        return "flat"
-    return "GROWING" if rss["slope_mib_per_min"] > 0 else "shrinking: run longer to judge"
+    if not rss["judged"]:
+        return "too short to judge"
+    if rss["leak"]:
+        return "LEAK: never levelled off"
+    return "flat" if rss["flat"] else "levelled, but the slope after is steep"
+
+
+def _kinds(counts: dict[str, int]) -> str:
+    return " / ".join(str(counts.get(k, 0)) for k in KINDS)
+
+
+def _s(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def _print_table(r: dict[str, Any]) -> None:
@@ -545,6 +807,9 @@ def _print_table(r: dict[str, Any]) -> None:
          f"{r['subscribers']} /events clients ({r['slow']} slow), model `{r['model']}`"),
         ("windows", f"{w['windows']} ({w['answered']} answered, {w['dropped']} dropped by "
          f"overload, {w['failed']} failed)"),
+        ("dropped by kind", f"{_kinds(r['dropped_by_kind'])} (command / transcript / caption / "
+         f"answer): {'sustained' if r['sustained'] else 'NOT sustained'} (0 commands and under "
+         f"{MAX_DROPPED_SHARE:.0%} of windows dropped)"),
         ("events published", f"{r['events_published']} ({r['events_per_s']:g}/s); "
          f"{r['messages_to_clients']} messages to clients"),
         ("fast clients: delivered", f"{r['fast_delivered_min']} of {r['events_published']} "
@@ -561,9 +826,12 @@ def _print_table(r: dict[str, Any]) -> None:
         ("lag less CPU wait", f"p99 {lag['p99_without_cpu_wait']} ms, max "
          f"{lag['max_without_cpu_wait']} ms (the loop thread waited {lag['loop_thread_cpu_wait_s']}"
          f" s of {lag['run_s']} s for a CPU)"),
-        ("RSS", f"peak {rss['peak']} MiB; {rss['start']} -> {rss['end']} MiB; slope "
-         f"{rss['slope_mib_per_min']} MiB/min after the warm-up ({WARMUP_S:g} s) "
-         f"({_trend(rss)})"),
+        ("RSS", f"peak {rss['peak']} MiB; {rss['start']} -> {rss['end']} MiB; warm-up "
+         + (f"{rss['warmup_s']:.0f} s" if rss["warmup_s"] is not None else "not found")
+         + f" (slope under {r['max_slope_mib_min']:g} MiB/min over every later "
+         f"{rss['slope_window_s']:g} s); slope "
+         + ("after it" if rss["warmup_s"] is not None else "over the run")
+         + f" {rss['slope_mib_per_min']} MiB/min ({_trend(rss)})"),
         ("machine load (1 min avg)", f"mean {r['machine_load_1min']['mean']}, max "
          f"{r['machine_load_1min']['max']} on {os.cpu_count()} CPUs (shared with other work)"),
         ("agent exit", f"code {r['agent_exit_code']}, {r['agent_log_tracebacks']} tracebacks"),
@@ -574,8 +842,124 @@ def _print_table(r: dict[str, Any]) -> None:
         _out(f"| {name} | {value} |")
 
 
+def _print_intervals(r: dict[str, Any]) -> None:
+    _out(
+        f"\nPer {r['interval_s']:g} s (windows counted as their best task: command / transcript"
+        " / caption / answer; latency from a window's last sample to its final event):\n"
+    )
+    _out("| until | windows in | dropped | command p50 / p95 s | all p95 s | RSS MiB |")
+    _out("|---:|---|---|---|---:|---:|")
+    for row in r["intervals"]:
+        _out(
+            f"| {row['end_s']:g} s | {_kinds(row['windows'])} | {_kinds(row['dropped'])} | "
+            f"{_s(row['command_p50_s'])} / {_s(row['command_p95_s'])} | {_s(row['all_p95_s'])} "
+            f"| {row['rss_mib'] if row['rss_mib'] is not None else '-'} |"
+        )
+
+
+def _plot(r: dict[str, Any], path: str) -> str | None:
+    """RSS (every sample) and command p95 (per interval) over time; None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    every = r["rss_mib"]["every_s"]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot([i * SAMPLE_S / 60 for i in range(len(every))], every, color="tab:blue")
+    ax.set_xlabel("minutes since the agent was ready")
+    ax.set_ylabel("agent RSS (MiB)", color="tab:blue")
+    warmup = r["rss_mib"]["warmup_s"]
+    if warmup is not None:
+        ax.axvline(warmup / 60, color="tab:blue", linestyle=":", label="end of warm-up")
+        ax.legend(loc="lower right")
+    p95 = ax.twinx()
+    rows = [row for row in r["intervals"] if row["command_p95_s"] is not None]
+    p95.plot(
+        [row["end_s"] / 60 for row in rows],
+        [row["command_p95_s"] for row in rows],
+        "o-",
+        color="tab:red",
+    )
+    p95.set_ylabel("command p95 per interval (s)", color="tab:red")
+    p95.set_ylim(bottom=0)
+    ax.set_title(f"bench load: {r['streams']} streams, {r['subscribers']} clients, {r['model']}")
+    ax.grid(True, alpha=0.3)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _print_capacity(
+    steps: list[dict[str, Any]], best: int | None, args: argparse.Namespace
+) -> None:
+    _out(
+        f"\nCapacity: {args.seconds:g} s at each stream count; sustained = 0 command windows "
+        f"and under {MAX_DROPPED_SHARE:.0%} of all windows dropped.\n"
+    )
+    _out("| streams | windows | dropped (command / transcript / caption / answer) | dropped % "
+         "| command p95 s (worst interval) | RSS slope MiB/min | sustained |")  # fmt: skip
+    _out("|---:|---:|---|---:|---:|---|---|")
+    for r in steps:
+        total = r["windows"]["windows"]
+        share = 100 * sum(r["dropped_by_kind"].values()) / max(total, 1)
+        worst = max((row["command_p95_s"] or 0.0 for row in r["intervals"]), default=0.0)
+        _out(
+            f"| {r['streams']} | {total} | {_kinds(r['dropped_by_kind'])} | {share:.1f} | "
+            f"{worst:.2f} | {r['rss_mib']['slope_mib_per_min']} ({_trend(r['rss_mib'])}) | "
+            f"{'yes' if r['sustained'] else 'no'} |"
+        )
+    _out(
+        f"\n**Capacity: {best} streams**"
+        if best is not None
+        else "\n**Capacity: none of the stream counts tried was sustained**"
+    )
+
+
+def _print_markdown(
+    report: dict[str, Any], steps: list[dict[str, Any]] | None, best: int | None,
+    args: argparse.Namespace, plot: str | None,
+) -> None:  # fmt: skip
+    minutes = (
+        f"--minutes {args.seconds / 60:g}" if args.seconds >= 60 else f"--seconds {args.seconds:g}"
+    )
+    command = f"salmonn-live bench load {minutes} --streams {report['streams']}"
+    if steps is not None:
+        command = f"salmonn-live bench load {minutes} --find-capacity"
+    _out(f"## Load over time (`{command}`)\n")
+    _out(f"{report['machine']}, model `{report['model']}`.\n")
+    if steps is not None:
+        _print_capacity(steps, best, args)
+        _out(f"\nThe run at {report['streams']} streams:\n")
+    _print_table(report)
+    _print_intervals(report)
+    if plot:
+        _out(f"\n![agent RSS and command p95 over time]({plot})")
+    elif args.plot:
+        _out("\n(No plot: matplotlib is not installed; `pip install '.[bench]'`.)")
+
+
 def run(args: argparse.Namespace) -> int:
-    """Run the load benchmark; print a Markdown table (or ``--json``)."""
+    """Run the load benchmark (or, with ``--find-capacity``, one run per stream count); print
+    a Markdown section (or ``--json``). Exit code 1 when fast clients lost events, memory never
+    levelled off, the agent failed, or (``--find-capacity``) no stream count was sustained."""
+    if args.minutes is not None:
+        args.seconds = args.minutes * 60.0
+    try:
+        counts = [int(n) for n in str(args.capacity_steps).split(",") if n.strip()]
+    except ValueError:
+        counts = []
+    if args.find_capacity and (not counts or min(counts) < 1 or counts != sorted(set(counts))):
+        logger.error("expected rising stream counts for --capacity-steps, got %r",
+                     args.capacity_steps)  # fmt: skip
+        return 2
+    if args.interval_s <= 0 or args.slope_window_s <= 0:
+        logger.error("expected --interval-s > 0 and --slope-window-s > 0")
+        return 2
     if not 0 <= args.slow <= args.subscribers or args.streams < 1 or args.seconds <= 0:
         logger.error(
             "expected 0 <= --slow <= --subscribers, --streams >= 1 and --seconds > 0; got "
@@ -586,18 +970,49 @@ def run(args: argparse.Namespace) -> int:
             args.seconds,
         )
         return 2
+    steps: list[dict[str, Any]] = []
+    best: int | None = None
     with tempfile.TemporaryDirectory(prefix="salmonn-load-") as tmp:
-        report = asyncio.run(_drive(args, Path(tmp)))
-    report["machine"] = f"{platform.machine()}, {os.cpu_count()} CPUs"
+        if args.find_capacity:
+            for n in counts:
+                logger.warning("bench load: %d streams for %g s", n, args.seconds)
+                step = asyncio.run(_drive(args, Path(tmp), n))
+                steps.append(step)
+                if not step["sustained"]:
+                    break  # more streams only drop more
+            best = capacity(steps)
+            report = next((r for r in steps if r["streams"] == best), steps[-1])
+        else:
+            report = asyncio.run(_drive(args, Path(tmp), args.streams))
+    machine = f"{platform.machine()}, {os.cpu_count()} CPUs"
+    for r in [report, *steps]:
+        r["machine"], r["interval_s"], r["max_slope_mib_min"] = (
+            machine,
+            args.interval_s,
+            args.max_slope_mib_min,
+        )
+    plot = _plot(report, args.plot) if args.plot else None
+    if args.plot and plot is None:
+        logger.warning("matplotlib is not installed (pip install '.[bench]'): no plot")
     if args.json:
-        _out(json.dumps(report, indent=2))
+        out = dict(report)
+        if args.find_capacity:
+            out = {"capacity_streams": best, "steps": steps, "plot": plot}
+        else:
+            out["plot"] = plot
+        _out(json.dumps(out, indent=2))
     else:
-        _print_table(report)
+        _print_markdown(report, steps if args.find_capacity else None, best, args, plot)
+    # Memory is judged on the run reported: an overloaded step's backlog may well grow.
     ok = (
-        report["fast_lost_total"] == 0
-        and report["rss_mib"]["flat"]
-        and report["agent_exit_code"] == 0
-        and report["agent_log_tracebacks"] == 0
+        all(
+            r["fast_lost_total"] == 0
+            and r["agent_exit_code"] == 0
+            and r["agent_log_tracebacks"] == 0
+            for r in steps or [report]
+        )
+        and not report["rss_mib"]["leak"]
+        and (best is not None or not args.find_capacity)
     )
     return 0 if ok else 1
 
