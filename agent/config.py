@@ -1491,7 +1491,10 @@ class SoundsConfig:
     class_map: str | None = option(None, pattern=_NON_BLANK_RE, expected="a path")
     threshold: float = option(0.5, above=0, maximum=1, expected="a score in (0, 1]")
     off_ratio: float = option(0.6, above=0, maximum=1, expected="a ratio in (0, 1]")
-    min_patches: int = option(1, minimum=1, maximum=100)
+    # 2 and the tracker's DEFAULT_THRESHOLDS (animal, insect 0.7): no sound event on 100 % of
+    # the dev speech (KLettres' dev half, espeak-ng, Piper; BENCHMARKS.md "Sound events in the
+    # pipeline"); at 1 and 0.5 everywhere 89.6 %. A short sound still spans two patches (hop).
+    min_patches: int = option(2, minimum=1, maximum=100)
     min_duration_s: float = option(0.0, minimum=0, expected="seconds >= 0")
     end_after_s: float = option(5.0, minimum=0, maximum=3600, expected="seconds in 0..3600")
     update_every_s: float = option(5.0, above=0, maximum=3600, expected="seconds in (0, 3600]")

@@ -75,6 +75,13 @@ DEFAULT_SUSTAINED_GROUPS: frozenset[str] = frozenset(
 DEFAULT_IGNORED_GROUPS: frozenset[str] = frozenset({"speech", "silence", "room", "noise"})
 
 
+#: On-thresholds of groups that real voices set off at 0.5 (KLettres' letters heard as
+#: "Animal", "Insect"), chosen on the dev speech only (agent/config.py ``min_patches``);
+#: `tracker_config` uses them for groups without a ``[sounds.groups]`` threshold (never below
+#: ``sounds.threshold``).
+DEFAULT_THRESHOLDS: Mapping[str, float] = {"animal": 0.7, "insect": 0.7}
+
+
 @dataclass(frozen=True)
 class SoundTrackerConfig:
     """When a label group's scores make a sound event (`agent.config.SoundsConfig` builds one).
@@ -94,6 +101,8 @@ class SoundTrackerConfig:
         ignore: Groups that never make an occurrence (their scores are skipped).
         group_classes: Group -> its AudioSet class names; when given, a decision lists only
             its own group's classes among the labels it was fed. None: every label fed.
+        default_thresholds: Group -> on-threshold for groups not in ``thresholds``, never
+            below ``threshold`` (`tracker_config` passes `DEFAULT_THRESHOLDS`).
     """
 
     threshold: float = 0.5
@@ -107,9 +116,11 @@ class SoundTrackerConfig:
     sustained: Collection[str] = DEFAULT_SUSTAINED_GROUPS
     ignore: Collection[str] = DEFAULT_IGNORED_GROUPS
     group_classes: Mapping[str, Collection[str]] | None = None
+    default_thresholds: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name, value in [("threshold", self.threshold), *self.thresholds.items()]:
+        checked = [*self.thresholds.items(), *self.default_thresholds.items()]
+        for name, value in [("threshold", self.threshold), *checked]:
             if not (_is_number(value) and 0 < value <= 1):
                 raise ValueError(f"threshold of {name!r}: expected 0 < t <= 1, got {value!r}")
         if not 0 < self.off_ratio <= 1:
@@ -125,7 +136,9 @@ class SoundTrackerConfig:
 
     def on_threshold(self, group: str) -> float:
         """The score at which ``group`` is heard when it was not."""
-        return self.thresholds.get(group, self.threshold)
+        if group in self.thresholds:
+            return self.thresholds[group]
+        return max(self.threshold, self.default_thresholds.get(group, 0.0))
 
     def off_threshold(self, group: str) -> float:
         """The score below which ``group`` is no longer heard (hysteresis)."""
@@ -395,6 +408,7 @@ def tracker_config(
     return SoundTrackerConfig(
         threshold=sounds.threshold,
         thresholds={g.name: g.threshold for g in sounds.groups if g.threshold is not None},
+        default_thresholds=DEFAULT_THRESHOLDS,
         off_ratio=sounds.off_ratio,
         min_patches=sounds.min_patches,
         min_duration_s=sounds.min_duration_s,
