@@ -456,3 +456,48 @@ def test_sounds_slices_built_in_code_are_checked_too() -> None:
         SoundsConfig(end_after_s=-1.0)
     with pytest.raises(ConfigError, match=r"each group once"):
         SoundsConfig(groups=(SoundGroupConfig("dog"), SoundGroupConfig("dog")))
+
+
+def test_language_and_task_default_to_english_transcription() -> None:
+    config = AgentConfig.from_dict({"streams": [{"id": "s"}]})
+    assert (config.agent.language, config.agent.task) == ("en", "transcribe")
+    # None: the stream takes [agent]'s (the pipeline resolves it when the stream opens).
+    assert (config.streams[0].language, config.streams[0].task) == (None, None)
+
+
+def test_language_and_task_per_stream_and_from_the_command_line() -> None:
+    from agent.config import merge
+
+    args = build_parser().parse_args(["run", "--language", "auto", "--task", "translate"])
+    config = AgentConfig.from_dict(
+        merge(
+            {"streams": [{"id": "s", "language": "de"}, {"id": "t", "task": "transcribe"}]},
+            overrides_from_args(args),
+        )
+    )
+    assert (config.agent.language, config.agent.task) == ("auto", "translate")
+    assert (config.streams[0].language, config.streams[1].task) == ("de", "transcribe")
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ({"agent": {"language": "english"}}, r"^agent\.language: expected 'auto' \(detect it\)"),
+        ({"streams": [{"id": "s", "language": "EN"}]}, r"streams\[0\]\.language: .* en zh de "),
+        ({"streams": [{"id": "s", "task": "summarise"}]}, r"streams\[0\]\.task: expected one of"),
+    ],
+)
+def test_bad_language_or_task_is_refused(table: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        AgentConfig.from_dict({"streams": [], **table})
+
+
+def test_language_and_task_over_control_all_or_nothing() -> None:
+    assert validate_control({"language": "auto", "task": "translate"}) == {
+        "language": "auto",
+        "task": "translate",
+    }
+    with pytest.raises(ControlError, match=r"^control command: 'task' expects one of"):
+        validate_control({"language": "es", "task": "summarise"})
+    with pytest.raises(ControlError, match=r"'language' expects 'auto' \(detect it\) or one of"):
+        validate_control({"language": 7})
