@@ -13,6 +13,10 @@ Two kinds of speech, eight languages (en, de, fr, es, it, pt, nl, ru):
 Detection, transcription and translation all run through `model.whisper.transcripts` with the
 short context window the agent uses, so the fast path is what is measured. The time per clip
 with detection and with the language fixed is printed too: detection reuses the encoder pass.
+So is the agent's path for a command in another language (``language = "auto"``): detection,
+the transcript and the English translation the intent grammar reads, all from one encoder pass
+(``translate_other=True``, what the worker asks for a window with a command), and how many of
+the English references' commands the grammar finds in those translations.
 """
 
 from __future__ import annotations
@@ -188,6 +192,7 @@ def run(args: argparse.Namespace) -> int:
     """Measure and print markdown tables; 2 when espeak-ng or the languages are missing."""
     import torch
 
+    from agent.intents import intent_from_transcript
     from model.whisper import load_whisper, transcripts
 
     codes = [c for c in args.languages.split(",") if c]
@@ -202,8 +207,10 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
     model, tokenizer = load_whisper(args.whisper)
     rows: list[list[Any]] = []
-    detect_s = fixed_s = 0.0
+    detect_s = fixed_s = agent_s = 0.0
     clips_timed = 0
+    shortest_s = float("inf")
+    intents_found = intents_said = 0
     for code in codes:
         pairs = SENTENCES[code]
         audio = [espeak(text, ESPEAK_VOICES[code]) for text, _ in pairs]
@@ -214,6 +221,19 @@ def run(args: argparse.Namespace) -> int:
         transcripts(model, tokenizer, audio, language=code, short_context=True)
         fixed_s += time.process_time() - start
         clips_timed += len(audio)
+        shortest_s = min(shortest_s, *(a.size / 16000 for a in audio))
+        # The agent's path for a window with a command: detection, transcript and (for a
+        # language that is not English) the English translation, one encoder pass.
+        start = time.process_time()
+        agent = transcripts(
+            model, tokenizer, audio, language=None, short_context=True, translate_other=True
+        )
+        agent_s += time.process_time() - start
+        for (_, reference), t in zip(pairs, agent, strict=True):
+            if reference and intent_from_transcript(reference)["intent"] != "none":
+                intents_said += 1
+                read = intent_from_transcript(t.english if t.english is not None else t.text)
+                intents_found += read == intent_from_transcript(reference)
         correct = sum(t.language == code for t in heard)
         # WER with the language fixed: what a stream with `language` set gets.
         fixed = transcripts(model, tokenizer, audio, language=code, short_context=True)
@@ -253,7 +273,12 @@ def run(args: argparse.Namespace) -> int:
         _table(rows, header),
         f"\nCPU per clip: {1000 * detect_s / clips_timed:.0f} ms with detection,"
         f" {1000 * fixed_s / clips_timed:.0f} ms with the language fixed"
-        f" (ratio {detect_s / max(fixed_s, 1e-9):.2f})",
+        f" (ratio {detect_s / max(fixed_s, 1e-9):.2f});"
+        f" {1000 * agent_s / clips_timed:.0f} ms on the agent's command path (detection,"
+        f" transcript and English translation of the same encoder pass, ratio"
+        f" {agent_s / max(fixed_s, 1e-9):.2f} to fixed). Shortest espeak clip {shortest_s:.1f} s.",
+        f"Commands the grammar reads from the agent path's English, as from the reference:"
+        f" {intents_found}/{intents_said}",
     ]
     print("\n".join(report))  # noqa: T201
     return 0
