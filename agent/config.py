@@ -556,7 +556,8 @@ class ModelSettings:
     """`[model]`: which model to load and how the worker asks it.
 
     Attributes:
-        name: Preset (nano, tiny-random, salmonn-13b, salmonn-7b) or checkpoint directory.
+        name: Preset (nano, nano-dual, tiny-random, salmonn, salmonn-13b, salmonn-7b) or
+            checkpoint directory.
         whisper: Whisper weights override (see `salmonn-live ask --help`).
         beats: BEATs weights override.
         llm: LLM override.
@@ -598,7 +599,7 @@ class ModelSettings:
         "nano",
         flag=flag(
             "--model",
-            "preset (nano, tiny-random, salmonn, salmonn-13b, salmonn-7b) or checkpoint "
+            "preset (nano, nano-dual, tiny-random, salmonn, salmonn-13b, salmonn-7b) or checkpoint "
             "directory (model.name, default nano)",
             worker="preset or checkpoint directory (model.name)",
         ),

@@ -199,6 +199,9 @@ class EncoderCache:
             "speech_width": int(model.ln_speech.normalized_shape[0]),
             "audio_width": int(model.ln_audio.normalized_shape[0]) if model.ln_audio else 0,
         }
+        if model.config.audio_encoder == "yamnet":  # keys only then: older caches stay valid
+            identity["yamnet"] = model.config.yamnet
+            identity["yamnet_hop_frames"] = model.config.yamnet_hop_frames
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
         self.root = Path(directory) / digest[:16]
         self.root.mkdir(parents=True, exist_ok=True)

@@ -697,10 +697,13 @@ class InferenceWorker:
             )
             if self.warm_up:
                 self._hear_commands([np.zeros(16000, np.float32)])
+        # YAMNet's log-mel front end is one small numpy product per patch, on which a threaded
+        # OpenBLAS spins (BENCHMARKS.md, "Sound tagger"): one thread here.
+        uses_yamnet = self._load_tagger is not None or getattr(model, "yamnet", None) is not None
+        if uses_yamnet and not limit_blas_threads(1):
+            logger.info("YAMNet: numpy's OpenBLAS threads could not be limited")
         if self._load_tagger is not None:
             self.sound_tagger = self._load_tagger()
-            if not limit_blas_threads(1):
-                logger.info("sound tagger: numpy's OpenBLAS threads could not be limited")
             if self.warm_up:
                 self.sound_tagger.scores(np.zeros(16000, np.float32))
         if self.warm_up:
