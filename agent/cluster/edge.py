@@ -565,6 +565,15 @@ class Edge(Agent):
         # Early reads are settled against a local worker's answers (agent/runtime/pipeline.py); the
         # pool's answers come back as finished events, so an edge runs without them.
         model = config.model.without_early_commands("on an edge")
+        if config.sounds.enabled:
+            # The tagger runs on the worker thread of the process that holds the audio; an
+            # edge has no model worker, and its HA sound entities would never fire.
+            raise ConfigError(
+                "sounds.enabled is not supported on an edge: an edge loads no sound tagger"
+                " (its windows go to the worker pool), so it would make no sound events; tag"
+                " on an agent instead (salmonn-live run --sounds where the audio is), and leave"
+                " [sounds] off here (drop --sounds / set sounds.enabled = false)"
+            )
         config = dataclasses.replace(config, model=model)
         super().__init__(config, _no_model)
         self.device = config.cluster.device or default_name()

@@ -364,3 +364,18 @@ def test_an_edge_refuses_early_commands() -> None:
     )
     with pytest.raises(ConfigError, match="not supported on an edge"):
         Edge(config)
+
+
+def test_an_edge_refuses_sound_events() -> None:
+    """An edge loads no tagger: `[sounds] enabled` there is a ConfigError naming the fix (tag
+    on the agent), not an edge that advertises sound entities and never fires them."""
+    from agent.errors import ConfigError
+
+    mqtt = {"enabled": True, "url": "mqtt://127.0.0.1:1"}
+    config = make_config(sounds={"enabled": True}, mqtt=mqtt)
+    with pytest.raises(ConfigError, match=r"sounds\.enabled is not supported on an edge") as info:
+        Edge(config)
+    assert "salmonn-live run --sounds" in str(info.value)
+    assert "sounds.enabled = false" in str(info.value)
+    # [sounds] tables with enabled = false are fine there.
+    Edge(make_config(sounds={"enabled": False, "threshold": 0.6}, mqtt=mqtt))
