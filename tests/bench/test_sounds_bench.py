@@ -22,7 +22,7 @@ def test_bench_sounds_tiny_report(tmp_path: Path, capsys: pytest.CaptureFixture[
     out = tmp_path / "sounds.md"
     code = main(
         ["bench", "sounds", "--split", "dev", "--max-clips", "3", "--synthetic-size", "tiny",
-         "--quiet-s", "8", "--speech-s", "4", "--speakers", "espeak,nobody", "--cost-s", "0.02",
+         "--quiet-s", "10", "--speech-s", "4", "--speakers", "espeak,nobody", "--cost-s", "0.02",
          "--out", str(out)]
     )  # fmt: skip
     assert code == 0
@@ -40,7 +40,7 @@ def test_bench_sounds_tiny_report(tmp_path: Path, capsys: pytest.CaptureFixture[
     synthetic = printed.split("## The eight synthetic classes")[1].split("##")[0]
     rows = [line for line in synthetic.splitlines() if line.startswith("| ")][1:]
     assert len(rows) == 9 and rows[-1].startswith("| **all** | 8 |")
-    # Quiet rooms: four sources and the total; each patch count is 8 s / 4 in 0.48 s hops.
+    # Quiet rooms: five sources and the total; each patch count is 10 s / 5 in 0.48 s hops.
     quiet = printed.split("| quiet room |")[1].split("\n\n")[0]
     quiet_rows = [line for line in quiet.splitlines() if line.startswith("| ")]
     assert [r.split(" | ")[0] for r in quiet_rows] == [
@@ -48,9 +48,10 @@ def test_bench_sounds_tiny_report(tmp_path: Path, capsys: pytest.CaptureFixture[
         "| brown -50 dBFS",
         "| hum -45 dBFS",
         "| fan -50 dBFS",
+        "| white -60 dBFS",
         "| **all**",
     ]
-    assert all(r.split(" | ")[2] == "4" for r in quiet_rows[:4])
+    assert all(r.split(" | ")[2] == "4" for r in quiet_rows[:5])
     fractions = [float(x) for x in re.findall(r"([\d.]+) %", quiet)]
     assert fractions and all(0.0 <= f <= 100.0 for f in fractions)
     # An unknown speaker is skipped and said so; espeak-ng speaks when installed.
@@ -80,3 +81,44 @@ def test_patch_scores_cover_the_audio_in_pieces() -> None:
     assert scores.shape == (patch_count(audio.size), 521)
     whole = tagger.scores(audio)
     np.testing.assert_allclose(scores, whole, atol=1e-4)
+
+
+def test_klettres_split_is_by_the_sha1_of_the_relative_path(tmp_path: Path) -> None:
+    """`training.klettres`: odd SHA-1 of the relative path is dev, even is test; the bench's
+    speech-only KLettres audio comes from the split it is asked for."""
+    import hashlib
+
+    from training.klettres import klettres_files, split_of
+
+    names = [f"{lang}/{kind}/{n}.ogg" for lang in ("en", "fr") for kind in ("alpha", "syllab")
+             for n in ("a", "b", "c", "pet")]  # fmt: skip
+    for name in names:
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+    odd = {n for n in names if int(hashlib.sha1(n.encode()).hexdigest(), 16) % 2}
+    assert odd and odd != set(names)  # both halves are used by this sample
+    assert {n for n in names if split_of(n) == "dev"} == odd
+    dev = klettres_files("dev", tmp_path)
+    test = klettres_files("test", tmp_path)
+    assert {p.relative_to(tmp_path).as_posix() for p in dev} == odd
+    assert not set(dev) & set(test) and len(dev) + len(test) == len(names)
+    assert klettres_files(None, tmp_path) == sorted(dev + test)
+    assert klettres_files("dev", tmp_path / "missing") == []
+
+
+def test_bench_speech_only_takes_the_klettres_half(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`speech_only` reads KLettres through `klettres_files` with the split it is given."""
+    import training.klettres
+    from bench.sounds import speech_only
+
+    asked: list[object] = []
+
+    def fake_files(split: object = None, root: object = None) -> list[Path]:
+        asked.append(split)
+        return []  # as when klettres-data is missing: skipped, said so
+
+    monkeypatch.setattr(training.klettres, "klettres_files", fake_files)
+    made, skipped = speech_only(4.0, ["klettres"], "dev")
+    assert asked == ["dev"] and made == {}
+    assert skipped == ["klettres (apt-get install klettres-data)"]
