@@ -203,7 +203,7 @@ def test_english_fixed_takes_the_unchanged_english_path(run_events: Any) -> None
     assert command["intent"]["intent"] == "turn"
     # Heard by the call the worker always made for English, with the same text as before.
     [audio] = [clips[0] for clips in model.english_calls]
-    assert transcript["text"] == Salmonn.transcribe_with_whisper(model, [audio])[0].strip()  # type: ignore[arg-type]
+    assert transcript["text"] == Salmonn.transcribe_with_whisper(model, [audio])[0].strip()
     assert all(c["language"] != "en" or c["task"] != "transcribe" for c in model.language_calls)
 
 
