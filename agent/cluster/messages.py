@@ -140,6 +140,8 @@ def encode_window(
                 "lora_scale": r.lora_scale,
                 "engine": r.engine,
                 "question": r.question,
+                "language": r.language,
+                "whisper_task": r.whisper_task,
             }
             for r in window.requests
         ],
@@ -177,6 +179,9 @@ def decode_window(payload: bytes, wall_offset_s: float) -> WindowMessage:
                 lora_scale=None if r["lora_scale"] is None else float(r["lora_scale"]),
                 engine="whisper" if r["engine"] == "whisper" else "llm",
                 question=r["question"],
+                # Absent from an older edge's message: English, as it was then.
+                language=str(r.get("language", "en")),
+                whisper_task="translate" if r.get("whisper_task") == "translate" else "transcribe",
             )
             for r in header["requests"]
         )

@@ -170,7 +170,9 @@ class Endpointer:
         if early is None or early.window is not window:
             return None
         early.result = output
-        early.is_command = intent_from_transcript(output.text).get("intent") not in NOT_A_COMMAND
+        # A command said in another language is read from its English translation.
+        heard = output.english or output.text
+        early.is_command = intent_from_transcript(heard).get("intent") not in NOT_A_COMMAND
         if (
             early.is_command
             and segment is not None

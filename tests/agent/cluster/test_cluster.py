@@ -165,6 +165,14 @@ def test_window_message_round_trip_is_lossless_on_16_bit_samples() -> None:
         requests=(
             Request(key="robot1:3/transcript", task="transcript", instruction="Say it."),
             Request(key="robot1:3/q0", task="answer", instruction="Who?", lora_scale=2.0),
+            Request(
+                key="robot1:3/command",
+                task="command",
+                instruction="",
+                engine="whisper",
+                language="auto",
+                whisper_task="translate",
+            ),
         ),
     )
     payload = encode_window(window, run="r1", device="pi", attempt=2, wall_offset_s=1000.0)
