@@ -335,7 +335,30 @@ def compose(spec: MusicSpec) -> list[Note]:
         if not inst.chords:
             continue
         notes += _accompaniment(spec.pattern, t0, bar_ticks, chord, bass)
-    return sorted(notes, key=lambda n: (n.start, n.pitch))
+    return _one_voice_per_pitch(notes)
+
+
+def _one_voice_per_pitch(notes: list[Note]) -> list[Note]:
+    """The notes with no two of one pitch sounding at once, sorted by start and pitch.
+
+    On one MIDI channel a note-off ends every sounding note of its pitch, so an accompaniment
+    note under a melody note of the same pitch would be cut short or left hanging: a note
+    starting with a louder one of its pitch is dropped, and one still sounding when its pitch
+    starts again ends there.
+    """
+    kept: dict[int, int] = {}  # pitch -> index in out of its latest note
+    out: list[Note] = []
+    for note in sorted(notes, key=lambda n: (n.start, -n.velocity, n.pitch)):
+        last = kept.get(note.pitch)
+        if last is not None:
+            prev = out[last]
+            if prev.start == note.start:
+                continue
+            if prev.start + prev.length > note.start:
+                out[last] = Note(prev.start, note.start - prev.start, prev.pitch, prev.velocity)
+        kept[note.pitch] = len(out)
+        out.append(note)
+    return sorted(out, key=lambda n: (n.start, n.pitch))
 
 
 def _accompaniment(

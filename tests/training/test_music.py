@@ -3,6 +3,7 @@ their pitches, renders repeat exactly, and the facts captions use are what was r
 
 from __future__ import annotations
 
+import itertools
 import struct
 
 import numpy as np
@@ -94,6 +95,10 @@ def test_composition_follows_the_spec() -> None:
             assert notes and max(n.start + n.length for n in notes) <= spec.bars * bar
             scale = {(7 + s) % 12 for s in (0, 2, 4, 5, 7, 9, 11)}  # G major
             assert {n.pitch % 12 for n in notes} <= scale
+            # No two notes of one pitch at once (a note-off would end both).
+            for pitch in {n.pitch for n in notes}:
+                same = [n for n in notes if n.pitch == pitch]
+                assert all(a.start + a.length <= b.start for a, b in itertools.pairwise(same))
             if not inst.chords:
                 # One line: never two notes sounding at once, all within the range.
                 assert all(inst.low <= n.pitch <= inst.high for n in notes)
