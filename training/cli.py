@@ -89,10 +89,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         description=(
             "Write wavs and official-format manifests (train, pretrain, dev, test) of espeak-ng"
             " speech, synthesized sound events and mixtures; the test split's voices and"
-            " phrases are held out."
+            " phrases are held out. --corpus v2 adds Piper speech (one voice, in every split),"
+            " real GCompris recordings (test files held out), music rendered from MIDI (test"
+            " instruments held out) and an activation.json of stories and descriptions."
         ),
     )
     synth.add_argument("--out", type=Path, required=True)
+    synth.add_argument(
+        "--corpus",
+        choices=("v1", "v2"),
+        default="v1",
+        help="v1: espeak-ng and synthesized sounds; v2: Piper and espeak-ng speech, real"
+        " GCompris recordings, synthesized sounds and music rendered by fluidsynth",
+    )
     synth.add_argument("--size", choices=("tiny", "small", "full"), default="small")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--workers", type=int, default=2, help="rendering processes")
@@ -234,7 +243,10 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_synth(args: argparse.Namespace) -> int:
-    from training.corpus import synthesize_corpus
+    if args.corpus == "v2":
+        from training.corpus_v2 import synthesize_corpus
+    else:
+        from training.corpus import synthesize_corpus
 
     summary = synthesize_corpus(args.out, size=args.size, seed=args.seed, workers=args.workers)
     _out(
