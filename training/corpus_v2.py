@@ -384,12 +384,16 @@ def make_specs(size: CorpusSize, seed: int) -> list[ClipSpecV2]:
 
     Raises:
         ValueError: unknown size.
-        GcomprisDataError: ``gcompris-qt-data`` is not installed.
+        StreamingError: ``gcompris-qt-data`` is not installed.
     """
     if size not in SIZES:
         raise ValueError(f"unknown corpus size {size!r}; expected one of {sorted(SIZES)}")
     phrases = phrases_by_split()
-    labels = real_labels()
+    try:
+        labels = real_labels()
+    except gcompris.GcomprisDataError as exc:
+        # A StreamingError is what the CLI reports as one line with exit code 2.
+        raise StreamingError(str(exc)) from exc
     specs: list[ClipSpecV2] = []
     for split_index, split in enumerate(SPLITS):
         rng = np.random.default_rng([seed, split_index, 2])
@@ -759,8 +763,8 @@ def synthesize_corpus(
     clips) and ``piper/`` (Piper's rendering of each text, spoken first).
 
     Raises:
-        StreamingError: Piper, espeak-ng or fluidsynth is missing or fails.
-        GcomprisDataError: ``gcompris-qt-data`` is not installed.
+        StreamingError: Piper, espeak-ng, fluidsynth or ``gcompris-qt-data`` is missing, or
+            one of them fails.
     """
     started = time.perf_counter()
     root = Path(directory)
