@@ -1482,6 +1482,8 @@ class SoundsConfig:
             ``[sounds.groups]``: groups added to `model.sound_tagger.LABEL_GROUPS` or
             replacing one of them, their classes checked against the class map when the
             configuration is read.
+        caption_labels: Put the groups heard in a window into its caption instruction
+            (`caption_prompt`), so the LLM describes what the tagger heard.
     """
 
     enabled: bool = option(
@@ -1504,6 +1506,19 @@ class SoundsConfig:
     )
     ignore: tuple[str, ...] = _DEFAULT_IGNORE
     groups: tuple[SoundGroupConfig, ...] = ()
+    # On: never fewer captions naming the class on the GCompris test clips (`salmonn-live eval
+    # --gcompris test`, nano: 0 -> 0 of 45 at its LoRA scale, 0 -> 3 at 2, 0 -> 25 at 1;
+    # BENCHMARKS.md "Sound tagger").
+    caption_labels: bool = option(True)
+
+    def caption_prompt(self, instruction: str, heard: Sequence[tuple[str, float]]) -> str:
+        """The caption instruction with the tagger's groups heard in the window, best first,
+        when `caption_labels` is on: ``Sounds heard: dog (0.93), music (0.61). <instruction>``
+        (underscores read as spaces). Unchanged when it is off or nothing was heard."""
+        if not self.caption_labels or not heard:
+            return instruction
+        named = ", ".join(f"{group.replace('_', ' ')} ({score:.2f})" for group, score in heard)
+        return f"Sounds heard: {named}. {instruction}"
 
     def __post_init__(self) -> None:
         check_fields(self, "sounds")

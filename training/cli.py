@@ -116,7 +116,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         ),
     )
     add_model_arguments(ev)
-    ev.add_argument("--manifest", type=Path, required=True)
+    ev.add_argument("--manifest", type=Path, help="the manifest (required without --gcompris)")
     ev.add_argument("--json", action="store_true", help="print the result as one JSON object")
     ev.add_argument("--limit", type=int, help="score only the first N scored entries")
     ev.add_argument("--batch-size", type=int, default=8)
@@ -157,6 +157,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "--pooling",
         choices=("mean", "max", "top3"),
         help="how patch scores are pooled over a clip (default: the tagger's, top3)",
+    )
+    tagger.add_argument(
+        "--gcompris",
+        choices=("dev", "test"),
+        help="instead of a manifest: LLM captions of the GCompris clips of this split"
+        " (training.gcompris), asked plainly and with the tagger's labels in the prompt"
+        " (sounds.caption_labels), scored by whether the caption names the sound class",
+    )
+    ev.add_argument(
+        "--max-new-tokens", type=int, default=40, help="with --gcompris: tokens per caption"
+    )
+    ev.add_argument(
+        "--lora-scale",
+        type=float,
+        help="with --gcompris: LoRA scale of the captions (default: the model's, as run's"
+        " model.lora_scale)",
     )
     ev.set_defaults(func=run_eval)
 
@@ -264,6 +280,10 @@ def run_synth(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    if args.gcompris:
+        return run_caption_eval(args)
+    if args.manifest is None:
+        raise SystemExit("salmonn-live eval: --manifest is required (or --gcompris SPLIT)")
     if args.tagger:
         return run_tagger_eval(args)
     from training.recipe import evaluate_model, exact_eval_json, measure_following, scored_samples
@@ -315,6 +335,40 @@ def run_tagger_eval(args: argparse.Namespace) -> int:
     tagger = load_sound_tagger(config)
     result = evaluate_tagger(tagger, samples, _audio_loader(), limit=args.limit)
     _out(json.dumps(result) if args.json else format_tagger_result(result))
+    return 0
+
+
+def run_caption_eval(args: argparse.Namespace) -> int:
+    """`eval --gcompris SPLIT`: the LLM's captions of real recordings with and without the
+    tagger's labels in the prompt (`training.tagger_eval.evaluate_captions`)."""
+    from dataclasses import replace
+
+    from agent.cli.ask import load_model_from_args
+    from agent.config import PromptConfig, SoundsConfig
+    from model.sound_tagger import SoundTaggerConfig, load_sound_tagger
+    from training.gcompris import clips_of
+    from training.tagger_eval import evaluate_captions, format_caption_result
+
+    config = SoundTaggerConfig(source=args.tagger_source)
+    if args.pooling:
+        config = replace(config, pooling=args.pooling)
+    tagger = load_sound_tagger(config)
+    clips = clips_of(args.gcompris)[: args.limit]
+    model = load_model_from_args(args)
+    model.pack_for_inference()
+    sounds = replace(SoundsConfig(), caption_labels=True)  # the prompt the agent would ask
+    result = evaluate_captions(
+        model,
+        tagger,
+        clips,
+        PromptConfig().caption,
+        sounds.caption_prompt,
+        min_score=sounds.threshold * sounds.off_ratio,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        lora_scale=args.lora_scale,
+    )
+    _out(json.dumps(result) if args.json else format_caption_result(result))
     return 0
 
 

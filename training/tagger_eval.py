@@ -24,9 +24,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -265,6 +266,168 @@ def format_tagger_result(result: dict[str, Any]) -> str:
     for label, row in result["per_class"].items():
         lines.append(
             f"  {label:28s} top-1 {pct(row['top1']):>8s}  top-3 {pct(row['top3']):>8s}"
+            f"  n={row['n']}"
+        )
+    return "\n".join(lines)
+
+
+# -- LLM captions with and without the tagger's labels (`salmonn-live eval --gcompris`) ------
+
+#: Words (matched at a word's start, any case) with which a caption names each GCompris class
+#: (`training.gcompris`): the thing itself, the sound it makes, and its usual parent ("bird"
+#: for an owl, "music" for an instrument).
+CAPTION_WORDS: dict[str, tuple[str, ...]] = {
+    "dog bark": ("dog", "bark", "puppy", "woof"),
+    "dog": ("dog", "bark", "puppy", "woof"),
+    "cat": ("cat", "meow", "miaow", "purr", "kitten"),
+    "applause": ("applau", "clap", "cheer"),
+    "rain": ("rain", "storm"),
+    "car engine": ("car", "engine", "motor", "vehicle"),
+    "car": ("car", "engine", "motor", "vehicle", "traffic"),
+    "ringing": ("ring", "phone", "telephone", "bell"),
+    "door": ("door",),
+    "heartbeat": ("heart",),
+    "train": ("train", "locomotive", "railway"),
+    "frogs": ("frog", "croak", "toad"),
+    "gong": ("gong", "bell", "music"),
+    "object falling": ("fall", "drop", "thud", "crash", "impact", "bang"),
+    "hits": ("hit", "knock", "bang", "thud", "impact", "strike"),
+    "guitar": ("guitar", "music", "strum"),
+    "livestock": (
+        "cow", "moo", "cattle", "horse", "neigh", "whinny", "pig", "oink", "grunt", "sheep",
+        "bleat", "livestock", "farm animal",
+    ),
+    "fowl": ("chicken", "hen", "rooster", "cluck", "duck", "quack", "fowl", "poultry", "bird"),
+    "owl": ("owl", "hoot", "bird"),
+    "instrument": (
+        "music", "instrument", "melod", "piano", "guitar", "violin", "cello", "drum", "flute",
+        "trumpet", "horn", "harp", "organ", "bell", "saxophone", "clarinet", "string",
+    ),
+    "world music": ("music", "instrument", "melod", "drum", "song", "sing"),
+    "xylophone": ("xylophone", "music", "chime", "note", "melod", "bell"),
+    "knock": ("knock",),
+    "water": ("water", "drip", "pour", "splash", "liquid", "stream", "flow"),
+    "helicopter": ("helicopter", "aircraft", "rotor"),
+}  # fmt: skip
+
+
+def caption_names(sound_class: str, caption: str) -> bool:
+    """Whether an LLM caption names a GCompris clip's class (`CAPTION_WORDS`).
+
+    Raises:
+        KeyError: a class without words.
+    """
+    words = CAPTION_WORDS[sound_class]
+    return re.search(r"\b(?:" + "|".join(map(re.escape, words)) + ")", caption, re.I) is not None
+
+
+def heard_groups(
+    tagger: SoundTagger, pooled: npt.NDArray[np.float32], min_score: float, k: int = 3
+) -> list[tuple[str, float]]:
+    """The sound-event groups of a whole clip scoring at least ``min_score``, best first: what
+    the agent puts in a caption prompt (``min_score`` is the tracker's off-threshold there)."""
+    return [(g, v) for g, v in event_groups(tagger, pooled, k) if v >= min_score]
+
+
+def evaluate_captions(
+    model: Any,
+    tagger: SoundTagger,
+    clips: Sequence[GcomprisClip],
+    instruction: str,
+    with_labels: Callable[[str, Sequence[tuple[str, float]]], str],
+    *,
+    min_score: float = 0.3,
+    max_new_tokens: int = 40,
+    batch_size: int = 8,
+    max_audio_s: float = 30.0,
+    lora_scale: float | None = None,
+) -> dict[str, Any]:
+    """The LLM's caption of each clip asked plainly and with the tagger's labels in the prompt;
+    the share of captions naming the clip's class (`caption_names`) both ways.
+
+    Args:
+        model: a `model.salmonn.Salmonn` (greedy, its default LoRA scale, as the agent asks).
+        tagger: the loaded tagger.
+        clips: labelled GCompris clips.
+        instruction: the caption instruction (the agent's ``prompts.caption``).
+        with_labels: ``(instruction, heard) -> instruction`` with the labels
+            (`agent.config.SoundsConfig.caption_prompt`).
+        min_score: least score of a group put in the prompt.
+        max_new_tokens: tokens per caption.
+        batch_size: clips per LLM call.
+        max_audio_s: the clip's last seconds the model hears (the agent's window limit).
+        lora_scale: the captions' LoRA scale (None: the model's, as the agent's default).
+
+    Returns:
+        ``{"plain", "labels"}`` rates (0..1), ``"count"``, ``"per_class"``
+        (``{class: {"n", "plain", "labels"}}``) and ``"items"`` (clip key, class, heard groups,
+        both prompts' captions and whether each names the class).
+    """
+    rate = tagger.config.sample_rate_hz
+    audio = [load_clip(c)[-int(max_audio_s * rate) :] for c in clips]
+    heard = [
+        heard_groups(tagger, pool(scores, tagger.config.pooling), min_score)
+        for scores in tagger.scores_batch(audio)
+    ]
+    prompts = [with_labels(instruction, h) for h in heard]
+    plain: list[str] = []
+    labelled: list[str] = []
+    for start in range(0, len(clips), batch_size):
+        part = audio[start : start + batch_size]
+        for texts, asked in ((plain, instruction), (labelled, prompts[start : start + batch_size])):
+            answers = model.generate(
+                part, asked, num_beams=1, max_new_tokens=max_new_tokens, lora_scale=lora_scale
+            )
+            texts.extend(a.text for a in answers)
+    items = [
+        {
+            "clip": clip.key,
+            "class": clip.sound_class,
+            "heard": [[g, round(v, 3)] for g, v in groups],
+            "prompt": prompt,
+            "plain": text,
+            "plain_named": caption_names(str(clip.sound_class), text),
+            "labels": labelled_text,
+            "labels_named": caption_names(str(clip.sound_class), labelled_text),
+        }
+        for clip, groups, prompt, text, labelled_text in zip(
+            clips, heard, prompts, plain, labelled, strict=True
+        )
+    ]
+
+    def share(rows: Sequence[dict[str, Any]], key: str) -> float | None:
+        return sum(r[key] for r in rows) / len(rows) if rows else None
+
+    per_class = {}
+    for name in sorted({str(i["class"]) for i in items}):
+        rows = [i for i in items if i["class"] == name]
+        per_class[name] = {
+            "n": len(rows),
+            "plain": share(rows, "plain_named"),
+            "labels": share(rows, "labels_named"),
+        }
+    return {
+        "plain": share(items, "plain_named"),
+        "labels": share(items, "labels_named"),
+        "count": len(items),
+        "per_class": per_class,
+        "items": items,
+    }
+
+
+def format_caption_result(result: dict[str, Any]) -> str:
+    """`evaluate_captions`' result as the text `salmonn-live eval --gcompris` prints."""
+
+    def pct(value: float | None) -> str:
+        return "n/a" if value is None else f"{100 * value:.1f} %"
+
+    lines = [
+        f"gcompris captions naming the sound class over {result['count']} clips: plain prompt"
+        f" {pct(result['plain'])}, with the tagger's labels {pct(result['labels'])}",
+    ]
+    for name, row in result["per_class"].items():
+        lines.append(
+            f"  {name:16s} plain {pct(row['plain']):>8s}  labels {pct(row['labels']):>8s}"
             f"  n={row['n']}"
         )
     return "\n".join(lines)

@@ -403,7 +403,7 @@ class StreamHandle:
                 Request(
                     key=f"{window_id}/{task}",
                     task=task,
-                    instruction=self.settings.prompts.instruction(task),
+                    instruction=self._instruction(task, event),
                     lora_scale=default_scale if engine == "llm" else None,
                     engine=engine,
                     language=self.language,
@@ -436,6 +436,19 @@ class StreamHandle:
             segment_end=now,
             requests=tuple(requests),
         )
+
+    def _instruction(self, task: str, event: Any) -> str:
+        """A task's instruction; a caption's names the groups the tagger has heard in the
+        window so far when ``sounds.caption_labels`` is on (`SoundsConfig.caption_prompt`)."""
+        instruction = self.settings.prompts.instruction(task)
+        sounds = self._pipeline.config.sounds
+        if task != "caption" or self.sounds is None or not sounds.caption_labels:
+            return instruction
+        rate = event.sample_rate_hz
+        heard = self.sounds.heard(
+            event.start_sample / rate, event.end_sample / rate, sounds.threshold * sounds.off_ratio
+        )
+        return sounds.caption_prompt(instruction, heard)
 
     # -- early command endpointing -------------------------------------------------------------
 
@@ -1162,6 +1175,10 @@ class StreamSounds:
         self.ended = False
         self.closed = False
         self._last_segment = "background"  # what the last answer tagged (for closing ends)
+        # The latest answered patches, (start_s, end_s, group scores), for caption prompts.
+        self._heard: collections.deque[tuple[float, float, Mapping[str, float]]] = (
+            collections.deque()
+        )
         self.counters = {
             "tagged_windows": 0,
             "live_patches": 0,
@@ -1273,12 +1290,36 @@ class StreamSounds:
         tracker = self.tracker
         for patches in result.clips:
             for patch in patches:
+                self._remember(start_s + patch.start_s, start_s + patch.end_s, patch.groups)
                 begin = max(start_s + patch.start_s, tracker.clock_s)
                 end = max(begin, start_s + patch.end_s)
                 for decision in tracker.observe(begin, end, patch.groups, patch.labels):
                     self._publish(decision, segment, timing)
         if self.ended and self.idle:
             self._close()
+
+    def _remember(self, start_s: float, end_s: float, groups: Mapping[str, float]) -> None:
+        self._heard.append((start_s, end_s, groups))
+        # A window is at most MAX_WINDOW_S long: older patches can name nothing in it.
+        while self._heard and self._heard[0][1] < end_s - MAX_WINDOW_S - 1.0:
+            self._heard.popleft()
+
+    def heard(
+        self, start_s: float, end_s: float, min_score: float, k: int = 3
+    ) -> list[tuple[str, float]]:
+        """The ``k`` groups heard best in ``[start_s, end_s]`` of the stream so far: each
+        group's highest score over the answered patches that overlap it, at least
+        ``min_score``, without the tracker's ignored groups (speech, the room), best first.
+        Patches still out with the tagger are not counted (a caption is never held back)."""
+        ignored = self.tracker.config.ignore
+        best: dict[str, float] = {}
+        for patch_start, patch_end, groups in self._heard:
+            if patch_end <= start_s or patch_start >= end_s:
+                continue
+            for group, score in groups.items():
+                if group not in ignored and score >= min_score and score > best.get(group, 0.0):
+                    best[group] = score
+        return sorted(best.items(), key=lambda item: (-item[1], item[0]))[:k]
 
     def _close(self) -> None:
         if self.closed:
