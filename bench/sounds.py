@@ -41,6 +41,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
+from streaming.pcm import SAMPLE_RATE_HZ as RATE
+
 if TYPE_CHECKING:
     from model.sound_tagger import SoundTagger
     from training.corpus import CorpusSize
@@ -49,7 +51,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 FloatArray = npt.NDArray[np.float32]
-RATE = 16_000
 THRESHOLDS = (0.3, 0.5, 0.7)
 # Quiet rooms: (name, level in dBFS RMS).
 QUIET_ROOMS = (

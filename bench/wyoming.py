@@ -57,6 +57,7 @@ from typing import Any
 import numpy as np
 
 from bench.languages import word_error_rate
+from streaming.pcm import SAMPLE_RATE_HZ as RATE_HZ
 
 #: Household commands of 2.6 to 3.2 s in Piper joe's voice (its silences included).
 COMMANDS = (
@@ -91,7 +92,6 @@ KLETTRES_WORDS = (
     "sit",
     "sky",
 )
-RATE_HZ = 16000
 CHUNK_FRAMES = 1024  # what Home Assistant's pipeline hands its speech-to-text per chunk
 PIPER_SEED = 0
 #: How long the subprocess may take to load Whisper and listen.
