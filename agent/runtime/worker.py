@@ -586,7 +586,8 @@ def tag_clips(tagger: Any, clips: Sequence[FloatArray]) -> list[tuple[PatchTags,
 
 
 class InferenceWorker:
-    """Owns the model on one dedicated thread; an async context manager.
+    """Owns the model on one dedicated thread, and the sound tagger (when loaded) on a second
+    one; an async context manager.
 
     Args:
         load_model: Called once on the worker thread to load (or hand over) the model.
@@ -600,8 +601,9 @@ class InferenceWorker:
         pack_weights: Pack the decoders' weights for CPU token steps (`model.packing`);
             skipped, with a log line, when the model is on a GPU.
         load_tagger: Loads the sound tagger (`model.sound_tagger.load_sound_tagger`); called
-            once on the worker thread after the model (`[sounds]` on), which then limits
-            numpy's BLAS to one thread there (`limit_blas_threads`). None: no tagger.
+            once, after the model (`[sounds]` on), on the tagger's own thread, which then
+            limits numpy's BLAS to one thread there (`limit_blas_threads`). None: no tagger
+            and no tagger thread.
 
     Attributes:
         device: Where the loaded model runs (`model_placement`); None until loaded.
@@ -624,10 +626,11 @@ class InferenceWorker:
         self._load_model = load_model
         self._load_tagger = load_tagger
         self.sound_tagger: Any = None
-        # Tagging asked for (clips, done) and not yet run; `_batch_running` counts the `run`
-        # calls in flight: tags then go between two tokens instead of behind the batch.
+        # Tagging asked for (clips, done) and not yet run. It runs on a thread of its own
+        # (onnxruntime releases the GIL), so tags never wait behind the audio encoder, Whisper
+        # or an LLM batch on the model's thread.
         self._tags: queue.SimpleQueue[_TagItem] = queue.SimpleQueue()
-        self._batch_running = 0
+        self._tag_executor: ThreadPoolExecutor | None = None
         self.tag_calls = 0
         self.tagged_patches = 0
         self.pack_weights = pack_weights
@@ -661,11 +664,21 @@ class InferenceWorker:
 
     async def __aenter__(self) -> Self:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="salmonn-infer")
+        if self._load_tagger is not None:
+            self._tag_executor = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="salmonn-tags"
+            )
         loop = asyncio.get_running_loop()
         try:
             self.model = await loop.run_in_executor(self._executor, self._load)
+            if self._tag_executor is not None:
+                self.sound_tagger = await loop.run_in_executor(
+                    self._tag_executor, self._load_sound_tagger
+                )
         except BaseException:
             self._executor.shutdown(wait=False, cancel_futures=True)
+            if self._tag_executor is not None:
+                self._tag_executor.shutdown(wait=False, cancel_futures=True)
             raise
         self.runner = BatchRunner(
             self.model, self.max_new_tokens, self.partials, hear_commands=self._hear_commands
@@ -698,14 +711,10 @@ class InferenceWorker:
             if self.warm_up:
                 self._hear_commands([np.zeros(16000, np.float32)])
         # YAMNet's log-mel front end is one small numpy product per patch, on which a threaded
-        # OpenBLAS spins (BENCHMARKS.md, "Sound tagger"): one thread here.
-        uses_yamnet = self._load_tagger is not None or getattr(model, "yamnet", None) is not None
-        if uses_yamnet and not limit_blas_threads(1):
+        # OpenBLAS spins (BENCHMARKS.md, "Sound tagger"): one thread here when the model's
+        # audio encoder is YAMNet (the tagger's thread limits its own, `_load_sound_tagger`).
+        if getattr(model, "yamnet", None) is not None and not limit_blas_threads(1):
             logger.info("YAMNet: numpy's OpenBLAS threads could not be limited")
-        if self._load_tagger is not None:
-            self.sound_tagger = self._load_tagger()
-            if self.warm_up:
-                self.sound_tagger.scores(np.zeros(16000, np.float32))
         if self.warm_up:
             started = time.perf_counter()
             silence = np.zeros(16000, np.float32)
@@ -715,6 +724,17 @@ class InferenceWorker:
                 "model warmed up on %s in %.0f ms", device, (time.perf_counter() - started) * 1000
             )
         return model
+
+    def _load_sound_tagger(self) -> Any:
+        """On the tagger's thread: numpy's BLAS to one thread (the limit is per thread), then
+        the tagger, warmed up on one patch of silence."""
+        assert self._load_tagger is not None
+        if not limit_blas_threads(1):
+            logger.info("YAMNet: numpy's OpenBLAS threads could not be limited")
+        tagger = self._load_tagger()
+        if self.warm_up:
+            tagger.scores(np.zeros(16000, np.float32))
+        return tagger
 
     async def __aexit__(
         self,
@@ -744,17 +764,13 @@ class InferenceWorker:
                 loop.call_soon_threadsafe(on_output, output)
 
         started = time.monotonic()
-        self._batch_running += 1
-        try:
-            report = await asyncio.shield(
-                loop.run_in_executor(self._executor, runner.run, windows, emit, self._cancel)
-            )
-            # Fast-lane work submitted after the batch's last token still runs before we
-            # return: the caller submits only while a batch is in flight.
-            while (not self._fast.empty() or not self._tags.empty()) and self._executor:
-                await asyncio.shield(loop.run_in_executor(self._executor, self._run_fast))
-        finally:
-            self._batch_running -= 1
+        report = await asyncio.shield(
+            loop.run_in_executor(self._executor, runner.run, windows, emit, self._cancel)
+        )
+        # Fast-lane work submitted after the batch's last token still runs before we
+        # return: the caller submits only while a batch is in flight.
+        while not self._fast.empty() and self._executor:
+            await asyncio.shield(loop.run_in_executor(self._executor, self._run_fast))
         self.busy_s += time.monotonic() - started
         self.batches += 1
         self.windows += len(windows)
@@ -786,10 +802,8 @@ class InferenceWorker:
 
     def _run_fast(self) -> None:
         """On the worker thread: answer every fast-lane item waiting, as one batch (commands
-        said at once on several streams share Whisper's decoder steps), and the tagging
-        waiting (`submit_tags`)."""
+        said at once on several streams share Whisper's decoder steps)."""
         assert self.runner is not None
-        self._run_tags()
         while True:
             items = []
             with contextlib.suppress(queue.Empty):
@@ -820,15 +834,16 @@ class InferenceWorker:
     def submit_tags(
         self, clips: Sequence[FloatArray], on_done: Callable[[TagResult], None]
     ) -> None:
-        """Tag clips with the sound tagger on the worker thread, batched with the tagging of
-        every other stream that waits: at once when the worker is idle, else between two
-        tokens of the running batch (never behind it). ``on_done`` is called on the loop,
-        calls in the order of submission; on shutdown it may never be called.
+        """Tag clips with the sound tagger on its own thread, batched with the tagging of
+        every other stream that waits (all clips waiting go in one tagger call): never behind
+        the model's work. ``on_done`` is called on the loop, calls in the order of submission;
+        on shutdown it may never be called.
 
         Raises:
             AgentError: no tagger is loaded, or the worker is closed.
         """
-        if self.sound_tagger is None or self._executor is None or self._closed.is_set():
+        executor = self._tag_executor
+        if self.sound_tagger is None or executor is None or self._closed.is_set():
             raise AgentError("the sound tagger is not loaded or the worker is closed")
         loop = asyncio.get_running_loop()
 
@@ -837,12 +852,12 @@ class InferenceWorker:
                 loop.call_soon_threadsafe(on_done, result)
 
         self._tags.put((clips, done))
-        if not self._batch_running:
-            # Idle: run now (a batch submitted after this one waits for it: milliseconds).
-            self._executor.submit(self._run_tags)
+        # One run per submission: a run finding the queue emptied by the one before it (which
+        # took this item along) returns at once.
+        executor.submit(self._run_tags)
 
     def _run_tags(self) -> None:
-        """On the worker thread: tag every clip waiting, all streams in one tagger call."""
+        """On the tagger's thread: tag every clip waiting, all streams in one tagger call."""
         items: list[_TagItem] = []
         with contextlib.suppress(queue.Empty):
             while True:
@@ -871,13 +886,16 @@ class InferenceWorker:
         self._cancel.set()
 
     async def close(self) -> None:
-        """Wait for the running batch (if any) and stop the thread (idempotent)."""
+        """Wait for the running batch and tagger call (if any) and stop both threads
+        (idempotent); tagging not yet started is dropped, its ``on_done`` never called."""
         if self._closed.is_set():
             return
         self._closed.set()
         executor, self._executor = self._executor, None
-        if executor is not None:
-            await asyncio.to_thread(executor.shutdown, wait=True, cancel_futures=True)
+        tag_executor, self._tag_executor = self._tag_executor, None
+        for pool in (tag_executor, executor):
+            if pool is not None:
+                await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
 
     async def wait_closed(self) -> None:
         """Wait until `close` has run."""
