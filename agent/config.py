@@ -1484,6 +1484,11 @@ class SoundsConfig:
             configuration is read.
         caption_labels: Put the groups heard in a window into its caption instruction
             (`caption_prompt`), so the LLM describes what the tagger heard.
+        caption: Which sound and mixed windows the LLM captions: ``"always"`` every one,
+            ``"unnamed"`` only those in which the tagger named no group at or above its
+            start threshold (the others get their sound event only), ``"never"`` none.
+            Standing questions are asked either way; speech and ambient windows keep their
+            tasks.
     """
 
     enabled: bool = option(
@@ -1510,6 +1515,11 @@ class SoundsConfig:
     # --gcompris test`, nano: 0 -> 0 of 45 at its LoRA scale, 0 -> 3 at 2, 0 -> 25 at 1;
     # BENCHMARKS.md "Sound tagger").
     caption_labels: bool = option(True)
+    # "unnamed": the tagger's sound event stands in for the LLM's caption where it names the
+    # sound, which frees the model for commands (BENCHMARKS.md "Sound events in the pipeline").
+    caption: Literal["always", "unnamed", "never"] = option(
+        "unnamed", choices=("always", "unnamed", "never")
+    )
 
     def caption_prompt(self, instruction: str, heard: Sequence[tuple[str, float]]) -> str:
         """The caption instruction with the tagger's groups heard in the window, best first,

@@ -82,6 +82,8 @@ _TASK_KIND = {
     "answer": EventKind.ANSWER,
 }
 _OVERLOAD_REPORT_EVERY_S = 1.0
+# The window kinds whose caption `sounds.caption` decides (the tagger names their sound).
+_TAGGED_KINDS = frozenset({"sound", "mixed"})
 #: After a client stops speaking, windows this close to its speech are still ignored (echo).
 SPEAKING_TAIL_S = 0.25
 _SPEAKING_SPANS = 64
@@ -321,9 +323,7 @@ class StreamHandle:
                 and settings.transcript == "whisper"
                 and not settings.command_recogniser
             )
-            window = self._window(kind, event, now, command_from, skip_transcript=reuse)
-            if window is not None:
-                self._pipeline.enqueue(self, window)
+            self._enqueue_window(kind, event, now, command_from, skip_transcript=reuse)
             if (
                 reuse
                 and heard is not None
@@ -368,6 +368,40 @@ class StreamHandle:
             detail=detail,
         )
 
+    def _enqueue_window(
+        self, kind: str, event: Any, now: float, command_from: int | None, *, skip_transcript: bool
+    ) -> None:
+        """Build a finished segment's or ambient window's window (`_window`) and queue it.
+        Under ``sounds.caption = "unnamed"`` a sound or mixed window that asks for a caption
+        waits for the tagger's answers to the audio handed to it so far (its own thread,
+        milliseconds): whether the tagger named the sound decides the caption."""
+
+        def build() -> None:
+            window = self._window(kind, event, now, command_from, skip_transcript=skip_transcript)
+            if window is not None:
+                self._pipeline.enqueue(self, window)
+
+        if (
+            self.sounds is not None
+            and self._pipeline.config.sounds.caption == "unnamed"
+            and kind in _TAGGED_KINDS
+            and "caption" in self.settings.prompts.tasks_for(kind)
+        ):
+            self.sounds.after_answers(build)
+        else:
+            build()
+
+    def _captions(self, kind: str, event: Any) -> bool:
+        """Whether a window of this kind gets its LLM caption (``sounds.caption``): sound and
+        mixed windows under "unnamed" only when the tagger named no group in them."""
+        mode = self._pipeline.config.sounds.caption
+        if self.sounds is None or kind not in _TAGGED_KINDS or mode == "always":
+            return True
+        if mode == "never":
+            return False
+        rate = event.sample_rate_hz
+        return not self.sounds.named(event.start_sample / rate, event.end_sample / rate)
+
     def _window(
         self,
         kind: str,
@@ -389,6 +423,8 @@ class StreamHandle:
         for task in self.settings.prompts.tasks_for(kind):
             if task == "transcript" and skip_transcript:
                 continue
+            if task == "caption" and not self._captions(kind, event):
+                continue  # the tagger's sound event names it (sounds.caption)
             if (
                 task == "command"
                 and isinstance(event, SegmentEnded)
@@ -1179,6 +1215,11 @@ class StreamSounds:
         self._heard: collections.deque[tuple[float, float, Mapping[str, float]]] = (
             collections.deque()
         )
+        # Clips handed to the tagger and answered (answers come in the order of submission),
+        # and what waits for the answers up to a count (`after_answers`).
+        self._submitted = 0
+        self._answered = 0
+        self._waiting: collections.deque[tuple[int, Callable[[], None]]] = collections.deque()
         self.counters = {
             "tagged_windows": 0,
             "live_patches": 0,
@@ -1251,8 +1292,10 @@ class StreamSounds:
             self._close()
 
     def abandon(self) -> None:
-        """The pipeline is closing and answers still out may never come: close now."""
+        """The pipeline is closing and answers still out may never come: close now (windows
+        waiting for them, `after_answers`, are dropped)."""
         self.ended = True
+        self._waiting.clear()
         self._close()
 
     def _submit(
@@ -1267,17 +1310,40 @@ class StreamSounds:
             self._tagging.submit_tags([audio], done)
         except AgentError:  # the worker is closing: nothing more will be tagged
             return
+        self._submitted += 1
         self.pending += 1
         self._idle.clear()
+
+    def after_answers(self, then: Callable[[], None]) -> None:
+        """Call ``then`` once the tagger has answered every clip handed to it so far (at
+        once when it has); never if the stream is abandoned first."""
+        if self._answered >= self._submitted or self.closed:
+            then()
+        else:
+            self._waiting.append((self._submitted, then))
 
     def _answer(
         self, result: TagResult, segment: str, start_s: float, captured: float, made: float
     ) -> None:
         self.pending -= 1
+        self._answered += 1
         if not self.pending:
             self._idle.set()
         if self.closed:
             return
+        try:
+            self._apply(result, segment, start_s, captured, made)
+        finally:
+            # Windows waiting for these answers go before the tracker closes (`end`), so a
+            # stream's last window is queued before the stream counts as done.
+            while self._waiting and self._waiting[0][0] <= self._answered:
+                self._waiting.popleft()[1]()
+        if self.ended and self.idle:
+            self._close()
+
+    def _apply(
+        self, result: TagResult, segment: str, start_s: float, captured: float, made: float
+    ) -> None:
         if result.error is not None:
             self._pipeline.emit_status(
                 "sound_tagger_failed",
@@ -1295,8 +1361,6 @@ class StreamSounds:
                 end = max(begin, start_s + patch.end_s)
                 for decision in tracker.observe(begin, end, patch.groups, patch.labels):
                     self._publish(decision, segment, timing)
-        if self.ended and self.idle:
-            self._close()
 
     def _remember(self, start_s: float, end_s: float, groups: Mapping[str, float]) -> None:
         self._heard.append((start_s, end_s, groups))
@@ -1320,6 +1384,18 @@ class StreamSounds:
                 if group not in ignored and score >= min_score and score > best.get(group, 0.0):
                     best[group] = score
         return sorted(best.items(), key=lambda item: (-item[1], item[0]))[:k]
+
+    def named(self, start_s: float, end_s: float) -> bool:
+        """Whether an answered patch overlapping ``[start_s, end_s]`` scored a group the
+        tracker does not ignore at or above that group's start threshold."""
+        config = self.tracker.config
+        for patch_start, patch_end, groups in self._heard:
+            if patch_end <= start_s or patch_start >= end_s:
+                continue
+            for group, score in groups.items():
+                if group not in config.ignore and score >= config.on_threshold(group):
+                    return True
+        return False
 
     def _close(self) -> None:
         if self.closed:
