@@ -1,9 +1,9 @@
 """`salmonn-live bench languages`: Whisper's language detection, transcripts and translation.
 
-Two kinds of speech, eight languages (en, de, fr, es, it, pt, nl, ru):
+Single sentences: two kinds of speech, eight languages (en, de, fr, es, it, pt, nl, ru):
 
 - *espeak-ng*: five household sentences per language, each with an English reference, spoken
-  by espeak-ng's voice for that language (2-4 s each). Scored: language detection, transcript
+  by espeak-ng's voice for that language (1.4-2.7 s each). Scored: language detection, transcript
   WER against the sentence, and translation into English as word overlap (F1 of the words,
   lower-cased, against the reference).
 - *klettres*: real people. `klettres-data` holds recordings of letters and syllables; one
