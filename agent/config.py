@@ -1486,7 +1486,8 @@ class SoundsConfig:
             (`caption_prompt`), so the LLM describes what the tagger heard.
         caption: Which sound and mixed windows the LLM captions: ``"always"`` every one,
             ``"unnamed"`` only those in which the tagger named no group at or above its
-            start threshold (the others get their sound event only), ``"never"`` none.
+            start threshold on `min_patches` patches (the others get their sound event
+            only), ``"never"`` none.
             Standing questions are asked either way; speech and ambient windows keep their
             tasks.
     """

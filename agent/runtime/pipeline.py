@@ -1386,16 +1386,19 @@ class StreamSounds:
         return sorted(best.items(), key=lambda item: (-item[1], item[0]))[:k]
 
     def named(self, start_s: float, end_s: float) -> bool:
-        """Whether an answered patch overlapping ``[start_s, end_s]`` scored a group the
-        tracker does not ignore at or above that group's start threshold."""
+        """Whether the answered patches overlapping ``[start_s, end_s]`` scored a group the
+        tracker does not ignore at or above that group's start threshold on as many patches
+        as a sound event needs to start (`SoundTrackerConfig.min_patches`): a sound named
+        on fewer gets no event, so it keeps its caption."""
         config = self.tracker.config
+        counts: collections.Counter[str] = collections.Counter()
         for patch_start, patch_end, groups in self._heard:
             if patch_end <= start_s or patch_start >= end_s:
                 continue
             for group, score in groups.items():
                 if group not in config.ignore and score >= config.on_threshold(group):
-                    return True
-        return False
+                    counts[group] += 1
+        return any(n >= config.min_patches for n in counts.values())
 
     def _close(self) -> None:
         if self.closed:

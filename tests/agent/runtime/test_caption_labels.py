@@ -177,13 +177,18 @@ class _HeldTagging:
         self.held.append(on_done)
 
 
-def _answer(groups: dict[str, float]) -> TagResult:
-    return TagResult(clips=((PatchTags(0.0, 0.96, groups, ()),),), model_start=0.0)
+def _answer(*patches: dict[str, float]) -> TagResult:
+    """One clip's answer: a patch per ``groups``, at YAMNet's 0.48 s hop."""
+    tags = tuple(
+        PatchTags(i * 0.48, i * 0.48 + 0.96, groups, ()) for i, groups in enumerate(patches)
+    )
+    return TagResult(clips=(tags,), model_start=0.0)
 
 
 def test_a_window_decides_its_caption_once_the_tagger_has_answered() -> None:
     """`StreamSounds.after_answers` holds the caption decision until the clips handed to the
-    tagger are answered; `named` counts a group at its start threshold, not an ignored one."""
+    tagger are answered; `named` counts a group at its start threshold on as many patches as
+    a sound event needs (`min_patches`, 2), never an ignored group."""
     tagging = _HeldTagging()
     config = SoundsConfig()
     events = SimpleNamespace(emit_sound=lambda *a: None, emit_status=lambda *a, **k: None)
@@ -197,13 +202,17 @@ def test_a_window_decides_its_caption_once_the_tagger_has_answered() -> None:
         on_idle=lambda: None,
     )
     decided: list[bool] = []
-    sounds.window("sound", 0, np.zeros(16_000, np.float32), 0.0)
-    sounds.window("sound", 80_000, np.zeros(16_000, np.float32), 0.0)  # at 5 s
-    sounds.after_answers(lambda: decided.append(sounds.named(0.0, 1.0)))
-    tagging.held[0](_answer({"speech": 0.99, "animal": 0.6}))  # animal starts at 0.7
-    assert decided == []  # the second clip is still out
-    tagging.held[1](_answer({"dog": 0.9}))
-    assert decided == [False]  # that patch is at 5 s: only the first is in [0, 1] s
-    assert sounds.named(5.0, 6.0) and not sounds.named(2.0, 4.0)
+    sounds.window("sound", 0, np.zeros(24_000, np.float32), 0.0)
+    sounds.window("sound", 80_000, np.zeros(24_000, np.float32), 0.0)  # at 5 s
+    sounds.window("sound", 160_000, np.zeros(24_000, np.float32), 0.0)  # at 10 s
+    sounds.after_answers(lambda: decided.append(sounds.named(0.0, 1.5)))
+    # Speech is ignored; animal starts at 0.7.
+    tagging.held[0](_answer({"speech": 0.99, "animal": 0.6}, {"speech": 0.99, "animal": 0.6}))
+    tagging.held[1](_answer({"dog": 0.9}, {"dog": 0.8}))
+    assert decided == []  # the third clip is still out
+    tagging.held[2](_answer({"dog": 0.9}, {"dog": 0.2}))
+    assert decided == [False]
+    assert sounds.named(5.0, 6.5)  # two patches at dog's threshold: its event starts
+    assert not sounds.named(10.0, 11.5)  # one: no event, so the caption stays
     sounds.after_answers(lambda: decided.append(True))  # nothing out: at once
     assert decided == [False, True]
