@@ -179,7 +179,7 @@ class Agent:
     # -- the sound tagger ([sounds]) ---------------------------------------------------------
 
     def _tagger_loader(self) -> Callable[[], Any] | None:
-        """Loads the sound tagger on the worker thread (with the effective label groups), when
+        """Loads the sound tagger on its own thread (with the effective label groups), when
         ``[sounds]`` is on; a missing or corrupt model is a `ModelLoadError` naming it."""
         sounds = self.config.sounds
         if not sounds.enabled:
@@ -617,8 +617,8 @@ def worker_patch_scorer(
     worker: InferenceWorker,
 ) -> Callable[[list[npt.NDArray[np.float32]]], Any]:
     """A Wyoming `agent.protocols.wyoming.PatchScorer` on the worker's sound tagger: the
-    patches are tagged on the worker thread with the streams' tagging
-    (`InferenceWorker.submit_tags`), at once when idle, between two tokens of a batch else.
+    patches are tagged on the tagger's own thread with the streams' tagging
+    (`InferenceWorker.submit_tags`), never behind the model's work.
     """
 
     async def score(windows: list[npt.NDArray[np.float32]]) -> list[dict[str, float]]:
