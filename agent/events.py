@@ -229,24 +229,18 @@ class ModelEvent:
             "source": self.source,
             "timing": self.timing.to_dict(clock),
         }
-        if self.question is not None:
-            out["question"] = self.question
-        if self.lora_scale is not None:
-            out["lora_scale"] = self.lora_scale
-        if self.intent is not None:
-            out["intent"] = self.intent
-        if self.early:
-            out["early"] = True
-        if self.worker is not None:
-            out["worker"] = self.worker
-        if self.language is not None:
-            out["language"] = self.language
-        if self.language_probability is not None:
-            out["language_probability"] = self.language_probability
-        if self.translated:
-            out["translated"] = True
-        if self.english is not None:
-            out["english"] = self.english
+        optional = {
+            "question": self.question,
+            "lora_scale": self.lora_scale,
+            "intent": self.intent,
+            "early": self.early or None,  # present only when true
+            "worker": self.worker,
+            "language": self.language,
+            "language_probability": self.language_probability,
+            "translated": self.translated or None,
+            "english": self.english,
+        }
+        out.update((key, value) for key, value in optional.items() if value is not None)
         return out
 
 

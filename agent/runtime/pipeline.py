@@ -34,7 +34,7 @@ import dataclasses
 import itertools
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, Protocol, Self
 
@@ -1081,16 +1081,7 @@ class Pipeline:
 
     def stats(self) -> dict[str, Any]:
         """Counters: streams, worker, sinks, and final-event latency after the segment end."""
-        latencies = sorted(self._latencies)
-        latency = {}
-        if latencies:
-            latency = {
-                "p50_ms": round(1000 * latencies[len(latencies) // 2], 1),
-                "p95_ms": round(
-                    1000 * latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))], 1
-                ),
-                "count": len(latencies),
-            }
+        latency = _percentiles_ms(self._latencies)
         return {
             "streams": self._stream_stats(),
             "worker": self.sink.stats(),
@@ -1107,16 +1098,7 @@ class Pipeline:
         for handle in self._streams.values():
             if handle.sounds is not None:
                 totals.update(handle.sounds.counters)
-        latencies = sorted(self._sound_latencies)
-        latency = {}
-        if latencies:
-            latency = {
-                "p50_ms": round(1000 * latencies[len(latencies) // 2], 1),
-                "p95_ms": round(
-                    1000 * latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))], 1
-                ),
-                "count": len(latencies),
-            }
+        latency = _percentiles_ms(self._sound_latencies)
         return {**totals, "start_after_capture": latency}
 
     async def _report_stats(self) -> None:
@@ -1412,3 +1394,15 @@ class StreamSounds:
     def _publish(self, decision: SoundDecision, segment: str, timing: Timing) -> None:
         self.counters["sound_events"] += 1
         self._pipeline.emit_sound(decision, segment, timing)
+
+
+def _percentiles_ms(seconds: Iterable[float]) -> dict[str, float | int]:
+    """``{"p50_ms", "p95_ms", "count"}`` of latencies in seconds; empty when there are none."""
+    ordered = sorted(seconds)
+    if not ordered:
+        return {}
+    return {
+        "p50_ms": round(1000 * ordered[len(ordered) // 2], 1),
+        "p95_ms": round(1000 * ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))], 1),
+        "count": len(ordered),
+    }
