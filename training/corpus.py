@@ -707,15 +707,7 @@ def synthesize_corpus(
     entries: dict[str, list[dict[str, Any]]] = {split: [] for split in SPLITS}
     for spec in specs:
         entries[spec.split] += manifest_entries(spec, f"wavs/{spec.split}/{spec.clip_id}.wav")
-    manifests: dict[str, Path] = {}
-    for split in SPLITS:
-        manifests[split] = root / f"{split}.json"
-        write_manifest(manifests[split], entries[split])
-    manifests["pretrain"] = root / "pretrain.json"
-    write_manifest(
-        manifests["pretrain"],
-        [e for e in entries["train"] if e["task"] in ("asr", "audiocaption")],
-    )
+    manifests = write_split_manifests(root, entries)
     clips: Counter[str] = Counter(spec.split for spec in specs)
     meta = {
         "size": size,
@@ -729,9 +721,37 @@ def synthesize_corpus(
         "entries": {split: dict(Counter(e["task"] for e in entries[split])) for split in SPLITS},
         "specs": [asdict(s) for s in specs],
     }  # fmt: skip
+    return finish_corpus(root, meta, manifests, entries, clips, started)
+
+
+def write_split_manifests(root: Path, entries: dict[str, list[dict[str, Any]]]) -> dict[str, Path]:
+    """Write ``<split>.json`` for every split and ``pretrain.json`` (the train split's asr and
+    audiocaption entries, for stage 1); returns their paths by name."""
+    manifests: dict[str, Path] = {}
+    for split in SPLITS:
+        manifests[split] = root / f"{split}.json"
+        write_manifest(manifests[split], entries[split])
+    manifests["pretrain"] = root / "pretrain.json"
+    write_manifest(
+        manifests["pretrain"],
+        [e for e in entries["train"] if e["task"] in ("asr", "audiocaption")],
+    )
+    return manifests
+
+
+def finish_corpus(
+    root: Path,
+    meta: dict[str, Any],
+    manifests: dict[str, Path],
+    entries: dict[str, list[dict[str, Any]]],
+    clips: Counter[str],
+    started: float,
+) -> CorpusSummary:
+    """Write ``meta.json`` and log and return the summary of a corpus written since
+    ``started`` (``time.perf_counter()``)."""
     (root / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     seconds = time.perf_counter() - started
-    logger.info("wrote %d clips to %s in %.1f s", len(specs), root, seconds)
+    logger.info("wrote %d clips to %s in %.1f s", sum(clips.values()), root, seconds)
     return CorpusSummary(
         directory=root,
         manifests=manifests,

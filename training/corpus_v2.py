@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import logging
 import re
 import time
@@ -55,10 +54,12 @@ from training.corpus import (
     CorpusSummary,
     Phrase,
     Split,
+    finish_corpus,
     phrases_by_split,
     speak_voice,
     voice_gender,
     write_manifest,
+    write_split_manifests,
 )
 from training.scenes import (
     BACKGROUND_NAMES,
@@ -786,15 +787,7 @@ def synthesize_corpus(
         entries[spec.split] += manifest_entries(spec, path)
         if spec.split == "train":
             activation += activation_entries(spec, path)
-    manifests: dict[str, Path] = {}
-    for split in SPLITS:
-        manifests[split] = root / f"{split}.json"
-        write_manifest(manifests[split], entries[split])
-    manifests["pretrain"] = root / "pretrain.json"
-    write_manifest(
-        manifests["pretrain"],
-        [e for e in entries["train"] if e["task"] in ("asr", "audiocaption")],
-    )
+    manifests = write_split_manifests(root, entries)
     manifests["activation"] = root / "activation.json"
     write_manifest(manifests["activation"], activation)
     clips: Counter[str] = Counter(spec.split for spec in specs)
@@ -819,13 +812,4 @@ def synthesize_corpus(
         "entries": {split: dict(Counter(e["task"] for e in entries[split])) for split in SPLITS},
         "specs": [asdict(s) for s in specs],
     }  # fmt: skip
-    (root / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
-    seconds = time.perf_counter() - started
-    logger.info("wrote %d v2 clips to %s in %.1f s", len(specs), root, seconds)
-    return CorpusSummary(
-        directory=root,
-        manifests=manifests,
-        clips=dict(clips),
-        entries={split: len(entries[split]) for split in SPLITS},
-        seconds=seconds,
-    )
+    return finish_corpus(root, meta, manifests, entries, clips, started)
