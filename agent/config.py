@@ -926,9 +926,10 @@ class WsConfig:
             is closed (code 4429).
         send_timeout_s: A client that takes longer to accept one message is closed (4429).
         send_buffer_bytes: Kernel send buffer of each `/events` connection (``SO_SNDBUF``; 0:
-            the system's, which grows to megabytes). Small, so a stalled client fills the
-            agent's own queue (`client_queue`, then 4429) instead of hiding a backlog of stale
-            events in the kernel.
+            the system's, which grows to megabytes), and the most bytes waiting in the agent's
+            transport for one WebSocket client (0: websockets' 32 KiB). Small, so a stalled
+            client fills the agent's own queue (`client_queue`, then 4429) instead of hiding a
+            backlog of stale events in buffers, and its close frame is not far behind.
         hello_timeout_s: An `/audio` client must send its hello within this time (4408); a
             connection must also finish its HTTP opening handshake within it.
         max_sample_rate_hz: Highest `/audio` sample rate accepted.
@@ -983,7 +984,9 @@ class WsConfig:
     client_queue: int = option(256, minimum=1)
     client_max_dropped: int = option(1024, minimum=1)
     send_timeout_s: float = option(10.0, above=0, expected="> 0 s")
-    send_buffer_bytes: int = option(65536, minimum=0, expected=">= 0 (0: the system's)")
+    # 16 KiB (Linux doubles it) is over 2 s of the busiest client's events on loopback, and
+    # keeps a slow client's 4429 close frame under a minute of its reading behind (bench load).
+    send_buffer_bytes: int = option(16384, minimum=0, expected=">= 0 (0: the system's)")
     hello_timeout_s: float = option(10.0, above=0, expected="> 0 s")
     max_sample_rate_hz: int = option(48000, minimum=1)
     max_channels: int = option(8, minimum=1)

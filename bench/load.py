@@ -77,6 +77,9 @@ KINDS = ("command", "transcript", "caption", "answer")
 MAX_DROPPED_SHARE = 0.01
 #: Fewest RSS samples in a slope window for the memory verdict to judge at all.
 _MIN_WINDOW_SAMPLES = 5
+#: RSS moves by a few MiB up and down as the allocator takes and returns arenas (±7 MiB over
+#: ten minutes on the nano model, BENCHMARKS.md): a rise within this is not a climb.
+DEFAULT_NOISE_MIB = 10.0
 ROOT = Path(__file__).resolve().parents[1]
 # Events are compact JSON now (``"seq":41``); older agents wrote ``"seq": 41``.
 _SEQ_RE = re.compile(r'"seq":\s*(-?\d+)')
@@ -145,8 +148,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--slope-window-s",
         type=float,
-        default=60.0,
-        help="the RSS slope is judged over windows this long (at most a third of the run)",
+        default=None,
+        help="the RSS slope is judged over windows this long (default: a third of the run, so "
+        "a longer run judges a longer stretch)",
+    )
+    parser.add_argument(
+        "--noise-mib",
+        type=float,
+        default=DEFAULT_NOISE_MIB,
+        help="a window's RSS must also rise by more than this to count as climbing: the "
+        f"allocator's own steps up and down are not a leak (default {DEFAULT_NOISE_MIB:g})",
+    )
+    parser.add_argument(
+        "--sounds",
+        action="store_true",
+        help="sounds.enabled: the AudioSet tagger names sounds, the LLM captions only what it "
+        "does not name (sounds.caption = unnamed)",
     )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
@@ -196,6 +213,7 @@ async def _serve(spec: dict[str, Any]) -> None:
             },
             "ws": {"listen": "127.0.0.1:0", "auth": False, "max_connections": 256},
             "mqtt": {"enabled": False},
+            "sounds": {"enabled": bool(spec.get("sounds"))},
             "streams": [],
         }
     )
@@ -354,16 +372,21 @@ def slope_mib_per_min(samples: list[tuple[float, float]]) -> float:
 
 
 def memory_verdict(
-    samples: list[tuple[float, float]], max_slope_mib_min: float, window_s: float
+    samples: list[tuple[float, float]],
+    max_slope_mib_min: float,
+    window_s: float,
+    noise_mib: float = 0.0,
 ) -> dict[str, Any]:
     """Judge an RSS curve, ``(seconds, MiB)`` samples in time order.
 
     The slope is fitted over every window of ``window_s`` that fits in the run (one starting
-    at each sample). The warm-up ends at the start of the first window after which no window's
-    slope exceeds ``max_slope_mib_min`` (shrinking counts as level): memory has levelled off
-    there, and the slope over everything after it is the one judged. When even the last
-    window climbs faster, the curve never levelled off: a leak. A run too short for one window
-    of ``_MIN_WINDOW_SAMPLES`` samples is not judged.
+    at each sample). A window *climbs* when its slope exceeds ``max_slope_mib_min`` and its
+    last quarter's median sits more than ``noise_mib`` above its first quarter's (so one step
+    of the allocator, up or down, is not a climb; shrinking is never one). The warm-up ends
+    at the start of the first window after which no window climbs: memory has levelled off
+    there, and the slope over everything after it is the one reported. When the last window
+    climbs, the curve never levelled off: a leak. A run too short for one window of
+    ``_MIN_WINDOW_SAMPLES`` samples is not judged.
 
     Returns:
         ``warmup_s`` (None when never levelled or not judged), ``slope_mib_per_min`` (after
@@ -382,7 +405,7 @@ def memory_verdict(
         return out
     times = [t for t, _ in samples]
     end = times[-1]
-    slopes: list[tuple[int, float]] = []  # (first sample, slope) of each whole window
+    slopes: list[tuple[int, bool]] = []  # (first sample, climbs) of each whole window
     last = 0
     for first, start in enumerate(times):
         if start + window_s > end:
@@ -391,13 +414,19 @@ def memory_verdict(
             last += 1
         window = samples[first:last]
         if len(window) >= _MIN_WINDOW_SAMPLES:
-            slopes.append((first, slope_mib_per_min(window)))
+            quarter = max(1, len(window) // 4)
+            rise = float(
+                np.median([v for _, v in window[-quarter:]])
+                - np.median([v for _, v in window[:quarter]])
+            )
+            climbs = slope_mib_per_min(window) > max_slope_mib_min and rise > noise_mib
+            slopes.append((first, climbs))
     if not slopes:
         return out
     out["judged"] = True
     levelled_from: int | None = None
-    for first, slope in reversed(slopes):
-        if slope > max_slope_mib_min:
+    for first, climbs in reversed(slopes):
+        if climbs:
             break
         levelled_from = first
     if levelled_from is None:
@@ -595,6 +624,7 @@ async def _drive(args: argparse.Namespace, workdir: Path, streams: int) -> dict[
         "device": args.device,
         "dtype": args.dtype,
         **answer_paths(args.model, args.transcript, args.command),
+        "sounds": args.sounds,
         "report": str(report_path),
     }
     scenes = _scenes(streams, args.scene_s)
@@ -660,6 +690,9 @@ async def _drive(args: argparse.Namespace, workdir: Path, streams: int) -> dict[
 
 
 _TOO_SLOW_RE = re.compile(r"closing /events client .*?: (too slow: .*)")
+#: What became of a client closed as too slow (INFO lines of `agent.protocols.ws`): it read
+#: up to the close frame, or the agent dropped it (1006 on its side).
+_SLOW_DROPPED_RE = re.compile(r"dropping /events client .*?: (.*)")
 
 
 def _summarise(
@@ -692,12 +725,13 @@ def _summarise(
     rss = agent["rss"]
     streams = agent["streams"]
     windows = {k: sum(int(d.get(k, 0)) for d in streams.values()) for k in (
-        "windows", "answered", "dropped", "failed")}  # fmt: skip
+        "windows", "answered", "dropped", "failed", "early_windows")}  # fmt: skip
     dropped_by_kind = {
         k: sum(int(d.get("dropped_by_kind", {}).get(k, 0)) for d in streams.values()) for k in KINDS
     }
     run_s = rss[-1][0] if rss else 0.0
-    memory = memory_verdict(rss, args.max_slope_mib_min, min(args.slope_window_s, run_s / 3))
+    window_s = run_s / 3 if args.slope_window_s is None else min(args.slope_window_s, run_s / 3)
+    memory = memory_verdict(rss, args.max_slope_mib_min, window_s, args.noise_mib)
     slope = memory["slope_mib_per_min"]
     # Rows from the first stream's opening (the recorder's clock is the agent's wall clock).
     record = next((s.record for s in subs if s.recorder), _Record())
@@ -713,6 +747,7 @@ def _summarise(
     server_reasons = collections.Counter(
         re.sub(r"\d+(\.\d+)?", "N", m.group(1)) for m in _TOO_SLOW_RE.finditer(log_text)
     )
+    slow_dropped = collections.Counter(m.group(1) for m in _SLOW_DROPPED_RE.finditer(log_text))
     return {
         "model": args.model,
         "seconds": args.seconds,
@@ -741,6 +776,7 @@ def _summarise(
         "slow_dropped_reported": [s.dropped_reported for s in slow],
         "ws_counters": agent["ws"],
         "too_slow_reasons": dict(server_reasons),
+        "slow_dropped_after_close": dict(slow_dropped),
         "loop_lag_ms": {
             "p50": round(_percentile(lags_ms, 50), 2),
             "p99": round(_percentile(lags_ms, 99), 2),
@@ -763,6 +799,7 @@ def _summarise(
             "judged": memory["judged"],
             "slope_window_s": round(memory["window_s"], 1),
             "flat": bool(memory["levelled"] and slope <= args.max_slope_mib_min),
+            "noise_mib": args.noise_mib,
             "samples": len(rss),
             "every_s": [round(v, 1) for _, v in rss],
             "python_blocks_start_end": [
@@ -806,7 +843,9 @@ def _print_table(r: dict[str, Any]) -> None:
         ("run", f"{r['streamed_s']:g} s, {r['streams']} real-time /audio streams, "
          f"{r['subscribers']} /events clients ({r['slow']} slow), model `{r['model']}`"),
         ("windows", f"{w['windows']} ({w['answered']} answered, {w['dropped']} dropped by "
-         f"overload, {w['failed']} failed)"),
+         f"overload, {w['failed']} failed), and {w.get('early_windows', 0)} early command reads "
+         "(the rows below count each as a command window of its own, and the rest of its "
+         "segment as the transcript window it becomes)"),
         ("dropped by kind", f"{_kinds(r['dropped_by_kind'])} (command / transcript / caption / "
          f"answer): {'sustained' if r['sustained'] else 'NOT sustained'} (0 commands and under "
          f"{MAX_DROPPED_SHARE:.0%} of windows dropped)"),
@@ -820,7 +859,9 @@ def _print_table(r: dict[str, Any]) -> None:
         ("slow clients: dropped", f"{r['ws_counters'].get('events_too_slow', 0)} closed with 4429 "
          "by the agent (" + "; ".join(f"{k} x{v}" for k, v in r["too_slow_reasons"].items())
          + "); close codes the slow clients saw: "
-         + ", ".join(f"{k} x{v}" for k, v in r["slow_close"].items())),
+         + ", ".join(f"{k} x{v}" for k, v in r["slow_close"].items())
+         + "".join(f"; then dropped by the agent: {k} x{v}"
+                   for k, v in r.get("slow_dropped_after_close", {}).items())),
         ("event-loop lag", f"p50 {lag['p50']} ms, p99 {lag['p99']} ms, max {lag['max']} ms "
          f"({lag['ticks']} ticks of {TICK_S * 1000:g} ms)"),
         ("lag less CPU wait", f"p99 {lag['p99_without_cpu_wait']} ms, max "
@@ -828,8 +869,8 @@ def _print_table(r: dict[str, Any]) -> None:
          f" s of {lag['run_s']} s for a CPU)"),
         ("RSS", f"peak {rss['peak']} MiB; {rss['start']} -> {rss['end']} MiB; warm-up "
          + (f"{rss['warmup_s']:.0f} s" if rss["warmup_s"] is not None else "not found")
-         + f" (slope under {r['max_slope_mib_min']:g} MiB/min over every later "
-         f"{rss['slope_window_s']:g} s); slope "
+         + f" (no later {rss['slope_window_s']:g} s climbs over {r['max_slope_mib_min']:g} "
+         f"MiB/min by more than {rss.get('noise_mib', 0):g} MiB); slope "
          + ("after it" if rss["warmup_s"] is not None else "over the run")
          + f" {rss['slope_mib_per_min']} MiB/min ({_trend(rss)})"),
         ("machine load (1 min avg)", f"mean {r['machine_load_1min']['mean']}, max "
@@ -930,6 +971,10 @@ def _print_markdown(
     command = f"salmonn-live bench load {minutes} --streams {report['streams']}"
     if steps is not None:
         command = f"salmonn-live bench load {minutes} --find-capacity"
+    if args.model != "tiny-random":
+        command += f" --model {args.model}"
+    if args.sounds:
+        command += " --sounds"
     _out(f"## Load over time (`{command}`)\n")
     _out(f"{report['machine']}, model `{report['model']}`.\n")
     if steps is not None:
@@ -957,7 +1002,7 @@ def run(args: argparse.Namespace) -> int:
         logger.error("expected rising stream counts for --capacity-steps, got %r",
                      args.capacity_steps)  # fmt: skip
         return 2
-    if args.interval_s <= 0 or args.slope_window_s <= 0:
+    if args.interval_s <= 0 or (args.slope_window_s is not None and args.slope_window_s <= 0):
         logger.error("expected --interval-s > 0 and --slope-window-s > 0")
         return 2
     if not 0 <= args.slow <= args.subscribers or args.streams < 1 or args.seconds <= 0:
@@ -1019,4 +1064,5 @@ def run(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":  # the agent side, started by `_drive`
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("agent.protocols.ws").setLevel(logging.INFO)  # what ends slow clients
     asyncio.run(_serve(json.loads(sys.argv[1])))

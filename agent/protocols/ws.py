@@ -75,11 +75,16 @@ _ALL_KINDS = {str(k) for k in EventKind}
 WEB_STATIC_DIR = resources.files("agent.protocols") / "web"
 _STATIC_NAME_RE = re.compile(r"/[A-Za-z0-9_-][A-Za-z0-9._-]*")
 #: The longest the agent waits, after closing a slow `/events` client with 4429, for that client
-#: to read up to the close frame while it keeps reading (one that stops is dropped after
-#: ``ws.send_timeout_s``). The frame waits behind what is already buffered for the client, up
-#: to the transport's 32 KiB write limit and the kernel send buffer (``ws.send_buffer_bytes``,
-#: which Linux doubles): at 1 kB/s that is a few minutes.
+#: to read up to the close frame while it keeps reading (one that stops is dropped sooner,
+#: `SLOW_CLOSE_IDLE_FACTOR`). The frame waits behind what is already buffered for the client:
+#: the transport's write limit and the kernel send buffer (both ``ws.send_buffer_bytes``, the
+#: kernel's doubled by Linux), then the client's own buffers: at 1 kB/s about a minute.
 SLOW_CLOSE_MAX_S = 300.0
+#: A client closed as too slow is dropped once it has read nothing for this many times
+#: ``ws.send_timeout_s``. A slow reader's own buffers (its receive buffer, its library's
+#: message queue) make its progress come in steps: a client reading one 700-byte event a
+#: second acknowledged bytes only every 11 s in `bench load`, and was dropped (1006) at 1x.
+SLOW_CLOSE_IDLE_FACTOR = 3.0
 #: ``tcpi_bytes_acked`` in Linux's ``struct tcp_info`` (a u64 at this offset, since Linux 4.2).
 _TCPI_BYTES_ACKED = struct.Struct("=Q")
 _TCPI_BYTES_ACKED_OFFSET = 120
@@ -246,6 +251,9 @@ class WsServer:
                 logger=_protocol_logger,
                 server_header="salmonn-live",
                 compression=None,
+                # What one client may have waiting in the agent's transport, beside the kernel's
+                # `send_buffer_bytes`: a 4429 close frame goes out behind all of it.
+                write_limit=self.ws.send_buffer_bytes or 2**15,
             )
         except OSError as exc:
             self._forget_secret()
@@ -515,8 +523,9 @@ class WsServer:
         TCP connection, dropping the frame (and whatever is still in the agent's buffer) while
         the client is still reading its backlog: slow clients saw 1006, not 4429. Here nothing
         more is queued, and the connection stays while the client keeps reading; it is dropped
-        once the client has read nothing for ``ws.send_timeout_s`` (what is already in the
-        kernel still reaches it), after `SLOW_CLOSE_MAX_S`, or when the server shuts down.
+        once the client has read nothing for `SLOW_CLOSE_IDLE_FACTOR` x ``ws.send_timeout_s``
+        (what is already in the kernel still reaches it), after `SLOW_CLOSE_MAX_S`, or when the
+        server shuts down.
         """
         connection.close_timeout = None  # the deadline is the one below
         self._closing_slow.add(connection)
@@ -536,11 +545,11 @@ class WsServer:
                 now, seen = loop.time(), _read_progress(connection)
                 if seen > progress:
                     progress, last_progress = seen, now
-                elif now - last_progress >= self.ws.send_timeout_s:
+                elif now - last_progress >= SLOW_CLOSE_IDLE_FACTOR * self.ws.send_timeout_s:
                     logger.info(
                         "dropping /events client %s: it read nothing for %g s after its close",
                         connection.remote_address,
-                        self.ws.send_timeout_s,
+                        SLOW_CLOSE_IDLE_FACTOR * self.ws.send_timeout_s,
                     )
                     return
             logger.info(

@@ -49,6 +49,21 @@ def test_a_curve_that_never_levels_off_is_a_leak() -> None:
     assert not load.memory_verdict(curve(5, lambda t: 500 - t / 10), 1.0, 60)["leak"]
 
 
+def test_allocator_steps_are_not_a_leak_but_a_slow_climb_under_them_is() -> None:
+    # Ten minutes flat at 2330 MiB with the allocator stepping ±7 MiB each minute (what the
+    # nano soak showed), ending on a step up: the last 200 s fit a slope of several MiB/min.
+    steps = [0, 7, -5, 6, -7, 4, 0, -7, -6, 0, 7]
+    noisy = curve(10, lambda t: 2330 + steps[int(t // 60)])
+    assert load.memory_verdict(noisy, 1.0, 200)["leak"]  # without a noise margin: false alarm
+    verdict = load.memory_verdict(noisy, 1.0, 200, noise_mib=10)
+    assert verdict["levelled"] and not verdict["leak"]
+    # The same steps on a 1.5 MiB/min leak over an hour: it rises 30 MiB in every
+    # 20-minute window, far past the margin, so it is still a leak.
+    hour = curve(60, lambda t: 2330 + 1.5 * t / 60 + steps[int(t // 60) % len(steps)])
+    leak = load.memory_verdict(hour, 1.0, 1200, noise_mib=10)
+    assert leak["judged"] and leak["leak"]
+
+
 def test_a_run_too_short_for_one_window_is_not_judged() -> None:
     short = load.memory_verdict(curve(0.05, lambda t: 400 + t), 1.0, 60)  # 4 s
     assert not short["judged"] and not short["leak"] and short["warmup_s"] is None

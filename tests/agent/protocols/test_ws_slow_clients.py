@@ -121,6 +121,16 @@ async def _read_burst(ws: ClientConnection, seqs: list[int], count: int) -> None
             seqs.append(event["detail"]["seq"])
 
 
+async def _publish_until(closed: asyncio.Event, bus: EventBus) -> None:
+    """Publish bursts of padded events until the client is closed as too slow."""
+    while not closed.is_set():
+        for _ in range(BURST):
+            bus.publish(_status("load", "", {"pad": PAD}))
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(0.05):  # publish while waiting
+                await closed.wait()
+
+
 @pytest.mark.parametrize("send_buffer_bytes", [4096, 65536])
 async def test_stalled_clients_see_4429_with_its_reason_and_fast_ones_lose_nothing(
     send_buffer_bytes: int,
@@ -201,18 +211,36 @@ async def test_a_client_that_never_reads_again_is_dropped_and_does_not_hold_up_s
                 assert server.port is not None
                 ws = await _slow_client(server.port)
                 closed = log.event(ws.local_address[1])
-                while not closed.is_set():
-                    for _ in range(BURST):
-                        bus.publish(_status("load", "", {"pad": PAD}))
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(0.05):  # publish while waiting
-                            await closed.wait()
+                await _publish_until(closed, bus)
                 await dropped.seen.wait()
                 assert bus.subscriptions == []
             ws.transport.abort()
     finally:
         ws_logger.removeHandler(dropped)
         ws_logger.setLevel(level)
+
+
+async def test_a_client_whose_reading_comes_in_steps_still_sees_4429() -> None:
+    """A slow reader's own buffers make its progress come in steps: it reads a handful of
+    messages, then nothing for longer than `send_timeout_s` while its library's queue and
+    receive buffer drain (`bench load`'s slow clients: a step every 11 s against a 10 s
+    timeout). Such a client is still reading its backlog: it must reach the 4429 close frame,
+    not be dropped as one that stopped (1006)."""
+    send_timeout_s = 1.0 * TIMING
+    async with asyncio.timeout(90 * TIMING):
+        async with _server(
+            send_timeout_s=send_timeout_s, close_timeout_s=0.1, send_buffer_bytes=4096
+        ) as (server, bus, log):
+            assert server.port is not None
+            ws = await _slow_client(server.port)
+            closed = log.event(ws.local_address[1])
+            await _publish_until(closed, bus)
+            with contextlib.suppress(ConnectionClosed):
+                while True:
+                    await asyncio.sleep(1.5 * send_timeout_s)  # a step of no progress
+                    for _ in range(8):
+                        await ws.recv()
+            assert ws.close_code == CloseCode.TOO_SLOW, ws.close_code
 
 
 class _LogFlag(logging.Handler):
