@@ -384,8 +384,9 @@ def memory_verdict(
     last quarter's median sits more than ``noise_mib`` above its first quarter's (so one step
     of the allocator, up or down, is not a climb; shrinking is never one). The warm-up ends
     at the start of the first window after which no window climbs: memory has levelled off
-    there, and the slope over everything after it is the one reported. When the last window
-    climbs, the curve never levelled off: a leak. A run too short for one window of
+    there (with a ``noise_mib``, once memory has also come within it of its median level
+    after that point), and the slope over everything after it is the one reported. When the
+    last window climbs, the curve never levelled off: a leak. A run too short for one window of
     ``_MIN_WINDOW_SAMPLES`` samples is not judged.
 
     Returns:
@@ -432,6 +433,14 @@ def memory_verdict(
     if levelled_from is None:
         out["leak"] = True
         return out
+    if noise_mib > 0:
+        # The windows judge by medians, so a climb shorter than a quarter window escapes them:
+        # the warm-up also lasts until memory first reaches its later level, less the noise.
+        level = float(np.median([v for _, v in samples[levelled_from:]])) - noise_mib
+        levelled_from = next(
+            (i for i in range(levelled_from, len(samples)) if samples[i][1] >= level),
+            levelled_from,
+        )
     out["warmup_s"] = times[levelled_from] - times[0]
     out["slope_mib_per_min"] = slope_mib_per_min(samples[levelled_from:])
     out["levelled"] = True
@@ -975,6 +984,8 @@ def _print_markdown(
         command += f" --model {args.model}"
     if args.sounds:
         command += " --sounds"
+    if args.threads != 1:
+        command += f" --threads {args.threads}"
     _out(f"## Load over time (`{command}`)\n")
     _out(f"{report['machine']}, model `{report['model']}`.\n")
     if steps is not None:

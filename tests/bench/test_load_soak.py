@@ -57,6 +57,12 @@ def test_allocator_steps_are_not_a_leak_but_a_slow_climb_under_them_is() -> None
     assert load.memory_verdict(noisy, 1.0, 200)["leak"]  # without a noise margin: false alarm
     verdict = load.memory_verdict(noisy, 1.0, 200, noise_mib=10)
     assert verdict["levelled"] and not verdict["leak"]
+    # A fast start, 60 MiB in the first 25 s (the nano agent's), is the warm-up even though
+    # it is shorter than a quarter window.
+    fast = load.memory_verdict(
+        curve(10, lambda t: 2270 + 60 * min(t, 25) / 25 + steps[int(t // 60)]), 1.0, 200, 10
+    )
+    assert fast["levelled"] and 15 <= fast["warmup_s"] <= 25
     # The same steps on a 1.5 MiB/min leak over an hour: it rises 30 MiB in every
     # 20-minute window, far past the margin, so it is still a leak.
     hour = curve(60, lambda t: 2330 + 1.5 * t / 60 + steps[int(t // 60) % len(steps)])
