@@ -237,6 +237,12 @@ class RemoteWindows:
         """Windows wait for answers."""
         return bool(self._outstanding)
 
+    @property
+    def backlogged(self) -> bool:
+        """As `busy`: the pool's queues are not seen from here (and an edge reads no early
+        commands)."""
+        return self.busy
+
     def attach(self, listener: WindowListener) -> None:
         """Report answers and finished windows to ``listener`` (the edge's pipeline)."""
 

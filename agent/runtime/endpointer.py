@@ -2,11 +2,12 @@
 
 A robot told "stop" should not wait the segmenter's whole ``vad.end_silence_ms`` of silence to
 be sure the speaker has finished. So while a speech segment is still open, once it has been
-quiet for half of ``early_command_ms`` its command is read early (a command-only window, on
-an idle worker), and once it has been quiet for the whole pause an answer that is a command
-is emitted at once. Speech resuming first makes the answer stale; the segment's own window then
-reads it all. An answer that is no command is held: it becomes the segment's command if
-nothing more is said.
+quiet for half of ``early_command_ms`` its command is read early (a command-only window; not
+while other windows wait for the worker, behind which it would only queue: a batch that is
+merely running answers it between two of its tokens), and once it has been quiet for the
+whole pause an answer that is a command is emitted at once. Speech resuming first makes the
+answer stale; the segment's own window then reads it all. An answer that is no command is
+held: it becomes the segment's command if nothing more is said.
 
 The class only decides. The stream (`agent.runtime.pipeline.StreamHandle`) feeds it what
 happened and acts on what it returns, in the manner of a Sans-I/O protocol:
@@ -123,7 +124,8 @@ class Endpointer:
         Args:
             segment: The segmenter's open segment (`Segmenter.open_segment`), or None.
             samples_pushed: The stream clock (`Segmenter.samples_pushed`).
-            busy: Windows wait for or run on the worker (only an idle worker reads early).
+            busy: Windows wait for the worker, not yet answered (no early read then: it would
+                queue behind them; a running batch alone answers one in its fast lane).
         """
         early = self._early
         if early is not None and early.result is None:

@@ -494,7 +494,7 @@ class StreamHandle:
         step = self.endpointer.block(
             self._segmenter.open_segment(),
             self._segmenter.samples_pushed,
-            busy=self._pipeline.busy,
+            busy=self._pipeline.backlogged,
         )
         if isinstance(step, Emit):
             self.counters["early_commands"] += 1
@@ -766,6 +766,11 @@ class Pipeline:
     def busy(self) -> bool:
         """Windows wait for or run on the model (`WindowSink.busy`)."""
         return self.sink.busy
+
+    @property
+    def backlogged(self) -> bool:
+        """Windows wait for the model that it is not answering yet (`WindowSink.backlogged`)."""
+        return self.sink.backlogged
 
     def stream_ended(self, handle: StreamHandle) -> None:
         """Called by `StreamHandle.end` once its last windows are made."""

@@ -76,7 +76,13 @@ class WindowSink(Protocol):
 
     @property
     def busy(self) -> bool:
-        """Windows wait or run (early command reads go only to an idle sink)."""
+        """Windows wait or run."""
+        ...
+
+    @property
+    def backlogged(self) -> bool:
+        """Windows wait that no one is answering yet (early command reads then wait too: one
+        would only queue behind them)."""
         ...
 
     def attach(self, listener: WindowListener) -> None:
@@ -157,6 +163,12 @@ class LocalWindows:
     def busy(self) -> bool:
         """Windows wait, or a batch runs."""
         return bool(self.queue.pending_total or self._running)
+
+    @property
+    def backlogged(self) -> bool:
+        """Windows wait in the queue. A running batch alone is no backlog: a Whisper-only
+        window (an early command read) is answered between two of its tokens (`put`)."""
+        return bool(self.queue.pending_total)
 
     @property
     def listener(self) -> WindowListener:

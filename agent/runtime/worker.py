@@ -3,11 +3,13 @@
 Two layers:
 
 * `BatchRunner` is synchronous and knows nothing of asyncio: given windows (each with its
-  requests: transcript, command, caption, questions) it encodes all their audio in one call,
-  runs Whisper transcripts if configured, then the LLM requests grouped by LoRA scale, each
-  group one batched `generate_from_tokens` call. It reports `Partial` and `Final` outputs
-  through a callback while tokens come. A row's final is reported as soon as that row has
-  stopped (it is absent from a decoding step), not when the whole batch ends.
+  requests: transcript, command, caption, questions) it runs Whisper's requests first
+  (commands' decodes before transcripts'), then encodes the LLM windows' audio and answers
+  their requests grouped by LoRA scale, each group one batched `generate_from_tokens` call.
+  It reports `Partial` and `Final` outputs through a callback while tokens come. A row's
+  final is reported as soon as that row has stopped (it is absent from a decoding step), not
+  when the whole batch ends. Between its stages and its tokens it lets the fast lane run
+  (`between_tokens`): a command said meanwhile waits for no one's caption.
 * `InferenceWorker` runs the runner on a dedicated single thread (`ThreadPoolExecutor` with one
   worker), so torch never blocks the event loop, and hands outputs back with
   `call_soon_threadsafe`, in order, before the batch's await returns.
@@ -309,9 +311,15 @@ class BatchRunner:
         self.hear_commands = hear_commands
         self.max_new_tokens = max_new_tokens
         self.partials = partials
-        #: Called on the worker thread after every generated token, so short work that came
-        #: in meanwhile (`InferenceWorker.submit_fast`) need not wait for the whole batch.
+        #: Called on the worker thread after every generated token, and between the stages of
+        #: an LLM batch (after its Whisper requests, after each window's encoding), so short
+        #: work that came in meanwhile (`InferenceWorker.submit_fast`) need not wait for the
+        #: whole batch.
         self.between_tokens: Callable[[], None] | None = None
+        #: Encode an LLM batch's windows one at a time, with `between_tokens` after each: on a
+        #: CPU a batch of N windows costs N single ones anyway (BENCHMARKS.md, "Load"); on a
+        #: GPU (False) the batch is one call.
+        self.encode_one_by_one = False
 
     def run(
         self, windows: Sequence[Window], emit: Callable[[Output], None], cancel: threading.Event
@@ -354,57 +362,56 @@ class BatchRunner:
             return ("english", own)
 
         groups: dict[tuple[Any, ...], dict[str, Window]] = {}
+        commands: set[tuple[Any, ...]] = set()
         for window, request in items:
             groups.setdefault(hearing(request), {})[window.id] = window
-        heard: dict[tuple[tuple[Any, ...], str], tuple[str, str, float | None, str | None]] = {}
-        for how, group in groups.items():
+            if request.task == "command":
+                commands.add(hearing(request))
+        # The ways of hearing that answer a command decode first, and each way's answers go
+        # out as soon as it is done: a command waits for no other stream's transcript.
+        for how in sorted(groups, key=lambda h: h not in commands):
+            group = groups[how]
             audio = [w.audio for w in group.values()]
+            heard: dict[str, tuple[str, str, float | None, str | None]]
             if how[0] == "english":
                 said = how[1](audio)
-                heard.update(
-                    ((how, i), (t.strip(), "en", None, None))
-                    for i, t in zip(group, said, strict=True)
+                heard = {i: (t.strip(), "en", None, None) for i, t in zip(group, said, strict=True)}
+            else:
+                _, language, task = how
+                found = self.model.whisper_transcripts(
+                    audio,
+                    language=None if language == AUTO_LANGUAGE else language,
+                    task=task,
+                    translate_other=how in commands and task == "transcribe",
                 )
-                continue
-            _, language, task = how
-            commands = any(
-                r.task == "command" and hearing(r) == how and w.id in group for w, r in items
-            )
-            found = self.model.whisper_transcripts(
-                audio,
-                language=None if language == AUTO_LANGUAGE else language,
-                task=task,
-                translate_other=commands and task == "transcribe",
-            )
-            detected = language == AUTO_LANGUAGE
-            heard.update(
-                (
-                    (how, i),
-                    (
+                detected = language == AUTO_LANGUAGE
+                heard = {
+                    i: (
                         t.text.strip(),
                         t.language,
                         t.language_probability if detected else None,
                         t.english,
-                    ),
+                    )
+                    for i, t in zip(group, found, strict=True)
+                }
+            for window, request in items:
+                if hearing(request) != how:
+                    continue
+                text, language, probability, english = heard[window.id]
+                report.finished.add(request.key)
+                emit(
+                    Final(
+                        window,
+                        request,
+                        text,
+                        start,
+                        None,
+                        0,
+                        language=language,
+                        language_probability=probability,
+                        english=english if request.task == "command" else None,
+                    )
                 )
-                for i, t in zip(group, found, strict=True)
-            )
-        for window, request in items:
-            text, language, probability, english = heard[hearing(request), window.id]
-            report.finished.add(request.key)
-            emit(
-                Final(
-                    window,
-                    request,
-                    text,
-                    start,
-                    None,
-                    0,
-                    language=language,
-                    language_probability=probability,
-                    english=english if request.task == "command" else None,
-                )
-            )
 
     def _run(
         self,
@@ -427,10 +434,19 @@ class BatchRunner:
             if cancel.is_set():
                 report.cancelled = True
             return
+        # (A fast-lane batch is Whisper-only: it never gets here, so the hooks never nest.)
+        between = self.between_tokens or (lambda: None)
+        between()
         t0 = time.perf_counter()
-        tokens = self.model.encode_audio([w.audio for w in llm_windows])
+        if self.encode_one_by_one:
+            rows = {}
+            for window in llm_windows:
+                rows[window.id] = self.model.encode_audio([window.audio]).row(0)
+                between()
+        else:
+            tokens = self.model.encode_audio([w.audio for w in llm_windows])
+            rows = {w.id: tokens.row(i) for i, w in enumerate(llm_windows)}
         report.timings_ms["encode_ms"] = (time.perf_counter() - t0) * 1000
-        rows = {w.id: tokens.row(i) for i, w in enumerate(llm_windows)}
         groups: dict[float | None, list[tuple[Window, Request]]] = {}
         for window in llm_windows:
             for request in window.requests:
@@ -585,6 +601,15 @@ def tag_clips(tagger: Any, clips: Sequence[FloatArray]) -> list[tuple[PatchTags,
     return out
 
 
+#: A fast-lane item: windows, where their outputs go, and who hears of their report.
+_FastItem = tuple[Sequence[Window], Callable[[Output], None], Callable[[BatchReport], None]]
+
+
+def _asks_command(windows: Sequence[Window]) -> bool:
+    """Any of the windows has a command request (fast-lane priority)."""
+    return any(request.task == "command" for window in windows for request in window.requests)
+
+
 class InferenceWorker:
     """Owns the model on one dedicated thread, and the sound tagger (when loaded) on a second
     one; an async context manager.
@@ -647,9 +672,7 @@ class InferenceWorker:
         self._executor: ThreadPoolExecutor | None = None
         self._cancel = threading.Event()
         # Fast-lane work handed over while a batch runs: (windows, emit, done) items.
-        self._fast: queue.SimpleQueue[
-            tuple[Sequence[Window], Callable[[Output], None], Callable[[BatchReport], None]]
-        ] = queue.SimpleQueue()
+        self._fast: queue.SimpleQueue[_FastItem] = queue.SimpleQueue()
         self.fast_windows = 0
         self._closed = asyncio.Event()
         self.batches = 0
@@ -684,6 +707,7 @@ class InferenceWorker:
             self.model, self.max_new_tokens, self.partials, hear_commands=self._hear_commands
         )
         self.runner.between_tokens = self._run_fast
+        self.runner.encode_one_by_one = self.device is not None and self.device.type == "cpu"
         return self
 
     def _load(self) -> Any:
@@ -801,9 +825,9 @@ class InferenceWorker:
         self._fast.put((windows, emit, done))
 
     def _run_fast(self) -> None:
-        """On the worker thread: answer every fast-lane item waiting, as one batch (commands
-        said at once on several streams share Whisper's decoder steps)."""
-        assert self.runner is not None
+        """On the worker thread: answer every fast-lane item waiting, commands first: those
+        with a command request as one batch (commands said at once on several streams share
+        Whisper's decoder steps), then the rest (transcripts) as another."""
         while True:
             items = []
             with contextlib.suppress(queue.Empty):
@@ -811,25 +835,36 @@ class InferenceWorker:
                     items.append(self._fast.get_nowait())
             if not items:
                 return
-            windows = [w for item_windows, _, _ in items for w in item_windows]
-            emits = {w.id: emit for item_windows, emit, _ in items for w in item_windows}
+            urgent = [item for item in items if _asks_command(item[0])]
+            for group in (urgent, [item for item in items if not _asks_command(item[0])]):
+                if group:
+                    self._answer_fast(group)
 
-            def route(output: Output, to: dict[str, Callable[[Output], None]] = emits) -> None:
-                to[output.window.id](output)
+    def _answer_fast(
+        self,
+        items: Sequence[_FastItem],
+    ) -> None:
+        """Answer fast-lane items as one batch, each reported to its own callbacks."""
+        assert self.runner is not None
+        windows = [w for item_windows, _, _ in items for w in item_windows]
+        emits = {w.id: emit for item_windows, emit, _ in items for w in item_windows}
 
-            report = self.runner.run(windows, route, self._cancel)
-            self.fast_windows += len(windows)
-            for item_windows, _, done in items:
-                keys = {r.key for w in item_windows for r in w.requests}
-                done(
-                    BatchReport(
-                        finished=report.finished & keys,
-                        error=report.error,
-                        cancelled=report.cancelled,
-                        model_start=report.model_start,
-                        timings_ms=dict(report.timings_ms),
-                    )
+        def route(output: Output) -> None:
+            emits[output.window.id](output)
+
+        report = self.runner.run(windows, route, self._cancel)
+        self.fast_windows += len(windows)
+        for item_windows, _, done in items:
+            keys = {r.key for w in item_windows for r in w.requests}
+            done(
+                BatchReport(
+                    finished=report.finished & keys,
+                    error=report.error,
+                    cancelled=report.cancelled,
+                    model_start=report.model_start,
+                    timings_ms=dict(report.timings_ms),
                 )
+            )
 
     def submit_tags(
         self, clips: Sequence[FloatArray], on_done: Callable[[TagResult], None]

@@ -121,7 +121,10 @@ class Run:
 
 @asynccontextmanager
 async def running(
-    model: ScriptedWhisper, early_ms: float = 250, **model_settings: Any
+    model: ScriptedWhisper,
+    early_ms: float = 250,
+    streams: list[dict[str, Any]] | None = None,
+    **model_settings: Any,
 ) -> AsyncIterator[Run]:
     config = make_config(
         model={
@@ -133,6 +136,7 @@ async def running(
         },
         vad={"end_silence_ms": 700},
         ws={"listen": "off"},
+        streams=streams or [],
     )
     agent = Agent(config, lambda: model)
     sub = agent.bus.subscribe("test", 100_000)
@@ -276,9 +280,14 @@ async def test_speech_resuming_within_the_pause_makes_a_command_answer_stale(
     assert command["start"] == transcript["start"]
 
 
-async def test_early_reads_only_use_an_idle_worker(tiny_model: Any) -> None:
+#: A stream whose speech windows also ask the LLM for a caption: they are not Whisper-only, so
+#: they wait in the queue while a batch runs (a Whisper-only window takes the fast lane).
+BUSY_STREAM = {"id": "busy", "prompts": {"speech": ["transcript", "caption"]}}
+
+
+async def test_early_reads_wait_while_windows_are_queued(tiny_model: Any) -> None:
     model = ScriptedWhisper(tiny_model, lambda s: "Stop.", hold_first=True)
-    async with running(model) as run:
+    async with running(model, streams=[BUSY_STREAM]) as run:
         assert run.agent.pipeline is not None
         busy = run.agent.pipeline.open_stream(
             run.agent.config.stream_settings("busy"), origin="test"
@@ -287,18 +296,56 @@ async def test_early_reads_only_use_an_idle_worker(tiny_model: Any) -> None:
         for k in range(0, audio.size, BLOCK):
             busy.push(audio[k : k + BLOCK])
         assert await asyncio.to_thread(model.entered.wait, WAIT_S)  # the worker is held
+        for k in range(0, audio.size, BLOCK):  # a second window: it waits in the queue
+            busy.push(audio[k : k + BLOCK])
+        assert run.agent.pipeline.backlogged
         run.push(np.concatenate([_silence(0.5), _clip(), _silence(0.3)]))
         assert run.handle.counters["early_windows"] == 0
         model.release.set()
         await run.idle()
         assert run.handle.counters["early_windows"] == 0  # no block came since
-        run.push(_silence(0.02))  # the next block, on an idle worker
+        run.push(_silence(0.02))  # the next block, with nothing queued
         assert run.handle.counters["early_windows"] == 1
         command = await run.next_model_event()
         while command["stream"] != "s":  # the busy stream's answers came first
             command = await run.next_model_event()
         assert command["kind"] == "command" and command.get("early") is True
         busy.end()
+        await run.finish()
+
+
+async def test_a_running_batch_answers_an_early_read_before_its_captions(
+    tiny_model: Any,
+) -> None:
+    """Nothing queued, one batch running: the early read goes to the fast lane and is answered
+    between the batch's Whisper requests and its LLM work, before the caption."""
+    model = ScriptedWhisper(tiny_model, lambda s: "Stop.", hold_first=True)
+    async with running(model, streams=[BUSY_STREAM]) as run:
+        assert run.agent.pipeline is not None
+        busy = run.agent.pipeline.open_stream(
+            run.agent.config.stream_settings("busy"), origin="test"
+        )
+        audio = np.concatenate([_silence(0.5), _clip(), _silence(1.0)])
+        for k in range(0, audio.size, BLOCK):
+            busy.push(audio[k : k + BLOCK])
+        assert await asyncio.to_thread(model.entered.wait, WAIT_S)  # the batch is running
+        assert not run.agent.pipeline.backlogged
+        run.push(np.concatenate([_silence(0.5), _clip(), _silence(0.3)]))
+        assert run.handle.counters["early_windows"] == 1
+        model.release.set()
+        await run.idle()
+        events = [
+            e for e in run.drain() if e["kind"] in ("command", "caption") and not e["partial"]
+        ]
+        kinds = [(e["stream"], e["kind"]) for e in events]
+        assert kinds[:2] == [("s", "command"), ("busy", "caption")], kinds
+        command, caption = events[:2]
+        assert command.get("early") is True
+        # Both stamped on the worker's thread: the read started before the caption's first
+        # token, not after it.
+        assert command["timing"]["model_start"] < caption["timing"]["first_token"]
+        busy.end()
+        run.push(_silence(1.0))
         await run.finish()
 
 

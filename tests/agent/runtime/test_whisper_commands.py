@@ -236,3 +236,63 @@ async def test_worker_packs_the_model_only_when_asked(pack: bool) -> None:
     ) as worker:
         assert worker.model is model
     assert calls == (["packed"] if pack else [])
+
+
+def _transcript_window(n: int) -> Window:
+    window = _window(n, "whisper")
+    request = replace(window.requests[0], key=f"s:{n}/transcript", task="transcript")
+    return replace(window, requests=(request,))
+
+
+def test_a_command_is_decoded_before_other_windows_transcripts() -> None:
+    """In one batch, the way of hearing that answers a command decodes first, and its
+    answer goes out before the transcripts' decode starts."""
+    from agent.runtime.worker import BatchRunner
+
+    model = SlowLlmModel()
+    order: list[str] = []
+
+    def recogniser(audio: list[np.ndarray]) -> list[str]:
+        order.append("command recogniser")
+        return ["stop"] * len(audio)
+
+    def own(audio: list[np.ndarray]) -> list[str]:
+        order.append("own whisper")
+        return ["hello there"] * len(audio)
+
+    model.transcribe_with_whisper = own  # type: ignore[method-assign]
+    command = _window(2, "whisper")
+    command = replace(command, requests=(replace(command.requests[0], recogniser="command"),))
+    outputs: list[Any] = []
+
+    def emit(output: Any) -> None:
+        order.append(f"final {output.request.key}")
+        outputs.append(output)
+
+    report = BatchRunner(model, 4, hear_commands=recogniser).run(
+        [_transcript_window(1), command], emit, threading.Event()
+    )
+    assert report.error is None
+    assert order == [
+        "command recogniser",
+        "final s:2/command",
+        "own whisper",
+        "final s:1/transcript",
+    ]
+
+
+async def test_the_fast_lane_answers_commands_before_transcripts() -> None:
+    model = SlowLlmModel()
+    outputs: list[Any] = []
+    done: list[BatchReport] = []
+    async with InferenceWorker(lambda: model, max_new_tokens=6, warm_up=False) as w:
+        batch = asyncio.create_task(w.run([_window(1, "llm")], outputs.append))
+        assert await asyncio.to_thread(model.paused.wait, 30 * TIMING)
+        w.submit_fast([_transcript_window(2)], outputs.append, done.append)  # first in
+        w.submit_fast([_window(3, "whisper")], outputs.append, done.append)
+        model.go_on.set()
+        await asyncio.wait_for(batch, 30 * TIMING)
+    finals = [o.request.key for o in outputs if isinstance(o, Final)]
+    assert finals[:2] == ["s:3/command", "s:2/transcript"]
+    assert model.whisper_calls == [1, 1]  # two decodes: the command's did not wait
+    assert [d.finished for d in done] == [{"s:3/command"}, {"s:2/transcript"}]

@@ -9,6 +9,7 @@ load the recogniser on cuda); the tests that need a real one are marked `gpu`.
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 import numpy as np
@@ -99,7 +100,30 @@ async def test_bf16_worker_answers_every_stream_in_one_batch(bf16_model: Any) ->
     assert sorted(f.request.key for f in finals) == sorted(keys)
     assert all(0 < f.tokens <= 4 for f in finals)
     assert all(isinstance(o, Final | Partial) for o in outputs)
-    assert calls == [3]  # the three streams' windows went through the encoders together
+    # On a CPU the windows are encoded one at a time (the fast lane may run between them);
+    # the three streams' answers still came from one batch.
+    assert worker.runner is not None and worker.runner.encode_one_by_one
+    assert calls == [1, 1, 1]
+
+
+def test_off_the_cpu_a_batch_goes_through_the_encoders_together(bf16_model: Any) -> None:
+    from agent.runtime.worker import BatchRunner
+
+    calls: list[int] = []
+    real_encode = bf16_model.encode_audio
+
+    def encode_spy(audio: list[np.ndarray]) -> Any:
+        calls.append(len(audio))
+        return real_encode(audio)
+
+    windows = [_window("a", 2.0, 1, "caption"), _window("b", 1.3, 2, "caption")]
+    runner = BatchRunner(bf16_model, 2)  # encode_one_by_one is off unless the worker sets it
+    bf16_model.encode_audio = encode_spy
+    try:
+        report = runner.run(windows, lambda output: None, threading.Event())
+    finally:
+        del bf16_model.encode_audio
+    assert report.error is None and calls == [2]
 
 
 class _PlacedModel:
