@@ -285,19 +285,25 @@ async def test_speech_resuming_within_the_pause_makes_a_command_answer_stale(
 BUSY_STREAM = {"id": "busy", "prompts": {"speech": ["transcript", "caption"]}}
 
 
-async def test_early_reads_wait_while_windows_are_queued(tiny_model: Any) -> None:
-    model = ScriptedWhisper(tiny_model, lambda s: "Stop.", hold_first=True)
-    async with running(model, streams=[BUSY_STREAM]) as run:
+def _say_on_busy_stream(run: Run, busy: StreamHandle | None = None) -> StreamHandle:
+    """One utterance (a whole segment) on the ``busy`` stream, opened first if need be."""
+    if busy is None:
         assert run.agent.pipeline is not None
         busy = run.agent.pipeline.open_stream(
             run.agent.config.stream_settings("busy"), origin="test"
         )
-        audio = np.concatenate([_silence(0.5), _clip(), _silence(1.0)])
-        for k in range(0, audio.size, BLOCK):
-            busy.push(audio[k : k + BLOCK])
+    audio = np.concatenate([_silence(0.5), _clip(), _silence(1.0)])
+    for k in range(0, audio.size, BLOCK):
+        busy.push(audio[k : k + BLOCK])
+    return busy
+
+
+async def test_early_reads_wait_while_windows_are_queued(tiny_model: Any) -> None:
+    model = ScriptedWhisper(tiny_model, lambda s: "Stop.", hold_first=True)
+    async with running(model, streams=[BUSY_STREAM]) as run:
+        busy = _say_on_busy_stream(run)
         assert await asyncio.to_thread(model.entered.wait, WAIT_S)  # the worker is held
-        for k in range(0, audio.size, BLOCK):  # a second window: it waits in the queue
-            busy.push(audio[k : k + BLOCK])
+        _say_on_busy_stream(run, busy)  # a second window: it waits in the queue
         assert run.agent.pipeline.backlogged
         run.push(np.concatenate([_silence(0.5), _clip(), _silence(0.3)]))
         assert run.handle.counters["early_windows"] == 0
@@ -321,13 +327,7 @@ async def test_a_running_batch_answers_an_early_read_before_its_captions(
     between the batch's Whisper requests and its LLM work, before the caption."""
     model = ScriptedWhisper(tiny_model, lambda s: "Stop.", hold_first=True)
     async with running(model, streams=[BUSY_STREAM]) as run:
-        assert run.agent.pipeline is not None
-        busy = run.agent.pipeline.open_stream(
-            run.agent.config.stream_settings("busy"), origin="test"
-        )
-        audio = np.concatenate([_silence(0.5), _clip(), _silence(1.0)])
-        for k in range(0, audio.size, BLOCK):
-            busy.push(audio[k : k + BLOCK])
+        busy = _say_on_busy_stream(run)
         assert await asyncio.to_thread(model.entered.wait, WAIT_S)  # the batch is running
         assert not run.agent.pipeline.backlogged
         run.push(np.concatenate([_silence(0.5), _clip(), _silence(0.3)]))
