@@ -31,6 +31,10 @@ utterances per language and bucket):
   ``core-sounds-XX.txt``; the English prompt of the same name is the translation reference.
   Prompts with digits or bracketed descriptions (tones) are left out.
 - *klettres, joined*: consecutive recordings joined with 0.25 s pauses; detection only.
+- *fillets-ng*: real people again. The game Fish Fillets NG has its two fish's dialogues
+  recorded by voice actors: English in `fillets-ng-data`, Dutch in `fillets-ng-data-nl`, each
+  line with its English original beside its translation in ``script/<level>/dialogs_XX.lua``
+  (so the English reference is the text the Dutch line was translated from).
 
 Per bucket: detection, WER with the language fixed, and translation as BLEU (`sacrebleu`,
 corpus BLEU over the bucket, when it is installed) and the mean word F1. Sources whose packages
@@ -213,6 +217,12 @@ ASTERISK_SOUNDS = Path("/usr/share/asterisk/sounds")
 ASTERISK_DOCS = Path("/usr/share/doc")
 #: G.722 at 64 kbit/s: 8000 bytes a second, whatever the audio.
 G722_BYTES_PER_S = 8000
+#: Fish Fillets NG's data (Debian's fillets-ng-data, and fillets-ng-data-nl for Dutch voices).
+FILLETS_ROOT = Path("/usr/share/games/fillets-ng")
+#: Languages whose dialogue is recorded (the game's Czech originals are not among the eight).
+FILLETS_LANGUAGES = ("en", "nl")
+#: The material each table comes from (``--sources``).
+SOURCES = ("espeak", "asterisk", "klettres", "fillets")
 
 
 def bucket_name(low: float, high: float) -> str:
@@ -303,6 +313,43 @@ def asterisk_audio(code: str, name: str) -> np.ndarray:
     return pcm - pcm.mean()  # the recordings carry a small DC offset
 
 
+_LUA_STRING = r'"((?:[^"\\]|\\.)*)"'
+#: ``dialogId("id", "font", "English")`` and, in a translation's file, ``dialogStr("text")``.
+_DIALOG = re.compile(
+    rf"dialogId\(\s*{_LUA_STRING}\s*,\s*{_LUA_STRING}\s*,\s*{_LUA_STRING}\s*\)"
+    rf"(?:\s*dialogStr\(\s*{_LUA_STRING}\s*\))?"
+)
+
+
+def parse_fillets_dialogs(text: str) -> dict[str, tuple[str, str]]:
+    """Line id -> (English original, the line in the file's language) from a Fish Fillets
+    ``dialogs_XX.lua``; in the English file both are the English text. Lines with digits or
+    no letters are left out, as in `parse_core_sounds`."""
+    lines = {}
+    for found in _DIALOG.finditer(text):
+        line_id, _font, english, said = found.groups()
+        english = english.replace('\\"', '"')
+        said = english if said is None else said.replace('\\"', '"')
+        if re.search(r"\d", said) or not re.search(r"[^\W\d_]", said):
+            continue
+        lines[line_id] = (english, said)
+    return lines
+
+
+def fillets_lines(code: str) -> dict[Path, tuple[str, str]]:
+    """The recorded lines of ``code`` in Fish Fillets NG: audio path -> (English original,
+    text); empty when the game's data or that language's voices are not installed."""
+    found = {}
+    for script in sorted((FILLETS_ROOT / "script").glob(f"*/dialogs_{code}.lua")):
+        level = script.parent.name
+        text = script.read_text("utf-8", "replace")
+        for line_id, pair in parse_fillets_dialogs(text).items():
+            audio = FILLETS_ROOT / "sound" / level / code / f"{line_id}.ogg"
+            if audio.is_file():
+                found[audio] = pair
+    return found
+
+
 def pick_prompts(
     lengths_s: dict[str, float], per_bucket: int, seed: int = 0
 ) -> dict[str, list[str]]:
@@ -372,6 +419,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-single",
         action="store_true",
         help="skip the table of single espeak-ng sentences (kept to compare with earlier runs)",
+    )
+    parser.add_argument(
+        "--sources",
+        default=",".join(SOURCES),
+        help="comma-separated material for the tables by length, among " + ",".join(SOURCES),
     )
     parser.add_argument(
         "--languages",
@@ -572,8 +624,11 @@ def _score(
     ]
 
 
-def _bucket_tables(model: Any, tokenizer: Any, codes: Sequence[str], per_bucket: int) -> list[str]:
-    """The per-bucket tables: espeak-ng joined, asterisk's real speakers, klettres joined."""
+def _bucket_tables(
+    model: Any, tokenizer: Any, codes: Sequence[str], per_bucket: int, sources: Sequence[str]
+) -> list[str]:
+    """The per-bucket tables of ``sources``: espeak-ng joined, asterisk's real speakers,
+    klettres joined, Fish Fillets' voice actors."""
     from model.whisper import transcripts
 
     header = [
@@ -586,8 +641,9 @@ def _bucket_tables(model: Any, tokenizer: Any, codes: Sequence[str], per_bucket:
         "BLEU to English",
         "word F1",
     ]
+    lines: list[str] = []
     espeak_rows: list[list[Any]] = []
-    for code in codes:
+    for code in codes if "espeak" in sources else []:
         pairs = SENTENCES[code] + MORE_SENTENCES[code]
         clips = [espeak(text, ESPEAK_VOICES[code]) for text, _ in pairs]
         chosen = joined_utterances([c.size / 16000 for c in clips], per_bucket)
@@ -600,10 +656,66 @@ def _bucket_tables(model: Any, tokenizer: Any, codes: Sequence[str], per_bucket:
             english = [" ".join(pairs[i][1] for i in combo) for combo in combos]
             row = _score(model, tokenizer, code, audio, said, english)
             espeak_rows.append([code, bucket, *row])
-    lines = [
-        "## Joined espeak-ng sentences, by length",
-        _table(espeak_rows, header),
-    ]
+    if espeak_rows:
+        lines += ["## Joined espeak-ng sentences, by length", _table(espeak_rows, header)]
+    if "asterisk" in sources:
+        lines += _asterisk_table(model, tokenizer, codes, per_bucket, header)
+    klettres_rows: list[list[Any]] = []
+    for code in codes if "klettres" in sources else []:
+        for bucket, audio in klettres_joined(KLETTRES_FOLDERS[code], per_bucket).items():
+            if not audio:
+                klettres_rows.append([code, bucket, "0 (klettres-data absent?)", "-", "-"])
+                continue
+            # Detection alone: a one-token budget keeps the decode to the language step.
+            heard = transcripts(
+                model, tokenizer, audio, language=None, short_context=True, max_new_tokens=1
+            )
+            correct = sum(t.language == code for t in heard)
+            wrong = ", ".join(sorted({t.language for t in heard if t.language != code})) or "-"
+            klettres_rows.append([code, bucket, str(len(audio)), f"{correct}/{len(audio)}", wrong])
+    if klettres_rows:
+        lines += [
+            "\n## klettres recordings joined (real voices, letters and syllables), by length",
+            _table(klettres_rows, ["language", "bucket", "utterances", "detected", "mistaken for"]),
+        ]
+    if "fillets" in sources:
+        lines += _fillets_table(model, tokenizer, codes, per_bucket, header)
+    return lines
+
+
+def _fillets_table(
+    model: Any, tokenizer: Any, codes: Sequence[str], per_bucket: int, header: list[str]
+) -> list[str]:
+    """Fish Fillets NG's recorded dialogue lines (voice actors), by length bucket."""
+    import soundfile
+
+    from streaming.audio_file import load_audio
+
+    rows: list[list[Any]] = []
+    missing = []
+    for code in [c for c in codes if c in FILLETS_LANGUAGES]:
+        lines = fillets_lines(code)
+        if not lines:
+            missing.append("fillets-ng-data" + ("" if code == "en" else f" fillets-ng-data-{code}"))
+            continue
+        by_name = {str(path): pair for path, pair in lines.items()}
+        lengths = {name: soundfile.info(name).duration for name in by_name}
+        for bucket, names in pick_prompts(lengths, per_bucket).items():
+            audio = [load_audio(name) for name in names]
+            said = [by_name[name][1] for name in names]
+            english = [by_name[name][0] for name in names]
+            rows.append([code, bucket, *_score(model, tokenizer, code, audio, said, english)])
+    out = ["\n## Fish Fillets NG dialogue (voice actors), by length"]
+    out += [_table(rows, header)] if rows else []
+    if missing:
+        out.append("Not installed: " + "; ".join(missing))
+    return out
+
+
+def _asterisk_table(
+    model: Any, tokenizer: Any, codes: Sequence[str], per_bucket: int, header: list[str]
+) -> list[str]:
+    """asterisk-core-sounds' prompts (one real speaker per language), by length bucket."""
     english_prompts = asterisk_prompts("en") or {}
     asterisk_rows: list[list[Any]] = []
     missing: list[str] = []
@@ -626,27 +738,10 @@ def _bucket_tables(model: Any, tokenizer: Any, codes: Sequence[str], per_bucket:
             english = [english_prompts.get(name, "") for name in names]
             row = _score(model, tokenizer, code, audio, said, english)
             asterisk_rows.append([code, bucket, *row])
-    lines += ["\n## asterisk-core-sounds (one real speaker per language), by length"]
+    lines = ["\n## asterisk-core-sounds (one real speaker per language), by length"]
     lines += [_table(asterisk_rows, header)] if asterisk_rows else []
     if missing:
         lines.append("Not installed: " + "; ".join(missing))
-    klettres_rows: list[list[Any]] = []
-    for code in codes:
-        for bucket, audio in klettres_joined(KLETTRES_FOLDERS[code], per_bucket).items():
-            if not audio:
-                klettres_rows.append([code, bucket, "0 (klettres-data absent?)", "-", "-"])
-                continue
-            # Detection alone: a one-token budget keeps the decode to the language step.
-            heard = transcripts(
-                model, tokenizer, audio, language=None, short_context=True, max_new_tokens=1
-            )
-            correct = sum(t.language == code for t in heard)
-            wrong = ", ".join(sorted({t.language for t in heard if t.language != code})) or "-"
-            klettres_rows.append([code, bucket, str(len(audio)), f"{correct}/{len(audio)}", wrong])
-    lines += [
-        "\n## klettres recordings joined (real voices, letters and syllables), by length",
-        _table(klettres_rows, ["language", "bucket", "utterances", "detected", "mistaken for"]),
-    ]
     return lines
 
 
@@ -670,6 +765,10 @@ def run(args: argparse.Namespace) -> int:
     report = [f"# bench languages: {args.whisper}, short context, 1 thread, {platform.machine()}"]
     if not args.no_single:
         report += _single_table(model, tokenizer, codes)
-    report += ["", *_bucket_tables(model, tokenizer, codes, args.per_bucket)]
+    sources = [s for s in args.sources.split(",") if s]
+    if set(sources) - set(SOURCES):
+        print(f"bench languages: unknown sources; expected some of {','.join(SOURCES)}")  # noqa: T201
+        return 2
+    report += ["", *_bucket_tables(model, tokenizer, codes, args.per_bucket, sources)]
     print("\n".join(report), flush=True)  # noqa: T201
     return 0

@@ -19,6 +19,7 @@ from bench.languages import (
     join_clips,
     joined_utterances,
     parse_core_sounds,
+    parse_fillets_dialogs,
     pick_prompts,
     word_error_rate,
     word_overlap,
@@ -109,6 +110,30 @@ def test_parse_core_sounds_keeps_spoken_prompts_only() -> None:
     assert parse_core_sounds(text) == {
         "agent-loginok": "Agente conectado",
         "vm-goodbye": "Hasta pronto.",
+    }
+
+
+def test_parse_fillets_dialogs_pairs_each_line_with_its_english_original() -> None:
+    dutch = "\n".join(
+        [
+            'dialogId("bot-m-vidis", "font_small", "Can you see that seahorse?")',
+            'dialogStr("Zie je dat zeepaardje?")',
+            "",
+            'dialogId("x-v-quote", "font_big", "He said \\"no\\".")',
+            'dialogStr("Hij zei \\"nee\\".")',
+            'dialogId("x-v-count", "font_big", "Only 3 left.")',
+            'dialogStr("Nog 3 over.")',
+            'dialogId("x-v-sigh", "font_big", "...")',
+            'dialogStr("...")',
+        ]
+    )
+    assert parse_fillets_dialogs(dutch) == {
+        "bot-m-vidis": ("Can you see that seahorse?", "Zie je dat zeepaardje?"),
+        "x-v-quote": ('He said "no".', 'Hij zei "nee".'),
+    }
+    english = 'dialogId("bot-m-vidis", "font_small", "Can you see that seahorse?")'
+    assert parse_fillets_dialogs(english) == {
+        "bot-m-vidis": ("Can you see that seahorse?", "Can you see that seahorse?")
     }
 
 
