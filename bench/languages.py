@@ -31,10 +31,13 @@ utterances per language and bucket):
   ``core-sounds-XX.txt``; the English prompt of the same name is the translation reference.
   Prompts with digits or bracketed descriptions (tones) are left out.
 - *klettres, joined*: consecutive recordings joined with 0.25 s pauses; detection only.
-- *fillets-ng*: real people again. The game Fish Fillets NG has its two fish's dialogues
-  recorded by voice actors: English in `fillets-ng-data`, Dutch in `fillets-ng-data-nl`, each
-  line with its English original beside its translation in ``script/<level>/dialogs_XX.lua``
-  (so the English reference is the text the Dutch line was translated from).
+- *fillets-ng*: real people again. The game Fish Fillets NG has its two fish's dialogue
+  recorded by voice actors in Dutch (`fillets-ng-data-nl`; the lines and their English
+  originals are in `fillets-ng-data`'s ``script/<level>/dialogs_nl.lua``, so the English
+  reference is the text the Dutch line was translated from). Scored per fish: the big one
+  (line ids ``<level>-v-...``) and the small one (``-m-``); other characters are left out.
+  (`fillets-ng-data`'s own ``sound/*/en`` holds effects and foreign-accented side characters,
+  not English dialogue.)
 
 Per bucket: detection, WER with the language fixed, and translation as BLEU (`sacrebleu`,
 corpus BLEU over the bucket, when it is installed) and the mean word F1. Sources whose packages
@@ -220,7 +223,9 @@ G722_BYTES_PER_S = 8000
 #: Fish Fillets NG's data (Debian's fillets-ng-data, and fillets-ng-data-nl for Dutch voices).
 FILLETS_ROOT = Path("/usr/share/games/fillets-ng")
 #: Languages whose dialogue is recorded (the game's Czech originals are not among the eight).
-FILLETS_LANGUAGES = ("en", "nl")
+FILLETS_LANGUAGES = ("nl",)
+#: The two fish, by the speaker letter of a line id (``<level>-<speaker>-<name>``).
+FILLETS_FISH = {"v": "big fish", "m": "small fish"}
 #: The material each table comes from (``--sources``).
 SOURCES = ("espeak", "asterisk", "klettres", "fillets")
 
@@ -696,15 +701,21 @@ def _fillets_table(
     for code in [c for c in codes if c in FILLETS_LANGUAGES]:
         lines = fillets_lines(code)
         if not lines:
-            missing.append("fillets-ng-data" + ("" if code == "en" else f" fillets-ng-data-{code}"))
+            missing.append(f"fillets-ng-data and fillets-ng-data-{code}")
             continue
-        by_name = {str(path): pair for path, pair in lines.items()}
-        lengths = {name: soundfile.info(name).duration for name in by_name}
-        for bucket, names in pick_prompts(lengths, per_bucket).items():
-            audio = [load_audio(name) for name in names]
-            said = [by_name[name][1] for name in names]
-            english = [by_name[name][0] for name in names]
-            rows.append([code, bucket, *_score(model, tokenizer, code, audio, said, english)])
+        for letter, fish in FILLETS_FISH.items():
+            by_name = {
+                str(path): pair
+                for path, pair in lines.items()
+                if path.stem.split("-")[1:2] == [letter]
+            }
+            lengths = {name: soundfile.info(name).duration for name in by_name}
+            for bucket, names in pick_prompts(lengths, per_bucket).items():
+                audio = [load_audio(name) for name in names]
+                said = [by_name[name][1] for name in names]
+                english = [by_name[name][0] for name in names]
+                row = _score(model, tokenizer, code, audio, said, english)
+                rows.append([f"{code} ({fish})", bucket, *row])
     out = ["\n## Fish Fillets NG dialogue (voice actors), by length"]
     out += [_table(rows, header)] if rows else []
     if missing:
