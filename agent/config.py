@@ -453,19 +453,27 @@ AUTO_LANGUAGE = "auto"
 #: Whisper's tasks: text in the spoken language, or its English translation.
 WhisperTask = Literal["transcribe", "translate"]
 LANGUAGE_EXPECTED = (
-    f"'{AUTO_LANGUAGE}' (detect it) or one of Whisper's {len(WHISPER_LANGUAGES)} language "
-    f"codes: {' '.join(WHISPER_LANGUAGES)}"
+    f"'{AUTO_LANGUAGE}' (detect it), one of Whisper's {len(WHISPER_LANGUAGES)} language "
+    "codes, or several of them comma-separated (detect it among those: 'en,es'): "
+    + " ".join(WHISPER_LANGUAGES)
 )
+_CODE_RE = "(?:" + "|".join(sorted(WHISPER_LANGUAGES, key=len, reverse=True)) + ")"
+_LANGUAGE_RE = re.compile(f"{AUTO_LANGUAGE}|{_CODE_RE}(?:,{_CODE_RE})*")
+
+
+def detection_candidates(language: str) -> tuple[str, ...] | None:
+    """The languages a window's language is detected among: None for a fixed language, ``()``
+    for ``auto`` (any), the codes of a comma-separated list (``"en,es"``)."""
+    if language == AUTO_LANGUAGE:
+        return ()
+    codes = tuple(dict.fromkeys(language.split(",")))
+    return codes if len(codes) > 1 else None
 
 
 def _language(default: str | None, flag: Flag | None = None) -> Any:
-    """A Whisper language field: ``auto`` or a code of `WHISPER_LANGUAGES`."""
-    return option(
-        default,
-        choices=(AUTO_LANGUAGE, *WHISPER_LANGUAGES),
-        expected=LANGUAGE_EXPECTED,
-        flag=flag,
-    )
+    """A Whisper language field: ``auto``, a code of `WHISPER_LANGUAGES`, or several codes
+    comma-separated (`detection_candidates`)."""
+    return option(default, pattern=_LANGUAGE_RE, expected=LANGUAGE_EXPECTED, flag=flag)
 
 
 def _lora_scale(flag: Flag | None = None) -> Any:
@@ -492,8 +500,9 @@ class AgentSettings:
         print_partials: Also print partial events.
         status_interval_s: Seconds between periodic ``stats`` status events; 0 turns them off.
         language: The spoken language of every stream without its own: a Whisper code
-            (``en``, ``es``, ...) or ``auto`` (Whisper detects it per window, on the encoder
-            pass it transcribes with). Whisper transcripts and commands only.
+            (``en``, ``es``, ...), ``auto`` (Whisper detects it per window, on the encoder
+            pass it transcribes with) or several codes comma-separated (``en,es``: detected
+            among those). Whisper transcripts and commands only.
         task: ``transcribe`` (text in the spoken language) or ``translate`` (Whisper's
             English translation) for every stream without its own.
     """
@@ -1125,7 +1134,8 @@ class StreamConfig:
             than real time, drop_oldest otherwise.
         muted: Start muted (audio is discarded until unmuted).
         lora_scale: LoRA scale of this stream's tasks (None: `model.lora_scale`).
-        language: Its spoken language, a Whisper code or ``auto`` (None: `agent.language`).
+        language: Its spoken language, a Whisper code, ``auto`` or codes comma-separated
+            (detected among them; None: `agent.language`).
         task: ``transcribe`` or ``translate`` (None: `agent.task`).
         prompts: What each window kind is asked.
         questions: Standing questions.
@@ -1841,7 +1851,8 @@ class ControlCommand:
         questions: Replace its standing questions (tables as in `[[questions]]`).
         lora_scale: Its LoRA scale; None (``null``): `model.lora_scale`.
         speaking: A client (a speaker) is talking: windows overlapping it are ignored.
-        language: Its spoken language: a Whisper code or ``auto`` (as `[[streams]]`).
+        language: Its spoken language: a Whisper code, ``auto`` or comma-separated codes (as
+            `[[streams]]`).
         task: ``transcribe`` or ``translate`` (as `[[streams]]`).
     """
 

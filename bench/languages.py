@@ -431,6 +431,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma-separated material for the tables by length, among " + ",".join(SOURCES),
     )
     parser.add_argument(
+        "--among",
+        default="",
+        help="detect the language among these comma-separated codes only, as a stream's"
+        " language = 'en,es' does (default: among all of Whisper's); the tables by length"
+        " use it",
+    )
+    parser.add_argument(
         "--languages",
         default=",".join(ESPEAK_VOICES),
         help="comma-separated language codes among " + ",".join(ESPEAK_VOICES),
@@ -584,6 +591,7 @@ def _score(
     audio: list[np.ndarray],
     said: Sequence[str],
     english: Sequence[str],
+    among: Sequence[str] = (),
 ) -> list[Any]:
     """One row of a bucket table: detection, WER with the language fixed, translation.
 
@@ -592,7 +600,7 @@ def _score(
     """
     from model.whisper import transcripts
 
-    heard = transcripts(model, tokenizer, audio, language=None, short_context=True)
+    heard = transcripts(model, tokenizer, audio, language=None, short_context=True, among=among)
     correct = sum(t.language == code for t in heard)
     wrong = ", ".join(sorted({t.language for t in heard if t.language != code})) or "-"
     fixed = transcripts(model, tokenizer, audio, language=code, short_context=True)
@@ -630,7 +638,12 @@ def _score(
 
 
 def _bucket_tables(
-    model: Any, tokenizer: Any, codes: Sequence[str], per_bucket: int, sources: Sequence[str]
+    model: Any,
+    tokenizer: Any,
+    codes: Sequence[str],
+    per_bucket: int,
+    sources: Sequence[str],
+    among: Sequence[str] = (),
 ) -> list[str]:
     """The per-bucket tables of ``sources``: espeak-ng joined, asterisk's real speakers,
     klettres joined, Fish Fillets' voice actors."""
@@ -659,12 +672,12 @@ def _bucket_tables(
             audio = [join_clips([clips[i] for i in combo], GAP_S) for combo in combos]
             said = [" ".join(pairs[i][0] for i in combo) for combo in combos]
             english = [" ".join(pairs[i][1] for i in combo) for combo in combos]
-            row = _score(model, tokenizer, code, audio, said, english)
+            row = _score(model, tokenizer, code, audio, said, english, among)
             espeak_rows.append([code, bucket, *row])
     if espeak_rows:
         lines += ["## Joined espeak-ng sentences, by length", _table(espeak_rows, header)]
     if "asterisk" in sources:
-        lines += _asterisk_table(model, tokenizer, codes, per_bucket, header)
+        lines += _asterisk_table(model, tokenizer, codes, per_bucket, header, among)
     klettres_rows: list[list[Any]] = []
     for code in codes if "klettres" in sources else []:
         for bucket, audio in klettres_joined(KLETTRES_FOLDERS[code], per_bucket).items():
@@ -673,7 +686,13 @@ def _bucket_tables(
                 continue
             # Detection alone: a one-token budget keeps the decode to the language step.
             heard = transcripts(
-                model, tokenizer, audio, language=None, short_context=True, max_new_tokens=1
+                model,
+                tokenizer,
+                audio,
+                language=None,
+                short_context=True,
+                max_new_tokens=1,
+                among=among,
             )
             correct = sum(t.language == code for t in heard)
             wrong = ", ".join(sorted({t.language for t in heard if t.language != code})) or "-"
@@ -684,12 +703,17 @@ def _bucket_tables(
             _table(klettres_rows, ["language", "bucket", "utterances", "detected", "mistaken for"]),
         ]
     if "fillets" in sources:
-        lines += _fillets_table(model, tokenizer, codes, per_bucket, header)
+        lines += _fillets_table(model, tokenizer, codes, per_bucket, header, among)
     return lines
 
 
 def _fillets_table(
-    model: Any, tokenizer: Any, codes: Sequence[str], per_bucket: int, header: list[str]
+    model: Any,
+    tokenizer: Any,
+    codes: Sequence[str],
+    per_bucket: int,
+    header: list[str],
+    among: Sequence[str] = (),
 ) -> list[str]:
     """Fish Fillets NG's recorded dialogue lines (voice actors), by length bucket."""
     import soundfile
@@ -714,7 +738,7 @@ def _fillets_table(
                 audio = [load_audio(name) for name in names]
                 said = [by_name[name][1] for name in names]
                 english = [by_name[name][0] for name in names]
-                row = _score(model, tokenizer, code, audio, said, english)
+                row = _score(model, tokenizer, code, audio, said, english, among)
                 rows.append([f"{code} ({fish})", bucket, *row])
     out = ["\n## Fish Fillets NG dialogue (voice actors), by length"]
     out += [_table(rows, header)] if rows else []
@@ -724,7 +748,12 @@ def _fillets_table(
 
 
 def _asterisk_table(
-    model: Any, tokenizer: Any, codes: Sequence[str], per_bucket: int, header: list[str]
+    model: Any,
+    tokenizer: Any,
+    codes: Sequence[str],
+    per_bucket: int,
+    header: list[str],
+    among: Sequence[str] = (),
 ) -> list[str]:
     """asterisk-core-sounds' prompts (one real speaker per language), by length bucket."""
     english_prompts = asterisk_prompts("en") or {}
@@ -747,7 +776,7 @@ def _asterisk_table(
             audio = [asterisk_audio(code, name) for name in names]
             said = [prompts[name] for name in names]
             english = [english_prompts.get(name, "") for name in names]
-            row = _score(model, tokenizer, code, audio, said, english)
+            row = _score(model, tokenizer, code, audio, said, english, among)
             asterisk_rows.append([code, bucket, *row])
     lines = ["\n## asterisk-core-sounds (one real speaker per language), by length"]
     lines += [_table(asterisk_rows, header)] if asterisk_rows else []
@@ -780,6 +809,9 @@ def run(args: argparse.Namespace) -> int:
     if set(sources) - set(SOURCES):
         print(f"bench languages: unknown sources; expected some of {','.join(SOURCES)}")  # noqa: T201
         return 2
-    report += ["", *_bucket_tables(model, tokenizer, codes, args.per_bucket, sources)]
+    among = tuple(c for c in args.among.split(",") if c)
+    if among:
+        report.append(f"Detection among {','.join(among)} only (--among).")
+    report += ["", *_bucket_tables(model, tokenizer, codes, args.per_bucket, sources, among)]
     print("\n".join(report), flush=True)  # noqa: T201
     return 0

@@ -1296,11 +1296,13 @@ class Salmonn(nn.Module):
         task: str = "transcribe",
         translate_other: bool = False,
         short_context: bool = True,
+        among: Sequence[str] = (),
     ) -> list[Transcript]:
         """Whisper transcripts with each clip's language (`model.whisper.transcripts`): a
-        fixed language or, with None, the one detected on the same encoder pass; the
-        ``translate`` task; ``translate_other`` adds the English translation of clips that
-        are not English (`Transcript.english`), from the same encoder output."""
+        fixed language or, with None, the one detected on the same encoder pass (``among``
+        those codes when given); the ``translate`` task; ``translate_other`` adds the English
+        translation of clips that are not English (`Transcript.english`), from the same
+        encoder output."""
         from model.whisper import transcripts
 
         return transcripts(
@@ -1311,6 +1313,7 @@ class Salmonn(nn.Module):
             task=task,
             translate_other=translate_other,
             short_context=short_context,
+            among=among,
         )
 
 

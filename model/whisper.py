@@ -443,6 +443,7 @@ def transcripts(
     max_new_tokens: int = 100,
     short_context: bool = False,
     translate_other: bool = False,
+    among: Sequence[str] = (),
 ) -> list[Transcript]:
     """Transcribe or translate clips with Whisper's own decoder, with each clip's language.
 
@@ -466,6 +467,9 @@ def transcripts(
             every clip whose language (fixed or detected) is not English, on the same encoder
             output (`Transcript.english`), for readers that need English (the agent's command
             grammar).
+        among: With ``language=None``: detect the language among these codes only (a
+            household's two languages, say); empty: among all the tokenizer knows. The
+            probability is then among these.
 
     Returns:
         One `Transcript` per clip.
@@ -478,12 +482,14 @@ def transcripts(
     if tokenizer is None:
         raise ModelError("transcribe needs a tokenizer; this Whisper source has none")
     check_language(model, tokenizer, language, task)
+    for code in among:
+        check_language(model, tokenizer, code, task)
     translate_other = translate_other and task == "transcribe"
     if translate_other:
         check_language(model, tokenizer, language, "translate")
     if not short_context:
         return _transcripts_official(
-            model, tokenizer, audio, language, task, max_new_tokens, translate_other
+            model, tokenizer, audio, language, task, max_new_tokens, translate_other, among
         )
     clips = _prepare_clips(audio, MAX_AUDIO_SAMPLES)
     longest_s = max(c.shape[0] for c in clips) / SAMPLE_RATE_HZ
@@ -496,7 +502,7 @@ def transcripts(
     budgets = [min(max_new_tokens, 10 + math.ceil(8 * c.shape[0] / SAMPLE_RATE_HZ)) for c in clips]
     with torch.inference_mode():
         hidden = encode(model.model.encoder, features)  # (B, T, d_model), silence included
-        detected = _languages(model, tokenizer, hidden, language)
+        detected = _languages(model, tokenizer, hidden, language, among)
         texts = _decode_short(model, tokenizer, hidden, detected, task, budgets)
         english: list[str | None] = [None] * len(clips)
         foreign = [i for i, (code, _) in enumerate(detected) if code != "en"]
@@ -560,6 +566,7 @@ def _transcripts_official(
     task: str,
     max_new_tokens: int,
     translate_other: bool = False,
+    among: Sequence[str] = (),
 ) -> list[Transcript]:
     """The official 30 s window, decoded by transformers' `generate`."""
     features, _ = whisper_features(audio, trimmed=False, n_mels=model.config.num_mel_bins)
@@ -568,7 +575,7 @@ def _transcripts_official(
     kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens}
     with torch.inference_mode():
         encoded = model.model.encoder(features)
-        detected = _languages(model, tokenizer, encoded.last_hidden_state, language)
+        detected = _languages(model, tokenizer, encoded.last_hidden_state, language, among)
         if _is_multilingual(model):
             kwargs.update(language=[code for code, _ in detected], task=task)
         tokens = model.generate(encoder_outputs=encoded, **kwargs)
@@ -598,10 +605,11 @@ def _languages(
     tokenizer: WhisperTokenizerFast,
     hidden: torch.Tensor,
     language: str | None,
+    among: Sequence[str] = (),
 ) -> list[tuple[str, float]]:
     """The fixed language with probability 1 for every clip, or the detected ones."""
     if language is None:
-        return detect_language(model, tokenizer, hidden)
+        return detect_language(model, tokenizer, hidden, among)
     return [(language, 1.0)] * hidden.shape[0]
 
 
@@ -609,6 +617,7 @@ def detect_language(
     model: WhisperForConditionalGeneration,
     tokenizer: WhisperTokenizerFast,
     hidden: torch.Tensor,
+    among: Sequence[str] = (),
 ) -> list[tuple[str, float]]:
     """Each clip's most likely language and its probability, from encoder output.
 
@@ -619,11 +628,12 @@ def detect_language(
         model: a multilingual Whisper from `load_whisper`.
         tokenizer: its tokenizer.
         hidden: (B, T, d_model) encoder output (`encode`).
+        among: Only these codes compete (the softmax is over their tokens); empty: all.
 
     Returns:
         ``(code, probability)`` per clip.
     """
-    codes = language_codes(tokenizer)
+    codes = tuple(among) or language_codes(tokenizer)
     ids = tokenizer.convert_tokens_to_ids([f"<|{c}|>" for c in codes])
     start = tokenizer.convert_tokens_to_ids("<|startoftranscript|>")
     prompt = torch.full((hidden.shape[0], 1), start, device=hidden.device)

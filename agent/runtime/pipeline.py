@@ -116,7 +116,8 @@ class StreamHandle:
         counters: windows, answered, dropped, failed, muted_blocks, ignored_speaking,
             early_windows, early_commands.
         endpointer: The stream's early command state (`Endpointer`).
-        language: Whisper's language for its windows: a code or ``auto`` (the stream's
+        language: Whisper's language for its windows: a code, ``auto`` or codes
+            comma-separated (the stream's
             ``language``, else ``agent.language``; a control command changes it).
         task: Whisper's task for them: ``transcribe`` or ``translate`` (likewise).
     """

@@ -65,8 +65,9 @@ class Request:
             ``command`` (the worker's command recogniser, ``model.command_whisper``, when one
             is loaded).
         question: For answers, the standing question.
-        language: For ``whisper`` requests: the stream's spoken language, a Whisper code or
-            ``auto`` (detected per window on the same encoder pass).
+        language: For ``whisper`` requests: the stream's spoken language, a Whisper code,
+            ``auto`` (detected per window on the same encoder pass) or comma-separated codes
+            (detected among those, `agent.config.detection_candidates`).
         whisper_task: For ``whisper`` requests: ``transcribe`` or ``translate`` (English).
     """
 
@@ -350,7 +351,7 @@ class BatchRunner:
         (a recogniser for English transcription; the model's own multilingual Whisper per
         language and task otherwise, with the English translation of foreign commands
         decoded from the same encoder output)."""
-        from agent.config import AUTO_LANGUAGE
+        from agent.config import detection_candidates
 
         own: Callable[[list[FloatArray]], list[str]] = self.model.transcribe_with_whisper
 
@@ -378,13 +379,15 @@ class BatchRunner:
                 heard = {i: (t.strip(), "en", None, None) for i, t in zip(group, said, strict=True)}
             else:
                 _, language, task = how
+                among = detection_candidates(language)
                 found = self.model.whisper_transcripts(
                     audio,
-                    language=None if language == AUTO_LANGUAGE else language,
+                    language=None if among is not None else language.split(",")[0],
                     task=task,
                     translate_other=how in commands and task == "transcribe",
+                    among=among or (),
                 )
-                detected = language == AUTO_LANGUAGE
+                detected = among is not None
                 heard = {
                     i: (
                         t.text.strip(),

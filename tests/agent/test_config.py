@@ -499,5 +499,5 @@ def test_language_and_task_over_control_all_or_nothing() -> None:
     }
     with pytest.raises(ControlError, match=r"^control command: 'task' expects one of"):
         validate_control({"language": "es", "task": "summarise"})
-    with pytest.raises(ControlError, match=r"'language' expects 'auto' \(detect it\) or one of"):
+    with pytest.raises(ControlError, match=r"'language' expects 'auto' \(detect it\), one of"):
         validate_control({"language": 7})

@@ -40,6 +40,8 @@ STREAMS = (
         {"language": "auto", "task": "translate"},
     ),
     ("en", "en-us", "Turn left and stop.", {"language": "en"}),
+    # Detected among a household's two languages only.
+    ("among", "es", "Enciende las luces de la cocina.", {"language": "en,es"}),
 )
 
 
@@ -158,6 +160,17 @@ def test_auto_language_is_detected_and_in_the_event(run_events: Any) -> None:
     assert "translated" not in transcript
 
 
+def test_a_language_list_is_detected_among_its_codes(run_events: Any) -> None:
+    events, model = run_events
+    among = _one(events, "among", "transcript")
+    anywhere = _one(events, "es", "transcript")
+    assert among["language"] == "es" and among["text"] == anywhere["text"]
+    # The same audio: with only en and es competing, es is at least as likely as among all 99.
+    assert anywhere["language_probability"] <= among["language_probability"] <= 1
+    calls = [c for c in model.language_calls if c.get("among") == ("en", "es")]
+    assert calls and all(c["language"] is None for c in calls)
+
+
 def test_a_fixed_language_has_no_probability(run_events: Any) -> None:
     events, _ = run_events
     transcript = _one(events, "de", "transcript")
@@ -225,3 +238,7 @@ def test_bad_language_code_is_refused_naming_the_codes(tmp_path: Path) -> None:
         assert "got 'klingon'" in message
         assert "'auto'" in message and " ".join(WHISPER_LANGUAGES) in message
     assert isinstance(load_config(None), AgentConfig)
+    for bad in ("en,klingon", "auto,en", "en,,es"):
+        with pytest.raises(ControlError, match="comma-separated"):
+            validate_control({"language": bad})
+    assert validate_control({"language": "en,es"}) == {"language": "en,es"}
