@@ -58,7 +58,7 @@ import subprocess
 import tempfile
 import time
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -584,6 +584,10 @@ def _single_table(model: Any, tokenizer: Any, codes: Sequence[str]) -> list[str]
     ]
 
 
+#: One row's scores of a bucket table: (code, audio, said, English references) -> cells.
+Scorer = Callable[[str, list[np.ndarray], list[str], list[str]], list[Any]]
+
+
 def _score(
     model: Any,
     tokenizer: Any,
@@ -659,6 +663,10 @@ def _bucket_tables(
         "BLEU to English",
         "word F1",
     ]
+
+    def score(code: str, audio: list[np.ndarray], said: list[str], english: list[str]) -> list[Any]:
+        return _score(model, tokenizer, code, audio, said, english, among)
+
     lines: list[str] = []
     espeak_rows: list[list[Any]] = []
     for code in codes if "espeak" in sources else []:
@@ -672,12 +680,11 @@ def _bucket_tables(
             audio = [join_clips([clips[i] for i in combo], GAP_S) for combo in combos]
             said = [" ".join(pairs[i][0] for i in combo) for combo in combos]
             english = [" ".join(pairs[i][1] for i in combo) for combo in combos]
-            row = _score(model, tokenizer, code, audio, said, english, among)
-            espeak_rows.append([code, bucket, *row])
+            espeak_rows.append([code, bucket, *score(code, audio, said, english)])
     if espeak_rows:
         lines += ["## Joined espeak-ng sentences, by length", _table(espeak_rows, header)]
     if "asterisk" in sources:
-        lines += _asterisk_table(model, tokenizer, codes, per_bucket, header, among)
+        lines += _asterisk_table(codes, per_bucket, header, score)
     klettres_rows: list[list[Any]] = []
     for code in codes if "klettres" in sources else []:
         for bucket, audio in klettres_joined(KLETTRES_FOLDERS[code], per_bucket).items():
@@ -703,17 +710,12 @@ def _bucket_tables(
             _table(klettres_rows, ["language", "bucket", "utterances", "detected", "mistaken for"]),
         ]
     if "fillets" in sources:
-        lines += _fillets_table(model, tokenizer, codes, per_bucket, header, among)
+        lines += _fillets_table(codes, per_bucket, header, score)
     return lines
 
 
 def _fillets_table(
-    model: Any,
-    tokenizer: Any,
-    codes: Sequence[str],
-    per_bucket: int,
-    header: list[str],
-    among: Sequence[str] = (),
+    codes: Sequence[str], per_bucket: int, header: list[str], score: Scorer
 ) -> list[str]:
     """Fish Fillets NG's recorded dialogue lines (voice actors), by length bucket."""
     import soundfile
@@ -738,8 +740,7 @@ def _fillets_table(
                 audio = [load_audio(name) for name in names]
                 said = [by_name[name][1] for name in names]
                 english = [by_name[name][0] for name in names]
-                row = _score(model, tokenizer, code, audio, said, english, among)
-                rows.append([f"{code} ({fish})", bucket, *row])
+                rows.append([f"{code} ({fish})", bucket, *score(code, audio, said, english)])
     out = ["\n## Fish Fillets NG dialogue (voice actors), by length"]
     out += [_table(rows, header)] if rows else []
     if missing:
@@ -748,12 +749,7 @@ def _fillets_table(
 
 
 def _asterisk_table(
-    model: Any,
-    tokenizer: Any,
-    codes: Sequence[str],
-    per_bucket: int,
-    header: list[str],
-    among: Sequence[str] = (),
+    codes: Sequence[str], per_bucket: int, header: list[str], score: Scorer
 ) -> list[str]:
     """asterisk-core-sounds' prompts (one real speaker per language), by length bucket."""
     english_prompts = asterisk_prompts("en") or {}
@@ -776,8 +772,7 @@ def _asterisk_table(
             audio = [asterisk_audio(code, name) for name in names]
             said = [prompts[name] for name in names]
             english = [english_prompts.get(name, "") for name in names]
-            row = _score(model, tokenizer, code, audio, said, english, among)
-            asterisk_rows.append([code, bucket, *row])
+            asterisk_rows.append([code, bucket, *score(code, audio, said, english)])
     lines = ["\n## asterisk-core-sounds (one real speaker per language), by length"]
     lines += [_table(asterisk_rows, header)] if asterisk_rows else []
     if missing:
