@@ -545,9 +545,10 @@ class AgentSettings:
         "en",
         flag(
             "--language",
-            "spoken language of the streams: a Whisper code (en, es, de, ...) or auto to"
-            " detect it per window (agent.language, default en)",
-            metavar="CODE",
+            "spoken language of the streams: a Whisper code (en, es, de, ...), auto to"
+            " detect it per window, or codes comma-separated to detect it among those"
+            " (en,es) (agent.language, default en)",
+            metavar="CODE[,CODE...]",
         ),
     )
     task: Literal["transcribe", "translate"] = option(
