@@ -463,11 +463,10 @@ _LANGUAGE_RE = re.compile(f"{AUTO_LANGUAGE}|{_CODE_RE}(?:,{_CODE_RE})*")
 
 def detection_candidates(language: str) -> tuple[str, ...] | None:
     """The languages a window's language is detected among: None for a fixed language, ``()``
-    for ``auto`` (any), the codes of a comma-separated list (``"en,es"``)."""
+    for ``auto`` (any), the codes of a comma-separated list (``"en,es"``, each once)."""
     if language == AUTO_LANGUAGE:
         return ()
-    codes = tuple(dict.fromkeys(language.split(",")))
-    return codes if len(codes) > 1 else None
+    return tuple(dict.fromkeys(language.split(","))) if "," in language else None
 
 
 def _language(default: str | None, flag: Flag | None = None) -> Any:

@@ -117,8 +117,8 @@ class StreamHandle:
             early_windows, early_commands.
         endpointer: The stream's early command state (`Endpointer`).
         language: Whisper's language for its windows: a code, ``auto`` or codes
-            comma-separated (the stream's
-            ``language``, else ``agent.language``; a control command changes it).
+            comma-separated (the stream's ``language``, else ``agent.language``; a control
+            command changes it).
         task: Whisper's task for them: ``transcribe`` or ``translate`` (likewise).
     """
 

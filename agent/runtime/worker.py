@@ -382,7 +382,7 @@ class BatchRunner:
                 among = detection_candidates(language)
                 found = self.model.whisper_transcripts(
                     audio,
-                    language=None if among is not None else language.split(",")[0],
+                    language=None if among is not None else language,
                     task=task,
                     translate_other=how in commands and task == "transcribe",
                     among=among or (),
@@ -843,10 +843,7 @@ class InferenceWorker:
                 if group:
                     self._answer_fast(group)
 
-    def _answer_fast(
-        self,
-        items: Sequence[_FastItem],
-    ) -> None:
+    def _answer_fast(self, items: Sequence[_FastItem]) -> None:
         """Answer fast-lane items as one batch, each reported to its own callbacks."""
         assert self.runner is not None
         windows = [w for item_windows, _, _ in items for w in item_windows]
