@@ -50,7 +50,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         ),
     )
     add_model_arguments(train)
-    train.add_argument("--recipe", choices=("nano",), help="run the whole recipe into --out")
+    train.set_defaults(model=None)  # nano, or the recipe's own preset (nano-v2: nano-dual)
+    train.add_argument(
+        "--recipe",
+        choices=("nano", "nano-v2"),
+        help="run the whole recipe into --out (nano-v2: corpus v2 on the nano-dual preset,"
+        " Whisper + YAMNet, unless --model names another)",
+    )
     train.add_argument(
         "--tiny", action="store_true", help="with --recipe: a smoke-test size (minutes)"
     )
@@ -196,9 +202,11 @@ def run_train(args: argparse.Namespace) -> int:
     from training.train import EncoderCache, TrainConfig, Trainer, TrainingError, read_manifest
 
     if args.recipe:
-        from training.recipe import NANO_PLAN, TINY_PLAN, run_recipe
+        from training.recipe import RECIPES, run_recipe
 
-        plan = TINY_PLAN if args.tiny else NANO_PLAN
+        full, tiny, preset = RECIPES[args.recipe]
+        plan = tiny if args.tiny else full
+        args.model = args.model or preset
         # From fresh trainable parts, not the shipped ones: the recipe must reproduce them.
         model = load_model_from_args(args, trained_parts=False)
         report = run_recipe(
@@ -211,6 +219,7 @@ def run_train(args: argparse.Namespace) -> int:
         )
         _out(json.dumps({k: report[k] for k in ("timings_s", "test")}, indent=1))
         return 0
+    args.model = args.model or "nano"
     if not args.stage or not args.manifest:
         raise TrainingError("train needs --stage and --manifest (or --recipe nano)")
     options = {k: getattr(args, k) for k in _TRAIN_OPTIONS if getattr(args, k) is not None}

@@ -18,12 +18,19 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from model.prompts import PROMPTS, UNSEEN_INSTRUCTIONS, eval_prompt
 from model.salmonn import Salmonn
 from training.corpus import CorpusSize, synthesize_corpus, write_manifest
-from training.scoring import SCORED_TASKS, follows_instruction, per_class, report, score_item
+from training.scoring import (
+    SCORED_TASKS,
+    ScoredItem,
+    follows_instruction,
+    per_class,
+    report,
+    score_item,
+)
 from training.train import (
     AudioLoader,
     EncoderCache,
@@ -37,6 +44,7 @@ from training.train import (
 )
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: Token budget per task when evaluating (answers are short: a transcript, a JSON, a caption).
 EVAL_MAX_NEW_TOKENS = {"asr": 40, "command": 40, "audiocaption": 24}
@@ -132,6 +140,41 @@ def evaluate_model(
     return out
 
 
+def evaluate_qa(
+    model: Salmonn,
+    cache: EncoderCache,
+    samples: list[Sample],
+    *,
+    batch_size: int = 8,
+    max_new_tokens: int = 40,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Answer every ``QA`` entry's question with the evaluation prompt and score it by
+    `training.scoring.qa_correct`.
+
+    Returns:
+        `training.scoring.qa_report`'s dict: accuracy overall, per kind (speech, sound, music)
+        and per question template, and the items.
+    """
+    from training.scoring import qa_correct, qa_report
+
+    chosen = [s for s in samples if s.task == "QA"]
+    answers = generate_answers(
+        model,
+        cache,
+        chosen,
+        [eval_prompt("QA", s.question) for s in chosen],
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        progress=progress,
+    )
+    items = [
+        ScoredItem(s.manifest_path or str(s.path), "QA", s.text, a, qa_correct(s.text, a))
+        for s, a in zip(chosen, answers, strict=True)
+    ]
+    return qa_report([s.question for s in chosen], items)
+
+
 def _whisper_transcripts(
     model: Salmonn, samples: list[Sample], batch_size: int, loader: AudioLoader
 ) -> dict[str, str]:
@@ -156,14 +199,18 @@ def exact_eval_json(result: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
+def spread(items: list[T], count: int) -> list[T]:
+    """``count`` items taken at even steps over ``items`` (all of them when fewer)."""
+    if len(items) <= count:
+        return list(items)
+    stride = len(items) / count
+    return [items[int(i * stride)] for i in range(count)]
+
+
 def pick_clips(samples: list[Sample], count: int) -> list[Sample]:
     """``count`` distinct clips spread over the manifest (every k-th distinct path), so sound,
     speech and mixed clips all appear; deterministic."""
-    distinct = list({str(s.path): s for s in samples}.values())
-    if len(distinct) <= count:
-        return distinct
-    stride = len(distinct) / count
-    return [distinct[int(i * stride)] for i in range(count)]
+    return spread(list({str(s.path): s for s in samples}.values()), count)
 
 
 def _references(samples: list[Sample]) -> dict[str, list[str]]:
@@ -287,6 +334,10 @@ class RecipePlan:
     following_clips: int = 8
     following_tokens: int = 80
     eval_limit: int | None = None
+    #: ``v1``: `training.corpus`; ``v2``: `training.corpus_v2`, whose own stories and
+    #: descriptions (``activation.json``) are the activation data instead of generated ones.
+    corpus: str = "v1"
+    qa_limit: int = 0  # test QA entries scored (`evaluate_qa`); 0 scores none
 
 
 #: The nano recipe, sized to finish well under 3 hours on a 2-core CPU (docs/training.md).
@@ -310,6 +361,22 @@ NANO_PLAN = RecipePlan(
     caption_repeats=2,
 )  # fmt: skip
 
+#: nano v2 (`train --recipe nano-v2`, model ``nano-dual``: Whisper + YAMNet): corpus v2 (Piper
+#: and espeak-ng speech, real GCompris recordings, rendered music), NANO_PLAN's learning rates,
+#: fewer steps because v2 clips are about three times as long (so are the rows), and the
+#: corpus's own stories and descriptions as activation data.
+NANO_V2_PLAN = RecipePlan(
+    corpus_size="full",
+    pretrain=dataclasses.replace(NANO_PLAN.pretrain, steps=300, eval_every=150),
+    instruct=dataclasses.replace(NANO_PLAN.instruct, steps=600, eval_every=200),
+    activation=NANO_PLAN.activation,
+    caption_repeats=2,
+    activation_samples=24,
+    eval_limit=480,
+    corpus="v2",
+    qa_limit=240,
+)
+
 #: A smoke-test plan: the whole pipeline in a couple of minutes (meaningless numbers).
 TINY_PLAN = RecipePlan(
     corpus_size="tiny",
@@ -330,6 +397,14 @@ TINY_PLAN = RecipePlan(
     following_clips=2,
     following_tokens=12,
 )  # fmt: skip
+TINY_V2_PLAN = dataclasses.replace(TINY_PLAN, corpus="v2", qa_limit=8)
+
+#: ``train --recipe NAME``: (full plan, --tiny plan, the preset trained when --model is not
+#: given).
+RECIPES: dict[str, tuple[RecipePlan, RecipePlan, str]] = {
+    "nano": (NANO_PLAN, TINY_PLAN, "nano"),
+    "nano-v2": (NANO_V2_PLAN, TINY_V2_PLAN, "nano-dual"),
+}
 
 
 def run_recipe(
@@ -367,8 +442,12 @@ def run_recipe(
     corpus_dir = out / "corpus"
     meta_file = corpus_dir / "meta.json"
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-    if meta.get("size") != plan.corpus_size or meta.get("seed") != seed:
-        synthesize_corpus(corpus_dir, size=plan.corpus_size, seed=seed)
+    wanted = (plan.corpus_size, seed, plan.corpus)
+    if (meta.get("size"), meta.get("seed"), meta.get("corpus", "v1")) != wanted:
+        synthesize = synthesize_corpus
+        if plan.corpus == "v2":
+            from training.corpus_v2 import synthesize_corpus as synthesize
+        synthesize(corpus_dir, size=plan.corpus_size, seed=seed)
     timings["corpus"] = time.perf_counter() - started
 
     train_all = read_manifest(corpus_dir / "train.json")
@@ -403,7 +482,14 @@ def run_recipe(
         model, cache, test, clips=plan.following_clips, max_new_tokens=plan.following_tokens
     )
     stories_manifest = out / "activation" / "stories.json"
-    if not (resume and stories_manifest.is_file()):
+    if plan.corpus == "v2":
+        written = json.loads((corpus_dir / "activation.json").read_text())["annotation"]
+        chosen = spread(written, plan.activation_samples)
+        stories_manifest.parent.mkdir(parents=True, exist_ok=True)
+        write_manifest(
+            stories_manifest, [{**e, "path": str(corpus_dir / e["path"])} for e in chosen]
+        )
+    elif not (resume and stories_manifest.is_file()):
         make_activation_data(
             model,
             cache,
@@ -430,8 +516,13 @@ def run_recipe(
     started = time.perf_counter()
     model.pack_for_inference()  # training is over: faster decoding, same answers
     result = evaluate_model(model, cache, eval_samples, progress=progress)
+    if plan.qa_limit:
+        qa = [s for s in test if s.task == "QA"]
+        result["qa"] = evaluate_qa(model, cache, spread(qa, plan.qa_limit))
     timings["eval"] = time.perf_counter() - started
     rep["test"] = {k: v for k, v in result.items() if k != "items"}
+    if "qa" in rep["test"]:
+        rep["test"]["qa"] = {k: v for k, v in result["qa"].items() if k != "items"}
     (out / "test_eval.json").write_text(json.dumps(result, indent=1) + "\n")
 
     final = out / "final"

@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from agent.intents import validate_intent
-from training.corpus import number_words, sound_classes_named
+from training.corpus import number_words
+from training.corpus_v2 import sound_classes_named
 
 logger = logging.getLogger(__name__)
 
@@ -168,6 +169,65 @@ def per_class(items: list[ScoredItem]) -> dict[str, dict[str, dict[str, float]]]
         }
         for task, counter in totals.items()
     }
+
+
+# -- questions about the audio (corpus v2's QA) -----------------------------------------------
+
+_ARTICLES = {"a", "an", "the"}
+_SAID = re.compile(r"^what did the \w+ say\b.*$")
+
+
+def qa_correct(expected: str, predicted: str) -> bool:
+    """A QA answer is right when it gives the reference's words: the first word for a yes/no
+    reference ("Yes." against "Yes, there is."), otherwise all of them, in order, ignoring
+    case, punctuation and articles ("A man." against "man")."""
+    want = normalize_words(expected)
+    got = normalize_words(predicted)
+    if want in (["yes"], ["no"]):
+        return got[:1] == want
+    return [w for w in got if w not in _ARTICLES] == [w for w in want if w not in _ARTICLES]
+
+
+def qa_question_kind(question: str) -> tuple[str, str]:
+    """What a corpus v2 question asks about, and its template: ``("speech", "What did the ...
+    say ...?")``, ``("music", "Is there music?")``, ``("sound", "What sound can be heard ...?")``.
+
+    Questions about what was said and who said it are ``speech`` even over music.
+    """
+    q = question.strip()
+    low = q.lower()
+    if _SAID.match(low):
+        return "speech", "What did the ... say ...?"
+    if low.startswith("what sound"):
+        return "sound", "What sound can be heard ...?"
+    if any(w in low for w in ("music", "instrument", "piece")):
+        return "music", q
+    return "speech", q
+
+
+def qa_report(questions: list[str], items: list[ScoredItem]) -> dict[str, Any]:
+    """Accuracy over QA answers, per kind (`qa_question_kind`) and per question template.
+
+    Returns:
+        ``{"accuracy", "n", "per_kind": {kind: {"n", "accuracy"}}, "per_question": {...},
+        "items": [...]}``.
+    """
+    groups: dict[str, dict[str, list[bool]]] = {"per_kind": {}, "per_question": {}}
+    for question, item in zip(questions, items, strict=True):
+        kind, template = qa_question_kind(question)
+        groups["per_kind"].setdefault(kind, []).append(item.correct)
+        groups["per_question"].setdefault(template, []).append(item.correct)
+    out: dict[str, Any] = {
+        "accuracy": sum(i.correct for i in items) / len(items) if items else None,
+        "n": len(items),
+    }
+    for name, by in groups.items():
+        out[name] = {
+            key: {"n": len(rights), "accuracy": sum(rights) / len(rights)}
+            for key, rights in sorted(by.items())
+        }
+    out["items"] = [{**asdict(i), "question": q} for q, i in zip(questions, items, strict=True)]
+    return out
 
 
 # -- instruction following ---------------------------------------------------------------------
