@@ -54,6 +54,10 @@ PROMPTS: dict[str, tuple[str, ...]] = {
         "Answer the question about the audio: {}",
         "Listen to the audio and answer. {}",
     ),
+    # A caption asked with the sound tagger's labels in front ("Sounds heard: dog (0.93).
+    # Please describe the audio.", the agent's `sounds.caption_labels`): the manifest's ``Q``
+    # is the whole instruction.
+    "audiocaption_tagged": ("{}",),
     "audio_story_telling": (
         "Based on the audio, write a story in detail. Your story should be highly related to "
         "the audio.",

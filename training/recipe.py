@@ -338,6 +338,9 @@ class RecipePlan:
     #: descriptions (``activation.json``) are the activation data instead of generated ones.
     corpus: str = "v1"
     qa_limit: int = 0  # test QA entries scored (`evaluate_qa`); 0 scores none
+    #: The repeated captions (``caption_repeats``) are asked with the sound tagger's labels in
+    #: the instruction, as the agent asks (`tagged_captions`).
+    tagged_captions: bool = False
 
 
 #: The nano recipe, sized to finish well under 3 hours on a 2-core CPU (docs/training.md).
@@ -461,9 +464,12 @@ def run_recipe(
     rep["encoded_clips"] = encoded
 
     dev_pretrain = [s for s in dev if s.task in ("asr", "audiocaption")]
-    instruct = train_all + [s for s in train_all if s.task == "audiocaption"] * (
-        plan.caption_repeats - 1
-    )
+    captions = [s for s in train_all if s.task == "audiocaption"]
+    if plan.tagged_captions and plan.caption_repeats > 1:
+        started = time.perf_counter()
+        captions = tagged_captions(captions, out / "tagged_captions.json")
+        timings["tagged_captions"] = time.perf_counter() - started
+    instruct = train_all + captions * (plan.caption_repeats - 1)
     stages = (("pretrain", plan.pretrain, pretrain, dev_pretrain), ("instruct", plan.instruct,
               instruct, dev))  # fmt: skip
     for name, config, samples, dev_samples in stages:
@@ -540,6 +546,50 @@ def run_recipe(
     (out / "report.json").write_text(json.dumps(rep, indent=1) + "\n")
     logger.info("recipe done in %.0f s: %s", timings["total"], rep["test"])
     return rep
+
+
+def tagged_captions(
+    samples: list[Sample], manifest: Path, *, loader: AudioLoader = read_wav_16k
+) -> list[Sample]:
+    """Each ``audiocaption`` entry again as ``audiocaption_tagged``: the same caption, asked
+    with the sound-event groups the tagger hears in the clip in front of the caption
+    instruction, exactly as the agent asks with ``sounds.caption_labels`` (its default
+    tagger, pooling and least score). Written to ``manifest`` and read back from it when it
+    exists (tagging is the slow part).
+    """
+    from dataclasses import replace
+
+    from agent.config import PromptConfig, SoundsConfig
+    from model.sound_tagger import SoundTaggerConfig, load_sound_tagger, pool
+    from training.tagger_eval import heard_groups
+
+    if manifest.is_file():
+        return read_manifest(manifest)
+    tagger = load_sound_tagger(SoundTaggerConfig())
+    sounds = replace(SoundsConfig(), caption_labels=True)
+    instruction = PromptConfig().caption
+    entries: list[dict[str, Any]] = []
+    for start in range(0, len(samples), 32):
+        chunk = samples[start : start + 32]
+        scores = tagger.scores_batch([load_sample_audio(s, loader) for s in chunk])
+        for s, clip_scores in zip(chunk, scores, strict=True):
+            heard = heard_groups(
+                tagger,
+                pool(clip_scores, tagger.config.pooling),
+                sounds.threshold * sounds.off_ratio,
+            )
+            entries.append(
+                {
+                    "path": str(s.path),
+                    "text": s.text,
+                    "task": "audiocaption_tagged",
+                    "Q": sounds.caption_prompt(instruction, heard),
+                }
+            )
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    write_manifest(manifest, entries)
+    logger.info("tagged %d captions -> %s", len(entries), manifest)
+    return read_manifest(manifest)
 
 
 def _run_stage(

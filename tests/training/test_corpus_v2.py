@@ -242,7 +242,9 @@ def test_the_v2_recipe_activates_on_the_corpus_stories_and_scores_test_questions
     model = Salmonn.from_config(
         resolve_model("tiny-random", audio_encoder="yamnet", input_mode="trimmed")
     )
-    plan = dataclasses.replace(TINY_V2_PLAN, activation_samples=3, eval_limit=6)
+    plan = dataclasses.replace(
+        TINY_V2_PLAN, activation_samples=3, eval_limit=6, caption_repeats=2, tagged_captions=True
+    )
     rep = run_recipe(model, out, plan, seed=3, progress=False)
 
     assert (corpus / "meta.json").read_text() == before  # not synthesized again
@@ -258,3 +260,10 @@ def test_the_v2_recipe_activates_on_the_corpus_stories_and_scores_test_questions
     assert sum(k["n"] for k in qa["per_kind"].values()) == qa["n"]
     assert set(qa["per_kind"]) <= {"speech", "sound", "music"}
     assert (out / "final" / "model.safetensors").is_file()
+    # The repeated captions carry the tagger's labels, as the agent asks for them.
+    captions = [e for e in _entries(corpus, "train") if e["task"] == "audiocaption"]
+    tagged = _entries(out, "tagged_captions")
+    assert [e["text"] for e in tagged] == [e["text"] for e in captions]
+    assert {e["task"] for e in tagged} == {"audiocaption_tagged"}
+    assert all(e["Q"].endswith("Please describe the audio.") for e in tagged)
+    assert any(e["Q"].startswith("Sounds heard: ") for e in tagged)
