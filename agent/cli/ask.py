@@ -18,8 +18,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--model",
         default="nano",
-        help="preset (nano; nano-dual: Whisper + YAMNet, untrained; salmonn: an official-layout"
-        " checkpoint with any LLM; salmonn-13b,"
+        help="preset (nano; nano-dual: Whisper + YAMNet, trained on corpus v2; salmonn: an"
+        " official-layout checkpoint with any LLM; salmonn-13b,"
         " salmonn-7b: the released checkpoints with their Vicuna; tiny-random) or a checkpoint"
         " directory (default: nano)",
     )
