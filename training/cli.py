@@ -209,10 +209,19 @@ def run_train(args: argparse.Namespace) -> int:
         args.model = args.model or preset
         # From fresh trainable parts, not the shipped ones: the recipe must reproduce them.
         model = load_model_from_args(args, trained_parts=False)
+        from dataclasses import replace
+
+        from agent.config import PromptConfig, SoundsConfig
+        from training.recipe import CaptionLabels
+
+        sounds = replace(SoundsConfig(), caption_labels=True)  # the prompt the agent would ask
         report = run_recipe(
             model,
             args.out,
             plan,
+            caption_labels=CaptionLabels(
+                PromptConfig().caption, sounds.caption_prompt, sounds.threshold * sounds.off_ratio
+            ),
             seed=args.seed if args.seed is not None else 0,
             resume=args.resume,
             progress=not args.no_progress,

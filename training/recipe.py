@@ -16,6 +16,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -421,6 +422,7 @@ def run_recipe(
     seed: int = 0,
     resume: bool = False,
     progress: bool = True,
+    caption_labels: CaptionLabels | None = None,
 ) -> dict[str, Any]:
     """Run the whole recipe; every artefact goes under ``out_dir``.
 
@@ -435,10 +437,14 @@ def run_recipe(
         seed: corpus seed (training seeds are in the plan's configs).
         resume: continue stages that stopped early, skip finished ones.
         progress: show progress bars.
+        caption_labels: the agent's labelled caption prompt (required by
+            ``plan.tagged_captions``).
 
     Returns:
         The report (also written to ``report.json``).
     """
+    if plan.tagged_captions and caption_labels is None:
+        raise ValueError("plan.tagged_captions needs caption_labels (the agent's prompt)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -469,8 +475,9 @@ def run_recipe(
     dev_pretrain = [s for s in dev if s.task in ("asr", "audiocaption")]
     captions = [s for s in train_all if s.task == "audiocaption"]
     if plan.tagged_captions and plan.caption_repeats > 1:
+        assert caption_labels is not None  # checked before any work
         started = time.perf_counter()
-        captions = tagged_captions(captions, out / "tagged_captions.json")
+        captions = tagged_captions(captions, out / "tagged_captions.json", caption_labels)
         timings["tagged_captions"] = time.perf_counter() - started
     instruct = train_all + captions * (plan.caption_repeats - 1)
     stages = (("pretrain", plan.pretrain, pretrain, dev_pretrain), ("instruct", plan.instruct,
@@ -551,42 +558,52 @@ def run_recipe(
     return rep
 
 
+@dataclass(frozen=True)
+class CaptionLabels:
+    """How the agent asks for a caption with the tagger's labels (``sounds.caption_labels``);
+    the command line builds it from `agent.config`, which this room does not import.
+
+    Attributes:
+        instruction: the caption instruction (``prompts.caption``).
+        with_labels: ``(instruction, heard) -> instruction with the labels``.
+        min_score: least score of a group put in the prompt.
+    """
+
+    instruction: str
+    with_labels: Callable[[str, Sequence[tuple[str, float]]], str]
+    min_score: float
+
+
 def tagged_captions(
-    samples: list[Sample], manifest: Path, *, loader: AudioLoader = read_wav_16k
+    samples: list[Sample],
+    manifest: Path,
+    labels: CaptionLabels,
+    *,
+    loader: AudioLoader = read_wav_16k,
 ) -> list[Sample]:
     """Each ``audiocaption`` entry again as ``audiocaption_tagged``: the same caption, asked
-    with the sound-event groups the tagger hears in the clip in front of the caption
-    instruction, exactly as the agent asks with ``sounds.caption_labels`` (its default
-    tagger, pooling and least score). Written to ``manifest`` and read back from it when it
-    exists (tagging is the slow part).
+    with the sound-event groups the tagger (its defaults) hears in the clip in front of the
+    caption instruction, as ``labels`` says the agent asks. Written to ``manifest`` and read
+    back from it when it exists (tagging is the slow part).
     """
-    from dataclasses import replace
-
-    from agent.config import PromptConfig, SoundsConfig
     from model.sound_tagger import SoundTaggerConfig, load_sound_tagger, pool
     from training.tagger_eval import heard_groups
 
     if manifest.is_file():
         return read_manifest(manifest)
     tagger = load_sound_tagger(SoundTaggerConfig())
-    sounds = replace(SoundsConfig(), caption_labels=True)
-    instruction = PromptConfig().caption
     entries: list[dict[str, Any]] = []
     for start in range(0, len(samples), 32):
         chunk = samples[start : start + 32]
         scores = tagger.scores_batch([load_sample_audio(s, loader) for s in chunk])
         for s, clip_scores in zip(chunk, scores, strict=True):
-            heard = heard_groups(
-                tagger,
-                pool(clip_scores, tagger.config.pooling),
-                sounds.threshold * sounds.off_ratio,
-            )
+            heard = heard_groups(tagger, pool(clip_scores, tagger.config.pooling), labels.min_score)
             entries.append(
                 {
                     "path": str(s.path),
                     "text": s.text,
                     "task": "audiocaption_tagged",
-                    "Q": sounds.caption_prompt(instruction, heard),
+                    "Q": labels.with_labels(labels.instruction, heard),
                 }
             )
     manifest.parent.mkdir(parents=True, exist_ok=True)

@@ -230,9 +230,10 @@ def test_the_v2_recipe_activates_on_the_corpus_stories_and_scores_test_questions
 
     import torch
 
+    from agent.config import PromptConfig, SoundsConfig
     from model.presets import resolve_model
     from model.salmonn import Salmonn
-    from training.recipe import TINY_V2_PLAN, run_recipe
+    from training.recipe import TINY_V2_PLAN, CaptionLabels, run_recipe
 
     out = tmp_path / "run"
     out.mkdir()
@@ -245,7 +246,11 @@ def test_the_v2_recipe_activates_on_the_corpus_stories_and_scores_test_questions
     plan = dataclasses.replace(
         TINY_V2_PLAN, activation_samples=3, eval_limit=6, caption_repeats=2, tagged_captions=True
     )
-    rep = run_recipe(model, out, plan, seed=3, progress=False)
+    sounds = dataclasses.replace(SoundsConfig(), caption_labels=True)
+    labels = CaptionLabels(PromptConfig().caption, sounds.caption_prompt, 0.3)
+    with pytest.raises(ValueError, match="caption_labels"):
+        run_recipe(model, tmp_path / "unlabelled", plan, seed=3, progress=False)
+    rep = run_recipe(model, out, plan, seed=3, progress=False, caption_labels=labels)
 
     assert (corpus / "meta.json").read_text() == before  # not synthesized again
     written = {(str(out / "corpus" / e["path"]), e["text"]) for e in _entries(corpus, "activation")}
