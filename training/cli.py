@@ -209,19 +209,11 @@ def run_train(args: argparse.Namespace) -> int:
         args.model = args.model or preset
         # From fresh trainable parts, not the shipped ones: the recipe must reproduce them.
         model = load_model_from_args(args, trained_parts=False)
-        from dataclasses import replace
-
-        from agent.config import PromptConfig, SoundsConfig
-        from training.recipe import CaptionLabels
-
-        sounds = replace(SoundsConfig(), caption_labels=True)  # the prompt the agent would ask
         report = run_recipe(
             model,
             args.out,
             plan,
-            caption_labels=CaptionLabels(
-                PromptConfig().caption, sounds.caption_prompt, sounds.threshold * sounds.off_ratio
-            ),
+            caption_labels=_agent_caption_labels(),
             seed=args.seed if args.seed is not None else 0,
             resume=args.resume,
             progress=not args.no_progress,
@@ -356,13 +348,26 @@ def run_tagger_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _agent_caption_labels() -> Any:
+    """The caption prompt with the tagger's labels as the agent asks it (its default
+    `agent.config.SoundsConfig` with ``caption_labels`` on): a `training.recipe.CaptionLabels`."""
+    from dataclasses import replace
+
+    from agent.config import PromptConfig, SoundsConfig
+    from training.recipe import CaptionLabels
+
+    sounds = replace(SoundsConfig(), caption_labels=True)
+    return CaptionLabels(
+        PromptConfig().caption, sounds.caption_prompt, sounds.threshold * sounds.off_ratio
+    )
+
+
 def run_caption_eval(args: argparse.Namespace) -> int:
     """`eval --gcompris SPLIT`: the LLM's captions of real recordings with and without the
     tagger's labels in the prompt (`training.tagger_eval.evaluate_captions`)."""
     from dataclasses import replace
 
     from agent.cli.ask import load_model_from_args
-    from agent.config import PromptConfig, SoundsConfig
     from model.sound_tagger import SoundTaggerConfig, load_sound_tagger
     from training.gcompris import clips_of
     from training.tagger_eval import evaluate_captions, format_caption_result
@@ -374,14 +379,14 @@ def run_caption_eval(args: argparse.Namespace) -> int:
     clips = clips_of(args.gcompris)[: args.limit]
     model = load_model_from_args(args)
     model.pack_for_inference()
-    sounds = replace(SoundsConfig(), caption_labels=True)  # the prompt the agent would ask
+    labels = _agent_caption_labels()  # the prompt the agent would ask
     result = evaluate_captions(
         model,
         tagger,
         clips,
-        PromptConfig().caption,
-        sounds.caption_prompt,
-        min_score=sounds.threshold * sounds.off_ratio,
+        labels.instruction,
+        labels.with_labels,
+        min_score=labels.min_score,
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
         lora_scale=args.lora_scale,
