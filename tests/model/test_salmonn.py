@@ -446,8 +446,16 @@ def test_vicuna_prompt_with_a_gguf_llm_falls_back_to_the_tokenizer(
     monkeypatch.setenv("SALMONN_LIVE_CACHE", str(tmp_path / "cache"))
     llm = str(gguf_path)
     if source == "package":
-        monkeypatch.setitem(llm_module.PACKAGED_GGUF, "llm-tiny-vicuna", gguf_path.name)
-        monkeypatch.setattr(llm_module, "package_file", lambda dist, name: gguf_path.parent / name)
+        # Shipped in three wheels, as Gemma's and Qwen's GGUFs are: joined on first load.
+        data = gguf_path.read_bytes()
+        cuts = [0, len(data) // 3, 2 * len(data) // 3, len(data)]
+        parts = []
+        for i in range(3):
+            (tmp_path / f"tiny.part{i}").write_bytes(data[cuts[i] : cuts[i + 1]])
+            parts.append((f"llm-tiny-vicuna-part{i}", f"tiny.part{i}"))
+        packaged = llm_module.PackagedGGUF(gguf_path.name, tuple(parts))
+        monkeypatch.setitem(llm_module.PACKAGED_GGUF, "llm-tiny-vicuna", packaged)
+        monkeypatch.setattr(llm_module, "package_file", lambda dist, name: tmp_path / name)
         llm = "package:llm-tiny-vicuna"
     with caplog.at_level(logging.WARNING, logger="model.salmonn"):
         model = Salmonn.from_config(config.replace(llm=llm))
