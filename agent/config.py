@@ -565,8 +565,8 @@ class ModelSettings:
     """`[model]`: which model to load and how the worker asks it.
 
     Attributes:
-        name: Preset (nano, nano-dual, tiny-random, salmonn, salmonn-13b, salmonn-7b) or
-            checkpoint directory.
+        name: Preset (nano, nano-dual, nano-dual-gemma, nano-dual-qwen, tiny-random, salmonn,
+            salmonn-13b, salmonn-7b) or checkpoint directory.
         whisper: Whisper weights override (see `salmonn-live ask --help`).
         beats: BEATs weights override.
         llm: LLM override.
@@ -608,8 +608,8 @@ class ModelSettings:
         "nano",
         flag=flag(
             "--model",
-            "preset (nano, nano-dual, tiny-random, salmonn, salmonn-13b, salmonn-7b) or checkpoint "
-            "directory (model.name, default nano)",
+            "preset (nano, nano-dual, nano-dual-gemma, nano-dual-qwen [make llms], tiny-random, "
+            "salmonn, salmonn-13b, salmonn-7b) or checkpoint directory (model.name, default nano)",
             worker="preset or checkpoint directory (model.name)",
         ),
     )

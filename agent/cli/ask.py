@@ -19,8 +19,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--model",
         default="nano",
         help="preset (nano; nano-dual: Whisper + YAMNet, trained on corpus v2; nano-dual-gemma,"
-        " nano-dual-qwen: nano-dual with Gemma 3 270M or Qwen2.5-Coder-0.5B, untrained parts,"
-        " `make llms`; salmonn: an"
+        " nano-dual-qwen: nano-dual with Gemma 3 270M or Qwen2.5-Coder-0.5B, `make llms`;"
+        " salmonn: an"
         " official-layout checkpoint with any LLM; salmonn-13b,"
         " salmonn-7b: the released checkpoints with their Vicuna; tiny-random) or a checkpoint"
         " directory (default: nano)",
