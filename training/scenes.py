@@ -290,39 +290,49 @@ def alarm_beeping(rng: np.random.Generator) -> Float64Array:
 
 def _chime_note(freq_hz: float, decay_s: float, seconds: float, rolloff: float) -> Float64Array:
     """One note of an electronic chime: a square-like wave (odd harmonics falling as
-    1/k**rolloff) switched on sharply and decaying exponentially, as a doorbell chip plays it."""
+    1/k**rolloff) switched on sharply, as a doorbell chip plays its recording of a struck tone
+    bar: most of the sound dies away with the strike (in about 0.6 ``decay_s``), a fifth of it
+    rings on for about 2 ``decay_s``, as the bar does."""
     t = _t(seconds)
     wave = np.zeros(t.size)
     for k in range(1, 30, 2):
         if k * freq_hz >= 0.49 * SR:
             break
         wave += np.sin(2 * np.pi * k * freq_hz * t) / k**rolloff
-    return wave * np.exp(-t / decay_s) * _env(t.size, 0.001, 0.01)
+    envelope = 0.8 * np.exp(-t / (0.6 * decay_s)) + 0.2 * np.exp(-t / (2.2 * decay_s))
+    return wave * envelope * _env(t.size, 0.001, 0.01)
 
 
 def doorbell_chime(rng: np.random.Generator) -> Float64Array:
-    """Ding-dong: an electronic chime's high note (680-900 Hz), then one a third or a fourth
-    below, through the chime's small loudspeaker into a hallway.
+    """Ding-dong: an electronic chime's high note (680-900 Hz), then 0.3-0.45 s later one a
+    third or a fourth below, through the chime's small loudspeaker into a hallway.
 
-    The loudspeaker passes about 300 Hz-5.5 kHz and its amplifier hisses while it plays, 25-30
-    dB below the tone. Struck tone bars and bells (inharmonic partials) were tried first: the
-    tagger hears those as music ("Bell", "Chime"), not a doorbell.
+    The loudspeaker passes about 300 Hz-5.5 kHz. The chip's coarse sample playback and its
+    amplifier add a hiss 16-22 dB below the tone that rises and falls with it. Struck tone bars
+    and bells (inharmonic partials) were tried first: the tagger hears those as music ("Bell",
+    "Chime"), as it does the chime without the hiss. Notes further apart than about half a
+    second are heard as two beeps.
     """
     high_hz = rng.uniform(680, 900)
     low_hz = high_hz / rng.choice([1.25, 1.26, 1.33])
-    decay_s = rng.uniform(0.6, 0.9)
-    gap_s, ring_s = rng.uniform(0.3, 0.5), rng.uniform(1.2, 2.0)
-    rolloff = rng.uniform(0.8, 1.5)
+    decay_s = rng.uniform(0.5, 0.8)
+    gap_s, ring_s = rng.uniform(0.3, 0.45), rng.uniform(1.5, 1.95)
+    rolloff = rng.uniform(1.0, 1.5)
     t = _t(gap_s + ring_s)
-    # The chime damps its first note to 30 % as it plays the second (within 10 ms): two notes
-    # of equal strength a third apart would read as a voice's harmonics to the segmenter.
-    damping = 1 - 0.7 * np.clip((t - gap_s) / 0.01, 0.0, 1.0)
+    # The chime damps its first note to 40 % as it plays the second (within 10 ms): two notes
+    # of equal strength a third apart read as a voice's harmonics to the segmenter.
+    damping = 1 - 0.6 * np.clip((t - gap_s) / 0.01, 0.0, 1.0)
     out = _chime_note(high_hz, decay_s, gap_s + ring_s, rolloff) * damping
     _add_at(out, _chime_note(low_hz, decay_s, ring_s, rolloff), gap_s)
     out = _bandpass(out, 300, 5500)
     out /= np.sqrt(np.mean(out**2))
-    hiss = _bandpass(rng.standard_normal(out.size), 100, 3000)
-    out += rng.uniform(0.03, 0.06) * hiss / np.sqrt(np.mean(hiss**2))
+    # The hiss follows the tone's level (20 ms RMS): a steady hiss outlasting the decaying
+    # tone would make its tail a noisy, voice-like harmonic sound to the segmenter.
+    window = int(0.02 * SR)
+    level = np.sqrt(np.convolve(out**2, np.ones(window) / window, mode="same"))
+    hiss = _bandpass(rng.standard_normal(out.size), 300, 3000)
+    hiss *= level / np.sqrt(np.mean(hiss**2) * np.mean(level**2))
+    out += rng.uniform(0.08, 0.16) * hiss
     return _room(rng, out, 0.5, rng.uniform(0.0, 0.4))
 
 
@@ -482,30 +492,49 @@ def _clap(
     return tone * cavity + (1 - tone) * burst / (float(np.abs(burst).max()) + 1e-12)
 
 
-def clapping(rng: np.random.Generator) -> Float64Array:
-    """A small audience (6-8 people) clapping for 2-3.2 s in a hall: each at their own 2.2-4.7
-    claps a second with a human's jitter and their own hand shape (cavity resonance), the
-    hall's reverberation lasting 1.2-1.9 s.
+def _clappers(rng: np.random.Generator, people: int, seconds: float, near: bool) -> Float64Array:
+    """``people`` clapping for ``seconds``, dry: each at their own 2.2-4.7 claps a second with a
+    human's jitter and their own hand shape (palm cavity at 1.1-2.7 kHz, Q 0.8-2.8).
 
-    One or two people clapping were tried too: the tagger hears those as "Hands" (finger
-    snapping and claps) or a knock, not as clapping.
+    Up close (``near``) every clap sounds a little different; from across the hall those
+    differences blur, so one clap a person, repeated, stands for all of theirs.
+    """
+    out = np.zeros(int((seconds + 0.05) * SR))
+    low_hz, high_hz = rng.uniform(490, 640), rng.uniform(5250, 6250)
+    for person in range(people):
+        resonance_hz = float(np.exp(rng.uniform(np.log(1100), np.log(2700))))
+        q, rate_hz = rng.uniform(0.8, 2.8), rng.uniform(2.2, 4.7)
+        level = rng.uniform(0.3, 1.0)
+        clap = _clap(rng, resonance_hz, q, low_hz, high_hz, 0.8)
+        start = rng.uniform(0, 1 / rate_hz) if person else 0.0  # the first starts it
+        while start < seconds:
+            if near:
+                clap = _clap(rng, resonance_hz * rng.uniform(0.97, 1.03), q, low_hz, high_hz, 0.8)
+            _add_at(out, level * rng.uniform(0.7, 1.0) * clap, start)
+            start += (1 + 0.17 * rng.standard_normal()) / rate_hz
+    return out
+
+
+def clapping(rng: np.random.Generator) -> Float64Array:
+    """An audience of 40-80 applauding for 2-3.2 s in a hall (RT60 1.2-1.9 s), heard from
+    among it: the 2-4 people nearest the listener stand out, each clap distinct and mostly
+    direct sound, over the diffuse wash of the rest, which reaches the listener as much
+    reverberation as direct sound.
+
+    Tried before: 1-2 people are heard as "Hands" (finger snapping and claps) or a knock;
+    6-8 in a hall as "Hands" about half the time; a crowd alone as rain, fireworks or a vehicle.
+    The near few give the claps' shape, the crowd makes it applause.
     """
     seconds = rng.uniform(2.0, 3.2)
-    resonance_hz, q = rng.uniform(1800, 2600), rng.uniform(1.35, 1.85)
-    low_hz, high_hz = rng.uniform(980, 1280), rng.uniform(5250, 6250)
-    tone, jitter = rng.uniform(0.65, 0.8), rng.uniform(0.15, 0.2)
-    rate_hz = rng.uniform(2.8, 3.8)
-    out = np.zeros(int((seconds + 0.05) * SR))
-    for person in range(int(rng.integers(6, 9))):
-        own_hz = resonance_hz * rng.uniform(0.63, 1.03)
-        own_q, own_rate_hz = q * rng.uniform(0.6, 1.5), rate_hz * rng.uniform(0.8, 1.25)
-        level = rng.uniform(0.3, 1.0)
-        start = rng.uniform(0, 1 / own_rate_hz) if person else 0.0  # the first starts it
-        while start < seconds:
-            clap = _clap(rng, own_hz * rng.uniform(0.97, 1.03), own_q, low_hz, high_hz, tone)
-            _add_at(out, level * rng.uniform(0.7, 1.0) * clap, start)
-            start += (1 + jitter * rng.standard_normal()) / own_rate_hz
-    return _room(rng, out, rng.uniform(1.2, 1.9), rng.uniform(0.55, 0.75))
+    rt60_s = rng.uniform(1.2, 1.9)
+    near = _clappers(rng, int(rng.integers(2, 5)), seconds, near=True)
+    near = _room(rng, near, rt60_s, rng.uniform(0.2, 0.4))
+    crowd = _clappers(rng, int(rng.integers(40, 81)), seconds, near=False)
+    crowd = _room(rng, crowd, rt60_s, rng.uniform(0.8, 1.2))
+    # The crowd at about 0.8 of the near few's level (RMS); the air and the audience soak up
+    # the highs above 7 kHz (left in, that hiss is heard as rain).
+    mix = near + 0.8 * float(np.std(near) / np.std(crowd)) * crowd
+    return _lowpass(mix, 7000)
 
 
 def _bubble(rng: np.random.Generator, freq_hz: float, decay_s: float, chirp: float) -> Float64Array:
