@@ -406,16 +406,19 @@ def knocking(rng: np.random.Generator) -> Float64Array:
 
 def glass_breaking(rng: np.random.Generator) -> Float64Array:
     """A pane or glass breaking: the crack (broadband noise dying out in 60-250 ms), then
-    20-150 shards landing over the next 0.5-1.2 s, mostly early. Each shard clicks on impact
-    and rings at 3-4 inharmonic modes, 1.7-7.9 kHz, for 10-30 ms."""
-    seconds = rng.uniform(0.5, 1.2)
+    20-150 shards landing over the next 0.8-1.3 s, mostly early. Each shard clicks sharply on
+    impact and rings at 3-4 modes spread at random over 1.7-7.9 kHz, for 15-35 ms."""
+    # The pieces keep falling for about a second; under 0.75 s the few rings read as tones.
+    seconds = rng.uniform(0.8, 1.3)
     out = np.zeros(int(seconds * SR))
-    t = _t(min(seconds, 0.5))
+    t = _t(0.5)
     crack = _bandpass(rng.standard_normal(t.size), rng.uniform(300, 1100), 7900)
     _add_at(out, rng.uniform(0.4, 1.2) * crack * np.exp(-t / rng.uniform(0.06, 0.25)), 0.0)
-    low_hz, high_hz = rng.uniform(1700, 2100), rng.uniform(5000, 7900)
-    decay_s, spread = rng.uniform(0.012, 0.028), rng.uniform(0.1, 0.45)
-    modes, click_level = int(rng.integers(3, 5)), rng.uniform(0.3, 1.3)
+    low_hz = rng.uniform(1700, 2100)
+    decay_s, spread = rng.uniform(0.015, 0.035), rng.uniform(0.1, 0.45)
+    # Glass on a hard floor: the impact click is about as loud as the ring it starts; with
+    # weak clicks the rings alone were heard as chimes and beeps.
+    modes, click_level = int(rng.integers(3, 5)), rng.uniform(0.9, 1.5)
     scattered = rng.uniform(0.1, 0.3)  # share of shards that land at any time, not early
     for _ in range(int(rng.integers(20, 150))):
         start = (
@@ -425,19 +428,22 @@ def glass_breaking(rng: np.random.Generator) -> Float64Array:
         )
         if start > seconds - 0.01:
             continue
-        base_hz, shard_decay_s = rng.uniform(low_hz, high_hz), decay_s * rng.uniform(0.5, 1.5)
+        shard_decay_s = decay_s * rng.uniform(0.5, 1.5)
         tt = _t(min(6 * shard_decay_s, 0.3))
+        # A shard is an irregular fragment: its modes keep no fixed ratio to one another, so
+        # they fall anywhere in the band rather than stacked above one pitch (a chime).
         shard = np.zeros(tt.size)
         for k in range(modes):
-            freq = base_hz * (1.0 if k == 0 else rng.uniform(1.2, 2.8))
-            if freq < 0.49 * SR:
-                shard += rng.uniform(0.3, 1.0) * _ring(rng, freq, shard_decay_s / (1 + k), tt)
+            freq = rng.uniform(low_hz, 7900)
+            shard += rng.uniform(0.3, 1.0) * _ring(rng, freq, shard_decay_s / (1 + k), tt)
         shard += (
             click_level * _bandpass(rng.standard_normal(tt.size), 2000, 7900) * np.exp(-tt / 0.001)
         )
         _add_at(out, rng.uniform(0.1, 1.0) * shard, start)
     out = _room(rng, out, 0.4, rng.uniform(0.35, 0.6))
-    out = out[: active_extent(out.astype(np.float32))[1]]  # end with the last shard heard
+    # End with the last shard heard, and fade out after it, not over it: a lone late shard
+    # faded away would leave the clip's last 0.1 s silent.
+    out = out[: active_extent(out.astype(np.float32))[1] + int(0.02 * SR)]
     return out * _env(out.size, 0.0005, 0.02)
 
 
