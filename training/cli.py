@@ -61,6 +61,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     train.add_argument(
         "--tiny", action="store_true", help="with --recipe: a smoke-test size (minutes)"
     )
+    train.add_argument(
+        "--curriculum",
+        action="store_true",
+        help="with --recipe: short answers first (over the first half of pretrain and instruct"
+        " the samples are drawn from the shortest answers, a quarter of them growing to all)",
+    )
+    train.add_argument(
+        "--class-init",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="with --recipe nano-v2*: first train the Q-Former for STEPS steps so its tokens"
+        " point at the LLM's embedding of each clip's class name (docs/training.md)",
+    )
     train.add_argument("--stage", choices=("pretrain", "instruct", "activation"))
     train.add_argument("--manifest", type=Path, help="training manifest (official format)")
     train.add_argument("--dev", type=Path, help="dev manifest for evaluation every N steps")
@@ -203,10 +217,10 @@ def run_train(args: argparse.Namespace) -> int:
     from training.train import EncoderCache, TrainConfig, Trainer, TrainingError, read_manifest
 
     if args.recipe:
-        from training.recipe import RECIPES, run_recipe
+        from training.recipe import RECIPES, run_recipe, with_options
 
         full, tiny, preset = RECIPES[args.recipe]
-        plan = tiny if args.tiny else full
+        plan = with_options(tiny if args.tiny else full, args.curriculum, args.class_init)
         args.model = args.model or preset
         # From fresh trainable parts, not the shipped ones: the recipe must reproduce them.
         model = load_model_from_args(args, trained_parts=False)

@@ -38,6 +38,7 @@ from training.train import (
     Sample,
     TrainConfig,
     Trainer,
+    TrainingError,
     generate_answers,
     load_sample_audio,
     read_manifest,
@@ -342,6 +343,8 @@ class RecipePlan:
     #: The repeated captions (``caption_repeats``) are asked with the sound tagger's labels in
     #: the instruction, as the agent asks (`tagged_captions`).
     tagged_captions: bool = False
+    #: Steps of `training.class_init` before pre-training (0: none; corpus v2 only).
+    class_init_steps: int = 0
 
 
 #: The nano recipe, sized to finish well under 3 hours on a 2-core CPU (docs/training.md).
@@ -424,6 +427,26 @@ RECIPES: dict[str, tuple[RecipePlan, RecipePlan, str]] = {
 }
 
 
+def with_options(plan: RecipePlan, curriculum: bool, class_init_steps: int) -> RecipePlan:
+    """``plan`` with ``train --recipe``'s options: a short-answers-first curriculum over the
+    first half of pre-training and instruction tuning (`TrainConfig.curriculum_steps`), and
+    ``class_init_steps`` steps of `training.class_init` first."""
+    if class_init_steps < 0:
+        raise TrainingError(f"--class-init: expected steps >= 0, got {class_init_steps}")
+    if class_init_steps and plan.corpus != "v2":
+        raise TrainingError(
+            "--class-init needs a corpus v2 recipe (nano-v2, nano-v2-short): the classes come"
+            " from its clip specs"
+        )
+    if curriculum:
+        plan = dataclasses.replace(
+            plan,
+            pretrain=dataclasses.replace(plan.pretrain, curriculum_steps=plan.pretrain.steps // 2),
+            instruct=dataclasses.replace(plan.instruct, curriculum_steps=plan.instruct.steps // 2),
+        )
+    return dataclasses.replace(plan, class_init_steps=class_init_steps)
+
+
 def run_recipe(
     model: Salmonn,
     out_dir: str | Path,
@@ -455,6 +478,8 @@ def run_recipe(
     """
     if plan.tagged_captions and caption_labels is None:
         raise ValueError("plan.tagged_captions needs caption_labels (the agent's prompt)")
+    if plan.class_init_steps and plan.corpus != "v2":
+        raise ValueError("plan.class_init_steps needs corpus v2 (its clip specs name classes)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -490,6 +515,10 @@ def run_recipe(
         captions = tagged_captions(captions, out / "tagged_captions.json", caption_labels)
         timings["tagged_captions"] = time.perf_counter() - started
     instruct = train_all + captions * (plan.caption_repeats - 1)
+    if plan.class_init_steps:
+        started = time.perf_counter()
+        rep["class_init"] = _class_init(model, cache, train_all, corpus_dir, out, plan, resume)
+        timings["class_init"] = time.perf_counter() - started
     stages = (("pretrain", plan.pretrain, pretrain, dev_pretrain), ("instruct", plan.instruct,
               instruct, dev))  # fmt: skip
     for name, config, samples, dev_samples in stages:
@@ -620,6 +649,28 @@ def tagged_captions(
     write_manifest(manifest, entries)
     logger.info("tagged %d captions -> %s", len(entries), manifest)
     return read_manifest(manifest)
+
+
+def _class_init(
+    model: Salmonn,
+    cache: EncoderCache,
+    train: list[Sample],
+    corpus_dir: Path,
+    out: Path,
+    plan: RecipePlan,
+    resume: bool,
+) -> dict[str, Any]:
+    from training.class_init import class_init, clip_classes
+
+    done = out / "class_init" / "last"
+    if resume and (done / "model.safetensors").is_file():
+        logger.info("class init already done: loading %s", done)
+        model.load_checkpoint(done)
+        return {"skipped": True, "steps": plan.class_init_steps}
+    meta = json.loads((corpus_dir / "meta.json").read_text())
+    return class_init(
+        model, cache, train, clip_classes(meta), out / "class_init", steps=plan.class_init_steps
+    )
 
 
 def _run_stage(

@@ -59,6 +59,8 @@ RawFeatures = tuple[torch.Tensor, torch.Tensor | None]
 EXPAND_SILENCE_SAMPLES = 1600  # 0.1 s at 16 kHz between a clip and its `expand_wav` clips
 _CACHE_VERSION = 1  # bump when what the cache stores changes
 BUCKET_BATCHES = 16  # micro-batches per length-sorted chunk of the shuffled data
+#: The share of the training samples (shortest answers first) a curriculum starts from.
+CURRICULUM_START = 0.25
 
 
 class TrainingError(ModelError):
@@ -355,6 +357,9 @@ class TrainConfig:
     dtype: DType = "fp32"  # bf16: autocast the forward pass; weights and AdamW stay fp32
     seed: int = 42
     lora_only: bool = False  # train the LoRA matrices only (the paper's activation tuning)
+    #: Short answers first: over the first this many steps the samples are drawn from the
+    #: shortest answers, from `CURRICULUM_START` of them to all (0: no curriculum).
+    curriculum_steps: int = 0
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
@@ -364,8 +369,8 @@ class TrainConfig:
         for name in ("steps", "batch_size", "accum"):
             if getattr(self, name) < 1:
                 raise TrainingError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.warmup_steps < 0 or self.eval_every < 0:
-            raise TrainingError("warmup_steps and eval_every must be >= 0")
+        if self.warmup_steps < 0 or self.eval_every < 0 or self.curriculum_steps < 0:
+            raise TrainingError("warmup_steps, eval_every and curriculum_steps must be >= 0")
         if not 0 < self.min_lr <= self.lr:
             raise TrainingError(f"need 0 < min_lr <= lr, got min_lr {self.min_lr}, lr {self.lr}")
 
@@ -526,8 +531,19 @@ class Trainer:
             return self._batch_memo[(epoch, chunk)]
         order = self._order(epoch)
         width = self.config.batch_size * BUCKET_BATCHES
+        positions = range(chunk * width, min(len(order), (chunk + 1) * width))
+        share = self._curriculum_share(epoch, chunk)
+        if share < 1:
+            # Drawn afresh from the shortest answers for each chunk (samples may repeat
+            # across chunks); the epoch's permutation takes over once the pool is everything.
+            pool = self._by_answer_length()[: max(1, math.ceil(share * len(order)))]
+            drawn = np.random.default_rng([self.config.seed, epoch, chunk, 2]).choice(
+                pool, size=min(width, pool.size), replace=False
+            )
+            order = np.concatenate([order[: positions.start], drawn])
+            positions = range(positions.start, order.size)
         picked = []
-        for position in range(chunk * width, min(len(order), (chunk + 1) * width)):
+        for position in positions:
             sample = self.train_samples[int(order[position])]
             rng = np.random.default_rng([self.config.seed, epoch, position])
             picked.append((sample, sample_prompt(sample.task, rng, sample.question)))
@@ -539,6 +555,21 @@ class Trainer:
         )
         self._batch_memo = {(epoch, chunk): [batches[i] for i in shuffle]}
         return self._batch_memo[(epoch, chunk)]
+
+    def _by_answer_length(self) -> np.ndarray:
+        """Sample indices by answer length in characters, shortest first (ties by index)."""
+        lengths = np.array([len(s.text) for s in self.train_samples])
+        return np.argsort(lengths, kind="stable")
+
+    def _curriculum_share(self, epoch: int, chunk: int) -> float:
+        """The share of the shortest answers a chunk draws from: `CURRICULUM_START` at the
+        first step, growing linearly to 1 at ``curriculum_steps`` (1 without a curriculum)."""
+        if not self.config.curriculum_steps:
+            return 1.0
+        chunks = math.ceil(len(self.train_samples) / (self.config.batch_size * BUCKET_BATCHES))
+        step = (epoch * chunks + chunk) * BUCKET_BATCHES / self.config.accum
+        grown = step / self.config.curriculum_steps
+        return min(1.0, CURRICULUM_START + (1 - CURRICULUM_START) * grown)
 
     def _next_batch(self) -> tuple[list[Sample], list[str]]:
         """The next micro-batch and its prompts."""

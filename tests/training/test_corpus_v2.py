@@ -233,7 +233,7 @@ def test_the_v2_recipe_activates_on_the_corpus_stories_and_scores_test_questions
     from agent.config import PromptConfig, SoundsConfig
     from model.presets import resolve_model
     from model.salmonn import Salmonn
-    from training.recipe import TINY_V2_PLAN, CaptionLabels, run_recipe
+    from training.recipe import TINY_V2_PLAN, CaptionLabels, run_recipe, with_options
 
     out = tmp_path / "run"
     out.mkdir()
@@ -246,6 +246,7 @@ def test_the_v2_recipe_activates_on_the_corpus_stories_and_scores_test_questions
     plan = dataclasses.replace(
         TINY_V2_PLAN, activation_samples=3, eval_limit=6, caption_repeats=2, tagged_captions=True
     )
+    plan = with_options(plan, curriculum=True, class_init_steps=2)  # both warm starts wired
     sounds = dataclasses.replace(SoundsConfig(), caption_labels=True)
     labels = CaptionLabels(PromptConfig().caption, sounds.caption_prompt, 0.3)
     with pytest.raises(ValueError, match="caption_labels"):
@@ -259,6 +260,9 @@ def test_the_v2_recipe_activates_on_the_corpus_stories_and_scores_test_questions
     assert {(e["path"], e["text"]) for e in stories} <= written
     assert all(Path(e["path"]).is_file() for e in stories)
     assert rep["activation"]["steps"] == plan.activation.steps
+    assert rep["class_init"]["steps"] == 2 and len(rep["class_init"]["classes"]) >= 2
+    assert (out / "class_init" / "last" / "model.safetensors").is_file()
+    assert rep["plan"]["instruct"]["curriculum_steps"] == plan.instruct.steps // 2 >= 1
     qa = rep["test"]["qa"]
     test_questions = [e for e in _entries(corpus, "test") if e["task"] == "QA"]
     assert qa["n"] == min(plan.qa_limit, len(test_questions))

@@ -312,3 +312,93 @@ def test_unknown_task_is_named(manifest: Path, tmp_path: Path) -> None:
     samples = [Sample(path=manifest.parent / "c0.wav", text="x", task="asr_zh")]
     with pytest.raises(TrainingError, match="asr_zh"):
         Trainer(model, _config(), samples, [], tmp_path / "r", EncoderCache(model, tmp_path / "c"))
+
+
+def _lengths(batches: list[list[tuple[Sample, str]]]) -> list[int]:
+    return [len(sample.text) for batch in batches for sample, _ in batch]
+
+
+def test_curriculum_draws_short_answers_first_then_everything(tmp_path: Path) -> None:
+    """With `curriculum_steps`, a chunk draws from the shortest answers, a `CURRICULUM_START`
+    share growing to all at `curriculum_steps`; from there the plain permutation's chunks."""
+    from training.train import BUCKET_BATCHES, CURRICULUM_START
+
+    model = _model()
+    # 400 answers of 1..400 characters, in a shuffled order (length rank = length - 1).
+    lengths = np.random.default_rng(0).permutation(400) + 1
+    samples = [Sample(path=tmp_path / f"{i}.wav", text="a" * int(n)) for i, n in enumerate(lengths)]
+    steps = 4 * BUCKET_BATCHES  # four chunks of micro-batches (batch 2: 32 samples a chunk)
+
+    def trainer(curriculum_steps: int) -> Trainer:
+        config = _config(batch_size=2, curriculum_steps=curriculum_steps)
+        cache = EncoderCache(model, tmp_path / "c")
+        return Trainer(model, config, samples, [], tmp_path / "r", cache, progress=False)
+
+    curriculum, plain = trainer(steps), trainer(0)
+    first = _lengths(curriculum._chunk_batches(0, 0))
+    assert len(first) == 2 * BUCKET_BATCHES and len(set(first)) == len(first)
+    assert max(first) <= CURRICULUM_START * 400  # the shortest quarter only
+    assert max(_lengths(plain._chunk_batches(0, 0))) > CURRICULUM_START * 400
+    share = CURRICULUM_START + (1 - CURRICULUM_START) * 2 / 4  # chunk 2 starts at step 32
+    second = _lengths(curriculum._chunk_batches(0, 2))
+    assert max(second) <= share * 400 and max(second) > CURRICULUM_START * 400
+    # Deterministic in (seed, epoch, chunk), so a resumed run sees the same batches.
+    assert _lengths(trainer(steps)._chunk_batches(0, 2)) == second
+    # At curriculum_steps the pool is everything: the plain permutation's chunk.
+    assert _lengths(curriculum._chunk_batches(0, 4)) == _lengths(plain._chunk_batches(0, 4))
+    with pytest.raises(TrainingError, match="curriculum_steps"):
+        _config(curriculum_steps=-1)
+
+
+def test_class_init_separates_two_classes_and_leaves_lora_alone(
+    manifest: Path, tmp_path: Path
+) -> None:
+    """`training.class_init` on tiny random weights: clips of two classes become nearer
+    their own class's prototype, LoRA is untouched, the parts are saved and load back."""
+    from training.class_init import class_init, clip_classes
+
+    torch.manual_seed(0)
+    # Trimmed, as the nano-v2 presets: a mean over 30 s of padding would hear only the padding.
+    model = Salmonn.from_config(resolve_model("tiny-random", input_mode="trimmed"))
+    samples = [s for s in read_manifest(manifest) if not s.expand_wav]
+    classes = {f"c{i}": ("rain" if i < 3 else "music") for i in range(6)}
+    lora = {k: v.clone() for k, v in model.trainable_state_dict().items() if ".lora_" in k}
+    cache = EncoderCache(model, tmp_path / "c")
+    record = class_init(model, cache, samples, classes, tmp_path / "init", steps=30, batch_size=6)
+    assert record["clips"] == 6 and record["classes"] == ["music", "rain"]
+    assert record["last_loss"] < record["first_loss"] - 0.05, record
+    assert record["accuracy_after"] >= record["accuracy_before"]
+    assert record["accuracy_after"] == 1.0, record
+    after = model.trainable_state_dict()
+    for key, value in lora.items():
+        torch.testing.assert_close(after[key], value, msg=key)
+    fresh = Salmonn.from_config(resolve_model("tiny-random", input_mode="trimmed"))
+    fresh.load_checkpoint(tmp_path / "init" / "last")
+    for key, value in after.items():
+        torch.testing.assert_close(fresh.trainable_state_dict()[key], value, msg=key)
+    with pytest.raises(TrainingError, match="two classes"):
+        class_init(model, cache, samples, {"c0": "rain"}, tmp_path / "x", steps=1)
+
+    meta = {
+        "specs": [
+            {"clip_id": "a", "kind": "speech"},
+            {"clip_id": "b", "kind": "speech_music"},
+            {"clip_id": "c", "kind": "sound", "real": {"cls": "dog_bark"}, "synth": ""},
+            {"clip_id": "d", "kind": "speech_sound", "real": None, "synth": "glass_breaking"},
+        ]
+    }
+    assert clip_classes(meta) == {
+        "a": "speech", "b": "music", "c": "dog bark", "d": "glass breaking"
+    }  # fmt: skip
+
+
+def test_recipe_options_name_what_is_wrong() -> None:
+    from training.recipe import TINY_PLAN, TINY_V2_PLAN, with_options
+
+    with pytest.raises(TrainingError, match="corpus v2"):
+        with_options(TINY_PLAN, False, 5)
+    with pytest.raises(TrainingError, match=">= 0"):
+        with_options(TINY_V2_PLAN, False, -1)
+    plan = with_options(TINY_V2_PLAN, True, 0)
+    assert plan.instruct.curriculum_steps == TINY_V2_PLAN.instruct.steps // 2
+    assert plan.activation.curriculum_steps == 0  # stories are all long: nothing to order
