@@ -663,7 +663,10 @@ def _class_init(
     from training.class_init import class_init, clip_classes
 
     done = out / "class_init" / "last"
-    if resume and (done / "model.safetensors").is_file():
+    saved = (
+        json.loads((done / "config.json").read_text()) if (done / "config.json").is_file() else {}
+    )
+    if resume and saved.get("class_init", {}).get("steps") == plan.class_init_steps:
         logger.info("class init already done: loading %s", done)
         model.load_checkpoint(done)
         return {"skipped": True, "steps": plan.class_init_steps}

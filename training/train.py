@@ -502,6 +502,10 @@ class Trainer:
         self.batch_index = 0  # next micro-batch within the chunk
         self._batch_memo: dict[tuple[int, int], list[list[tuple[Sample, str]]]] = {}
         self._file_sizes: dict[str, int] = {}
+        # Sample indices by answer length in characters, shortest first (for the curriculum).
+        self._by_answer_length = np.argsort(
+            [len(s.text) for s in self.train_samples], kind="stable"
+        )
         self.best: float | None = None
         self.optimizer = torch.optim.AdamW(
             optimizer_groups(model, config.weight_decay, lora_only=config.lora_only),
@@ -536,7 +540,7 @@ class Trainer:
         if share < 1:
             # Drawn afresh from the shortest answers for each chunk (samples may repeat
             # across chunks); the epoch's permutation takes over once the pool is everything.
-            pool = self._by_answer_length()[: max(1, math.ceil(share * len(order)))]
+            pool = self._by_answer_length[: max(1, math.ceil(share * len(order)))]
             drawn = np.random.default_rng([self.config.seed, epoch, chunk, 2]).choice(
                 pool, size=min(width, pool.size), replace=False
             )
@@ -555,11 +559,6 @@ class Trainer:
         )
         self._batch_memo = {(epoch, chunk): [batches[i] for i in shuffle]}
         return self._batch_memo[(epoch, chunk)]
-
-    def _by_answer_length(self) -> np.ndarray:
-        """Sample indices by answer length in characters, shortest first (ties by index)."""
-        lengths = np.array([len(s.text) for s in self.train_samples])
-        return np.argsort(lengths, kind="stable")
 
     def _curriculum_share(self, epoch: int, chunk: int) -> float:
         """The share of the shortest answers a chunk draws from: `CURRICULUM_START` at the
