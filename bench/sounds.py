@@ -33,10 +33,10 @@ import os
 import platform
 import sys
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -52,6 +52,8 @@ logger = logging.getLogger(__name__)
 
 FloatArray = npt.NDArray[np.float32]
 THRESHOLDS = (0.3, 0.5, 0.7)
+# Quiet before and after each clip put through the agent (s): the room around a sound.
+AGENT_CLIP_PAD_S = (1.0, 2.0)
 # Quiet rooms: (name, level in dBFS RMS).
 QUIET_ROOMS = (
     ("pink", -50.0),
@@ -93,6 +95,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=0.5,
         help="a patch has a sound event when its best sound-event group scores this much",
+    )
+    parser.add_argument(
+        "--agent",
+        metavar="MODEL",
+        help="also run the quiet-room and speech audio through the live agent on MODEL (nano:"
+        " what `run` uses) with [sounds] on, and report the share without a sound event there",
     )
     parser.add_argument("--cost-s", type=float, default=3.0, help="timing per batch size, s")
     parser.add_argument("--out", type=Path, help="also write the Markdown report here")
@@ -373,6 +381,17 @@ def _patch_scores(tagger: SoundTagger, audio: FloatArray) -> FloatArray:
     return np.concatenate(rows)[: patch_count(audio.size, tagger.config)]
 
 
+def _covered_s(ended: Iterable[Mapping[str, float]]) -> float:
+    """Seconds inside the union of the ``start``..``end`` spans of ended sound events."""
+    covered, reach = 0.0, 0.0
+    for start_s, end_s in sorted((e["start"], e["end"]) for e in ended):
+        start_s = max(start_s, reach)
+        if end_s > start_s:
+            covered += end_s - start_s
+            reach = end_s
+    return covered
+
+
 def _tracked_fraction(
     tagger: SoundTagger, scores: FloatArray, threshold: float
 ) -> tuple[float, Counter[str]]:
@@ -393,13 +412,9 @@ def _tracked_fraction(
         groups = tagger.group_scores(row, generic_yields=True)
         decisions += tracker.observe(i * hop_s, i * hop_s + patch_s, groups)
     decisions += tracker.close()
-    spans = sorted((d.start_s, d.end_s) for d in decisions if d.state == "end")
-    covered, reach = 0.0, 0.0
-    for start_s, end_s in spans:
-        start_s = max(start_s, reach)
-        if end_s > start_s:
-            covered += end_s - start_s
-            reach = end_s
+    covered = _covered_s(
+        {"start": d.start_s, "end": d.end_s} for d in decisions if d.state == "end"
+    )
     total_s = (len(scores) - 1) * hop_s + patch_s
     started = Counter(d.group for d in decisions if d.state == "start")
     return min(1.0, covered / total_s), started
@@ -445,6 +460,117 @@ def false_events(
         f"| **all** | {total_s:.0f} s | {patches} | **{100 * quiet_s / max(total_s, 1e-9):.1f} %**"
         " | | " + " | ".join(f"{_pct(totals[t], patches)}" for t in thresholds) + " | |"
     )
+    return lines
+
+
+async def _agent_events(
+    model: object, audio: FloatArray, model_options: dict[str, Any]
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Run ``audio`` through an in-process agent with ``[sounds]`` on, as `run --source file:`
+    does without ``--realtime`` (backpressure: no window is dropped), and return its ``sound``
+    events and the stream's counters. ``model_options``: its ``[model]`` table."""
+    import asyncio
+    import time
+
+    from agent.config import AgentConfig
+    from agent.runtime.app import Agent
+
+    config = AgentConfig.from_dict(
+        {
+            "agent": {"status_interval_s": 0, "print": "none"},
+            "model": model_options,
+            "ws": {"listen": "off"},
+            "mqtt": {"enabled": False},
+            "streams": [],
+            "sounds": {"enabled": True},
+        }
+    )
+    agent = Agent(config, lambda: model)
+    sub = agent.bus.subscribe("bench", 1_000_000)
+    block = RATE // 10  # the file source's 100 ms blocks
+    async with agent:
+        assert agent.pipeline is not None
+        handle = agent.pipeline.open_stream(
+            config.stream_settings("bench"), origin="file", overload="backpressure"
+        )
+        for k in range(0, audio.size, block):
+            handle.push(audio[k : k + block], time.monotonic())
+            await handle.wait_room()
+        handle.end()
+        await asyncio.wait_for(handle.wait_done(), timeout=600)
+        counters = dict(handle.counters)
+    events = []
+    while (item := sub.get_nowait()) is not None:
+        if item.data["kind"] == "sound":
+            events.append(item.data)
+    return events, counters
+
+
+def agent_false_events(
+    model: object, model_options: dict[str, Any], audio: dict[str, FloatArray], title: str
+) -> list[str]:
+    """Per source: the share of the audio with no sound event through the live agent's own
+    path (the segmenter's windows, the background duty cycle, the worker's tagger and the
+    stream's tracker, `[sounds]` defaults), on ``model`` (loaded from ``model_options``, the
+    agent's ``[model]`` table: ``{"name": "nano"}``)."""
+    import asyncio
+
+    lines = [
+        f"| {title} | audio | windows answered / dropped | **no event (agent)** | events started |",
+        "|---|---|---|---|---|",
+    ]
+    quiet_s, total_s = 0.0, 0.0
+    for name, samples in audio.items():
+        events, counters = asyncio.run(_agent_events(model, samples, model_options))
+        seconds = samples.size / RATE
+        covered = min(_covered_s(e for e in events if e["state"] == "end"), seconds)
+        quiet_s += seconds - covered
+        total_s += seconds
+        started = Counter(e["group"] for e in events if e["state"] == "start")
+        lines.append(
+            f"| {name} | {seconds:.0f} s | {counters['answered']} / {counters['dropped']} | "
+            f"{100 * (1 - covered / seconds):.1f} % | "
+            + (", ".join(f"{g} x{n}" for g, n in started.most_common(6)) or "none")
+            + " |"
+        )
+    share = 100 * quiet_s / max(total_s, 1e-9)
+    lines.append(f"| **all** | {total_s:.0f} s | | **{share:.1f} %** | |")
+    return lines
+
+
+def agent_real_recordings(
+    model: object, model_options: dict[str, Any], split: str, max_clips: int | None
+) -> list[str]:
+    """The GCompris clips of ``split`` through the same agent path, one stream each, with
+    `AGENT_CLIP_PAD_S` of quiet (-60 dBFS noise) before and after, as a room has around a
+    sound: the control that the path does start sound events, and per class whether the
+    first event's group is one the clip expects (top-3: any of its first three events)."""
+    import asyncio
+
+    from training.gcompris import RECORDING_BUNDLES, GcomprisDataError, list_clips, load_clip
+
+    try:
+        clips = [c for c in list_clips() if c.split == split][:max_clips]
+    except GcomprisDataError as exc:
+        return [f"real recordings not measured: {exc}", ""]
+    rng = np.random.default_rng(0)
+    before, after = (
+        (10 ** (-60 / 20) * rng.standard_normal(int(s * RATE))).astype(np.float32)
+        for s in AGENT_CLIP_PAD_S
+    )
+    sources: dict[str, dict[str, ClassRow]] = {"recordings": {}, "game effects": {}}
+    for clip in clips:
+        audio = np.concatenate([before, load_clip(clip), after])
+        events, _ = asyncio.run(_agent_events(model, audio, model_options))
+        started = [(e["group"], float(e["score"])) for e in events if e["state"] == "start"]
+        source = "recordings" if clip.bundle in RECORDING_BUNDLES else "game effects"
+        row = sources[source].setdefault(str(clip.sound_class), ClassRow())
+        row.add(started or [("(no event)", 0.0)], clip.expected_groups)
+    lines = []
+    for source, rows in sources.items():
+        if rows:
+            title = f"GCompris {split}: {source} through the agent"
+            lines += [*_class_table(dict(sorted(rows.items())), title), ""]
     return lines
 
 
@@ -510,14 +636,38 @@ def report(args: argparse.Namespace) -> str:
         " event (`event_groups`, the same four left out) against a plain threshold.",
         "",
     ]
+    sources: list[tuple[str, dict[str, FloatArray]]] = []
     if args.quiet_s > 0:
-        lines += [*false_events(tagger, quiet_room(args.quiet_s), args.threshold, "quiet room"), ""]
+        sources.append(("quiet room", quiet_room(args.quiet_s)))
+        lines += [*false_events(tagger, sources[-1][1], args.threshold, "quiet room"), ""]
     if args.speech_s > 0:
         speech, skipped = speech_only(args.speech_s, args.speakers.split(","), args.speech_split)
         if speech:
+            sources.append(("speech only", speech))
             lines += [*false_events(tagger, speech, args.threshold, "speech only"), ""]
         if skipped:
             lines += [f"speech sources skipped: {', '.join(skipped)}", ""]
+    if args.agent:
+        lines += [
+            f"## False events through the live agent (`--agent {args.agent}`)",
+            "",
+            "The same audio through an in-process agent with `[sounds]` on, as `run --source"
+            " file:` feeds it (backpressure, nothing dropped), tagged as the agent tags a"
+            " stream (`agent.runtime.pipeline.StreamSounds`): a patch every 0.48 s while a"
+            " segment is open, what is left of it at its end, one background patch every"
+            " `background_every_s` between segments; the patches fall where the segments put"
+            " them, not on one fixed grid. Then the real recordings the same way, each with"
+            f" {AGENT_CLIP_PAD_S[0]:g} s of quiet before and {AGENT_CLIP_PAD_S[1]:g} s after.",
+            "",
+        ]
+        from model.presets import resolve_model
+        from model.salmonn import Salmonn
+
+        options = {"name": args.agent}
+        model = Salmonn.from_config(resolve_model(args.agent))
+        for title, audio in sources:
+            lines += [*agent_false_events(model, options, audio, title), ""]
+        lines += agent_real_recordings(model, options, args.split, args.max_clips)
     lines += cost(tagger, args.cost_s)
     return "\n".join(lines)
 

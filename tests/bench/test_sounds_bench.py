@@ -122,3 +122,42 @@ def test_bench_speech_only_takes_the_klettres_half(monkeypatch: pytest.MonkeyPat
     made, skipped = speech_only(4.0, ["klettres"], "dev")
     assert asked == ["dev"] and made == {}
     assert skipped == ["klettres (apt-get install klettres-data)"]
+
+
+def test_agent_false_events_span_a_sound_and_not_the_quiet() -> None:
+    """`bench sounds --agent`: the audio goes through the live agent's own path; a siren
+    between quiet stretches makes a `siren` event whose span is about the siren's, and the
+    quiet alone makes none."""
+    from bench.sounds import agent_false_events
+    from model.presets import resolve_model
+    from model.salmonn import Salmonn
+    from training.scenes import siren
+
+    rng = np.random.default_rng(0)
+
+    def quiet(seconds: float) -> np.ndarray:
+        return (10 ** (-60 / 20) * rng.standard_normal(int(seconds * 16000))).astype(np.float32)
+
+    clip = siren(np.random.default_rng(1))
+    clip = (0.3 * clip / np.abs(clip).max()).astype(np.float32)
+    with_siren = np.concatenate([quiet(2.0), clip, clip, quiet(8.0)])
+    options = {"name": "tiny-random", "transcript": "llm", "command": "llm"}
+    model = Salmonn.from_config(resolve_model("tiny-random", input_mode="trimmed"))
+    audio = {"siren": with_siren, "quiet": quiet(12.0)}
+    lines = agent_false_events(model, options, audio, "audio")
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in lines[2:]}
+    assert rows["quiet"][3] == "100.0 %" and rows["quiet"][4] == "none |"
+    assert rows["siren"][4].startswith("siren x1")
+    total_s, sound_s = with_siren.size / 16000, 2 * clip.size / 16000
+    quiet_share = float(rows["siren"][3].removesuffix(" %"))
+    # The event spans the patches that heard the siren: within a patch (0.96 s) of it.
+    assert (
+        100 * (1 - (sound_s + 1.0) / total_s)
+        <= quiet_share
+        <= 100 * (1 - (sound_s - 1.0) / total_s)
+    )
+    # The total weighs each source by its seconds.
+    overall = float(re.findall(r"\*\*([\d.]+) %\*\*", lines[-1])[0])
+    assert overall == pytest.approx(
+        (quiet_share * total_s + 100 * 12.0) / (total_s + 12.0), abs=0.1
+    )
