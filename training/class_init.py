@@ -5,11 +5,12 @@ A fresh Q-Former hands the LLM tokens that look alike for a dog and a doorbell, 
 pre-training steps are spent finding out that they differ. Here the trainable audio parts
 (`ln_speech`, `ln_audio`, the window-level Q-Former, its query tokens and the projection)
 are first trained on their own so that a clip's mean audio token points towards the LLM's own
-input embedding of the clip's class name ("dog bark", "music", "speech") and away from the
-other classes': cross-entropy over the cosines to every class, as CLIP scores images against
-captions. The class prototypes are the frozen LLM's embeddings, so the tokens separate classes
-in the space the LLM reads, and no head is added or thrown away. Each step is the Q-Former on
-cached encoder outputs: no LLM forward pass, so a few hundred steps take a minute or two.
+input embedding of the clip's class name ("dog bark", "music", "glass breaking") and away from
+the other classes': cross-entropy over the cosines to every class, as CLIP scores images
+against captions. The class prototypes are the frozen LLM's embeddings, so the tokens separate
+classes in the space the LLM reads, and no head is added or thrown away. Only clips without
+speech take part (`clip_classes`): speech keeps what pre-training teaches it. Each step is the
+Q-Former on cached encoder outputs: no LLM forward pass, so 300 steps take about 5 minutes.
 
 The classes come from the corpus v2 clip specs (``corpus/meta.json``): what a clip was made of,
 not what a model heard.
@@ -38,20 +39,20 @@ TEMPERATURE = 0.07
 
 
 def clip_classes(meta: Mapping[str, Any]) -> dict[str, str]:
-    """Each corpus v2 clip's class name, by clip id, from ``meta.json``'s specs: ``speech``
-    for speech alone, ``music`` for music alone or under speech, the sound's class (a real
-    recording's ``cls``, a synthesizer's name with spaces) for a sound alone or under speech.
-    Clips without a class (none in corpus v2) are left out."""
+    """The class name of each corpus v2 clip without speech in it, by clip id, from
+    ``meta.json``'s specs: ``music`` for music alone, the sound's class (a real recording's
+    ``cls``, a synthesizer's name with spaces) for a sound alone. Clips with speech (alone,
+    or under music or a sound) are left out: pulled towards one class they lose what was
+    said (measured: speech QA 53.6 -> 41.1 % with them, 48.3 % without; BENCHMARKS.md "Two
+    warm starts on the short plan")."""
     classes: dict[str, str] = {}
     for spec in meta.get("specs", []):
         kind = spec.get("kind", "")
-        if kind == "speech":
-            classes[spec["clip_id"]] = "speech"
-        elif kind in ("music", "speech_music"):
+        if kind == "music":
             classes[spec["clip_id"]] = "music"
-        elif spec.get("real"):
+        elif kind == "sound" and spec.get("real"):
             classes[spec["clip_id"]] = str(spec["real"]["cls"]).replace("_", " ")
-        elif spec.get("synth"):
+        elif kind == "sound" and spec.get("synth"):
             classes[spec["clip_id"]] = str(spec["synth"]).replace("_", " ")
     return classes
 
@@ -84,7 +85,7 @@ def class_init(
     """Train the audio parts (not LoRA) for ``steps`` steps so that each clip's mean audio
     token is nearest its class's prototype (`class_prototypes`), then save them to
     ``out_dir/last`` (a checkpoint directory). Each distinct clip of ``samples`` whose file
-    stem is a key of ``classes`` takes part; classes are drawn evenly, so the 3,000 speech
+    stem is a key of ``classes`` takes part; classes are drawn evenly, so the 1,168 music
     clips do not drown the 70 of a sound.
 
     Returns:

@@ -385,11 +385,12 @@ def test_class_init_separates_two_classes_and_leaves_lora_alone(
             {"clip_id": "b", "kind": "speech_music"},
             {"clip_id": "c", "kind": "sound", "real": {"cls": "dog_bark"}, "synth": ""},
             {"clip_id": "d", "kind": "speech_sound", "real": None, "synth": "glass_breaking"},
+            {"clip_id": "e", "kind": "sound", "real": None, "synth": "glass_breaking"},
+            {"clip_id": "f", "kind": "music"},
         ]
     }
-    assert clip_classes(meta) == {
-        "a": "speech", "b": "music", "c": "dog bark", "d": "glass breaking"
-    }  # fmt: skip
+    # Clips with speech in them take no part.
+    assert clip_classes(meta) == {"c": "dog bark", "e": "glass breaking", "f": "music"}
 
 
 def test_recipe_options_name_what_is_wrong() -> None:
