@@ -19,6 +19,11 @@ issue-16 targets, at the tagger level (no LLM, no pipeline), as Markdown.
   never make an event (the tracker's ``DEFAULT_IGNORED_GROUPS``, the same set as
   `training.tagger_eval.NOT_SOUND_EVENTS`). A plain per-patch threshold on the best sound-event
   group is shown beside it at 0.3, 0.5 and 0.7.
+- **Through the live agent** (``--agent MODEL``): the same quiet-room and speech audio, then
+  each real recording with quiet around it, through an in-process agent with ``[sounds]`` on,
+  fed as `run --source file:` feeds a file. The agent tags where its segments fall
+  (`agent.runtime.pipeline.StreamSounds`), not every patch, so these are the ``sound`` events
+  a user gets.
 - **Cost** of a 0.96 s patch on one core (one onnxruntime thread), one patch per call and 8 and
   16 per call (the worker batches one window per stream), as a ratio to a single patch.
 
@@ -99,8 +104,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--agent",
         metavar="MODEL",
-        help="also run the quiet-room and speech audio through the live agent on MODEL (nano:"
-        " what `run` uses) with [sounds] on, and report the share without a sound event there",
+        help="also put the quiet-room and speech audio and the real recordings through the"
+        " live agent on MODEL (nano: what `run` uses) with [sounds] on: the share without a"
+        " sound event, and the class each recording's first event names",
     )
     parser.add_argument("--cost-s", type=float, default=3.0, help="timing per batch size, s")
     parser.add_argument("--out", type=Path, help="also write the Markdown report here")
