@@ -535,21 +535,19 @@ class Trainer:
             return self._batch_memo[(epoch, chunk)]
         order = self._order(epoch)
         width = self.config.batch_size * BUCKET_BATCHES
-        positions = range(chunk * width, min(len(order), (chunk + 1) * width))
+        indices = order[chunk * width : (chunk + 1) * width]
         share = self._curriculum_share(epoch, chunk)
         if share < 1:
             # Drawn afresh from the shortest answers for each chunk (samples may repeat
             # across chunks); the epoch's permutation takes over once the pool is everything.
             pool = self._by_answer_length[: max(1, math.ceil(share * len(order)))]
-            drawn = np.random.default_rng([self.config.seed, epoch, chunk, 2]).choice(
+            indices = np.random.default_rng([self.config.seed, epoch, chunk, 2]).choice(
                 pool, size=min(width, pool.size), replace=False
             )
-            order = np.concatenate([order[: positions.start], drawn])
-            positions = range(positions.start, order.size)
         picked = []
-        for position in positions:
-            sample = self.train_samples[int(order[position])]
-            rng = np.random.default_rng([self.config.seed, epoch, position])
+        for offset, index in enumerate(indices):
+            sample = self.train_samples[int(index)]
+            rng = np.random.default_rng([self.config.seed, epoch, chunk * width + offset])
             picked.append((sample, sample_prompt(sample.task, rng, sample.question)))
         picked.sort(key=lambda item: self._size_hint(*item))
         size = self.config.batch_size
