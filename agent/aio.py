@@ -1,15 +1,18 @@
 """Generic asyncio helpers shared by the MQTT publisher, the edge and the cluster worker.
 
 Nothing here knows about MQTT or the agent: cancellation that survives a swallowed
-`CancelledError`, and the reconnect delay every long-lived client uses.
+`CancelledError`, a request let finish before its caller is cancelled, and the reconnect delay
+every long-lived client uses.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Awaitable, Iterable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 # Doublings of `backoff_s` stop here: 2.0 ** 1024 overflows a float (OverflowError, after
 # 1025 failures), and 2 ** 1000 is far past any max_s / min_s ratio.
@@ -43,6 +46,28 @@ async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]]) -> list[BaseExcept
         for task in pending:
             task.cancel()
     return [None if t.cancelled() else t.exception() for t in tasks]
+
+
+async def finish_before_cancel(awaitable: Awaitable[T], timeout_s: float = 2.0) -> T:
+    """Await ``awaitable``; when the caller is cancelled meanwhile, let it finish first (for
+    at most ``timeout_s``, or until a second cancellation), then raise `CancelledError`.
+
+    For a request whose reply must find its waiter: aiomqtt drops a subscribe's waiter on
+    cancellation, and the broker's SUBACK, arriving a moment later as the client shuts down,
+    is then logged as an error with a traceback ("Unexpected message ID").
+    """
+    task = asyncio.ensure_future(awaitable)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        try:
+            await asyncio.wait({task}, timeout=timeout_s)
+        finally:
+            if not task.done():
+                task.cancel()
+            elif not task.cancelled():
+                task.exception()  # retrieved: the caller is cancelled whatever it was
+        raise
 
 
 def backoff_s(failures: int, min_s: float, max_s: float) -> float:

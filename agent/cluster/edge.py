@@ -37,7 +37,7 @@ from typing import Any, Protocol, Self
 
 import aiomqtt
 
-from agent.aio import backoff_s, cancel_and_wait, reraise_if_cancelling
+from agent.aio import backoff_s, cancel_and_wait, finish_before_cancel, reraise_if_cancelling
 from agent.cluster.messages import (
     RESERVED_STREAMS,
     WireError,
@@ -394,8 +394,12 @@ class RemoteWindows:
                 ) as client:
                     failures = 0
                     self.counters["connects"] += 1
-                    await client.subscribe(results_topic(self._prefix, self.device), qos=1)
-                    await client.subscribe(presence_topic(self._prefix, "+"), qos=1)
+                    await finish_before_cancel(
+                        client.subscribe(results_topic(self._prefix, self.device), qos=1)
+                    )
+                    await finish_before_cancel(
+                        client.subscribe(presence_topic(self._prefix, "+"), qos=1)
+                    )
                     # Answers published while this edge was away are lost (clean start):
                     # everything unanswered goes again.
                     for item in self._outstanding.values():

@@ -31,7 +31,7 @@ from typing import Any, Self
 
 import aiomqtt
 
-from agent.aio import backoff_s, cancel_and_wait, reraise_if_cancelling
+from agent.aio import backoff_s, cancel_and_wait, finish_before_cancel, reraise_if_cancelling
 from agent.cluster.messages import (
     WireError,
     broker_address,
@@ -262,8 +262,9 @@ class ClusterWorker:
                     self.counters["connects"] += 1
                     await client.publish(topic, self._presence("online"), qos=1)
                     if self._intake:
-                        await client.subscribe(
-                            shared_subscription(self._prefix, self.config.cluster.group), qos=1
+                        group = self.config.cluster.group
+                        await finish_before_cancel(
+                            client.subscribe(shared_subscription(self._prefix, group), qos=1)
                         )
                         self.subscribed.set()
                     try:

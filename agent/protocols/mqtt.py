@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiomqtt
 
-from agent.aio import backoff_s, cancel_and_wait, reraise_if_cancelling
+from agent.aio import backoff_s, cancel_and_wait, finish_before_cancel, reraise_if_cancelling
 from agent.config import (
     BrokerAddress,
     MqttConfig,
@@ -544,9 +544,9 @@ class MqttPublisher:
         await client.publish(self._status_topic, "online", qos=1, retain=True)
         for stream, state in list(self._control_state.items()):
             await self._publish_state(client, stream, state)
-        await client.subscribe(f"{cfg.prefix}/+/set", qos=1)
+        await finish_before_cancel(client.subscribe(f"{cfg.prefix}/+/set", qos=1))
         if cfg.discovery:
-            await client.subscribe(f"{cfg.discovery_prefix}/status", qos=1)
+            await finish_before_cancel(client.subscribe(f"{cfg.discovery_prefix}/status", qos=1))
             await self._publish_discovery(client)
         if not self._first_attempt.done():
             self._first_attempt.set_result(None)

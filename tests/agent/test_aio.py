@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from agent.aio import backoff_s, cancel_and_wait, reraise_if_cancelling
+from agent.aio import backoff_s, cancel_and_wait, finish_before_cancel, reraise_if_cancelling
 
 
 @pytest.fixture
@@ -108,3 +108,46 @@ async def test_reraise_if_cancelling_only_while_cancelled() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert caught.is_set() and outcome == ["cancelled"]
+
+
+async def test_finish_before_cancel_lets_the_request_finish_then_raises() -> None:
+    """A caller cancelled while its request waits for the reply: the request still gets its
+    reply, then the caller's cancellation goes on."""
+    reply: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    got: list[str] = []
+
+    async def request() -> str:
+        got.append(await reply)
+        return got[-1]
+
+    caller = asyncio.create_task(finish_before_cancel(request(), timeout_s=5.0))
+    await asyncio.sleep(0)
+    caller.cancel()
+    await asyncio.sleep(0)
+    assert not caller.done()  # waiting for the reply, not gone
+    reply.set_result("SUBACK")
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    assert got == ["SUBACK"]
+
+
+async def test_finish_before_cancel_gives_up_after_its_timeout() -> None:
+    """No reply within the timeout: the request is cancelled and so is the caller."""
+    started = asyncio.Event()
+    cancelled = asyncio.Event()
+
+    async def request() -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    caller = asyncio.create_task(finish_before_cancel(request(), timeout_s=0.05))
+    await started.wait()
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(caller, timeout=5.0)
+    assert cancelled.is_set()
+    assert await finish_before_cancel(asyncio.sleep(0, "plain")) == "plain"  # no cancel
