@@ -1055,6 +1055,10 @@ class QuestionConfig:
         lora_scale: Its LoRA scale (None: the stream's); lower it for questions the model was
             not trained on (the paper's activation knob).
         kinds: Window kinds it is asked of.
+        transcript: Of a speech or mixed window, ask it with Whisper's transcript of the
+            window in front (``Speech heard: "...". <question>``, `model.prompts.with_transcript`),
+            so the LLM answers what was said from Whisper's words; the window is transcribed
+            once for its transcript and its questions.
     """
 
     text: str = option(
@@ -1069,6 +1073,9 @@ class QuestionConfig:
         choices=WINDOW_KINDS,
         expected=f"kinds among {list(WINDOW_KINDS)}",
     )
+    # On: nano's audio tokens carry too little of the words to say what was said (0 % on
+    # "what did ... say" in BENCHMARKS.md "nano v2"); nano-v2 training asks both ways.
+    transcript: bool = option(True)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str) -> QuestionConfig:

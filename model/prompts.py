@@ -58,6 +58,10 @@ PROMPTS: dict[str, tuple[str, ...]] = {
     # Please describe the audio.", the agent's `sounds.caption_labels`): the manifest's ``Q``
     # is the whole instruction.
     "audiocaption_tagged": ("{}",),
+    # A question asked with Whisper's transcript of the window in front (`with_transcript`,
+    # as the agent asks a standing question of a speech or mixed window): ``Q`` is the whole
+    # instruction.
+    "QA_transcribed": ("{}",),
     "audio_story_telling": (
         "Based on the audio, write a story in detail. Your story should be highly related to "
         "the audio.",
@@ -76,6 +80,15 @@ UNSEEN_INSTRUCTIONS: tuple[str, ...] = (
     "Suggest what someone should do after hearing this, and why.",
     "Write a diary entry about the moment in this recording.",
 )
+
+
+def with_transcript(question: str, transcript: str) -> str:
+    """``question`` with what Whisper heard in front: ``Speech heard: "Turn left." What did the
+    man say?``. The LLM answers questions about what was said from Whisper's words (its own
+    audio tokens carry too little of them at nano's size; BENCHMARKS.md, "nano v2"); the
+    audio still answers everything else. Unchanged when nothing was heard."""
+    heard = " ".join(transcript.split())
+    return f'Speech heard: "{heard}" {question.strip()}' if heard else question
 
 
 def eval_prompt(task: str, question: str = "") -> str:

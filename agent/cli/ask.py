@@ -103,6 +103,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="beam search width (1: greedy; the official demo used 4)",
     )
     gen.add_argument("--max-new-tokens", type=int, default=200)
+    gen.add_argument(
+        "--with-transcript",
+        action="store_true",
+        help="ask with Whisper's transcript of the audio in front ('Speech heard: \"...\""
+        " <instruction>', as `run` asks a standing question of a speech window)",
+    )
     parser.add_argument(
         "--json",
         action="store_true",
@@ -136,9 +142,20 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     model = load_model_from_args(args)
     load_ms = (time.perf_counter() - started) * 1000
+    instruction = args.instruction
+    if args.with_transcript:
+        from model.prompts import with_transcript
+
+        if model.whisper_tokenizer is None:
+            sys.stderr.write(
+                "salmonn-live ask: error: --with-transcript needs Whisper's text, and this"
+                " model's Whisper has no tokenizer\n"
+            )
+            return 2
+        instruction = with_transcript(instruction, model.transcribe_with_whisper([audio])[0])
     result = model.generate(
         [audio],
-        args.instruction,
+        instruction,
         lora_scale=args.lora_scale,
         num_beams=args.beams,
         max_new_tokens=args.max_new_tokens,
@@ -149,6 +166,7 @@ def run(args: argparse.Namespace) -> int:
             **{k: round(v, 1) for k, v in result.timings_ms.items()},
         }
         out = {
+            "instruction": instruction,
             "text": result.text,
             "token_ids": result.token_ids,
             "audio_tokens": result.audio_tokens,

@@ -142,6 +142,7 @@ def encode_window(
                 "question": r.question,
                 "language": r.language,
                 "whisper_task": r.whisper_task,
+                "with_transcript": r.with_transcript,
             }
             for r in window.requests
         ],
@@ -182,6 +183,7 @@ def decode_window(payload: bytes, wall_offset_s: float) -> WindowMessage:
                 # Absent from an older edge's message: English, as it was then.
                 language=str(r.get("language", "en")),
                 whisper_task="translate" if r.get("whisper_task") == "translate" else "transcribe",
+                with_transcript=r.get("with_transcript") is True,
             )
             for r in header["requests"]
         )

@@ -457,6 +457,7 @@ class StreamHandle:
                         instruction=question.text,
                         lora_scale=scale,
                         question=question.text,
+                        with_transcript=question.transcript and kind in ("speech", "mixed"),
                     )
                 )
         if not requests:

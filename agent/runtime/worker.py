@@ -41,6 +41,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.errors import AgentError
+from model.prompts import with_transcript
 
 if TYPE_CHECKING:
     import torch
@@ -69,6 +70,9 @@ class Request:
             ``auto`` (detected per window on the same encoder pass) or comma-separated codes
             (detected among those, `agent.config.detection_candidates`).
         whisper_task: For ``whisper`` requests: ``transcribe`` or ``translate`` (English).
+        with_transcript: For ``llm`` requests: asked with Whisper's transcript of the window in
+            front (`model.prompts.with_transcript`); the window's own Whisper transcript
+            request's text when it has one, else the model's Whisper hears it for this.
     """
 
     key: str
@@ -80,6 +84,7 @@ class Request:
     recogniser: Literal["model", "command"] = "model"
     language: str = "en"
     whisper_task: Literal["transcribe", "translate"] = "transcribe"
+    with_transcript: bool = False
 
     @property
     def english_whisper(self) -> bool:
@@ -346,11 +351,12 @@ class BatchRunner:
         emit: Callable[[Output], None],
         start: float,
         report: BatchReport,
-    ) -> None:
+    ) -> dict[str, str]:
         """Answer the ``whisper`` requests: each window heard once per way of hearing it
         (a recogniser for English transcription; the model's own multilingual Whisper per
         language and task otherwise, with the English translation of foreign commands
-        decoded from the same encoder output)."""
+        decoded from the same encoder output). Returns the text of each window's
+        ``transcript`` request, by window id."""
         from agent.config import detection_candidates
 
         own: Callable[[list[FloatArray]], list[str]] = self.model.transcribe_with_whisper
@@ -364,6 +370,7 @@ class BatchRunner:
 
         groups: dict[tuple[Any, ...], dict[str, Window]] = {}
         commands: set[tuple[Any, ...]] = set()
+        transcripts: dict[str, str] = {}
         for window, request in items:
             groups.setdefault(hearing(request), {})[window.id] = window
             if request.task == "command":
@@ -401,6 +408,8 @@ class BatchRunner:
                 if hearing(request) != how:
                     continue
                 text, language, probability, english = heard[window.id]
+                if request.task == "transcript":
+                    transcripts[window.id] = text
                 report.finished.add(request.key)
                 emit(
                     Final(
@@ -415,6 +424,7 @@ class BatchRunner:
                         english=english if request.task == "command" else None,
                     )
                 )
+        return transcripts
 
     def _run(
         self,
@@ -429,9 +439,10 @@ class BatchRunner:
             return
         llm_windows = [w for w in windows if any(r.engine == "llm" for r in w.requests)]
         whisper_items = [(w, r) for w in windows for r in w.requests if r.engine == "whisper"]
+        transcripts: dict[str, str] = {}
         if whisper_items:
             t0 = time.perf_counter()
-            self._whisper(whisper_items, emit, start, report)
+            transcripts = self._whisper(whisper_items, emit, start, report)
             report.timings_ms["whisper_decode_ms"] = (time.perf_counter() - t0) * 1000
         if not llm_windows or cancel.is_set():
             if cancel.is_set():
@@ -455,6 +466,7 @@ class BatchRunner:
             for request in window.requests:
                 if request.engine == "llm":
                     groups.setdefault(request.lora_scale, []).append((window, request))
+        heard = self._heard(llm_windows, transcripts)
         t0 = time.perf_counter()
         for scale, items in groups.items():
             streams = _RowStreams(
@@ -462,7 +474,12 @@ class BatchRunner:
             )
             results = self.model.generate_from_tokens(
                 [rows[w.id] for w, _ in items],
-                [r.instruction for _, r in items],
+                [
+                    with_transcript(r.instruction, heard[w.id])
+                    if r.with_transcript
+                    else r.instruction
+                    for w, r in items
+                ],
                 lora_scale=scale,
                 num_beams=1,
                 max_new_tokens=self.max_new_tokens,
@@ -470,6 +487,20 @@ class BatchRunner:
             )
             streams.finish([g.text for g in results])
         report.timings_ms["generate_ms"] = (time.perf_counter() - t0) * 1000
+
+    def _heard(self, windows: Sequence[Window], transcripts: dict[str, str]) -> dict[str, str]:
+        """What Whisper heard in each window with a ``with_transcript`` request: its own
+        transcript request's text, or else the model's Whisper now (a model without a Whisper
+        tokenizer hears nothing: the questions go as they are)."""
+        wanted = [w for w in windows if any(r.with_transcript for r in w.requests)]
+        missing = [w for w in wanted if w.id not in transcripts]
+        heard = {w.id: transcripts[w.id] for w in wanted if w.id in transcripts}
+        if missing and getattr(self.model, "whisper_tokenizer", None) is None:
+            return {**heard, **{w.id: "" for w in missing}}
+        if missing:
+            texts = self.model.transcribe_with_whisper([w.audio for w in missing])
+            heard.update((w.id, t.strip()) for w, t in zip(missing, texts, strict=True))
+        return heard
 
 
 def model_placement(model: Any) -> tuple[torch.device, torch.dtype]:

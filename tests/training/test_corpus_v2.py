@@ -244,8 +244,15 @@ def test_the_v2_recipe_activates_on_the_corpus_stories_and_scores_test_questions
         resolve_model("tiny-random", audio_encoder="yamnet", input_mode="trimmed")
     )
     plan = dataclasses.replace(
-        TINY_V2_PLAN, activation_samples=3, eval_limit=6, caption_repeats=2, tagged_captions=True
+        TINY_V2_PLAN,
+        activation_samples=3,
+        eval_limit=6,
+        caption_repeats=2,
+        tagged_captions=True,
+        transcribed_questions=1.0,
     )
+    # tiny-random's Whisper has no tokenizer: it hears the same words in every clip.
+    model.transcribe_with_whisper = lambda audio, **_: ["Turn left."] * len(audio)  # type: ignore[method-assign]
     plan = with_options(plan, curriculum=True, class_init_steps=2)  # both warm starts wired
     sounds = dataclasses.replace(SoundsConfig(), caption_labels=True)
     labels = CaptionLabels(PromptConfig().caption, sounds.caption_prompt, 0.3)
@@ -268,6 +275,12 @@ def test_the_v2_recipe_activates_on_the_corpus_stories_and_scores_test_questions
     assert qa["n"] == min(plan.qa_limit, len(test_questions))
     assert sum(k["n"] for k in qa["per_kind"].values()) == qa["n"]
     assert set(qa["per_kind"]) <= {"speech", "sound", "music"}
+    # The questions are scored a second time with Whisper's transcript of each speech clip.
+    heard = json.loads((out / "whisper_heard.json").read_text())
+    spoken = {str(out / "corpus" / e["path"]) for e in _entries(corpus, "train") + _entries(
+        corpus, "test") if e["task"] == "asr"}  # fmt: skip
+    assert set(heard) == spoken and set(heard.values()) == {"Turn left."}
+    assert rep["test"]["qa_transcribed"]["n"] == qa["n"]
     assert (out / "final" / "model.safetensors").is_file()
     # The repeated captions carry the tagger's labels, as the agent asks for them.
     captions = [e for e in _entries(corpus, "train") if e["task"] == "audiocaption"]

@@ -36,7 +36,8 @@ def test_json_answer_on_tiny_random(capsys) -> None:
     )
     assert code == 0
     result = json.loads(out)
-    assert set(result) == {"text", "token_ids", "audio_tokens", "timings_ms"}
+    assert set(result) == {"instruction", "text", "token_ids", "audio_tokens", "timings_ms"}
+    assert result["instruction"] == "Please describe the audio."
     assert result["audio_tokens"] == 88  # official mode: every clip is padded to 30 s
     assert 1 <= len(result["token_ids"]) <= 4
     assert {"load_ms", "encoder_ms", "qformer_ms", "generate_ms"} <= set(result["timings_ms"])
@@ -134,6 +135,13 @@ def test_missing_weights_are_one_error_line(tmp_path, capsys) -> None:
     assert code == 2 and "no-such-preset" in err
 
 
+def test_with_transcript_needs_a_whisper_that_writes_text(capsys) -> None:
+    code, out, err = _ask(
+        capsys, str(EXAMPLE), "Who?", "--model", "tiny-random", "--with-transcript"
+    )
+    assert code == 2 and out == "" and "--with-transcript" in err and "Traceback" not in err
+
+
 def test_nano_runs_end_to_end_on_real_weights(capsys) -> None:
     code, out, _ = _ask(
         capsys,
@@ -144,9 +152,14 @@ def test_nano_runs_end_to_end_on_real_weights(capsys) -> None:
         "--json",
         "--max-new-tokens",
         "3",
+        "--with-transcript",
     )
     assert code == 0
     result = json.loads(out)
+    # Whisper base heard the example's "Turn left ... stop", in front of the instruction.
+    instruction = "Recognize the speech and give me the transcription."
+    said = re.fullmatch(f'Speech heard: "(.+)" {re.escape(instruction)}', result["instruction"])
+    assert said and "left" in said.group(1).lower()
     samples = sf.info(str(EXAMPLE)).frames
     assert (
         result["audio_tokens"] == int(np.ceil(samples / 320)) // 8

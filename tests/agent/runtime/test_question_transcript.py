@@ -1,0 +1,174 @@
+"""Standing questions of speech windows asked with Whisper's transcript in front
+(`[[questions]] transcript`, `model.prompts.with_transcript`)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.runtime.app import Agent
+from agent.runtime.worker import BatchRunner, Final, Request, Window
+from model.prompts import with_transcript
+from tests.agent.conftest import TIMING, make_config
+
+
+class _Tokens:
+    def row(self, i: int) -> Any:
+        return np.zeros((1, 4), np.float32)
+
+
+class _Text:
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+class _Tokenizer:
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "x" * len(ids)
+
+
+class AskedModel:
+    """Whisper hears ``said``; the LLM records the instructions it was asked."""
+
+    tokenizer = _Tokenizer()
+    whisper_tokenizer = "scripted"
+
+    def __init__(self, said: str) -> None:
+        self.said = said
+        self.whisper_calls: list[int] = []
+        self.instructions: list[str] = []
+
+    def encode_audio(self, audio: list[np.ndarray]) -> _Tokens:
+        return _Tokens()
+
+    def generate_from_tokens(
+        self, rows: list[Any], instructions: list[str], **_: Any
+    ) -> list[_Text]:
+        self.instructions += instructions
+        return [_Text("yes") for _ in rows]
+
+    def transcribe_with_whisper(self, audio: list[np.ndarray]) -> list[str]:
+        self.whisper_calls.append(len(audio))
+        return [f" {self.said} "] * len(audio)
+
+
+def _window(n: int, *requests: Request) -> Window:
+    now = time.monotonic()
+    return Window(
+        id=f"s:{n}",
+        stream="s",
+        kind="speech",
+        audio=np.zeros(16000, np.float32),
+        start_s=float(n),
+        end_s=n + 1.0,
+        captured=now,
+        segment_end=now,
+        requests=requests,
+    )
+
+
+def _question(n: int, with_transcript: bool) -> Request:
+    return Request(
+        key=f"s:{n}/q0",
+        task="answer",
+        instruction="What did the man say?",
+        question="What did the man say?",
+        with_transcript=with_transcript,
+    )
+
+
+def test_a_question_gets_its_windows_transcript_heard_once() -> None:
+    model = AskedModel("Turn left.")
+    transcript = Request(key="s:1/transcript", task="transcript", instruction="", engine="whisper")
+    window = _window(1, transcript, _question(1, True))
+    outputs: list[Any] = []
+    report = BatchRunner(model, 4).run([window], outputs.append, threading.Event())
+    assert report.error is None and report.finished == {"s:1/transcript", "s:1/q0"}
+    # The transcript request's decode serves the question too.
+    assert model.whisper_calls == [1]
+    assert model.instructions == ['Speech heard: "Turn left." What did the man say?']
+    # The answer event keeps the question as asked.
+    answer = next(o for o in outputs if isinstance(o, Final) and o.request.task == "answer")
+    assert answer.request.instruction == "What did the man say?"
+
+
+def test_a_window_without_a_transcript_request_is_heard_for_its_question() -> None:
+    model = AskedModel("Lights on.")
+    windows = [_window(1, _question(1, True)), _window(2, _question(2, False))]
+    BatchRunner(model, 4).run(windows, lambda output: None, threading.Event())
+    assert model.whisper_calls == [1]  # only the window that asks for it
+    assert model.instructions == [
+        'Speech heard: "Lights on." What did the man say?',
+        "What did the man say?",
+    ]
+
+
+def test_a_model_without_whisper_text_asks_the_question_as_it_is() -> None:
+    model = AskedModel("unused")
+    model.whisper_tokenizer = None  # type: ignore[assignment]
+    BatchRunner(model, 4).run([_window(1, _question(1, True))], lambda o: None, threading.Event())
+    assert model.whisper_calls == [] and model.instructions == ["What did the man say?"]
+
+
+def test_with_transcript_leaves_a_question_alone_when_nothing_was_heard() -> None:
+    assert with_transcript("Is anyone speaking?", "  ") == "Is anyone speaking?"
+    assert with_transcript("Who?", " Turn\nleft. ") == 'Speech heard: "Turn left." Who?'
+
+
+class HeardTiny:
+    """The tiny-random model, but Whisper hears ``said`` and the LLM's instructions are kept."""
+
+    whisper_tokenizer = "scripted"
+
+    def __init__(self, model: Any, said: str) -> None:
+        self._model = model
+        self.said = said
+        self.asked: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+    def transcribe_with_whisper(self, audio: list[np.ndarray]) -> list[str]:
+        return [self.said] * len(audio)
+
+    def generate_from_tokens(self, rows: Any, instructions: list[str], **kw: Any) -> Any:
+        self.asked += instructions
+        return self._model.generate_from_tokens(rows, instructions, **kw)
+
+
+async def test_the_agent_asks_speech_windows_questions_with_the_transcript(
+    tiny_model: Any, clip_path: Path
+) -> None:
+    heard = HeardTiny(tiny_model, "Open the door.")
+    config = make_config(
+        model={"transcript": "whisper", "command": "whisper", "early_command_ms": 0},
+        streams=[{"id": "s", "source": f"file:{clip_path}"}],
+        questions=[
+            {"text": "What was said?", "kinds": ["speech", "sound"]},
+            {"text": "Plain?", "kinds": ["speech"], "transcript": False},
+        ],
+        agent={"exit_at_end": True},
+        ws={"listen": "off"},
+    )
+    agent = Agent(config, lambda: heard)
+    sub = agent.bus.subscribe("test", 100_000)
+    async with agent:
+        async with asyncio.timeout(120 * TIMING):
+            assert await agent.run() == "end of input"
+    events = []
+    while (event := sub.get_nowait()) is not None:
+        events.append(event.data)
+    answers = [e for e in events if e["kind"] == "answer" and not e["partial"]]
+    assert answers
+    hinted = 'Speech heard: "Open the door." What was said?'
+    # The clip has speech and sound windows: the speech ones are asked with the
+    # transcript, the sound ones (Whisper would make up words there) and the question
+    # with `transcript = false` as written.
+    assert hinted in heard.asked and "What was said?" in heard.asked
+    assert "Plain?" in heard.asked and not any("Plain?" in a and "heard" in a for a in heard.asked)
+    assert {a["question"] for a in answers} == {"What was said?", "Plain?"}
