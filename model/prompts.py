@@ -9,6 +9,7 @@ intent task. ``QA`` prompts hold ``{}``, filled from the manifest's ``Q`` field.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -58,10 +59,10 @@ PROMPTS: dict[str, tuple[str, ...]] = {
     # Please describe the audio.", the agent's `sounds.caption_labels`): the manifest's ``Q``
     # is the whole instruction.
     "audiocaption_tagged": ("{}",),
-    # A question asked with Whisper's transcript of the window in front (`with_transcript`,
-    # as the agent asks a standing question of a speech or mixed window): ``Q`` is the whole
-    # instruction.
-    "QA_transcribed": ("{}",),
+    # A question asked with what the fast paths heard in front: Whisper's transcript of a
+    # speech window (`with_transcript`), the tagger's instruments in music (`with_instruments`),
+    # as the agent asks its standing questions: ``Q`` is the whole instruction.
+    "QA_heard": ("{}",),
     "audio_story_telling": (
         "Based on the audio, write a story in detail. Your story should be highly related to "
         "the audio.",
@@ -89,6 +90,16 @@ def with_transcript(question: str, transcript: str) -> str:
     audio still answers everything else. Unchanged when nothing was heard."""
     heard = " ".join(transcript.split())
     return f'Speech heard: "{heard}" {question.strip()}' if heard else question
+
+
+def with_instruments(question: str, instruments: Sequence[tuple[str, float]]) -> str:
+    """``question`` with the sound tagger's best instruments in front: ``Instruments heard:
+    accordion (0.62), harmonica (0.20). Which instrument family is playing?``
+    (`model.sound_tagger.SoundTagger.instruments`). Unchanged when none was heard."""
+    if not instruments:
+        return question
+    named = ", ".join(f"{name} ({score:.2f})" for name, score in instruments)
+    return f"Instruments heard: {named}. {question.strip()}"
 
 
 def eval_prompt(task: str, question: str = "") -> str:

@@ -21,7 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from model.prompts import PROMPTS, UNSEEN_INSTRUCTIONS, eval_prompt, with_transcript
+from model.prompts import (
+    PROMPTS,
+    UNSEEN_INSTRUCTIONS,
+    eval_prompt,
+    with_instruments,
+    with_transcript,
+)
 from model.salmonn import Salmonn
 from training.corpus import CorpusSize, synthesize_corpus, write_manifest
 from training.scoring import (
@@ -150,14 +156,13 @@ def evaluate_qa(
     batch_size: int = 8,
     max_new_tokens: int = 40,
     progress: bool = False,
-    heard: dict[str, str] | None = None,
+    heard: Heard | None = None,
 ) -> dict[str, Any]:
     """Answer every ``QA`` entry's question with the evaluation prompt and score it by
     `training.scoring.qa_correct`.
 
-    ``heard`` (Whisper's transcript by clip path, `whisper_heard`) asks the questions about
-    those clips with the transcript in front (`model.prompts.with_transcript`), as the agent
-    asks a standing question of a speech window.
+    ``heard`` asks the questions about the clips in it with what was heard in front
+    (`Heard.question`), as the agent asks its standing questions.
 
     Returns:
         `training.scoring.qa_report`'s dict: accuracy overall, per kind (speech, sound, music)
@@ -170,7 +175,7 @@ def evaluate_qa(
         model,
         cache,
         chosen,
-        [_qa_prompt(s, heard or {}) for s in chosen],
+        [_qa_prompt(s, heard) for s in chosen],
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
         progress=progress,
@@ -182,10 +187,33 @@ def evaluate_qa(
     return qa_report([s.question for s in chosen], items)
 
 
-def _qa_prompt(sample: Sample, heard: dict[str, str]) -> str:
+@dataclass(frozen=True)
+class Heard:
+    """What the fast paths heard in each clip, by path: Whisper's transcript of the clips with
+    speech (`whisper_heard`) and the tagger's instruments in those with music
+    (`tagger_instruments`)."""
+
+    transcripts: dict[str, str] = dataclasses.field(default_factory=dict)
+    instruments: dict[str, list[tuple[str, float]]] = dataclasses.field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.transcripts or self.instruments)
+
+    def question(self, sample: Sample, question: str) -> str | None:
+        """``question`` as the agent would ask it of this clip (instruments, then the
+        transcript in front: `with_instruments`, `with_transcript`); None when nothing was
+        heard in it."""
+        path = str(sample.path)
+        if path not in self.transcripts and path not in self.instruments:
+            return None
+        asked = with_instruments(question, self.instruments.get(path, []))
+        return with_transcript(asked, self.transcripts.get(path, ""))
+
+
+def _qa_prompt(sample: Sample, heard: Heard | None) -> str:
     question = eval_prompt("QA", sample.question)
-    transcript = heard.get(str(sample.path))
-    return question if transcript is None else with_transcript(question, transcript)
+    hinted = heard.question(sample, question) if heard else None
+    return question if hinted is None else hinted
 
 
 def speech_clips(samples: list[Sample]) -> list[Sample]:
@@ -222,22 +250,54 @@ def whisper_heard(
     return {str(s.path): heard[str(s.path)] for s in samples}
 
 
-def transcribed_questions(
-    samples: list[Sample], heard: dict[str, str], fraction: float, seed: int = 0
+def tagger_instruments(
+    samples: list[Sample],
+    cache_file: Path,
+    *,
+    min_music: float = 0.3,
+    loader: AudioLoader = read_wav_16k,
+) -> dict[str, list[tuple[str, float]]]:
+    """The tagger's best instruments (`SoundTagger.instruments`) in each clip of ``samples``
+    where its ``music`` group scores at least ``min_music`` (the agent's off-threshold), by
+    path; kept in ``cache_file`` (JSON) like `whisper_heard`."""
+    from model.sound_tagger import SoundTaggerConfig, load_sound_tagger, pool
+
+    if cache_file.is_file():
+        found = json.loads(cache_file.read_text())
+        return {path: [(n, v) for n, v in heard] for path, heard in found.items()}
+    tagger = load_sound_tagger(SoundTaggerConfig())
+    clips = list({str(s.path): s for s in samples}.values())
+    found = {}
+    for start in range(0, len(clips), 32):
+        chunk = clips[start : start + 32]
+        for s, scores in zip(
+            chunk, tagger.scores_batch([load_sample_audio(s, loader) for s in chunk]), strict=True
+        ):
+            pooled = pool(scores, tagger.config.pooling)
+            if tagger.group_scores(pooled).get("music", 0.0) >= min_music:
+                heard = tagger.instruments(pooled)
+                if heard:
+                    found[str(s.path)] = heard
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    cache_file.write_text(json.dumps(found, indent=0) + "\n")
+    return found
+
+
+def heard_questions(
+    samples: list[Sample], heard: Heard, fraction: float, seed: int = 0
 ) -> list[Sample]:
     """``samples`` with a ``fraction`` of the ``QA`` entries about clips in ``heard`` asked
-    with the clip's transcript in front (task ``QA_transcribed``, `with_transcript`); the
-    choice is fixed by ``seed``. The rest stay as they are, so the model still answers from
-    the audio alone."""
+    with what was heard in front (task ``QA_heard``, `Heard.question`); the choice is fixed
+    by ``seed``. The rest stay as they are, so the model still answers from the audio
+    alone."""
     import numpy as np
 
     rng = np.random.default_rng([seed, 17])
     out: list[Sample] = []
     for s in samples:
-        transcript = heard.get(str(s.path))
-        if s.task == "QA" and transcript is not None and rng.random() < fraction:
-            question = with_transcript(s.question, transcript)
-            s = dataclasses.replace(s, task="QA_transcribed", question=question)
+        question = heard.question(s, s.question) if s.task == "QA" else None
+        if question is not None and rng.random() < fraction:
+            s = dataclasses.replace(s, task="QA_heard", question=question)
         out.append(s)
     return out
 
@@ -410,10 +470,10 @@ class RecipePlan:
     tagged_captions: bool = False
     #: Steps of `training.class_init` before pre-training (0: none; corpus v2 only).
     class_init_steps: int = 0
-    #: The share of instruction tuning's questions about speech clips asked with Whisper's
-    #: transcript in front (`transcribed_questions`), as the agent asks standing questions of
-    #: speech windows; the test QA is then scored both ways (0: neither).
-    transcribed_questions: float = 0.0
+    #: The share of instruction tuning's questions about clips with speech or music asked with
+    #: Whisper's transcript and the tagger's instruments in front (`heard_questions`), as the
+    #: agent asks its standing questions; the test QA is then scored both ways (0: neither).
+    heard_questions: float = 0.0
 
 
 #: The nano recipe, sized to finish well under 3 hours on a 2-core CPU (docs/training.md).
@@ -454,7 +514,7 @@ NANO_V2_PLAN = RecipePlan(
     corpus="v2",
     qa_limit=240,
     tagged_captions=True,
-    transcribed_questions=0.7,
+    heard_questions=0.7,
 )
 
 #: nano v2 at a third of the steps (100 pretrain + 200 instruct), everything else the same: to
@@ -585,13 +645,17 @@ def run_recipe(
         captions = tagged_captions(captions, out / "tagged_captions.json", caption_labels)
         timings["tagged_captions"] = time.perf_counter() - started
     instruct = train_all + captions * (plan.caption_repeats - 1)
-    heard: dict[str, str] = {}
-    if plan.transcribed_questions:
+    heard = Heard()
+    if plan.heard_questions:
         started = time.perf_counter()
         spoken = speech_clips(train_all + test)
-        heard = whisper_heard(model, spoken, out / "whisper_heard.json", progress=progress)
-        instruct = transcribed_questions(instruct, heard, plan.transcribed_questions, seed)
-        timings["whisper_heard"] = time.perf_counter() - started
+        asked = [s for s in train_all + test if s.task == "QA"]
+        heard = Heard(
+            whisper_heard(model, spoken, out / "whisper_heard.json", progress=progress),
+            tagger_instruments(asked, out / "tagger_instruments.json"),
+        )
+        instruct = heard_questions(instruct, heard, plan.heard_questions, seed)
+        timings["heard"] = time.perf_counter() - started
     if plan.class_init_steps:
         started = time.perf_counter()
         rep["class_init"] = _class_init(model, cache, train_all, corpus_dir, out, plan, resume)
@@ -659,12 +723,10 @@ def run_recipe(
         qa = [s for s in test if s.task == "QA"]
         result["qa"] = evaluate_qa(model, cache, spread(qa, plan.qa_limit))
         if heard:
-            result["qa_transcribed"] = evaluate_qa(
-                model, cache, spread(qa, plan.qa_limit), heard=heard
-            )
+            result["qa_heard"] = evaluate_qa(model, cache, spread(qa, plan.qa_limit), heard=heard)
     timings["eval"] = time.perf_counter() - started
     rep["test"] = {k: v for k, v in result.items() if k != "items"}
-    for key in ("qa", "qa_transcribed"):
+    for key in ("qa", "qa_heard"):
         if key in rep["test"]:
             rep["test"][key] = {k: v for k, v in result[key].items() if k != "items"}
     (out / "test_eval.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -442,3 +442,18 @@ def test_a_bad_class_map_names_its_row(tmp_path: Path) -> None:
     path.write_text("index,mid,display_name\n0,/m/a,Speech\n2,/m/b,Music\n")
     with pytest.raises(ModelLoadError, match=r"row 3: expected '1,<mid>,<name>'"):
         read_class_map(path)
+
+
+def test_instruments_are_the_best_musical_instrument_classes_only(tagger: SoundTagger) -> None:
+    pooled = np.zeros(tagger.num_classes, np.float32)
+    names = tagger.class_names
+    pooled[names.index("Music")] = 0.9  # not an instrument
+    pooled[names.index("Accordion")] = 0.6
+    pooled[names.index("Harmonica")] = 0.3
+    pooled[names.index("Violin, fiddle")] = 0.05  # below min_score
+    assert tagger.instruments(pooled) == [
+        ("accordion", pytest.approx(0.6)),
+        ("harmonica", pytest.approx(0.3)),
+    ]
+    assert tagger.instruments(pooled, k=3, min_score=0.01)[2][0] == "violin, fiddle"
+    assert tagger.instruments(np.zeros_like(pooled)) == []

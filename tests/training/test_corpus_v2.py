@@ -249,7 +249,7 @@ def test_the_v2_recipe_activates_on_the_corpus_stories_and_scores_test_questions
         eval_limit=6,
         caption_repeats=2,
         tagged_captions=True,
-        transcribed_questions=1.0,
+        heard_questions=1.0,
     )
     # tiny-random's Whisper has no tokenizer: it hears the same words in every clip.
     model.transcribe_with_whisper = lambda audio, **_: ["Turn left."] * len(audio)  # type: ignore[method-assign]
@@ -280,7 +280,12 @@ def test_the_v2_recipe_activates_on_the_corpus_stories_and_scores_test_questions
     spoken = {str(out / "corpus" / e["path"]) for e in _entries(corpus, "train") + _entries(
         corpus, "test") if e["task"] == "asr"}  # fmt: skip
     assert set(heard) == spoken and set(heard.values()) == {"Turn left."}
-    assert rep["test"]["qa_transcribed"]["n"] == qa["n"]
+    assert rep["test"]["qa_heard"]["n"] == qa["n"]
+    # The music clips' questions were asked with the tagger's instruments.
+    instruments = json.loads((out / "tagger_instruments.json").read_text())
+    music = {str(out / "corpus" / e["path"]) for e in _entries(corpus, "train") if e["task"] == "QA"
+             and "-music-" in e["path"]}  # fmt: skip
+    assert music and set(instruments) & music
     assert (out / "final" / "model.safetensors").is_file()
     # The repeated captions carry the tagger's labels, as the agent asks for them.
     captions = [e for e in _entries(corpus, "train") if e["task"] == "audiocaption"]

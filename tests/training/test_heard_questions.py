@@ -1,5 +1,5 @@
-"""Questions asked with Whisper's transcript in front, in training and in the test QA
-(`training.recipe.transcribed_questions`, `whisper_heard`, `evaluate_qa(heard=...)`)."""
+"""Questions asked with what the fast paths heard in front, in training and in the test QA
+(`training.recipe.heard_questions`, `Heard`, `whisper_heard`, `tagger_instruments`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from model.prompts import sample_prompt, with_transcript
-from training.recipe import speech_clips, transcribed_questions, whisper_heard
+from training.recipe import Heard, heard_questions, speech_clips, whisper_heard
 from training.train import Sample
 
 
@@ -26,12 +26,12 @@ def _samples() -> list[Sample]:
 
 def test_every_question_about_a_heard_clip_gets_its_transcript() -> None:
     samples = _samples()
-    heard = {"/c/said.wav": "Turn left."}
-    out = transcribed_questions(samples, heard, 1.0)
+    heard = Heard(transcripts={"/c/said.wav": "Turn left."})
+    out = heard_questions(samples, heard, 1.0)
     assert [s.task for s in out] == [
         "asr",
-        "QA_transcribed",
-        "QA_transcribed",
+        "QA_heard",
+        "QA_heard",
         "audiocaption",
         "QA",
     ]
@@ -40,17 +40,37 @@ def test_every_question_about_a_heard_clip_gets_its_transcript() -> None:
     # The trainer asks the whole instruction, as the agent does.
     rng = np.random.default_rng(0)
     assert sample_prompt(out[1].task, rng, out[1].question) == out[1].question
-    assert transcribed_questions(samples, heard, 0.0) == samples
+    assert heard_questions(samples, heard, 0.0) == samples
+    assert heard_questions(samples, Heard(), 1.0) == samples
 
 
 def test_a_share_of_the_questions_is_chosen_the_same_way_each_time() -> None:
     said = [Sample(Path(f"/c/{i}.wav"), "Yes.", "QA", "Is anyone speaking?") for i in range(400)]
-    heard = {str(s.path): "hello" for s in said}
-    first = transcribed_questions(said, heard, 0.7, seed=3)
-    share = sum(s.task == "QA_transcribed" for s in first) / len(said)
+    heard = Heard(transcripts={str(s.path): "hello" for s in said})
+    first = heard_questions(said, heard, 0.7, seed=3)
+    share = sum(s.task == "QA_heard" for s in first) / len(said)
     assert 0.6 < share < 0.8
-    assert first == transcribed_questions(said, heard, 0.7, seed=3)
-    assert first != transcribed_questions(said, heard, 0.7, seed=4)
+    assert first == heard_questions(said, heard, 0.7, seed=3)
+    assert first != heard_questions(said, heard, 0.7, seed=4)
+
+
+def test_music_questions_get_the_instruments_and_a_sung_one_the_words_too() -> None:
+    played, sung = Path("/c/played.wav"), Path("/c/sung.wav")
+    heard = Heard(
+        transcripts={str(sung): "La la."},
+        instruments={
+            str(played): [("accordion", 0.62), ("harmonica", 0.2)],
+            str(sung): [("piano", 0.5)],
+        },
+    )
+    q = "Which instrument family is playing?"
+    assert heard.question(Sample(played, "x", "QA", q), q) == (
+        "Instruments heard: accordion (0.62), harmonica (0.20). " + q
+    )
+    assert heard.question(Sample(sung, "x", "QA", q), q) == (
+        'Speech heard: "La la." Instruments heard: piano (0.50). ' + q
+    )
+    assert heard.question(Sample(Path("/c/other.wav"), "x", "QA", q), q) is None
 
 
 class _Whisper:
