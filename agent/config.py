@@ -1055,10 +1055,13 @@ class QuestionConfig:
         lora_scale: Its LoRA scale (None: the stream's); lower it for questions the model was
             not trained on (the paper's activation knob).
         kinds: Window kinds it is asked of.
-        transcript: Of a speech or mixed window, ask it with Whisper's transcript of the
-            window in front (``Speech heard: "...". <question>``, `model.prompts.with_transcript`),
-            so the LLM answers what was said from Whisper's words; the window is transcribed
-            once for its transcript and its questions.
+        heard: Ask it with what the fast paths heard in the window in front: Whisper's
+            transcript of a speech or mixed window (``Speech heard: "..." <question>``,
+            `model.prompts.with_transcript`; the window is transcribed once for its
+            transcript and its questions) and, with ``[sounds]`` on, the tagger's best
+            instruments where it heard music (``Instruments heard: accordion (0.62).``,
+            `model.prompts.with_instruments`). The LLM then answers what was said from
+            Whisper's words and names an instrument family from the tagger's.
     """
 
     text: str = option(
@@ -1075,7 +1078,7 @@ class QuestionConfig:
     )
     # On: nano's audio tokens carry too little of the words to say what was said (0 % on
     # "what did ... say" in BENCHMARKS.md "nano v2"); nano-v2 training asks both ways.
-    transcript: bool = option(True)
+    heard: bool = option(True)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str) -> QuestionConfig:

@@ -65,7 +65,8 @@ from agent.runtime.fanout import EventBus
 from agent.runtime.sound_events import SoundDecision, SoundTracker, SoundTrackerConfig
 from agent.runtime.window_queue import Drop, no_drops, shed_kind
 from agent.runtime.window_sink import WindowDone, WindowSink
-from agent.runtime.worker import Final, Output, Request, TagResult, Window
+from agent.runtime.worker import Final, Output, PatchTags, Request, TagResult, Window
+from model.prompts import with_instruments
 from streaming.events import SegmentEnded
 from streaming.pcm import SAMPLE_RATE_HZ as MODEL_RATE_HZ  # the model's input rate too
 
@@ -454,10 +455,10 @@ class StreamHandle:
                     Request(
                         key=f"{window_id}/q{i}",
                         task="answer",
-                        instruction=question.text,
+                        instruction=self._question(question, event),
                         lora_scale=scale,
                         question=question.text,
-                        with_transcript=question.transcript and kind in ("speech", "mixed"),
+                        with_transcript=question.heard and kind in ("speech", "mixed"),
                     )
                 )
         if not requests:
@@ -487,6 +488,19 @@ class StreamHandle:
             event.start_sample / rate, event.end_sample / rate, sounds.threshold * sounds.off_ratio
         )
         return sounds.caption_prompt(instruction, heard)
+
+    def _question(self, question: QuestionConfig, event: Any) -> str:
+        """A standing question's instruction: with the tagger's instruments in front when
+        ``question.heard`` is on and it heard music in the window (the transcript goes in
+        front of that in the worker, `Request.with_transcript`)."""
+        if not question.heard or self.sounds is None:
+            return question.text
+        rate = event.sample_rate_hz
+        sounds = self._pipeline.config.sounds
+        found = self.sounds.instruments(
+            event.start_sample / rate, event.end_sample / rate, sounds.threshold * sounds.off_ratio
+        )
+        return with_instruments(question.text, found)
 
     # -- early command endpointing -------------------------------------------------------------
 
@@ -1201,9 +1215,7 @@ class StreamSounds:
         self.closed = False
         self._last_segment = "background"  # what the last answer tagged (for closing ends)
         # The latest answered patches, (start_s, end_s, group scores), for caption prompts.
-        self._heard: collections.deque[tuple[float, float, Mapping[str, float]]] = (
-            collections.deque()
-        )
+        self._heard: collections.deque[tuple[float, float, PatchTags]] = collections.deque()
         # Clips handed to the tagger and answered (answers come in the order of submission),
         # and what waits for the answers up to a count (`after_answers`).
         self._submitted = 0
@@ -1345,14 +1357,14 @@ class StreamSounds:
         tracker = self.tracker
         for patches in result.clips:
             for patch in patches:
-                self._remember(start_s + patch.start_s, start_s + patch.end_s, patch.groups)
+                self._remember(start_s + patch.start_s, start_s + patch.end_s, patch)
                 begin = max(start_s + patch.start_s, tracker.clock_s)
                 end = max(begin, start_s + patch.end_s)
                 for decision in tracker.observe(begin, end, patch.groups, patch.labels):
                     self._publish(decision, segment, timing)
 
-    def _remember(self, start_s: float, end_s: float, groups: Mapping[str, float]) -> None:
-        self._heard.append((start_s, end_s, groups))
+    def _remember(self, start_s: float, end_s: float, patch: PatchTags) -> None:
+        self._heard.append((start_s, end_s, patch))
         # A window is at most MAX_WINDOW_S long: older patches can name nothing in it.
         while self._heard and self._heard[0][1] < end_s - MAX_WINDOW_S - 1.0:
             self._heard.popleft()
@@ -1366,12 +1378,30 @@ class StreamSounds:
         Patches still out with the tagger are not counted (a caption is never held back)."""
         ignored = self.tracker.config.ignore
         best: dict[str, float] = {}
-        for patch_start, patch_end, groups in self._heard:
+        for patch_start, patch_end, patch in self._heard:
             if patch_end <= start_s or patch_start >= end_s:
                 continue
-            for group, score in groups.items():
+            for group, score in patch.groups.items():
                 if group not in ignored and score >= min_score and score > best.get(group, 0.0):
                     best[group] = score
+        return sorted(best.items(), key=lambda item: (-item[1], item[0]))[:k]
+
+    def instruments(
+        self, start_s: float, end_s: float, min_music: float, k: int = 2
+    ) -> list[tuple[str, float]]:
+        """The ``k`` instruments heard best in ``[start_s, end_s]`` (each one's highest score
+        over the answered patches that overlap it), when the ``music`` group scored at least
+        ``min_music`` there; else none."""
+        best: dict[str, float] = {}
+        music = 0.0
+        for patch_start, patch_end, patch in self._heard:
+            if patch_end <= start_s or patch_start >= end_s:
+                continue
+            music = max(music, patch.groups.get("music", 0.0))
+            for name, score in patch.instruments:
+                best[name] = max(score, best.get(name, 0.0))
+        if music < min_music:
+            return []
         return sorted(best.items(), key=lambda item: (-item[1], item[0]))[:k]
 
     def named(self, start_s: float, end_s: float) -> bool:
@@ -1381,10 +1411,10 @@ class StreamSounds:
         on fewer gets no event, so it keeps its caption."""
         config = self.tracker.config
         counts: collections.Counter[str] = collections.Counter()
-        for patch_start, patch_end, groups in self._heard:
+        for patch_start, patch_end, patch in self._heard:
             if patch_end <= start_s or patch_start >= end_s:
                 continue
-            for group, score in groups.items():
+            for group, score in patch.groups.items():
                 if group not in config.ignore and score >= config.on_threshold(group):
                     counts[group] += 1
         return any(n >= config.min_patches for n in counts.values())

@@ -169,12 +169,14 @@ class PatchTags:
         end_s: Where it ends (the clip's end for the last, padded patch of a short clip).
         groups: Label group -> its score (the best of its classes), 0..1.
         labels: The patch's best AudioSet classes, (display name, score), best first.
+        instruments: Its best musical instruments (`SoundTagger.instruments`), best first.
     """
 
     start_s: float
     end_s: float
     groups: dict[str, float]
     labels: tuple[tuple[str, float], ...]
+    instruments: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -629,6 +631,7 @@ def tag_clips(tagger: Any, clips: Sequence[FloatArray]) -> list[tuple[PatchTags,
                     end_s=max(start_s, min(start_s + patch_s, length_s)),
                     groups=tagger.group_scores(row, generic_yields=True),
                     labels=tuple(tagger.top_labels(row, TAG_LABELS)),
+                    instruments=tuple(tagger.instruments(row)),
                 )
             )
         out.append(tuple(patches))

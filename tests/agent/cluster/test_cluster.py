@@ -164,7 +164,13 @@ def test_window_message_round_trip_is_lossless_on_16_bit_samples() -> None:
         segment_end=100.5,
         requests=(
             Request(key="robot1:3/transcript", task="transcript", instruction="Say it."),
-            Request(key="robot1:3/q0", task="answer", instruction="Who?", lora_scale=2.0),
+            Request(
+                key="robot1:3/q0",
+                task="answer",
+                instruction="Who?",
+                lora_scale=2.0,
+                with_transcript=True,
+            ),
             Request(
                 key="robot1:3/command",
                 task="command",

