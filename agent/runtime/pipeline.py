@@ -1214,7 +1214,7 @@ class StreamSounds:
         self.ended = False
         self.closed = False
         self._last_segment = "background"  # what the last answer tagged (for closing ends)
-        # The latest answered patches, (start_s, end_s, group scores), for caption prompts.
+        # The latest answered patches, (start_s, end_s, patch), for caption and question prompts.
         self._heard: collections.deque[tuple[float, float, PatchTags]] = collections.deque()
         # Clips handed to the tagger and answered (answers come in the order of submission),
         # and what waits for the answers up to a count (`after_answers`).
