@@ -652,7 +652,10 @@ def run_recipe(
         spoken = speech_clips(train_all + test)
         asked = [s for s in train_all + test if s.task == "QA"]
         heard = Heard(
-            whisper_heard(model, spoken, out / "whisper_heard.json", progress=progress),
+            # A Whisper without a tokenizer (tiny-random's) writes no text: instruments only.
+            {}
+            if model.whisper_tokenizer is None
+            else whisper_heard(model, spoken, out / "whisper_heard.json", progress=progress),
             tagger_instruments(asked, out / "tagger_instruments.json"),
         )
         instruct = heard_questions(instruct, heard, plan.heard_questions, seed)
