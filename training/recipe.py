@@ -16,7 +16,7 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -260,7 +260,7 @@ def tagger_instruments(
     """The tagger's best instruments (`SoundTagger.instruments`) in each clip of ``samples``
     where its ``music`` group scores at least ``min_music`` (the agent's off-threshold), by
     path; kept in ``cache_file`` (JSON) like `whisper_heard`."""
-    from model.sound_tagger import SoundTaggerConfig, load_sound_tagger, pool
+    from model.sound_tagger import SoundTaggerConfig, load_sound_tagger
 
     if cache_file.is_file():
         found = json.loads(cache_file.read_text())
@@ -268,16 +268,11 @@ def tagger_instruments(
     tagger = load_sound_tagger(SoundTaggerConfig())
     clips = list({str(s.path): s for s in samples}.values())
     found = {}
-    for start in range(0, len(clips), 32):
-        chunk = clips[start : start + 32]
-        for s, scores in zip(
-            chunk, tagger.scores_batch([load_sample_audio(s, loader) for s in chunk]), strict=True
-        ):
-            pooled = pool(scores, tagger.config.pooling)
-            if tagger.group_scores(pooled).get("music", 0.0) >= min_music:
-                heard = tagger.instruments(pooled)
-                if heard:
-                    found[str(s.path)] = heard
+    for s, pooled in _pooled_scores(tagger, clips, loader):
+        if tagger.group_scores(pooled).get("music", 0.0) >= min_music:
+            heard = tagger.instruments(pooled)
+            if heard:
+                found[str(s.path)] = heard
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     cache_file.write_text(json.dumps(found, indent=0) + "\n")
     return found
@@ -773,30 +768,41 @@ def tagged_captions(
     caption instruction, as ``labels`` says the agent asks. Written to ``manifest`` and read
     back from it when it exists (tagging is the slow part).
     """
-    from model.sound_tagger import SoundTaggerConfig, load_sound_tagger, pool
+    from model.sound_tagger import SoundTaggerConfig, load_sound_tagger
     from training.tagger_eval import heard_groups
 
     if manifest.is_file():
         return read_manifest(manifest)
     tagger = load_sound_tagger(SoundTaggerConfig())
     entries: list[dict[str, Any]] = []
-    for start in range(0, len(samples), 32):
-        chunk = samples[start : start + 32]
-        scores = tagger.scores_batch([load_sample_audio(s, loader) for s in chunk])
-        for s, clip_scores in zip(chunk, scores, strict=True):
-            heard = heard_groups(tagger, pool(clip_scores, tagger.config.pooling), labels.min_score)
-            entries.append(
-                {
-                    "path": str(s.path),
-                    "text": s.text,
-                    "task": "audiocaption_tagged",
-                    "Q": labels.with_labels(labels.instruction, heard),
-                }
-            )
+    for s, pooled in _pooled_scores(tagger, samples, loader):
+        heard = heard_groups(tagger, pooled, labels.min_score)
+        entries.append(
+            {
+                "path": str(s.path),
+                "text": s.text,
+                "task": "audiocaption_tagged",
+                "Q": labels.with_labels(labels.instruction, heard),
+            }
+        )
     manifest.parent.mkdir(parents=True, exist_ok=True)
     write_manifest(manifest, entries)
     logger.info("tagged %d captions -> %s", len(entries), manifest)
     return read_manifest(manifest)
+
+
+def _pooled_scores(
+    tagger: Any, samples: Sequence[Sample], loader: AudioLoader
+) -> Iterator[tuple[Sample, Any]]:
+    """Each sample with the tagger's scores pooled over its clip (its config's pooling),
+    tagged 32 clips a call."""
+    from model.sound_tagger import pool
+
+    for start in range(0, len(samples), 32):
+        chunk = samples[start : start + 32]
+        scores = tagger.scores_batch([load_sample_audio(s, loader) for s in chunk])
+        for s, clip_scores in zip(chunk, scores, strict=True):
+            yield s, pool(clip_scores, tagger.config.pooling)
 
 
 def _class_init(

@@ -448,6 +448,7 @@ class StreamHandle:
                     whisper_task=self.task,
                 )
             )
+        instruments = self._instruments(event) if self.questions else []
         for i, question in enumerate(self.questions):
             if kind in question.kinds:
                 scale = question.lora_scale if question.lora_scale is not None else default_scale
@@ -455,7 +456,11 @@ class StreamHandle:
                     Request(
                         key=f"{window_id}/q{i}",
                         task="answer",
-                        instruction=self._question(question, event),
+                        instruction=(
+                            with_instruments(question.text, instruments)
+                            if question.heard
+                            else question.text
+                        ),
                         lora_scale=scale,
                         question=question.text,
                         with_transcript=question.heard and kind in ("speech", "mixed"),
@@ -489,18 +494,17 @@ class StreamHandle:
         )
         return sounds.caption_prompt(instruction, heard)
 
-    def _question(self, question: QuestionConfig, event: Any) -> str:
-        """A standing question's instruction: with the tagger's instruments in front when
-        ``question.heard`` is on and it heard music in the window (the transcript goes in
-        front of that in the worker, `Request.with_transcript`)."""
-        if not question.heard or self.sounds is None:
-            return question.text
+    def _instruments(self, event: Any) -> list[tuple[str, float]]:
+        """The instruments the tagger heard in the window where it heard music, which
+        ``heard`` questions name in front (the transcript goes in front of that in the worker,
+        `Request.with_transcript`); none without ``[sounds]``."""
+        if self.sounds is None:
+            return []
         rate = event.sample_rate_hz
         sounds = self._pipeline.config.sounds
-        found = self.sounds.instruments(
+        return self.sounds.instruments(
             event.start_sample / rate, event.end_sample / rate, sounds.threshold * sounds.off_ratio
         )
-        return with_instruments(question.text, found)
 
     # -- early command endpointing -------------------------------------------------------------
 

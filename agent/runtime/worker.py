@@ -71,8 +71,9 @@ class Request:
             (detected among those, `agent.config.detection_candidates`).
         whisper_task: For ``whisper`` requests: ``transcribe`` or ``translate`` (English).
         with_transcript: For ``llm`` requests: asked with Whisper's transcript of the window in
-            front (`model.prompts.with_transcript`); the window's own Whisper transcript
-            request's text when it has one, else the model's Whisper hears it for this.
+            front (`model.prompts.with_transcript`); the text of the window's own Whisper
+            transcript (or command) request when it has one, else the model's Whisper hears it
+            for this.
     """
 
     key: str
@@ -357,8 +358,8 @@ class BatchRunner:
         """Answer the ``whisper`` requests: each window heard once per way of hearing it
         (a recogniser for English transcription; the model's own multilingual Whisper per
         language and task otherwise, with the English translation of foreign commands
-        decoded from the same encoder output). Returns the text of each window's
-        ``transcript`` request, by window id."""
+        decoded from the same encoder output). Returns what Whisper heard in each window, by
+        window id: its ``transcript`` request's text, else its ``command``'s."""
         from agent.config import detection_candidates
 
         own: Callable[[list[FloatArray]], list[str]] = self.model.transcribe_with_whisper
@@ -412,6 +413,8 @@ class BatchRunner:
                 text, language, probability, english = heard[window.id]
                 if request.task == "transcript":
                     transcripts[window.id] = text
+                elif request.task == "command":  # heard the same words; a transcript wins
+                    transcripts.setdefault(window.id, text)
                 report.finished.add(request.key)
                 emit(
                     Final(
@@ -492,7 +495,7 @@ class BatchRunner:
 
     def _heard(self, windows: Sequence[Window], transcripts: dict[str, str]) -> dict[str, str]:
         """What Whisper heard in each window with a ``with_transcript`` request: its own
-        transcript request's text, or else the model's Whisper now (a model without a Whisper
+        Whisper requests' text, or else the model's Whisper now (a model without a Whisper
         tokenizer hears nothing: the questions go as they are)."""
         wanted = [w for w in windows if any(r.with_transcript for r in w.requests)]
         missing = [w for w in wanted if w.id not in transcripts]

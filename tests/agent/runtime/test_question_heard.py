@@ -4,7 +4,6 @@ instruments where it heard music (`model.prompts.with_instruments`)."""
 
 from __future__ import annotations
 
-import asyncio
 import importlib.util
 import threading
 import time
@@ -18,28 +17,20 @@ import soundfile
 from agent.runtime.app import Agent
 from agent.runtime.worker import BatchRunner, Final, Request, Window
 from model.prompts import with_transcript
-from tests.agent.conftest import TIMING, make_config
-
-
-class _Tokens:
-    def row(self, i: int) -> Any:
-        return np.zeros((1, 4), np.float32)
-
-
-class _Text:
-    def __init__(self, text: str) -> None:
-        self.text = text
-
-
-class _Tokenizer:
-    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        return "x" * len(ids)
+from tests.agent.conftest import (
+    FakeText,
+    FakeTokenizer,
+    FakeTokens,
+    HeardModel,
+    events_to_end,
+    make_config,
+)
 
 
 class AskedModel:
     """Whisper hears ``said``; the LLM records the instructions it was asked."""
 
-    tokenizer = _Tokenizer()
+    tokenizer = FakeTokenizer()
     whisper_tokenizer = "scripted"
 
     def __init__(self, said: str) -> None:
@@ -47,14 +38,14 @@ class AskedModel:
         self.whisper_calls: list[int] = []
         self.instructions: list[str] = []
 
-    def encode_audio(self, audio: list[np.ndarray]) -> _Tokens:
-        return _Tokens()
+    def encode_audio(self, audio: list[np.ndarray]) -> FakeTokens:
+        return FakeTokens()
 
     def generate_from_tokens(
         self, rows: list[Any], instructions: list[str], **_: Any
-    ) -> list[_Text]:
+    ) -> list[FakeText]:
         self.instructions += instructions
-        return [_Text("yes") for _ in rows]
+        return [FakeText("yes") for _ in rows]
 
     def transcribe_with_whisper(self, audio: list[np.ndarray]) -> list[str]:
         self.whisper_calls.append(len(audio))
@@ -124,21 +115,12 @@ def test_with_transcript_leaves_a_question_alone_when_nothing_was_heard() -> Non
     assert with_transcript("Who?", " Turn\nleft. ") == 'Speech heard: "Turn left." Who?'
 
 
-class HeardTiny:
-    """The tiny-random model, but Whisper hears ``said`` and the LLM's instructions are kept."""
-
-    whisper_tokenizer = "scripted"
+class HeardTiny(HeardModel):
+    """`HeardModel` that also keeps the instructions the LLM was asked."""
 
     def __init__(self, model: Any, said: str) -> None:
-        self._model = model
-        self.said = said
+        super().__init__(model, said)
         self.asked: list[str] = []
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._model, name)
-
-    def transcribe_with_whisper(self, audio: list[np.ndarray]) -> list[str]:
-        return [self.said] * len(audio)
 
     def generate_from_tokens(self, rows: Any, instructions: list[str], **kw: Any) -> Any:
         self.asked += instructions
@@ -159,14 +141,7 @@ async def test_the_agent_asks_speech_windows_questions_with_the_transcript(
         agent={"exit_at_end": True},
         ws={"listen": "off"},
     )
-    agent = Agent(config, lambda: heard)
-    sub = agent.bus.subscribe("test", 100_000)
-    async with agent:
-        async with asyncio.timeout(120 * TIMING):
-            assert await agent.run() == "end of input"
-    events = []
-    while (event := sub.get_nowait()) is not None:
-        events.append(event.data)
+    events = await events_to_end(Agent(config, lambda: heard))
     answers = [e for e in events if e["kind"] == "answer" and not e["partial"]]
     assert answers
     hinted = 'Speech heard: "Open the door." What was said?'
@@ -206,10 +181,7 @@ async def test_music_questions_are_asked_with_the_instruments_the_tagger_heard(
         agent={"exit_at_end": True},
         ws={"listen": "off"},
     )
-    agent = Agent(config, lambda: heard)
-    async with agent:
-        async with asyncio.timeout(120 * TIMING):
-            assert await agent.run() == "end of input"
+    await events_to_end(Agent(config, lambda: heard))
     asked = [a for a in heard.asked if a.endswith("Which instrument family is playing?")]
     hinted = [a for a in asked if a.startswith("Instruments heard: ")]
     assert hinted, heard.asked
@@ -217,3 +189,13 @@ async def test_music_questions_are_asked_with_the_instruments_the_tagger_heard(
     assert "Plain?" in heard.asked and not any(
         a.endswith("Plain?") and a != "Plain?" for a in heard.asked
     )
+
+
+def test_a_windows_command_reading_serves_its_question_too() -> None:
+    model = AskedModel("Stop.")
+    command = Request(key="s:1/command", task="command", instruction="", engine="whisper")
+    BatchRunner(model, 4).run(
+        [_window(1, command, _question(1, True))], lambda o: None, threading.Event()
+    )
+    assert model.whisper_calls == [1]  # one decode for the command and the question
+    assert model.instructions == ['Speech heard: "Stop." What did the man say?']

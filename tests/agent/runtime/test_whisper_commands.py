@@ -14,25 +14,15 @@ import pytest
 
 from agent.runtime.app import Agent
 from agent.runtime.worker import BatchReport, Final, InferenceWorker, Request, Window
-from tests.agent.conftest import TIMING, make_config
-
-
-class HeardModel:
-    """The tiny-random model, but Whisper always hears ``said`` and each call is recorded."""
-
-    def __init__(self, model: Any, said: str) -> None:
-        self._model = model
-        self.said = said
-        self.calls: list[int] = []
-
-    whisper_tokenizer = "scripted"  # Whisper's text is given: no tokenizer is needed
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._model, name)
-
-    def transcribe_with_whisper(self, audio: list[np.ndarray]) -> list[str]:
-        self.calls.append(len(audio))
-        return [self.said] * len(audio)
+from tests.agent.conftest import (
+    TIMING,
+    FakeText,
+    FakeTokenizer,
+    FakeTokens,
+    HeardModel,
+    events_to_end,
+    make_config,
+)
 
 
 async def test_whisper_commands_share_one_transcription_per_window(
@@ -46,14 +36,7 @@ async def test_whisper_commands_share_one_transcription_per_window(
         agent={"exit_at_end": True},
         ws={"listen": "off"},
     )
-    agent = Agent(config, lambda: heard)
-    sub = agent.bus.subscribe("test", 100_000)
-    async with agent:
-        async with asyncio.timeout(120 * TIMING):
-            assert await agent.run() == "end of input"
-    events = []
-    while (event := sub.get_nowait()) is not None:
-        events.append(event.data)
+    events = await events_to_end(Agent(config, lambda: heard))
     commands = [e for e in events if e["kind"] == "command" and not e["partial"]]
     transcripts = [e for e in events if e["kind"] == "transcript" and not e["partial"]]
     assert commands and len(commands) == len(transcripts)
@@ -65,36 +48,18 @@ async def test_whisper_commands_share_one_transcription_per_window(
     assert sum(heard.calls) == len({c["window"] for c in commands})
 
 
-class _Tokens:
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def row(self, i: int) -> Any:
-        return np.zeros((1, 4), np.float32)
-
-
-class _Text:
-    def __init__(self, text: str) -> None:
-        self.text = text
-
-
-class _Tokenizer:
-    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        return "x" * len(ids)
-
-
 class SlowLlmModel:
     """An LLM that pauses after its second token until the test lets it go on."""
 
-    tokenizer = _Tokenizer()
+    tokenizer = FakeTokenizer()
 
     def __init__(self) -> None:
         self.paused = threading.Event()
         self.go_on = threading.Event()
         self.whisper_calls: list[int] = []
 
-    def encode_audio(self, audio: list[np.ndarray]) -> _Tokens:
-        return _Tokens(len(audio))
+    def encode_audio(self, audio: list[np.ndarray]) -> FakeTokens:
+        return FakeTokens()
 
     def generate_from_tokens(
         self,
@@ -104,14 +69,14 @@ class SlowLlmModel:
         on_token: Any,
         max_new_tokens: int,
         **_: Any,
-    ) -> list[_Text]:
+    ) -> list[FakeText]:
         for step in range(max_new_tokens):
             for row in range(len(rows)):
                 on_token(row, 7)
             if step == 1:
                 self.paused.set()
                 assert self.go_on.wait(30)
-        return [_Text("x" * max_new_tokens) for _ in rows]
+        return [FakeText("x" * max_new_tokens) for _ in rows]
 
     def transcribe_with_whisper(self, audio: list[np.ndarray]) -> list[str]:
         self.whisper_calls.append(len(audio))
