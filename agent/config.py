@@ -38,6 +38,7 @@ from urllib.parse import unquote, urlsplit
 
 from agent.errors import AgentError, ConfigError, ControlError
 from agent.intents import COMMAND_INSTRUCTION
+from model.prompts import with_sounds
 
 if TYPE_CHECKING:
     from agent.protocols.rules import Rule
@@ -1058,10 +1059,13 @@ class QuestionConfig:
         heard: Ask it with what the fast paths heard in the window in front: Whisper's
             transcript of a speech or mixed window (``Speech heard: "..." <question>``,
             `model.prompts.with_transcript`; the window is transcribed once for its
-            transcript and its questions) and, with ``[sounds]`` on, the tagger's best
-            instruments where it heard music (``Instruments heard: accordion (0.62).``,
-            `model.prompts.with_instruments`). The LLM then answers what was said from
-            Whisper's words and names an instrument family from the tagger's.
+            transcript and its questions) or, in a sound or ambient window with ``[sounds]``
+            on, the groups the tagger heard there (``Sounds heard: glass (0.88).``,
+            `model.prompts.with_sounds`, as a caption gets them); and, with ``[sounds]`` on,
+            the tagger's best instruments where it heard music
+            (``Instruments heard: accordion (0.62).``, `model.prompts.with_instruments`). The
+            LLM then answers what was said from Whisper's words and names a sound or an
+            instrument family from the tagger's.
     """
 
     text: str = option(
@@ -1550,10 +1554,7 @@ class SoundsConfig:
         """The caption instruction with the tagger's groups heard in the window, best first,
         when `caption_labels` is on: ``Sounds heard: dog (0.93), music (0.61). <instruction>``
         (underscores read as spaces). Unchanged when it is off or nothing was heard."""
-        if not self.caption_labels or not heard:
-            return instruction
-        named = ", ".join(f"{group.replace('_', ' ')} ({score:.2f})" for group, score in heard)
-        return f"Sounds heard: {named}. {instruction}"
+        return with_sounds(instruction, heard) if self.caption_labels else instruction
 
     def __post_init__(self) -> None:
         check_fields(self, "sounds")

@@ -102,6 +102,17 @@ def with_instruments(question: str, instruments: Sequence[tuple[str, float]]) ->
     return f"Instruments heard: {named}. {question.strip()}"
 
 
+def with_sounds(question: str, heard: Sequence[tuple[str, float]]) -> str:
+    """``question`` with the sound tagger's label groups heard in the window in front, best
+    first: ``Sounds heard: glass (0.88), alarm (0.41). What sound can be heard?`` (underscores
+    read as spaces: ``smoke alarm``). Captions are asked the same way
+    (``sounds.caption_labels``). Unchanged when nothing was heard."""
+    if not heard:
+        return question
+    named = ", ".join(f"{group.replace('_', ' ')} ({score:.2f})" for group, score in heard)
+    return f"Sounds heard: {named}. {question.strip()}"
+
+
 def eval_prompt(task: str, question: str = "") -> str:
     """The fixed instruction for evaluating a task (its first paraphrase).
 

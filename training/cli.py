@@ -166,8 +166,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         default=0,
         metavar="N",
         help="also score N QA entries spread over the manifest, from the audio alone and asked"
-        " as run asks its standing questions (Whisper's transcript and the tagger's"
-        " instruments in front); JSON key qa",
+        " as run asks its standing questions with [sounds] on (Whisper's transcript and the"
+        " tagger's groups and instruments in front); JSON key qa",
     )
     ev.add_argument("--cache", type=Path, help="encoder-output cache directory")
     tagger = ev.add_argument_group("sound tagger")
@@ -364,7 +364,8 @@ def _qa_both_ways(
 ) -> dict[str, Any]:
     """`evaluate_qa` on ``count`` QA entries spread over ``samples``: ``plain`` and ``heard``
     (`training.recipe.Heard`: Whisper's transcript of the clips with speech, none for a model
-    whose Whisper writes no text, and the tagger's instruments), without the items."""
+    whose Whisper writes no text, and the tagger's groups and instruments, as the agent asks
+    with ``[sounds]`` on), without the items."""
     import tempfile
 
     from training.recipe import (
@@ -373,6 +374,7 @@ def _qa_both_ways(
         speech_clips,
         spread,
         tagger_instruments,
+        tagger_sounds,
         whisper_heard,
     )
 
@@ -386,7 +388,11 @@ def _qa_both_ways(
             else whisper_heard(model, spoken, Path(scratch) / "heard.json", loader=loader)
         )
         found = tagger_instruments(questions, Path(scratch) / "i.json", loader=loader)
-        heard = Heard(transcripts, found)
+        min_score = _agent_caption_labels().min_score
+        sounds = tagger_sounds(
+            questions, Path(scratch) / "s.json", min_score=min_score, loader=loader
+        )
+        heard = Heard(transcripts, found, sounds)
     out = {}
     for way, hints in (("plain", None), ("heard", heard)):
         result = evaluate_qa(model, cache, questions, heard=hints)

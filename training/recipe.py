@@ -26,6 +26,7 @@ from model.prompts import (
     UNSEEN_INSTRUCTIONS,
     eval_prompt,
     with_instruments,
+    with_sounds,
     with_transcript,
 )
 from model.salmonn import Salmonn
@@ -190,24 +191,28 @@ def evaluate_qa(
 @dataclass(frozen=True)
 class Heard:
     """What the fast paths heard in each clip, by path: Whisper's transcript of the clips with
-    speech (`whisper_heard`) and the tagger's instruments in those with music
-    (`tagger_instruments`)."""
+    speech (`whisper_heard`), the tagger's instruments in those with music
+    (`tagger_instruments`) and its sound-event groups (`tagger_sounds`), which only a clip
+    without a transcript is asked with, as the agent asks a sound window's questions."""
 
     transcripts: dict[str, str] = dataclasses.field(default_factory=dict)
     instruments: dict[str, list[tuple[str, float]]] = dataclasses.field(default_factory=dict)
+    sounds: dict[str, list[tuple[str, float]]] = dataclasses.field(default_factory=dict)
 
     def __bool__(self) -> bool:
-        return bool(self.transcripts or self.instruments)
+        return bool(self.transcripts or self.instruments or self.sounds)
 
     def question(self, sample: Sample, question: str) -> str | None:
-        """``question`` as the agent would ask it of this clip (instruments, then the
-        transcript in front: `with_instruments`, `with_transcript`); None when nothing was
-        heard in it."""
+        """``question`` as the agent would ask it of this clip (the instruments, then the
+        transcript or else the sound groups in front: `with_instruments`, `with_transcript`,
+        `with_sounds`); None when nothing was heard in it."""
         path = str(sample.path)
-        if path not in self.transcripts and path not in self.instruments:
+        if not any(path in found for found in (self.transcripts, self.instruments, self.sounds)):
             return None
         asked = with_instruments(question, self.instruments.get(path, []))
-        return with_transcript(asked, self.transcripts.get(path, ""))
+        if path in self.transcripts:
+            return with_transcript(asked, self.transcripts[path])
+        return with_sounds(asked, self.sounds.get(path, []))
 
 
 def _qa_prompt(sample: Sample, heard: Heard | None) -> str:
@@ -273,6 +278,34 @@ def tagger_instruments(
             heard = tagger.instruments(pooled)
             if heard:
                 found[str(s.path)] = heard
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    cache_file.write_text(json.dumps(found, indent=0) + "\n")
+    return found
+
+
+def tagger_sounds(
+    samples: list[Sample],
+    cache_file: Path,
+    *,
+    min_score: float = 0.3,
+    loader: AudioLoader = read_wav_16k,
+) -> dict[str, list[tuple[str, float]]]:
+    """The tagger's sound-event groups heard in each clip of ``samples`` at ``min_score`` or
+    more (`training.tagger_eval.heard_groups`, as a caption's labels), by path, for the clips
+    where it heard one; kept in ``cache_file`` (JSON) like `whisper_heard`."""
+    from model.sound_tagger import SoundTaggerConfig, load_sound_tagger
+    from training.tagger_eval import heard_groups
+
+    if cache_file.is_file():
+        found = json.loads(cache_file.read_text())
+        return {path: [(n, v) for n, v in heard] for path, heard in found.items()}
+    tagger = load_sound_tagger(SoundTaggerConfig())
+    clips = list({str(s.path): s for s in samples}.values())
+    found = {}
+    for s, pooled in _pooled_scores(tagger, clips, loader):
+        heard = heard_groups(tagger, pooled, min_score)
+        if heard:
+            found[str(s.path)] = heard
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     cache_file.write_text(json.dumps(found, indent=0) + "\n")
     return found
@@ -597,7 +630,8 @@ def run_recipe(
         resume: continue stages that stopped early, skip finished ones.
         progress: show progress bars.
         caption_labels: the agent's labelled caption prompt (required by
-            ``plan.tagged_captions``).
+            ``plan.tagged_captions``; with it, the heard test questions about clips without
+            speech also get the tagger's groups at its ``min_score``, as the agent asks).
 
     Returns:
         The report (also written to ``report.json``).
@@ -722,7 +756,14 @@ def run_recipe(
         qa = [s for s in test if s.task == "QA"]
         result["qa"] = evaluate_qa(model, cache, spread(qa, plan.qa_limit))
         if heard:
-            result["qa_heard"] = evaluate_qa(model, cache, spread(qa, plan.qa_limit), heard=heard)
+            asked = spread(qa, plan.qa_limit)
+            if caption_labels is not None:
+                # As the agent asks a sound window's questions with [sounds] on (never trained).
+                sounds = tagger_sounds(
+                    asked, out / "tagger_sounds.json", min_score=caption_labels.min_score
+                )
+                heard = dataclasses.replace(heard, sounds=sounds)
+            result["qa_heard"] = evaluate_qa(model, cache, asked, heard=heard)
     timings["eval"] = time.perf_counter() - started
     rep["test"] = {k: v for k, v in result.items() if k != "items"}
     for key in ("qa", "qa_heard"):

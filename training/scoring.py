@@ -235,20 +235,28 @@ def qa_question_kind(question: str) -> tuple[str, str]:
 
 
 def qa_report(questions: list[str], items: list[ScoredItem]) -> dict[str, Any]:
-    """Accuracy over QA answers, per kind (`qa_question_kind`) and per question template.
+    """Accuracy over QA answers, per kind (`qa_question_kind`) and per question template;
+    and, for the sound questions, the share of answers naming the reference's sound class
+    (`sound_classes_named`: "A frog is croaking." names "Frogs croaking during a storm."),
+    since `qa_correct` wants the held-out recording's own words.
 
     Returns:
         ``{"accuracy", "n", "per_kind": {kind: {"n", "accuracy"}}, "per_question": {...},
-        "items": [...]}``.
+        "sound_named": {"n", "accuracy"}, "items": [...]}``.
     """
     groups: dict[str, dict[str, list[bool]]] = {"per_kind": {}, "per_question": {}}
+    named: list[bool] = []
     for question, item in zip(questions, items, strict=True):
         kind, template = qa_question_kind(question)
         groups["per_kind"].setdefault(kind, []).append(item.correct)
         groups["per_question"].setdefault(template, []).append(item.correct)
+        if kind == "sound":
+            want = sound_classes_named(item.expected)
+            named.append(bool(want & sound_classes_named(item.predicted)))
     out: dict[str, Any] = {
         "accuracy": sum(i.correct for i in items) / len(items) if items else None,
         "n": len(items),
+        "sound_named": {"n": len(named), "accuracy": sum(named) / len(named) if named else None},
     }
     for name, by in groups.items():
         out[name] = {

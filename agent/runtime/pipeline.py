@@ -66,7 +66,7 @@ from agent.runtime.sound_events import SoundDecision, SoundTracker, SoundTracker
 from agent.runtime.window_queue import Drop, no_drops, shed_kind
 from agent.runtime.window_sink import WindowDone, WindowSink
 from agent.runtime.worker import Final, Output, PatchTags, Request, TagResult, Window
-from model.prompts import with_instruments
+from model.prompts import with_instruments, with_sounds
 from streaming.events import SegmentEnded
 from streaming.pcm import SAMPLE_RATE_HZ as MODEL_RATE_HZ  # the model's input rate too
 
@@ -449,6 +449,11 @@ class StreamHandle:
                 )
             )
         instruments = self._instruments(event) if self.questions else []
+        # A speech or mixed window's questions get its transcript in front (in the worker);
+        # the others the tagger's groups: with both, nano-dual answered speech worse
+        # (BENCHMARKS.md, "Sounds heard on questions").
+        spoken = kind in ("speech", "mixed")
+        sounds = self._heard(event) if self.questions and not spoken else []
         for i, question in enumerate(self.questions):
             if kind in question.kinds:
                 scale = question.lora_scale if question.lora_scale is not None else default_scale
@@ -457,13 +462,13 @@ class StreamHandle:
                         key=f"{window_id}/q{i}",
                         task="answer",
                         instruction=(
-                            with_instruments(question.text, instruments)
+                            with_sounds(with_instruments(question.text, instruments), sounds)
                             if question.heard
                             else question.text
                         ),
                         lora_scale=scale,
                         question=question.text,
-                        with_transcript=question.heard and kind in ("speech", "mixed"),
+                        with_transcript=question.heard and spoken,
                     )
                 )
         if not requests:
@@ -485,14 +490,21 @@ class StreamHandle:
         """A task's instruction; a caption's names the groups the tagger has heard in the
         window so far when ``sounds.caption_labels`` is on (`SoundsConfig.caption_prompt`)."""
         instruction = self.settings.prompts.instruction(task)
-        sounds = self._pipeline.config.sounds
-        if task != "caption" or self.sounds is None or not sounds.caption_labels:
+        if task != "caption":
             return instruction
+        return self._pipeline.config.sounds.caption_prompt(instruction, self._heard(event))
+
+    def _heard(self, event: Any) -> list[tuple[str, float]]:
+        """The groups the tagger heard in the window so far, which captions (with
+        ``sounds.caption_labels``) and ``heard`` questions name in front; none without
+        ``[sounds]``."""
+        if self.sounds is None:
+            return []
         rate = event.sample_rate_hz
-        heard = self.sounds.heard(
+        sounds = self._pipeline.config.sounds
+        return self.sounds.heard(
             event.start_sample / rate, event.end_sample / rate, sounds.threshold * sounds.off_ratio
         )
-        return sounds.caption_prompt(instruction, heard)
 
     def _instruments(self, event: Any) -> list[tuple[str, float]]:
         """The instruments the tagger heard in the window where it heard music, which

