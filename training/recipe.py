@@ -265,22 +265,13 @@ def tagger_instruments(
     """The tagger's best instruments (`SoundTagger.instruments`) in each clip of ``samples``
     where its ``music`` group scores at least ``min_music`` (the agent's off-threshold), by
     path; kept in ``cache_file`` (JSON) like `whisper_heard`."""
-    from model.sound_tagger import SoundTaggerConfig, load_sound_tagger
 
-    if cache_file.is_file():
-        found = json.loads(cache_file.read_text())
-        return {path: [(n, v) for n, v in heard] for path, heard in found.items()}
-    tagger = load_sound_tagger(SoundTaggerConfig())
-    clips = list({str(s.path): s for s in samples}.values())
-    found = {}
-    for s, pooled in _pooled_scores(tagger, clips, loader):
-        if tagger.group_scores(pooled).get("music", 0.0) >= min_music:
-            heard = tagger.instruments(pooled)
-            if heard:
-                found[str(s.path)] = heard
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    cache_file.write_text(json.dumps(found, indent=0) + "\n")
-    return found
+    def instruments(tagger: Any, pooled: Any) -> list[tuple[str, float]]:
+        if tagger.group_scores(pooled).get("music", 0.0) < min_music:
+            return []
+        return list(tagger.instruments(pooled))
+
+    return _tagged(samples, cache_file, instruments, loader)
 
 
 def tagger_sounds(
@@ -293,8 +284,20 @@ def tagger_sounds(
     """The tagger's sound-event groups heard in each clip of ``samples`` at ``min_score`` or
     more (`training.tagger_eval.heard_groups`, as a caption's labels), by path, for the clips
     where it heard one; kept in ``cache_file`` (JSON) like `whisper_heard`."""
-    from model.sound_tagger import SoundTaggerConfig, load_sound_tagger
     from training.tagger_eval import heard_groups
+
+    return _tagged(samples, cache_file, lambda t, p: heard_groups(t, p, min_score), loader)
+
+
+def _tagged(
+    samples: list[Sample],
+    cache_file: Path,
+    name: Callable[[Any, Any], list[tuple[str, float]]],
+    loader: AudioLoader,
+) -> dict[str, list[tuple[str, float]]]:
+    """``name(tagger, pooled scores)`` of each distinct clip of ``samples`` where it names
+    something, by path; read from ``cache_file`` when it exists, else written there."""
+    from model.sound_tagger import SoundTaggerConfig, load_sound_tagger
 
     if cache_file.is_file():
         found = json.loads(cache_file.read_text())
@@ -303,7 +306,7 @@ def tagger_sounds(
     clips = list({str(s.path): s for s in samples}.values())
     found = {}
     for s, pooled in _pooled_scores(tagger, clips, loader):
-        heard = heard_groups(tagger, pooled, min_score)
+        heard = name(tagger, pooled)
         if heard:
             found[str(s.path)] = heard
     cache_file.parent.mkdir(parents=True, exist_ok=True)
