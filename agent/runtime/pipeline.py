@@ -490,9 +490,10 @@ class StreamHandle:
         """A task's instruction; a caption's names the groups the tagger has heard in the
         window so far when ``sounds.caption_labels`` is on (`SoundsConfig.caption_prompt`)."""
         instruction = self.settings.prompts.instruction(task)
-        if task != "caption":
+        sounds = self._pipeline.config.sounds
+        if task != "caption" or not sounds.caption_labels:
             return instruction
-        return self._pipeline.config.sounds.caption_prompt(instruction, self._heard(event))
+        return sounds.caption_prompt(instruction, self._heard(event))
 
     def _heard(self, event: Any) -> list[tuple[str, float]]:
         """The groups the tagger heard in the window so far, which captions (with

@@ -472,6 +472,7 @@ def test_eval_scores_questions_plainly_and_as_run_asks_them(
     assert set(result["qa"]) == {"plain", "heard"}
     assert result["qa"]["plain"]["n"] == result["qa"]["heard"]["n"] == 2
     assert set(result["qa"]["heard"]["per_kind"]) == {"speech"}
+    assert result["qa"]["heard"]["sound_named"] == {"n": 0, "accuracy": None}  # no sound question
     # Only the clip with speech gets the transcript; the plain pass asks as written.
     assert asked.count(question) == 1 and asked.count("Is anyone speaking?") == 2
     assert asked.count(f'Speech heard: "Open the door." {question}') == 1
